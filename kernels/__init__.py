@@ -1,0 +1,26 @@
+"""subgrad.kernels: Triton kernels for parameter updates, each with a pure-torch twin.
+
+Every public function takes ``backend="triton" | "torch" | None``; ``None`` picks Triton for CUDA
+tensors and the twin otherwise, and the environment variable ``SUBGRAD_BACKEND`` overrides that
+choice (tests set it to ``triton`` with ``TRITON_INTERPRET=1`` to run the kernels on the CPU).
+Kernel and twin give bit-identical results; see ``_common.py`` for how.
+
+=====================  =====================  ==========================
+op                     file                   test
+=====================  =====================  ==========================
+philox_normal/_rad.    kernels/philox.py      tests/test_philox.py
+perturb_               kernels/perturb.py     tests/test_perturb.py
+zo_update_             kernels/zo_update.py   tests/test_zo_update.py
+sgd_step_              kernels/sgd.py         tests/test_first_order.py
+adamw_step_            kernels/adamw.py       tests/test_first_order.py
+=====================  =====================  ==========================
+"""
+from ._common import BACKENDS, resolve_backend
+from .adamw import adamw_step_
+from .perturb import perturb_
+from .philox import philox_bits, philox_normal, philox_rademacher
+from .sgd import sgd_step_
+from .zo_update import make_block_starts, zo_update_
+
+__all__ = ["BACKENDS", "resolve_backend", "philox_normal", "philox_rademacher", "philox_bits", "perturb_",
+           "zo_update_", "make_block_starts", "sgd_step_", "adamw_step_"]

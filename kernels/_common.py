@@ -1,0 +1,119 @@
+"""Shared plumbing for every kernel module: backend choice, scalar rounding, launch shape.
+
+Each op module (``philox.py``, ``perturb.py``, ``zo_update.py``, ``sgd.py``, ``adamw.py``) holds
+its ``@triton.jit`` kernel, a plain launcher, and a pure-torch twin with the same signature and
+the same numbers.  This file holds only what all of them share.
+
+Why the twins give the *same bits* as the kernels
+-------------------------------------------------
+* Every kernel launches with ``enable_fp_fusion=False``: the compiler may not contract ``a * b + c``
+  into one FMA, so each ``*`` and ``+`` rounds once, exactly as the separate torch ops of the twin do.
+* Division and square root use ``tl.math.div_rn`` / ``tl.sqrt_rn`` (IEEE round-to-nearest), which is
+  what torch computes on CPU and CUDA; ``tl.sqrt`` and ``/`` are approximate on NVIDIA GPUs.
+* Python-float hyperparameters reach a kernel as float32; :func:`f32` rounds them the same way on
+  the host so the twin multiplies by the identical value.
+* The twins never use ``alpha=`` / ``addcmul`` / ``lerp`` forms, which ATen may evaluate with FMA.
+* ``torch.sqrt`` on CPU float32 is not correctly rounded; the twins use :func:`sqrt_rn_torch`.
+The kernels are memory bound, so giving up FMA costs nothing measurable (see ``benchmarks/kernels.py``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import torch
+
+BACKENDS = ("triton", "torch")
+
+#: Elements handled by one Triton program.  No autotuning: the kernels update buffers in place and
+#: an autotuner would run them several times on the same data; a 1024-wide block with 4 warps is
+#: within a few percent of the best configuration for bandwidth-bound elementwise kernels.
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+
+#: Directions are indexed by 32-bit Philox counters, exactly like ``tl.randn(seed, offset)`` with an
+#: int32 offset; ``offset + n`` must therefore stay within 2**32 elements per seed.
+MAX_DIRECTION_ELEMENTS = 2**32
+
+#: Seeds are passed to kernels as two non-negative int32 halves so that every seed gives the same
+#: kernel signature (no recompiles); the full seed is ``hi << 31 | lo``.
+MAX_SEED = 2**62
+
+
+def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    """Pick ``"triton"`` or ``"torch"``.
+
+    Explicit ``backend`` wins; otherwise the environment variable ``SUBGRAD_BACKEND`` (so tests can
+    force Triton under ``TRITON_INTERPRET=1`` on CPU); otherwise Triton for CUDA tensors and the
+    torch twin for everything else.
+    """
+    choice = backend if backend is not None else os.environ.get("SUBGRAD_BACKEND") or None
+    if choice is None:
+        return "triton" if tensors and all(t.is_cuda for t in tensors) else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None (auto), got {choice!r}")
+    if choice == "triton":
+        for t in tensors:
+            if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(
+                    f"backend='triton' needs CUDA tensors (got a tensor on {t.device}); "
+                    "set TRITON_INTERPRET=1 before importing subgrad to run Triton on the CPU")
+    return choice
+
+
+def f32(value: float) -> float:
+    """Round a Python float to the nearest float32, as a Triton kernel argument is rounded."""
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Check a seed and split it into the (lo, hi) 31-bit halves that kernels take."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**62), got {seed}")
+    return seed & (2**31 - 1), seed >> 31
+
+
+def check_direction_range(offset: int, n: int) -> None:
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if offset + n > MAX_DIRECTION_ELEMENTS:
+        raise ValueError(f"offset + n = {offset + n} exceeds the 2**32 elements one seed can index; "
+                         "split the buffer and give each part its own seed")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())}); "
+                         "use subgrad.FlatParams or call .contiguous()")
+
+
+def check_same_layout(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
+    if t.numel() != ref.numel() or t.device != ref.device:
+        raise ValueError(f"{name} must have as many elements as {ref_name} on the same device "
+                         f"(got {t.numel()} on {t.device}, expected {ref.numel()} on {ref.device})")
+    check_contiguous(name, t)
+
+
+def sqrt_rn_torch(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root, as ``tl.sqrt_rn``.
+
+    ``torch.sqrt`` on CPU float32 is *not* correctly rounded (measured here: about 20% of inputs are
+    1 ulp off on an AVX-512 machine).  The float64 root rounded to float32 is: float64 carries more
+    than 2*24+2 bits, so rounding twice gives the correctly rounded result.
+    """
+    return torch.sqrt(x.double()).to(x.dtype)
+
+
+def grid(n: int) -> tuple[int]:
+    return (max(1, math.ceil(n / BLOCK_SIZE)),)
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")

@@ -1,0 +1,126 @@
+"""Fused AdamW step with ``torch.optim.AdamW`` semantics, one launch per flat buffer.
+
+    g = -grad if maximize else grad
+    w = w * (1 - lr * weight_decay)                        (decoupled weight decay)
+    m = m + (1 - beta1) * (g - m)                          (torch: exp_avg.lerp_(g, 1 - beta1))
+    v = v * beta2 + (1 - beta2) * g * g
+    v_hat = max(v_max, v) -> v_max   (amsgrad)   else v
+    w = w - step_size * m / (sqrt(v_hat) / sqrt(bias_correction2) + eps)
+    step_size = lr / bias_correction1,   bias_correction_k = 1 - beta_k ** step
+
+The bias corrections are computed on the host from the (host) step counter, as ``torch.optim`` does
+without ``capturable``, so a step never synchronises with the device.  Parameters, gradients and the
+moments may be float32, bfloat16 or float16; arithmetic is float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
+                      resolve_backend, sqrt_rn_torch)
+
+
+@triton.jit
+def adamw_kernel(
+    param_ptr,  # *float [n]: parameters, updated in place
+    grad_ptr,  # *float [n]: gradients (read only)
+    exp_avg_ptr,  # *float [n]: first moment m
+    exp_avg_sq_ptr,  # *float [n]: second moment v
+    max_exp_avg_sq_ptr,  # *float [n]: running max of v when AMSGRAD (else unused)
+    n,  # number of elements
+    decay,  # fp32 (1 - lr * weight_decay)
+    one_minus_beta1,  # fp32 (1 - beta1)
+    beta2,  # fp32 beta2
+    one_minus_beta2,  # fp32 (1 - beta2)
+    step_size,  # fp32 lr / (1 - beta1 ** step)
+    bias_correction2_sqrt,  # fp32 sqrt(1 - beta2 ** step)
+    eps,  # fp32 term added to the denominator
+    MAXIMIZE: tl.constexpr,  # ascend instead of descend
+    AMSGRAD: tl.constexpr,  # use the running max of v
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = pos < n
+    w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + pos, mask=mask).to(tl.float32)
+    m = tl.load(exp_avg_ptr + pos, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + pos, mask=mask).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    w = w * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    m = m.to(exp_avg_ptr.dtype.element_ty)  # the step uses the stored moments, as torch does
+    v = v.to(exp_avg_sq_ptr.dtype.element_ty)
+    tl.store(exp_avg_ptr + pos, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + pos, v, mask=mask)
+    if AMSGRAD:
+        v = tl.maximum(tl.load(max_exp_avg_sq_ptr + pos, mask=mask), v)
+        tl.store(max_exp_avg_sq_ptr + pos, v, mask=mask)
+    denom = tl.math.div_rn(tl.sqrt_rn(v.to(tl.float32)), bias_correction2_sqrt) + eps
+    w = w - step_size * tl.math.div_rn(m.to(tl.float32), denom)
+    tl.store(param_ptr + pos, w.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_minus_beta1, beta2,
+                one_minus_beta2, step_size, bias_correction2_sqrt, eps, maximize, amsgrad) -> None:
+    """Torch twin of :func:`adamw_kernel`."""
+    w = param.to(torch.float32)
+    g = grad.to(torch.float32)
+    m = exp_avg.to(torch.float32)
+    v = exp_avg_sq.to(torch.float32)
+    if maximize:
+        g = -g
+    w = w * decay
+    m = (m + (g - m) * one_minus_beta1).to(exp_avg.dtype)
+    v = (v * beta2 + (g * g) * one_minus_beta2).to(exp_avg_sq.dtype)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if amsgrad:
+        v = torch.maximum(max_exp_avg_sq, v)
+        max_exp_avg_sq.copy_(v)
+    denom = sqrt_rn_torch(v.to(torch.float32)) / bias_correction2_sqrt + eps
+    param.copy_((w - (m.to(torch.float32) / denom) * step_size).to(param.dtype))
+
+
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                max_exp_avg_sq: torch.Tensor | None = None, *, step: int, lr: float, beta1: float = 0.9,
+                beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
+                maximize: bool = False, backend: str | None = None) -> torch.Tensor:
+    """One fused AdamW step on a contiguous buffer; ``step`` counts from 1 and includes this step.
+
+    Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.  Returns ``param``.
+    """
+    check_float_dtype("param", param)
+    check_contiguous("param", param)
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_same_layout(name, t, param, "param")
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs a max_exp_avg_sq buffer like param")
+        check_same_layout("max_exp_avg_sq", max_exp_avg_sq, param, "param")
+        if max_exp_avg_sq.dtype != exp_avg_sq.dtype:
+            raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
+    if step < 1:
+        raise ValueError(f"step counts from 1 (this step included), got {step}")
+    # Host-side scalars in float64, rounded once to float32 (torch.optim computes them the same way).
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    scalars = dict(decay=f32(1.0 - lr * weight_decay), one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
+                   one_minus_beta2=f32(1.0 - beta2), step_size=f32(lr / bias_correction1),
+                   bias_correction2_sqrt=f32(math.sqrt(bias_correction2)), eps=f32(eps))
+    if resolve_backend(backend, param, grad) == "triton":
+        n = param.numel()
+        if n:
+            adamw_kernel[grid(n)](param, grad, exp_avg, exp_avg_sq,
+                                  max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq, n, **scalars,
+                                  MAXIMIZE=maximize, AMSGRAD=amsgrad, BLOCK_SIZE=BLOCK_SIZE,
+                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
+    else:
+        adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,
+                    **scalars)
+    return param

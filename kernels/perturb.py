@@ -1,0 +1,86 @@
+"""In-place perturbation along a seeded direction: ``x += scale * z(seed)``.
+
+One pass over ``x`` (read + write), no direction tensor in memory.  With ``source=`` (an fp32 master
+copy) it writes ``x = cast(source + scale * z)`` instead, so a bf16/fp16 model is perturbed from exact
+fp32 weights and restoring it is exact (see ``zo_update.py``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
+                      check_same_layout, f32, grid, resolve_backend, split_seed)
+from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset"])
+def perturb_kernel(
+    x_ptr,  # *fp32/bf16/fp16 [n]: buffer to perturb, updated in place
+    source_ptr,  # *fp32 [n]: master copy read instead of x when HAS_SOURCE (else unused)
+    n,  # number of elements
+    seed_lo,  # low 31 bits of the direction's seed
+    seed_hi,  # seed >> 31
+    offset,  # index of x[0] within the direction
+    scale,  # fp32 step along the direction (runtime: changing it never recompiles)
+    HAS_SOURCE: tl.constexpr,  # read the fp32 master copy instead of x
+    RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    """x[i] = cast((source[i] if HAS_SOURCE else x[i]) + scale * z_seed[offset + i]), in fp32."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = pos < n
+    if HAS_SOURCE:
+        w = tl.load(source_ptr + pos, mask=mask)
+    else:
+        w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
+    z = direction(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset), RADEMACHER)
+    w = w + scale * z
+    tl.store(x_ptr + pos, w.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rademacher: bool = False,
+                  source: torch.Tensor | None = None) -> None:
+    """Torch twin of :func:`perturb_kernel` (same operations in the same order)."""
+    flat, src = x.view(-1), (source.view(-1) if source is not None else x.view(-1))
+    for start, stop, z in iter_direction_chunks(seed, offset, flat.numel(), x.device, rademacher):
+        w = src[start:stop].to(torch.float32)
+        flat[start:stop] = (w + z * scale).to(x.dtype)
+
+
+def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = None, *, offset: int = 0,
+             distribution: str = "gaussian", source: torch.Tensor | None = None) -> torch.Tensor:
+    """In place ``x += scale * z(seed)``, ``z`` indexed by element position in ``x`` (plus ``offset``).
+
+    Args:
+        x: contiguous float32/bfloat16/float16 tensor, updated in place (arithmetic in float32).
+        seed: names the direction, in [0, 2**62).
+        scale: step along the direction (for example +eps, then -2 eps).
+        backend: "triton", "torch" or None (auto: Triton for CUDA tensors; ``SUBGRAD_BACKEND`` overrides).
+        offset: index of ``x[0]`` within the direction, so several buffers can share one direction.
+        distribution: "gaussian" (``philox_normal``) or "rademacher" (``philox_rademacher``).
+        source: optional float32 master copy; then ``x = cast(source + scale * z)`` and ``source`` is
+            left untouched.
+    Returns ``x``.
+    """
+    check_float_dtype("x", x)
+    check_contiguous("x", x)
+    rademacher = is_rademacher(distribution)
+    seed_lo, seed_hi = split_seed(seed)
+    check_direction_range(offset, x.numel())
+    if source is not None:
+        check_same_layout("source", source, x)
+        if source.dtype != torch.float32:
+            raise ValueError(f"source (the master copy) must be float32, got {source.dtype}")
+    scale = f32(scale)
+    tensors = (x,) if source is None else (x, source)
+    if resolve_backend(backend, *tensors) == "triton":
+        n = x.numel()
+        if n:
+            perturb_kernel[grid(n)](x, source if source is not None else x, n, seed_lo, seed_hi, offset, scale,
+                                    HAS_SOURCE=source is not None, RADEMACHER=rademacher,
+                                    BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    else:
+        perturb_torch(x, seed, scale, offset, rademacher, source)
+    return x

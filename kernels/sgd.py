@@ -1,0 +1,112 @@
+"""Fused SGD step with ``torch.optim.SGD`` semantics, one launch per flat buffer.
+
+    g = -grad if maximize else grad
+    g = g + weight_decay * w                      (if weight_decay != 0)
+    buf = g  (first step)  or  buf = momentum * buf + (1 - dampening) * g   (if momentum != 0)
+    g = g + momentum * buf  (nesterov)  or  g = buf
+    w = w - lr * g
+
+Parameters, gradients and the momentum buffer may be float32, bfloat16 or float16; arithmetic is
+float32 and each tensor is rounded once when stored.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
+                      resolve_backend)
+
+
+@triton.jit
+def sgd_kernel(
+    param_ptr,  # *float [n]: parameters, updated in place
+    grad_ptr,  # *float [n]: gradients (read only)
+    momentum_ptr,  # *float [n]: momentum buffer when HAS_MOMENTUM (else unused)
+    n,  # number of elements
+    lr,  # fp32 learning rate
+    weight_decay,  # fp32 L2 coefficient
+    momentum,  # fp32 momentum factor
+    one_minus_dampening,  # fp32 (1 - dampening)
+    MAXIMIZE: tl.constexpr,  # ascend instead of descend
+    HAS_WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+    HAS_MOMENTUM: tl.constexpr,  # momentum != 0
+    FIRST_STEP: tl.constexpr,  # momentum buffer is initialised to g (torch.optim semantics)
+    NESTEROV: tl.constexpr,  # Nesterov momentum
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = pos < n
+    w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + pos, mask=mask).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + weight_decay * w
+    if HAS_MOMENTUM:
+        if FIRST_STEP:
+            buf = g
+        else:
+            buf = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + one_minus_dampening * g
+        buf = buf.to(momentum_ptr.dtype.element_ty)  # torch keeps the buffer in its own dtype
+        tl.store(momentum_ptr + pos, buf, mask=mask)
+        if NESTEROV:
+            g = g + momentum * buf.to(tl.float32)
+        else:
+            g = buf.to(tl.float32)
+    w = w - lr * g
+    tl.store(param_ptr + pos, w.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, maximize,
+              first_step, nesterov) -> None:
+    """Torch twin of :func:`sgd_kernel`."""
+    w = param.to(torch.float32)
+    g = grad.to(torch.float32)
+    if maximize:
+        g = -g
+    if weight_decay != 0.0:
+        g = g + w * weight_decay
+    if momentum != 0.0:
+        if first_step:
+            buf = g
+        else:
+            buf = momentum_buffer.to(torch.float32) * momentum + g * one_minus_dampening
+        buf = buf.to(momentum_buffer.dtype)
+        momentum_buffer.copy_(buf)
+        g = g + buf.to(torch.float32) * momentum if nesterov else buf.to(torch.float32)
+    param.copy_((w - g * lr).to(param.dtype))
+
+
+def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None = None, *, lr: float,
+              weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+              maximize: bool = False, first_step: bool = False, backend: str | None = None) -> torch.Tensor:
+    """One fused SGD step on a contiguous buffer (usually a whole :class:`subgrad.FlatParams` group).
+
+    ``first_step`` says the momentum buffer is new (``torch.optim`` sets it to the gradient instead of
+    decaying it).  Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.
+    Returns ``param``.
+    """
+    check_float_dtype("param", param)
+    check_contiguous("param", param)
+    check_same_layout("grad", grad, param, "param")
+    if momentum != 0.0:
+        if momentum_buffer is None:
+            raise ValueError("momentum != 0 needs a momentum_buffer like param")
+        check_same_layout("momentum_buffer", momentum_buffer, param, "param")
+    if nesterov and (momentum == 0.0 or dampening != 0.0):
+        raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+    lr, weight_decay, momentum, one_minus_dampening = f32(lr), f32(weight_decay), f32(momentum), f32(1.0 - dampening)
+    if resolve_backend(backend, param, grad) == "triton":
+        n = param.numel()
+        if n:
+            sgd_kernel[grid(n)](param, grad, momentum_buffer if momentum_buffer is not None else param, n,
+                                lr, weight_decay, momentum, one_minus_dampening,
+                                MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0.0,
+                                HAS_MOMENTUM=momentum != 0.0, FIRST_STEP=first_step, NESTEROV=nesterov,
+                                BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    else:
+        sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, maximize,
+                  first_step, nesterov)
+    return param

@@ -1,0 +1,150 @@
+"""FlatParams: all trainable parameters of one device and dtype in one contiguous buffer.
+
+Each parameter's ``.data`` becomes a view into its group's buffer (the ``Parameter`` objects, and so
+``module.state_dict()``, ``load_state_dict()`` and any optimizer holding them, are unchanged), so a
+kernel pass over a whole model is one launch per group, usually one.  Gradients get the same
+treatment: ``p.grad`` is a view into a flat gradient buffer, which autograd accumulates into in place.
+
+Moving the module afterwards (``.to()``, ``.cuda()``, ``.half()``) replaces each ``p.data`` with a new
+tensor and silently breaks the aliasing.  Every accessor checks for that and raises a one-line error
+naming the fix (:meth:`FlatParams.repack`), rather than updating a stale buffer.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+
+class StaleFlatParamsError(RuntimeError):
+    """The module's parameters no longer live in the flat buffers (it was moved or re-assigned)."""
+
+
+@dataclass
+class FlatGroup:
+    """Parameters of one (device, dtype): the buffer, the views' offsets and sizes, and their names."""
+    device: torch.device
+    dtype: torch.dtype
+    params: list[torch.nn.Parameter]
+    names: list[str]
+    offsets: list[int]  # element offset of each parameter in `data`
+    data: torch.Tensor = field(repr=False)  # flat parameter buffer
+    grad: torch.Tensor | None = field(default=None, repr=False)  # flat gradient buffer, made on demand
+
+    @property
+    def numel(self) -> int:
+        return self.data.numel()
+
+    @property
+    def sizes(self) -> list[int]:
+        return [p.numel() for p in self.params]
+
+
+def _aliases(view: torch.Tensor | None, buffer: torch.Tensor, offset: int) -> bool:
+    return (view is not None and view.device == buffer.device and view.dtype == buffer.dtype
+            and view.is_contiguous()
+            and view.data_ptr() == buffer.data_ptr() + offset * buffer.element_size())
+
+
+class FlatParams:
+    """Pack trainable parameters into one contiguous buffer per (device, dtype).
+
+    Args:
+        module_or_params: an ``nn.Module`` (parameter names come from ``named_parameters``) or an
+            iterable of parameters.  Parameters with ``requires_grad=False`` are left alone; shared
+            parameters are packed once.
+    """
+
+    def __init__(self, module_or_params: torch.nn.Module | Iterable[torch.nn.Parameter]):
+        if isinstance(module_or_params, torch.nn.Module):
+            named = list(module_or_params.named_parameters())
+        else:
+            named = [(f"param{i}", p) for i, p in enumerate(module_or_params)]
+        seen, self._named = set(), []
+        for name, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"FlatParams expects parameters, got {type(p).__name__} for {name!r}")
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self._named.append((name, p))
+        if not self._named:
+            raise ValueError("FlatParams got no trainable parameters (none with requires_grad=True)")
+        self.groups: list[FlatGroup] = []
+        self.repack()
+
+    # -- packing -----------------------------------------------------------------------------------
+    def repack(self) -> "FlatParams":
+        """(Re)build the buffers from the parameters' current values, devices and dtypes.
+
+        Call after ``module.to(...)``; optimizer state tied to the old buffers must be rebuilt too.
+        """
+        keyed: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, p in self._named:
+            keyed.setdefault((p.device, p.dtype), []).append((name, p))
+        self.groups = []
+        for (device, dtype), members in keyed.items():
+            offsets, total = [], 0
+            for _, p in members:
+                offsets.append(total)
+                total += p.numel()
+            data = torch.empty(total, dtype=dtype, device=device)
+            for (_, p), off in zip(members, offsets):
+                data[off:off + p.numel()].copy_(p.detach().reshape(-1))
+            group = FlatGroup(device, dtype, [p for _, p in members], [n for n, _ in members], offsets, data)
+            for p, off in zip(group.params, offsets):
+                p.data = data[off:off + p.numel()].view_as(p)
+            self.groups.append(group)
+        return self
+
+    def check(self) -> None:
+        """Raise :class:`StaleFlatParamsError` if any parameter stopped aliasing its buffer."""
+        for group in self.groups:
+            for name, p, off in zip(group.names, group.params, group.offsets):
+                if not _aliases(p.data, group.data, off):
+                    raise StaleFlatParamsError(
+                        f"parameter {name!r} no longer lives in the flat buffer (now {p.dtype} on {p.device}, "
+                        f"packed as {group.dtype} on {group.device}), e.g. after module.to()/.cuda(); "
+                        "call FlatParams.repack() (and rebuild the optimizer) or build FlatParams after moving")
+
+    # -- access ------------------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return sum(g.numel for g in self.groups)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The flat parameter buffers, one per group, after checking they are still live."""
+        self.check()
+        return [g.data for g in self.groups]
+
+    def grads(self) -> list[torch.Tensor]:
+        """The flat gradient buffers, one per group.
+
+        ``p.grad`` is made a view into the buffer.  If a gradient was replaced (for example by
+        ``zero_grad(set_to_none=True)`` followed by ``backward()``), it is copied into the buffer and
+        re-linked; a missing gradient counts as zero.
+        """
+        self.check()
+        out = []
+        for group in self.groups:
+            if group.grad is None:
+                group.grad = torch.zeros_like(group.data)
+            for p, off in zip(group.params, group.offsets):
+                view = group.grad[off:off + p.numel()].view_as(p)
+                if not _aliases(p.grad, group.grad, off):
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                    p.grad = view
+            out.append(group.grad)
+        return out
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffers in place (keeping ``p.grad`` views, so backward fills them)."""
+        for grad in self.grads():
+            grad.zero_()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{len(g.params)} tensors/{g.numel} elements {g.dtype} on {g.device}" for g in self.groups)
+        return f"FlatParams({parts})"
