@@ -13,6 +13,8 @@ Why the twins give the *same bits* as the kernels
 * Python-float hyperparameters reach a kernel as float32; :func:`f32` rounds them the same way on
   the host so the twin multiplies by the identical value.
 * The twins never use ``alpha=`` / ``addcmul`` / ``lerp`` forms, which ATen may evaluate with FMA.
+* Stores round float32 to bfloat16 with :func:`round_to` (explicit round-to-nearest-even): Triton's
+  interpreter truncates on ``.to(tl.bfloat16)`` while GPUs and torch round to nearest even.
 * ``torch.sqrt`` on CPU float32 is not correctly rounded; the twins use :func:`sqrt_rn_torch`.
 The kernels are memory bound, so giving up FMA costs nothing measurable (see ``benchmarks/kernels.py``).
 """
@@ -23,6 +25,8 @@ import os
 import struct
 
 import torch
+import triton
+import triton.language as tl
 
 BACKENDS = ("triton", "torch")
 
@@ -117,3 +121,18 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def check_float_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+@triton.jit
+def round_to(w, DTYPE: tl.constexpr):
+    """float32 -> DTYPE with round-to-nearest-even on every backend.
+
+    For bfloat16 the rounding is done on the bits (the interpreter's cast truncates), after which the
+    cast is exact; NaN is passed through.  float32/float16 casts already round to nearest even.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        w = tl.where(w != w, w, rounded)
+    return w.to(DTYPE)

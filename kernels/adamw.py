@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
+from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
                       resolve_backend, sqrt_rn_torch)
 
 
@@ -54,16 +54,17 @@ def adamw_kernel(
     w = w * decay
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * (g * g)
-    m = m.to(exp_avg_ptr.dtype.element_ty)  # the step uses the stored moments, as torch does
-    v = v.to(exp_avg_sq_ptr.dtype.element_ty)
+    m = round_to(m, exp_avg_ptr.dtype.element_ty)  # the step uses the stored moments, as torch does
+    v = round_to(v, exp_avg_sq_ptr.dtype.element_ty)
     tl.store(exp_avg_ptr + pos, m, mask=mask)
     tl.store(exp_avg_sq_ptr + pos, v, mask=mask)
-    if AMSGRAD:
-        v = tl.maximum(tl.load(max_exp_avg_sq_ptr + pos, mask=mask), v)
-        tl.store(max_exp_avg_sq_ptr + pos, v, mask=mask)
-    denom = tl.math.div_rn(tl.sqrt_rn(v.to(tl.float32)), bias_correction2_sqrt) + eps
+    v = v.to(tl.float32)
+    if AMSGRAD:  # compared in float32 (exact: both values are representable in the stored dtype)
+        v = tl.maximum(tl.load(max_exp_avg_sq_ptr + pos, mask=mask).to(tl.float32), v)
+        tl.store(max_exp_avg_sq_ptr + pos, v.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     w = w - step_size * tl.math.div_rn(m.to(tl.float32), denom)
-    tl.store(param_ptr + pos, w.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + pos, round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
 
 def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_minus_beta1, beta2,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
+from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_direction_range, check_float_dtype,
                       check_same_layout, f32, grid, resolve_backend, split_seed)
 from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
 
@@ -37,7 +37,7 @@ def perturb_kernel(
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
     z = direction(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset), RADEMACHER)
     w = w + scale * z
-    tl.store(x_ptr + pos, w.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
 def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rademacher: bool = False,

@@ -202,12 +202,13 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32_torch(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Triton's ``randint4x(seed, counters)`` for uint32 counters (held in int64): four int64 tensors
-    of uint32 values."""
+def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of the counter block ``(c0, c1, c2, c3)`` (uint32 values held in int64; omitted
+    words are 0) under the key ``(seed mod 2**32, seed >> 32)``.  With only ``c0`` this is Triton's
+    ``randint4x(seed, c0)`` for 32-bit counters.  Returns four int64 tensors of uint32 values."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0 = counters
-    c1 = c2 = c3 = torch.zeros_like(counters)
+    zeros = torch.zeros_like(c0)
+    c1, c2, c3 = (zeros if c is None else c for c in (c1, c2, c3))
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
+from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
                       resolve_backend)
 
 
@@ -49,14 +49,14 @@ def sgd_kernel(
             buf = g
         else:
             buf = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + one_minus_dampening * g
-        buf = buf.to(momentum_ptr.dtype.element_ty)  # torch keeps the buffer in its own dtype
+        buf = round_to(buf, momentum_ptr.dtype.element_ty)  # torch keeps the buffer in its own dtype
         tl.store(momentum_ptr + pos, buf, mask=mask)
         if NESTEROV:
             g = g + momentum * buf.to(tl.float32)
         else:
             g = buf.to(tl.float32)
     w = w - lr * g
-    tl.store(param_ptr + pos, w.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + pos, round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
 
 def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, maximize,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
+from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_direction_range, check_float_dtype,
                       check_same_layout, f32, grid, resolve_backend, split_seed)
 from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
 
@@ -80,11 +80,11 @@ def zo_update_kernel(
     g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
     if HAS_MOMENTUM:
         g = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + g
-        tl.store(momentum_ptr + pos, g.to(momentum_ptr.dtype.element_ty), mask=mask)
+        tl.store(momentum_ptr + pos, round_to(g, momentum_ptr.dtype.element_ty), mask=mask)
     w = w - lr * g
     if HAS_MASTER:
         tl.store(master_ptr + pos, w, mask=mask)
-    tl.store(x_ptr + pos, w.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
 def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,

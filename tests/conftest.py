@@ -1,0 +1,37 @@
+"""Test setup: on a machine without CUDA, Triton kernels run in Triton's interpreter on CPU tensors.
+
+``TRITON_INTERPRET`` must be set before ``subgrad.kernels`` is imported (``@triton.jit`` reads it at
+decoration time), so it is set here, before any test module imports the package.  With CUDA, the
+same tests compile the kernels for the GPU and compare them with the twins on the device.
+"""
+import os
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("SUBGRAD_BACKEND", None)  # tests choose backends explicitly
+
+#: Sizes from the issue: a single element, one short of / one past a 1024-wide block, and a big odd one.
+SIZES = [1, 1023, 1025, 70001]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal bit patterns (so -0.0 vs 0.0 and NaN payloads count), with a readable report if not."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+        f"{what}: {actual.shape}/{actual.dtype} vs {expected.shape}/{expected.dtype}"
+    int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a, e = actual.reshape(-1).view(int_type), expected.reshape(-1).view(int_type)
+    bad = (a != e).nonzero().reshape(-1)
+    if bad.numel():
+        i = bad[:5].tolist()
+        raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} elements differ; first at {i}: "
+                             f"{actual.reshape(-1)[i].tolist()} vs {expected.reshape(-1)[i].tolist()}")

@@ -1,0 +1,135 @@
+"""Fused SGD / AdamW kernels: Triton vs torch twin (bit-identical) and vs torch.optim trajectories."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import DTYPES, SIZES, assert_bitwise_equal
+from subgrad.kernels import adamw_step_, sgd_step_
+
+#: Trajectory tolerance against torch.optim after STEPS steps.  torch.optim rounds to the parameter
+#: dtype after every elementary op (and may use FMA); the fused kernels round once per stored tensor.
+TRAJ_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
+            torch.float16: dict(rtol=5e-3, atol=5e-3)}
+STEPS = 5
+
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True),
+    dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=1e-3),
+]
+ADAMW_CONFIGS = [
+    dict(lr=1e-2),
+    dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True),
+    dict(lr=1e-3, weight_decay=0.0, maximize=True),
+]
+
+
+def _tensors(n, dtype, device, count, seed=0):
+    g = torch.Generator().manual_seed(seed + n)
+    return [torch.randn(n, generator=g).to(device=device, dtype=dtype) for _ in range(count)]
+
+
+# -- kernel vs twin ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", range(len(SGD_CONFIGS)))
+def test_sgd_triton_matches_twin(n, dtype, cfg, device):
+    kw = dict(SGD_CONFIGS[cfg])
+    param, grad, buf = _tensors(n, dtype, device, 3)
+    for first_step in (True, False):
+        out = {}
+        for backend in ("triton", "torch"):
+            p, b = param.clone(), buf.clone()
+            sgd_step_(p, grad, b, first_step=first_step, backend=backend, **kw)
+            out[backend] = (p, b)
+        assert_bitwise_equal(out["triton"][0], out["torch"][0], f"param {kw} first={first_step}")
+        assert_bitwise_equal(out["triton"][1], out["torch"][1], f"buffer {kw} first={first_step}")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", range(len(ADAMW_CONFIGS)))
+def test_adamw_triton_matches_twin(n, dtype, cfg, device):
+    kw = dict(ADAMW_CONFIGS[cfg])
+    beta1, beta2 = kw.pop("betas", (0.9, 0.999))
+    param, grad, m, v, vmax = _tensors(n, dtype, device, 5)
+    v, vmax = v.abs(), vmax.abs()
+    out = {}
+    for backend in ("triton", "torch"):
+        state = [t.clone() for t in (param, m, v, vmax)]
+        adamw_step_(state[0], grad, state[1], state[2], state[3], step=7, beta1=beta1, beta2=beta2,
+                    backend=backend, **kw)
+        out[backend] = state
+    for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), out["triton"], out["torch"]):
+        assert_bitwise_equal(a, b, f"{name} {kw}")
+
+
+# -- vs torch.optim, param groups with different hyperparameters ------------------------------------
+def _run_against_torch(torch_cls, configs, fused_step, dtype, device, outlier_fraction=0.0):
+    params = [torch.nn.Parameter(t) for t in _tensors(1023, dtype, device, 1) + _tensors(70001, dtype, device, 1, 1)]
+    params += [torch.nn.Parameter(_tensors(1, dtype, device, 1, 2)[0])]
+    ours = [p.detach().clone() for p in params]
+    groups = [dict(params=[p], **cfg) for p, cfg in zip(params, configs)]
+    opt = torch_cls(groups, foreach=False)
+    state = [dict() for _ in ours]
+    g = torch.Generator().manual_seed(42)
+    for step in range(1, STEPS + 1):
+        for p, mine, group, st in zip(params, ours, opt.param_groups, state):
+            p.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=dtype)
+            fused_step(mine, p.grad, group, st, step)
+        opt.step()
+    for i, (p, mine) in enumerate(zip(params, ours)):
+        ref, mine = p.detach().float(), mine.float()
+        assert bool(torch.isfinite(mine).all()), f"group {i}: fused step produced non-finite values"
+        close = torch.isclose(ref, mine, **TRAJ_TOL[dtype])
+        diff = (ref - mine).abs()[~close]
+        assert (~close).float().mean().item() <= outlier_fraction, \
+            f"group {i} ({configs[i]}): {int((~close).sum())} of {close.numel()} differ, max {diff.max().item()}"
+
+
+def _sgd_fused(param, grad, group, st, step):
+    st.setdefault("buf", torch.zeros_like(param))
+    sgd_step_(param, grad, st["buf"], lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+              nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+              first_step=step == 1, backend="triton")
+
+
+def _adamw_fused(param, grad, group, st, step):
+    for key in ("m", "v", "vmax"):
+        st.setdefault(key, torch.zeros_like(param))
+    beta1, beta2 = group["betas"]
+    adamw_step_(param, grad, st["m"], st["v"], st["vmax"], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                maximize=group["maximize"], backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("configs", list(itertools.combinations(SGD_CONFIGS, 3)), ids=lambda c: f"{len(c)}groups")
+def test_sgd_matches_torch_optim(configs, dtype, device):
+    _run_against_torch(torch.optim.SGD, configs, _sgd_fused, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adamw_matches_torch_optim(dtype, device):
+    # torch.optim's float16 AdamW rounds eps to float16 (1e-8 becomes 0) and its (1 - beta2) g^2 underflows
+    # for |g| below ~2e-3, so on those elements it divides by zero or by a coarse eps (about 0.4% here:
+    # infinities in torch, finite steps in the fused float32 arithmetic).  Allow 1% such outliers.
+    _run_against_torch(torch.optim.AdamW, ADAMW_CONFIGS, _adamw_fused, dtype, device,
+                       outlier_fraction=0.01 if dtype == torch.float16 else 0.0)
+
+
+# -- arguments --------------------------------------------------------------------------------------
+def test_bad_arguments():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="needs a momentum_buffer"):
+        sgd_step_(x, x.clone(), None, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="nesterov momentum requires"):
+        sgd_step_(x, x.clone(), x.clone(), lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="grad must have as many elements"):
+        sgd_step_(x, torch.zeros(7), lr=0.1)
+    with pytest.raises(ValueError, match="amsgrad=True needs"):
+        adamw_step_(x, x.clone(), x.clone(), x.clone(), step=1, lr=1e-3, amsgrad=True)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        adamw_step_(x, x.clone(), x.clone(), x.clone(), step=0, lr=1e-3)

@@ -1,0 +1,60 @@
+"""perturb_: Triton vs torch twin (bit-identical) and against its definition x + scale * z."""
+import pytest
+import torch
+
+from conftest import DTYPES, SIZES, assert_bitwise_equal
+from subgrad.kernels import perturb_, philox_normal, philox_rademacher
+
+#: |result - exact| allowed against the float64 definition: one rounding to the stored dtype
+#: (half an ulp, relative 2**-p) plus float32 arithmetic error, relative to max(|x|, |scale z|).
+REL_TOL = {torch.float32: 2e-7, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_triton_matches_twin_and_definition(n, dtype, distribution, device):
+    x0 = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(device=device, dtype=dtype)
+    offset, scale = 17, 0.125
+    out = {b: perturb_(x0.clone(), 99, scale, backend=b, offset=offset, distribution=distribution)
+           for b in ("triton", "torch")}
+    assert_bitwise_equal(out["triton"], out["torch"], f"perturb_ {dtype} n={n}")
+    make = philox_normal if distribution == "gaussian" else philox_rademacher
+    z = make(99, n, offset, device, backend="torch").double()
+    exact = x0.double() + scale * z
+    err = (out["triton"].double() - exact).abs()
+    bound = REL_TOL[dtype] * torch.maximum(x0.double().abs(), (scale * z).abs()) + 1e-30
+    assert bool((err <= bound).all()), f"max err {err.max().item()} exceeds {REL_TOL[dtype]} relative"
+
+
+@pytest.mark.parametrize("n", [1, 1025])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_master_source(n, dtype, device):
+    master = torch.randn(n, device=device)
+    x = master.to(dtype)
+    out = {b: perturb_(x.clone(), 5, 1e-2, backend=b, source=master) for b in ("triton", "torch")}
+    assert_bitwise_equal(out["triton"], out["torch"])
+    # Perturbing by 0 from the master gives back the master rounded once: the restore is exact.
+    assert_bitwise_equal(perturb_(out["triton"], 5, 0.0, backend="triton", source=master), master.to(dtype))
+
+
+def test_scale_is_runtime_and_in_place(device):
+    x = torch.zeros(1025, device=device)
+    ptr = x.data_ptr()
+    for scale in (1e-3, -2e-3, 1e-3):
+        perturb_(x, 3, scale, backend="triton")
+    assert x.data_ptr() == ptr and x.abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda d: torch.zeros(8, dtype=torch.int32, device=d), "must be float32, bfloat16 or float16"),
+    (lambda d: torch.zeros(4, 4, device=d).t(), "must be contiguous"),
+])
+def test_bad_input(make_bad, message, device):
+    with pytest.raises(ValueError, match=message):
+        perturb_(make_bad(device), 1, 1e-3)
+
+
+def test_source_must_be_fp32(device):
+    with pytest.raises(ValueError, match="master copy\\) must be float32"):
+        perturb_(torch.zeros(4, device=device), 1, 1e-3, source=torch.zeros(4, device=device, dtype=torch.float16))

@@ -1,0 +1,149 @@
+"""Philox directions: Triton kernel vs torch twin (bit-identical), known answers, accuracy, statistics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import SIZES, assert_bitwise_equal
+from subgrad.kernels import philox_bits, philox_normal, philox_rademacher
+from subgrad.kernels import philox as P
+
+SEEDS = [0, 1, 2**31 + 7, 2**62 - 1]
+
+
+# -- random bits ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("counter, key, expected", [
+    # Known-answer vectors of Philox4x32-10 from Random123 (kat_vectors), counter words c0..c3, key k0, k1.
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_twin_matches_philox_known_answers(counter, key, expected):
+    words = [torch.tensor([c], dtype=torch.int64) for c in counter]
+    out = P.philox4x32_torch(key[0] | (key[1] << 32), *words)
+    assert tuple(int(o) for o in out) == expected
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bits_identical(n, seed, device):
+    offset = 3 if n > 1 else 2**32 - 1  # also the last counter a seed can index
+    assert_bitwise_equal(philox_bits(seed, n, offset, device, backend="triton"),
+                         philox_bits(seed, n, offset, device, backend="torch"), f"bits seed={seed} n={n}")
+
+
+# -- directions -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("make", [philox_normal, philox_rademacher], ids=["normal", "rademacher"])
+def test_direction_identical_across_backends(make, n, seed, device):
+    for offset in (0, 12345):
+        assert_bitwise_equal(make(seed, n, offset, device, backend="triton"),
+                             make(seed, n, offset, device, backend="torch"), f"{make.__name__} offset={offset}")
+
+
+def test_offset_selects_a_slice(device):
+    full = philox_normal(9, 3000, device=device, backend="torch")
+    assert_bitwise_equal(philox_normal(9, 1000, offset=1500, device=device, backend="triton"), full[1500:2500])
+
+
+def test_rademacher_is_top_bit_of_first_word(device):
+    bits = philox_bits(4, 4096, device=device, backend="torch")[:, 0]
+    expected = torch.where(bits < 0, -1.0, 1.0)  # int32 view: negative <=> top bit set
+    assert_bitwise_equal(philox_rademacher(4, 4096, device=device, backend="triton"), expected)
+
+
+def _exact_box_muller(seed: int, n: int) -> torch.Tensor:
+    """Box-Muller of the same float32 uniforms, evaluated in float64."""
+    b1, b2, _, _ = P.philox4x32_torch(seed, torch.arange(n, dtype=torch.int64))
+    u1 = P.uniform_from_bits_torch(b1).clamp_min(P.U1_MIN.value).double()
+    u2 = P.uniform_from_bits_torch(b2).double()
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+def test_normal_accuracy_bound():
+    """Stated bound: |z - exact| <= max(4 ulp(z), 5e-7) against float64 Box-Muller of the same uniforms."""
+    n = 1 << 20
+    z = philox_normal(2024, n, backend="torch").double()
+    exact = _exact_box_muller(2024, n)
+    ulp = torch.from_numpy(np.spacing(np.abs(exact.float().numpy())).astype(np.float64))
+    err = (z - exact).abs()
+    bound = torch.maximum(4 * ulp, torch.full_like(ulp, 5e-7))
+    worst = int(torch.argmax(err / bound))
+    assert bool((err <= bound).all()), f"worst element {worst}: z={z[worst]} exact={exact[worst]} err={err[worst]}"
+
+
+@triton.jit
+def _tl_randn_kernel(out_ptr, seed, n, BLOCK_SIZE: tl.constexpr):
+    pos = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    tl.store(out_ptr + pos, tl.randn(seed, pos), mask=pos < n)
+
+
+def test_normal_close_to_tl_randn(device):
+    """Same stream as tl.randn; the difference is tl.randn's own float32 rounding of 2*pi*u2 (and its
+    platform log/cos), at most ~2.5e-7 * r; checked at 3e-6 absolute."""
+    n = 70001
+    ref = torch.empty(n, device=device)
+    _tl_randn_kernel[(triton.cdiv(n, 1024),)](ref, 77, n, BLOCK_SIZE=1024)
+    z = philox_normal(77, n, device=device, backend="triton")
+    diff = (z - ref).abs()
+    assert diff.max().item() <= 3e-6, f"max |z - tl.randn| = {diff.max().item()} at {int(diff.argmax())}"
+
+
+# -- statistics (bounds a wrong transform fails: e.g. a missing factor 2 gives variance 0.5) ----------
+def test_normal_moments_and_cdf():
+    n = 1 << 20
+    z = philox_normal(11, n, backend="torch").double()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1.0) < 5 * math.sqrt(2.0 / n)
+    kurtosis = ((z - z.mean()) ** 4).mean().item() / z.var().item() ** 2
+    assert abs(kurtosis - 3.0) < 5 * math.sqrt(24.0 / n)
+    # Kolmogorov-Smirnov against the normal CDF (critical value at alpha = 1e-4 is about 2.0 / sqrt(n)).
+    s, _ = torch.sort(z)
+    cdf = 0.5 * (1 + torch.erf(s / math.sqrt(2)))
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum((grid - cdf).abs(), (cdf - (grid - 1 / n)).abs()).max().item()
+    assert ks < 2.0 / math.sqrt(n), f"KS statistic {ks}"
+
+
+@pytest.mark.parametrize("make", [philox_normal, philox_rademacher], ids=["normal", "rademacher"])
+def test_seeds_and_neighbours_independent(make):
+    n = 1 << 18
+    a, b = make(1, n, backend="torch").double(), make(2, n, backend="torch").double()
+    for x, y, what in ((a, b, "seed 1 vs seed 2"), (a[:-1], a[1:], "neighbouring elements")):
+        corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n), f"{what}: correlation {corr}"
+    assert abs(a.mean().item()) < 5 / math.sqrt(n)
+
+
+# -- arguments --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=-1, n=4), "seed must be in"),
+    (dict(seed=2**62, n=4), "seed must be in"),
+    (dict(seed=1, n=4, offset=2**32 - 3), "exceeds the 2\\*\\*32"),
+    (dict(seed=1, n=-1), "n must be >= 0"),
+    (dict(seed=1, n=4, backend="cuda"), "backend must be one of"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        philox_normal(**kwargs)
+
+
+def test_environment_selects_backend(monkeypatch):
+    from subgrad.kernels import resolve_backend
+    x = torch.zeros(1)
+    assert resolve_backend(None, x) == ("triton" if x.is_cuda else "torch")
+    monkeypatch.setenv("SUBGRAD_BACKEND", "triton")
+    assert resolve_backend(None, x) == "triton"
+    assert resolve_backend("torch", x) == "torch"  # an explicit argument wins
+    monkeypatch.setenv("SUBGRAD_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend(None, x)
+
+
+def test_zero_length(device):
+    assert philox_normal(1, 0, device=device, backend="triton").numel() == 0

@@ -1,0 +1,130 @@
+"""zo_update_: Triton vs torch twin (bit-identical) and against a float64 reference of the update."""
+import pytest
+import torch
+
+from conftest import DTYPES, SIZES, assert_bitwise_equal
+from subgrad.kernels import make_block_starts, philox_normal, philox_rademacher, zo_update_
+
+REL_TOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _blocks(n: int) -> list[int]:
+    """Odd block sizes that tile n, including size-1 blocks (at most 37 of them)."""
+    if n < 3:
+        return [n]
+    sizes, left, k = [], n, 1
+    while left > 0 and len(sizes) < 36:
+        s = min(left, k * k + 1)
+        sizes.append(s)
+        left -= s
+        k += 1
+    if left:
+        sizes.append(left)
+    return sizes
+
+
+CASES = {
+    "scalar": dict(c=0.75),
+    "tensor1": dict(c="tensor1", weight_decay=0.01),
+    "blocks": dict(c="blocks", l1=1e-3),
+    "momentum": dict(c="blocks", momentum=0.9, weight_decay=1e-4),
+    "master": dict(c=0.5, master=True, momentum=0.5),
+    "rademacher": dict(c="blocks", distribution="rademacher", restore_scale=0.0),
+}
+
+
+def _run(case, n, dtype, device, backend):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+    kw = dict(CASES[case])
+    kw.setdefault("restore_scale", 1e-3)
+    sizes = _blocks(n)
+    if kw["c"] == "tensor1":
+        kw["c"] = torch.tensor([0.75], device=device)
+    elif kw["c"] == "blocks":
+        kw["c"] = torch.randn(len(sizes), generator=g).to(device)
+        kw["block_starts"] = make_block_starts(sizes, device)
+    if kw.get("momentum"):
+        kw["momentum_buffer"] = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+    if kw.get("master"):
+        kw["master"] = x.float() + 1e-4
+    zo_update_(x, 1234, lr=0.05, offset=7, backend=backend, **kw)
+    return x, kw
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_twin(case, n, dtype, device):
+    (xt, kwt), (xr, kwr) = (_run(case, n, dtype, device, b) for b in ("triton", "torch"))
+    assert_bitwise_equal(xt, xr, f"weights, case {case}")
+    for key in ("momentum_buffer", "master"):
+        if isinstance(kwt.get(key), torch.Tensor):
+            assert_bitwise_equal(kwt[key], kwr[key], f"{key}, case {case}")
+
+
+@pytest.mark.parametrize("n", [1, 1025, 70001])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(case, n, device):
+    dtype = torch.float32
+    x0 = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(device)
+    x, kw = _run(case, n, dtype, device, "triton")
+    make = philox_rademacher if kw.get("distribution") == "rademacher" else philox_normal
+    z = make(1234, n, 7, device, backend="torch").double()
+    w = kw["master"].double() if isinstance(kw.get("master"), torch.Tensor) else None
+    if w is None:
+        w = x0.double() + kw["restore_scale"] * z
+    else:  # the master was updated in place; rebuild its starting value
+        w = x0.double() + 1e-4
+    c = kw["c"]
+    if isinstance(c, torch.Tensor) and c.numel() > 1:
+        sizes = _blocks(n)
+        c = torch.repeat_interleave(c.double(), torch.tensor(sizes, device=device))
+    elif isinstance(c, torch.Tensor):
+        c = c.double()
+    g = c * z + kw.get("weight_decay", 0.0) * w + kw.get("l1", 0.0) * torch.sign(w)
+    if kw.get("momentum"):
+        g_start = kw["momentum_buffer"].double()  # already updated: it holds m = momentum * m0 + g
+        assert torch.allclose(g_start, kw["momentum"] * _momentum0(case, n, device) + g, rtol=1e-5, atol=1e-6)
+        g = g_start
+    expected = w - 0.05 * g
+    err = (x.double() - expected).abs()
+    scale = w.abs() + 0.05 * g.abs() + 1e-6
+    assert bool((err <= REL_TOL[dtype] * scale).all()), f"case {case}: max rel err {(err / scale).max().item()}"
+
+
+def _momentum0(case, n, device):
+    g = torch.Generator().manual_seed(n)
+    torch.randn(n, generator=g)  # x
+    if CASES[case]["c"] == "blocks":
+        torch.randn(len(_blocks(n)), generator=g)
+    return torch.randn(n, generator=g).to(device).double()
+
+
+def test_per_block_scalars_apply_to_their_block_only(device):
+    n, sizes = 1025, [1, 1000, 24]
+    x = torch.zeros(n, device=device)
+    c = torch.tensor([1.0, 0.0, -1.0], device=device)
+    zo_update_(x, 3, c, 1.0, block_starts=make_block_starts(sizes, device), backend="triton")
+    z = philox_normal(3, n, device=device)
+    assert_bitwise_equal(x[:1], -z[:1])
+    assert bool((x[1:1001] == 0).all())
+    assert_bitwise_equal(x[1001:], z[1001:])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(c=torch.ones(3)), "one per block"),
+    (dict(c=0.1, lr=-1.0), "lr must be a finite number >= 0"),
+    (dict(c=0.1, momentum=0.9), "needs a momentum_buffer"),
+    (dict(c=torch.ones(2), block_starts=torch.tensor([0, 4, 8])), "one entry per value of c"),
+    (dict(c=0.1, distribution="uniform"), "distribution must be one of"),
+])
+def test_bad_arguments(kwargs, message):
+    kwargs.setdefault("lr", 0.1)
+    with pytest.raises(ValueError, match=message):
+        zo_update_(torch.zeros(16), 1, **kwargs)
+
+
+def test_block_sizes_validated():
+    with pytest.raises(ValueError, match="positive ints"):
+        make_block_starts([4, 0, 3])
