@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
-                      resolve_backend, sqrt_rn_torch)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32,
+                      grid, resolve_backend, round_to, sqrt_rn_torch)
 
 
 @triton.jit

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, grid, resolve_backend, split_seed)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
+                      check_same_layout, f32, grid, resolve_backend, round_to, split_seed)
 from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
 
 

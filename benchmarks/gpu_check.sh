@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check: run on an H100/H200 machine (no network, its own python3 with torch/triton/pytest).
+#   bash benchmarks/gpu_check.sh          # results under $OUT when set, else benchmarks/results/
+# 1. install subgrad without downloading anything, 2. the test suite on CUDA (real Triton compilation,
+# kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check.
+# Budget: under 8 minutes; each stage has its own timeout so a hang cannot eat the device time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-benchmarks/results}"
+mkdir -p "$RESULTS"
+PY="${PYTHON:-python3}"
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/gpu.txt"
+
+# setuptools is there, hatchling and the network are not: no build isolation, no dependencies.
+if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/install.log" 2>&1; then
+  echo "editable install failed (see install.log); falling back to a PYTHONPATH staging tree" | tee -a "$RESULTS/install.log"
+  stage="$(mktemp -d)/site"; mkdir -p "$stage/subgrad"
+  for f in subgrad/*.py; do ln -s "$PWD/$f" "$stage/subgrad/"; done
+  ln -s "$PWD/kernels" "$stage/subgrad/kernels"; ln -s "$PWD/export" "$stage/subgrad/export"
+  export PYTHONPATH="$stage"
+fi
+
+echo "== tests on CUDA"
+timeout 330 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$RESULTS/pytest-cuda.xml" 2>&1 | tail -40 | tee "$RESULTS/pytest-cuda.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== self-check"
+timeout 60 "$PY" -m subgrad selfcheck --device cuda --n 10000019 2>&1 | tee "$RESULTS/selfcheck-cuda.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== kernel benchmarks"
+timeout 150 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS" 2>&1 | tee "$RESULTS/kernels-cuda.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+"$PY" benchmarks/check_targets.py "$RESULTS"/kernels-cuda-*.json 2>&1 | tee "$RESULTS/targets-cuda.txt"
+
+echo "gpu_check finished with status $status"
+exit $status
