@@ -111,6 +111,17 @@ def sqrt_rn_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
+#: Elements a torch twin processes at once: 64K-element float32 temporaries stay in cache, which is
+#: several times faster on CPU than whole-buffer temporaries (benchmarks/kernels.py).
+TWIN_CHUNK = 1 << 16
+
+
+def chunks(n: int):
+    """``(start, stop)`` slices of ``range(n)`` of at most :data:`TWIN_CHUNK` elements."""
+    for start in range(0, n, TWIN_CHUNK):
+        yield start, min(n, start + TWIN_CHUNK)
+
+
 def grid(n: int) -> tuple[int]:
     return (max(1, math.ceil(n / BLOCK_SIZE)),)
 

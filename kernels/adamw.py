@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32,
-                      grid, resolve_backend, round_to, sqrt_rn_torch)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
+                      f32, grid, resolve_backend, round_to, sqrt_rn_torch)
 
 
 @triton.jit
@@ -69,23 +69,27 @@ def adamw_kernel(
 
 def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_minus_beta1, beta2,
                 one_minus_beta2, step_size, bias_correction2_sqrt, eps, maximize, amsgrad) -> None:
-    """Torch twin of :func:`adamw_kernel`."""
-    w = param.to(torch.float32)
-    g = grad.to(torch.float32)
-    m = exp_avg.to(torch.float32)
-    v = exp_avg_sq.to(torch.float32)
-    if maximize:
-        g = -g
-    w = w * decay
-    m = (m + (g - m) * one_minus_beta1).to(exp_avg.dtype)
-    v = (v * beta2 + (g * g) * one_minus_beta2).to(exp_avg_sq.dtype)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    if amsgrad:
-        v = torch.maximum(max_exp_avg_sq, v)
-        max_exp_avg_sq.copy_(v)
-    denom = sqrt_rn_torch(v.to(torch.float32)) / bias_correction2_sqrt + eps
-    param.copy_((w - (m.to(torch.float32) / denom) * step_size).to(param.dtype))
+    """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers)."""
+    param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq))
+    for a, b in chunks(param.numel()):
+        w = param[a:b].to(torch.float32)
+        g = grad[a:b].to(torch.float32)
+        m = exp_avg[a:b].to(torch.float32)
+        v = exp_avg_sq[a:b].to(torch.float32)
+        if maximize:
+            g = -g
+        w = w * decay
+        m = (m + (g - m) * one_minus_beta1).to(exp_avg.dtype)
+        v = (v * beta2 + (g * g) * one_minus_beta2).to(exp_avg_sq.dtype)
+        exp_avg[a:b] = m
+        exp_avg_sq[a:b] = v
+        v = v.to(torch.float32)
+        if amsgrad:
+            vmax = max_exp_avg_sq.view(-1)[a:b]
+            v = torch.maximum(vmax.to(torch.float32), v)
+            vmax.copy_(v.to(vmax.dtype))
+        denom = sqrt_rn_torch(v) / bias_correction2_sqrt + eps
+        param[a:b] = (w - (m.to(torch.float32) / denom) * step_size).to(param.dtype)
 
 
 def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

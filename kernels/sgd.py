@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, f32,
-                      grid, resolve_backend, round_to)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
+                      f32, grid, resolve_backend, round_to)
 
 
 @triton.jit
@@ -61,22 +61,25 @@ def sgd_kernel(
 
 def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, maximize,
               first_step, nesterov) -> None:
-    """Torch twin of :func:`sgd_kernel`."""
-    w = param.to(torch.float32)
-    g = grad.to(torch.float32)
-    if maximize:
-        g = -g
-    if weight_decay != 0.0:
-        g = g + w * weight_decay
-    if momentum != 0.0:
-        if first_step:
-            buf = g
-        else:
-            buf = momentum_buffer.to(torch.float32) * momentum + g * one_minus_dampening
-        buf = buf.to(momentum_buffer.dtype)
-        momentum_buffer.copy_(buf)
-        g = g + buf.to(torch.float32) * momentum if nesterov else buf.to(torch.float32)
-    param.copy_((w - g * lr).to(param.dtype))
+    """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers)."""
+    param, grad = param.view(-1), grad.view(-1)
+    momentum_buffer = momentum_buffer.view(-1) if momentum_buffer is not None else None
+    for a, b in chunks(param.numel()):
+        w = param[a:b].to(torch.float32)
+        g = grad[a:b].to(torch.float32)
+        if maximize:
+            g = -g
+        if weight_decay != 0.0:
+            g = g + w * weight_decay
+        if momentum != 0.0:
+            if first_step:
+                buf = g
+            else:
+                buf = momentum_buffer[a:b].to(torch.float32) * momentum + g * one_minus_dampening
+            buf = buf.to(momentum_buffer.dtype)
+            momentum_buffer[a:b] = buf
+            g = g + buf.to(torch.float32) * momentum if nesterov else buf.to(torch.float32)
+        param[a:b] = (w - g * lr).to(param.dtype)
 
 
 def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None = None, *, lr: float,
