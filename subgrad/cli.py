@@ -11,6 +11,8 @@ from . import __version__
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu (Triton interpreter)")
     if not (args.device in ("auto", "cuda") and torch.cuda.is_available()):
         # No GPU: run the Triton kernels in Triton's interpreter (must be set before they are imported).
         os.environ["TRITON_INTERPRET"] = "1"

@@ -84,14 +84,18 @@ def _tl_randn_kernel(out_ptr, seed, n, BLOCK_SIZE: tl.constexpr):
 
 
 def test_normal_close_to_tl_randn(device):
-    """Same stream as tl.randn; the difference is tl.randn's own float32 rounding of 2*pi*u2 (and its
-    platform log/cos), at most ~2.5e-7 * r; checked at 3e-6 absolute."""
+    """Same stream and mapping as tl.randn; the difference is tl.randn's own error: its float32
+    2*pi*u2 product (~2.5e-7 * r) and, on GPUs, approximate cos/log (cos.approx: 2**-20.5 absolute).
+    Bound: 2e-6 * (1 + r), r = sqrt(-2 ln u1) the Box-Muller radius (measured 1.2e-6 max on CPU)."""
     n = 70001
     ref = torch.empty(n, device=device)
     _tl_randn_kernel[(triton.cdiv(n, 1024),)](ref, 77, n, BLOCK_SIZE=1024)
     z = philox_normal(77, n, device=device, backend="triton")
-    diff = (z - ref).abs()
-    assert diff.max().item() <= 3e-6, f"max |z - tl.randn| = {diff.max().item()} at {int(diff.argmax())}"
+    b1, _, _, _ = P.philox4x32_torch(77, torch.arange(n, dtype=torch.int64))
+    r = torch.sqrt(-2.0 * torch.log(P.uniform_from_bits_torch(b1).clamp_min(P.U1_MIN.value).double()))
+    diff = (z - ref).abs().double().cpu()
+    worst = int(torch.argmax(diff / (1 + r)))
+    assert bool((diff <= 2e-6 * (1 + r)).all()), f"|z - tl.randn| = {diff[worst].item()} at {worst} (r={r[worst].item()})"
 
 
 # -- statistics (bounds a wrong transform fails: e.g. a missing factor 2 gives variance 0.5) ----------
