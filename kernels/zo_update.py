@@ -4,16 +4,18 @@ A central-difference step leaves the weights at ``w - eps z`` after its second f
 kernel reads that buffer once and writes it once:
 
     w  = master                        if an fp32 master copy is kept (exact restore), else
-    w  = x + restore_scale * z         (restore_scale = +eps undoes the last perturbation)
-    g  = c[b(i)] * z + weight_decay * w + l1 * sign(w)
+    w  = x + restore_scale * z_last    (restore_scale = +eps undoes the last perturbation)
+    g  = sum_k c[k, b(i)] * z_k + weight_decay * w + l1 * sign(w)
     m  = momentum * m + g ;  g = m     (only with a momentum buffer)
     w  = w - lr * g
     x  = cast(w)  (and master = w)
 
-``c`` is the finite-difference scalar ``(L+ - L-) / (2 eps)``: one value for the whole buffer, or one
-per block, where block ``b`` covers elements ``block_starts[b] .. block_starts[b+1]-1``; every block
-updates in the same launch.  ``c`` and ``block_starts`` may live on the device, so a step never waits
-for the host.
+The step may combine ``num_directions`` = q directions with seeds ``seed, seed + 1, ..., seed + q - 1``
+(``z_last`` is the last of them): every direction is regenerated in registers, so the memory traffic
+is one read and one write whatever q is.  ``c`` holds the finite-difference scalars, one per direction,
+or one per direction and block, where block ``b`` covers elements ``block_starts[b] ..
+block_starts[b+1]-1``; every block updates in the same launch.  ``c`` and ``block_starts`` may live on
+the device, so a step never waits for the host.
 
 Drift guarantee (tested in ``tests/test_precision.py``): with a master copy the weights seen by the
 model after restore are bit-identical to the master rounded once; without one (fp32 in place), each
@@ -29,28 +31,30 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, grid, resolve_backend, round_to, split_seed)
-from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
+                      check_same_layout, chunks, f32, grid, resolve_backend, round_to,
+                      split_seed)
+from .philox import direction, direction_counter, direction_torch, is_rademacher, philox_seed
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "num_blocks"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "num_blocks", "num_directions"])
 def zo_update_kernel(
     x_ptr,  # *fp32/bf16/fp16 [n]: weights seen by the model, updated in place
     master_ptr,  # *fp32 [n]: master weights when HAS_MASTER (else unused)
     momentum_ptr,  # *float [n]: momentum buffer when HAS_MOMENTUM (else unused)
-    c_ptr,  # *fp32 [num_blocks]: finite-difference scalar per block (unused when C_IS_SCALAR)
+    c_ptr,  # *fp32 [num_directions, num_blocks]: finite-difference scalars (unused when C_IS_SCALAR)
     block_starts_ptr,  # *int64 [num_blocks]: first element of each block, block_starts[0] == 0
     n,  # number of elements
-    num_blocks,  # length of c / block_starts
-    seed_lo,  # low 31 bits of the direction's seed
+    num_blocks,  # blocks per direction (length of block_starts)
+    num_directions,  # q: directions seed, seed + 1, ..., seed + q - 1
+    seed_lo,  # low 31 bits of the first direction's seed
     seed_hi,  # seed >> 31
-    offset,  # index of x[0] within the direction
-    c_scalar,  # fp32 finite-difference scalar when C_IS_SCALAR
+    offset,  # index of x[0] within the directions
+    c_scalar,  # fp32 finite-difference scalar when C_IS_SCALAR (q == 1, one block)
     lr,  # fp32 learning rate
     weight_decay,  # fp32 L2 coefficient (added to the gradient estimate)
     l1,  # fp32 L1 coefficient (subgradient l1 * sign(w))
     momentum,  # fp32 momentum factor
-    restore_scale,  # fp32 step along z that restores x before the update (ignored with HAS_MASTER)
+    restore_scale,  # fp32 step along the last direction that restores x (ignored with HAS_MASTER)
     C_IS_SCALAR: tl.constexpr,  # c comes from c_scalar, not c_ptr
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(num_blocks)): binary-search depth for the block index
     HAS_MASTER: tl.constexpr,  # keep an fp32 master copy
@@ -60,23 +64,29 @@ def zo_update_kernel(
 ):
     pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = pos < n
-    z = direction(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset), RADEMACHER)
+    seed = philox_seed(seed_lo, seed_hi)
+    ctr = direction_counter(pos, offset)
+    # Largest b with block_starts[b] <= pos, by binary lifting over the (small, cached) table.
+    b = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+    for i in tl.static_range(SEARCH_STEPS):
+        cand = b + (1 << (SEARCH_STEPS - 1 - i))
+        start = tl.load(block_starts_ptr + cand, mask=mask & (cand < num_blocks), other=n)
+        b = tl.where(start <= pos, cand, b)
+    estimate = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    z = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    for k in range(num_directions):
+        z = direction(seed + k, ctr, RADEMACHER)  # uint64 seed + int32 k stays uint64
+        if C_IS_SCALAR:
+            c = c_scalar
+        else:
+            c = tl.load(c_ptr + k * num_blocks + b, mask=mask)
+        estimate = estimate + c * z
     if HAS_MASTER:
         w = tl.load(master_ptr + pos, mask=mask)
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-        w = w + restore_scale * z
-    if C_IS_SCALAR:
-        c = c_scalar
-    else:
-        # Largest b with block_starts[b] <= pos, by binary lifting over the (small, cached) table.
-        b = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-        for i in tl.static_range(SEARCH_STEPS):
-            cand = b + (1 << (SEARCH_STEPS - 1 - i))
-            start = tl.load(block_starts_ptr + cand, mask=mask & (cand < num_blocks), other=n)
-            b = tl.where(start <= pos, cand, b)
-        c = tl.load(c_ptr + b, mask=mask)
-    g = c * z + weight_decay * w
+        w = w + restore_scale * z  # z is the last direction
+    g = estimate + weight_decay * w
     g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
     if HAS_MOMENTUM:
         g = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + g
@@ -88,21 +98,29 @@ def zo_update_kernel(
 
 
 def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
-                    block_starts, offset, rademacher, master) -> None:
-    """Torch twin of :func:`zo_update_kernel`, chunked like the other twins."""
+                    block_starts, offset, rademacher, master, num_directions=1) -> None:
+    """Torch twin of :func:`zo_update_kernel`, in cache-sized chunks like the other twins."""
     flat = x.view(-1)
-    for start, stop, z in iter_direction_chunks(seed, offset, flat.numel(), x.device, rademacher):
+    num_blocks = 1 if block_starts is None else block_starts.numel()
+    for start, stop in chunks(flat.numel()):
+        if block_starts is not None:
+            block = torch.searchsorted(block_starts, torch.arange(start, stop, device=x.device), right=True) - 1
+        estimate = torch.zeros(stop - start, dtype=torch.float32, device=x.device)
+        for k in range(num_directions):
+            z = direction_torch(seed + k, offset + start, stop - start, x.device, rademacher)
+            if isinstance(c, float):
+                c_k = c
+            elif block_starts is None:
+                c_k = c[k:k + 1]
+            else:
+                c_k = c[k * num_blocks + block]
+            estimate = estimate + c_k * z
         if master is not None:
             w = master.view(-1)[start:stop]
         else:
             w = flat[start:stop].to(torch.float32)
             w = w + z * restore_scale
-        if block_starts is None:  # one scalar: a float, or a 1-element tensor that broadcasts
-            c_i = c
-        else:
-            pos = torch.arange(start, stop, device=x.device)
-            c_i = c[torch.searchsorted(block_starts, pos, right=True) - 1]
-        g = c_i * z + w * weight_decay
+        g = estimate + w * weight_decay
         g = g + torch.sign(w) * l1
         if momentum_buffer is not None:
             buf = momentum_buffer.view(-1)
@@ -128,21 +146,26 @@ def make_block_starts(block_sizes, device=None) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int64, device=device)
 
 
-def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, weight_decay: float = 0.0, l1: float = 0.0,
-               momentum: float = 0.0, momentum_buffer: torch.Tensor | None = None, restore_scale: float = 0.0,
-               block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
-               master: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """Restore ``x`` and apply ``x -= lr * (c * z(seed) + weight_decay * x + l1 * sign(x))`` in one pass.
+def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int = 1, weight_decay: float = 0.0,
+               l1: float = 0.0, momentum: float = 0.0, momentum_buffer: torch.Tensor | None = None,
+               restore_scale: float = 0.0, block_starts: torch.Tensor | None = None, offset: int = 0,
+               distribution: str = "gaussian", master: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """Restore ``x`` and apply ``x -= lr * (sum_k c_k * z_k + weight_decay * x + l1 * sign(x))`` in one pass.
 
     Args:
         x: contiguous float32/bfloat16/float16 weights, updated in place.
-        seed, offset, distribution: the direction, as in :func:`perturb_`.
-        c: finite-difference scalar(s): a float, a 1-element tensor, or a float32 tensor with one value
-            per block (then ``block_starts`` is required).  Tensors may stay on the device.
+        seed, offset, distribution: the directions, as in :func:`perturb_`; direction ``k`` of the
+            step has seed ``seed + k``.
+        c: finite-difference scalars: a float (one direction, one block); a float32 tensor with one
+            value per direction; or ``num_directions * num_blocks`` values (direction-major) with
+            ``block_starts``.  Tensors may stay on the device.  Averaging over directions (``1/q``) is
+            the caller's choice, folded into ``c``.
         lr, weight_decay, l1, momentum: step hyperparameters (runtime values; no recompiles).
+        num_directions: q, the number of directions combined in this step.
         momentum_buffer: tensor like ``x`` (any float dtype); required when ``momentum != 0``.
-        restore_scale: ``x += restore_scale * z`` before the step (``+eps`` after a ``-eps`` evaluation);
-            ignored with ``master``, which is never perturbed.
+        restore_scale: ``x += restore_scale * z_last`` before the step (``+eps`` after a ``-eps``
+            evaluation of the last direction); ignored with ``master``, which is never perturbed.
         block_starts: int64 tensor from :func:`make_block_starts` (first element of each block).
         master: float32 master copy of ``x``; when given the step is applied to it and ``x = cast(master)``.
     Returns ``x``.
@@ -150,7 +173,10 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, weight_decay: float 
     check_float_dtype("x", x)
     check_contiguous("x", x)
     rademacher = is_rademacher(distribution)
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+        raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
     seed_lo, seed_hi = split_seed(seed)
+    split_seed(seed + num_directions - 1)
     n = x.numel()
     check_direction_range(offset, n)
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("l1", l1), ("momentum", momentum)):
@@ -168,21 +194,26 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, weight_decay: float 
 
     if isinstance(c, torch.Tensor):
         c = c.reshape(-1).to(device=x.device, dtype=torch.float32)
-        if c.numel() == 1:
-            num_blocks, block_starts = 1, None
+        if block_starts is None:
+            if c.numel() != num_directions:
+                raise ValueError(f"c has {c.numel()} values for {num_directions} direction(s) and no blocks; "
+                                 "pass one value per direction, or per direction and block with block_starts "
+                                 "(build it with make_block_starts(sizes))")
+            num_blocks = 1
         else:
-            if block_starts is None:
-                raise ValueError(f"c has {c.numel()} values (one per block) but block_starts is None; "
-                                 "build it with make_block_starts(sizes)")
-            if block_starts.dim() != 1 or block_starts.numel() != c.numel() or block_starts.dtype != torch.int64:
-                raise ValueError(f"block_starts must be a 1-D int64 tensor with one entry per value of c "
-                                 f"({c.numel()}), got shape {tuple(block_starts.shape)} {block_starts.dtype}")
+            if block_starts.dim() != 1 or block_starts.dtype != torch.int64 \
+                    or block_starts.numel() * num_directions != c.numel():
+                raise ValueError(f"block_starts must be a 1-D int64 tensor with one entry per block, and c "
+                                 f"must hold num_directions x blocks values; got block_starts "
+                                 f"{tuple(block_starts.shape)} {block_starts.dtype}, c with {c.numel()} values "
+                                 f"for {num_directions} direction(s)")
             block_starts = block_starts.to(x.device)
-            num_blocks = c.numel()
+            num_blocks = block_starts.numel()
     else:
+        if num_directions != 1 or block_starts is not None:
+            raise ValueError("a scalar c means one direction and one block; pass a tensor of c values "
+                             "for several directions or blocks")
         c, num_blocks = f32(c), 1
-        if block_starts is not None:
-            raise ValueError("block_starts given with a scalar c; pass one value of c per block")
     lr, weight_decay, l1, momentum, restore_scale = map(f32, (lr, weight_decay, l1, momentum, restore_scale))
 
     tensors = [t for t in (x, master, momentum_buffer) if t is not None]
@@ -192,12 +223,12 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, weight_decay: float 
             zo_update_kernel[grid(n)](
                 x, master if master is not None else x, momentum_buffer if momentum_buffer is not None else x,
                 x if c_is_scalar else c, block_starts if block_starts is not None else x,
-                n, num_blocks, seed_lo, seed_hi, offset, c if c_is_scalar else 0.0,
+                n, num_blocks, num_directions, seed_lo, seed_hi, offset, c if c_is_scalar else 0.0,
                 lr, weight_decay, l1, momentum, restore_scale,
                 C_IS_SCALAR=c_is_scalar, SEARCH_STEPS=max(0, math.ceil(math.log2(num_blocks))),
                 HAS_MASTER=master is not None, HAS_MOMENTUM=momentum_buffer is not None,
                 RADEMACHER=rademacher, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
-                        block_starts, offset, rademacher, master)
+                        block_starts, offset, rademacher, master, num_directions)
     return x

@@ -113,16 +113,41 @@ def test_per_block_scalars_apply_to_their_block_only(device):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(c=torch.ones(3)), "one per block"),
+    (dict(c=torch.ones(3)), "one value per direction"),
+    (dict(c=0.1, num_directions=2), "scalar c means one direction"),
+    (dict(c=torch.ones(2), num_directions=0), "num_directions must be an int >= 1"),
     (dict(c=0.1, lr=-1.0), "lr must be a finite number >= 0"),
     (dict(c=0.1, momentum=0.9), "needs a momentum_buffer"),
-    (dict(c=torch.ones(2), block_starts=torch.tensor([0, 4, 8])), "one entry per value of c"),
+    (dict(c=torch.ones(2), block_starts=torch.tensor([0, 4, 8])), "num_directions x blocks"),
     (dict(c=0.1, distribution="uniform"), "distribution must be one of"),
 ])
 def test_bad_arguments(kwargs, message):
     kwargs.setdefault("lr", 0.1)
     with pytest.raises(ValueError, match=message):
         zo_update_(torch.zeros(16), 1, **kwargs)
+
+
+@pytest.mark.parametrize("n", [1, 1025, 70001])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_several_directions_in_one_pass(n, blocked, device):
+    """q directions (seeds s, s+1, ...) in one launch equal the sum of their contributions."""
+    q, gen = 3, torch.Generator().manual_seed(5)
+    x0 = torch.randn(n, generator=gen).to(device)
+    sizes = _blocks(n) if blocked else [n]
+    c = torch.randn(q * len(sizes), generator=gen).to(device)
+    kw = dict(num_directions=q, restore_scale=1e-3, weight_decay=1e-3)
+    if blocked:
+        kw["block_starts"] = make_block_starts(sizes, device)
+    out = {b: zo_update_(x0.clone(), 40, c, 0.1, backend=b, **kw) for b in ("triton", "torch")}
+    assert_bitwise_equal(out["triton"], out["torch"], f"q={q} blocked={blocked}")
+    w = x0.double() + 1e-3 * philox_normal(40 + q - 1, n, device=device).double()  # restore uses the last
+    g = 1e-3 * w
+    for k in range(q):
+        c_k = torch.repeat_interleave(c[k * len(sizes):(k + 1) * len(sizes)].double(),
+                                      torch.tensor(sizes, device=device))
+        g = g + c_k * philox_normal(40 + k, n, device=device).double()
+    expected = w - 0.1 * g
+    assert torch.allclose(out["triton"].double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_block_sizes_validated():
