@@ -1,0 +1,99 @@
+"""How an optimizer sees its parameters: flat segments and estimation blocks.
+
+A *segment* is one contiguous buffer (one param group x device x dtype, from :class:`FlatParams`).
+All segments together index one *direction space* of ``total`` elements: segment ``s`` covers
+``[s.dir_offset, s.dir_offset + s.numel)``, so one seed names one direction over every parameter.
+
+A *block* is a set of parameters that gets its own finite-difference scalar.  Blocks are described
+as ranges of the direction space; each segment gets the pieces that fall inside it (``pieces``), plus
+the tables the fused update kernel reads (``block_starts`` and the global ``block_ids`` of its pieces).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..flat import FlatGroup, FlatParams
+from ..kernels import make_block_starts
+
+
+@dataclass
+class Segment:
+    group_index: int  # index into optimizer.param_groups
+    flat: FlatGroup
+    dir_offset: int  # position of element 0 in the direction space
+    master: torch.Tensor | None = None  # fp32 master copy (half-precision params)
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (start, stop, block id), local
+    block_starts: torch.Tensor | None = None  # int64 [pieces] on the device, None for a single piece
+    block_ids: torch.Tensor | None = None  # int64 [pieces] global block id of each piece
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.flat.data
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel
+
+
+def build_segments(param_groups, master_weights: bool | None) -> tuple[list[FlatParams], list[Segment]]:
+    """Pack each param group and lay the segments out one after another in direction space."""
+    flats, segments, offset = [], [], 0
+    for gi, group in enumerate(param_groups):
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            continue
+        flat = FlatParams(params)
+        flats.append(flat)
+        for fg in flat.groups:
+            if fg.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"zeroth-order optimizers support float32/bfloat16/float16 parameters, got {fg.dtype}")
+            use_master = master_weights if master_weights is not None else fg.dtype != torch.float32
+            master = fg.data.to(torch.float32).clone() if use_master else None
+            segments.append(Segment(gi, fg, offset, master))
+            offset += fg.numel
+    if offset > 2**32:
+        raise ValueError(f"{offset} parameters exceed the 2**32 elements one direction can index")
+    return flats, segments
+
+
+def param_ranges(segments: list[Segment]) -> list[tuple[int, int, torch.nn.Parameter]]:
+    """(start, stop, param) in direction space, in order."""
+    out = []
+    for seg in segments:
+        for p, off in zip(seg.flat.params, seg.flat.offsets):
+            out.append((seg.dir_offset + off, seg.dir_offset + off + p.numel(), p))
+    return out
+
+
+def block_ranges(segments: list[Segment], blocks, names: dict[int, str]) -> tuple[list[tuple[int, int, int]], int]:
+    """Direction-space ranges (start, stop, block id) tiling every parameter, and the block count.
+
+    ``blocks``: None (one block), "tensor" (one per parameter tensor), "module" (one per owning module,
+    from parameter names), or an int block size.
+    """
+    total = sum(s.numel for s in segments)
+    if blocks is None:
+        return [(0, total, 0)], 1
+    if isinstance(blocks, int):
+        return [(a, min(a + blocks, total), i) for i, a in enumerate(range(0, total, blocks))], -(-total // blocks)
+    ranges, ids = [], {}
+    for start, stop, p in param_ranges(segments):
+        if blocks == "tensor":
+            key = id(p)
+        else:  # "module": everything before the last dot of the parameter's name
+            key = names[id(p)].rpartition(".")[0]
+        ranges.append((start, stop, ids.setdefault(key, len(ids))))
+    return ranges, len(ids)
+
+
+def assign_blocks(segments: list[Segment], ranges: list[tuple[int, int, int]]) -> None:
+    """Give each segment its local pieces and the kernel's block tables."""
+    for seg in segments:
+        lo, hi = seg.dir_offset, seg.dir_offset + seg.numel
+        seg.pieces = [(max(a, lo) - lo, min(b, hi) - lo, bid) for a, b, bid in ranges if a < hi and b > lo]
+        device = seg.data.device
+        seg.block_ids = torch.tensor([bid for _, _, bid in seg.pieces], dtype=torch.int64, device=device)
+        seg.block_starts = (make_block_starts([b - a for a, b, _ in seg.pieces], device)
+                            if len(seg.pieces) > 1 else None)

@@ -1,0 +1,396 @@
+"""Zeroth-order optimizers: gradient estimates from forward passes only.
+
+One step of :class:`ZOSGD` with central differences (``estimator="central"``) and q directions:
+
+    for k in 0..q-1, for each block b:       z_k = philox direction with seed s_t + k
+        w_b += eps z_k        L+ = closure()
+        w_b -= 2 eps z_k      L- = closure()
+        w_b += eps z_k        (restore; the last one is fused into the update)
+        c[k, b] = (L+ - L-) / (2 eps)          clipped to [-clip, clip] when clip is set
+    w -= lr * (sum_k c[k, b(w)] z_k / q + weight_decay w + l1 sign(w))    (one kernel pass per segment)
+
+``estimator="forward"`` uses ``(L+ - L0) / eps`` with one shared ``L0 = closure()``;
+``estimator="jvp"`` takes the exact directional derivative from ``torch.func.jvp`` (a forward-mode
+baseline with the same interface; it needs ``functional_closure``).  Directions are regenerated from
+seeds, never stored: besides the model, the optimizer keeps only a momentum buffer (with momentum) and
+an fp32 master copy for bfloat16/float16 parameters (restores are exact with it).
+
+Every ``closure()`` call happens under ``torch.no_grad()``.  With ``functional_closure(params)`` (a
+function of a ``{name: tensor}`` dict, for example via ``torch.func.functional_call``), all perturbed
+points of a step are evaluated in one ``torch.func.vmap`` call instead of sequential forwards.
+
+A non-finite loss on either side skips the update, restores the weights, counts the skip in
+``optimizer.skipped_steps`` and warns once.  Reading that flag is the step's one host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .. import kernels as K
+from ..kernels._common import f32
+from ._layout import Segment, assign_blocks, block_ranges, build_segments
+
+ESTIMATORS = ("central", "forward", "jvp")
+BLOCK_MODES = (None, "tensor", "module")
+_SEED_MASK = 2**61 - 1  # step seeds leave room for seed + k < 2**62
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the first direction of step ``step`` (splitmix64 of the pair; directions k use +k)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & _SEED_MASK
+
+
+def _check(name: str, ok: bool, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Shared machinery: packing, directions, estimation, skipping and state.  Subclasses apply the update."""
+
+    def __init__(self, params, defaults: dict, *, eps: float, q: int, estimator: str, distribution: str, blocks,
+                 clip: float | None, seed: int, backend: str | None, master_weights: bool | None):
+        _check("eps", isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "a finite number > 0", eps)
+        _check("q", isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 2**16, "an int in [1, 65536]", q)
+        _check("estimator", estimator in ESTIMATORS, f"one of {ESTIMATORS}", estimator)
+        _check("distribution", distribution in K.philox.DISTRIBUTIONS, f"one of {K.philox.DISTRIBUTIONS}",
+               distribution)
+        _check("blocks", blocks in BLOCK_MODES or (isinstance(blocks, int) and not isinstance(blocks, bool)
+                                                   and blocks >= 1),
+               "None, 'tensor', 'module' or an int block size >= 1", blocks)
+        _check("clip", clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0", clip)
+        _check("seed", isinstance(seed, int) and 0 <= seed < 2**62, "an int in [0, 2**62)", seed)
+        _check("backend", backend in (None, *K.BACKENDS), f"None or one of {K.BACKENDS}", backend)
+        for key in ("lr", "weight_decay", "l1", "momentum"):
+            if key in defaults:
+                value = defaults[key]
+                _check(key, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                       "a finite number >= 0", value)
+        if defaults.get("momentum", 0) >= 1:
+            raise ValueError(f"momentum must be in [0, 1), got {defaults['momentum']}")
+        super().__init__(params, defaults)
+        self.eps, self.q, self.estimator, self.distribution = f32(eps), q, estimator, distribution
+        self.blocks, self.clip, self.seed, self.backend = blocks, clip, seed, backend
+        self.master_weights = master_weights
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.forward_passes = 0
+        self._segments: list[Segment] | None = None
+        self._flats = []
+        self._warned_skip = False
+
+    # -- layout ------------------------------------------------------------------------------------
+    def _param_names(self) -> dict[int, str]:
+        names = {}
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                names[id(p)] = group["param_names"][i] if "param_names" in group else None
+        return names
+
+    def _pack(self) -> list[Segment]:
+        if self._segments is None:
+            names = self._param_names()
+            if self.blocks == "module" and any(n is None for n in names.values()):
+                raise ValueError("blocks='module' needs parameter names: pass model.named_parameters()")
+            devices = {p.device for g in self.param_groups for p in g["params"]}
+            if len(devices) > 1:
+                raise ValueError(f"params are on several devices {sorted(map(str, devices))}; a zeroth-order "
+                                 "step perturbs them with one direction, so move the model to one device")
+            self._flats, self._segments = build_segments(self.param_groups, self.master_weights)
+            ranges, self.num_blocks = block_ranges(self._segments, self.blocks, names)
+            assign_blocks(self._segments, ranges)
+            self._init_state()
+        for flat in self._flats:
+            flat.check()
+        return self._segments
+
+    def _init_state(self) -> None:
+        """Subclasses create their per-segment buffers here (after packing)."""
+
+    # -- perturbation helpers ----------------------------------------------------------------------
+    def _move_block(self, block: int | None, seed: int, level: float, to: float) -> None:
+        """Move one block (None: everything) from ``w0 + level z`` to ``w0 + to z``.
+
+        Segments with an fp32 master are rewritten from it (``to == 0`` is an exact copy); the others
+        are shifted in place by ``(to - level) z``.
+        """
+        for seg in self._segments:
+            for a, b, bid in seg.pieces:
+                if block is not None and bid != block:
+                    continue
+                x = seg.data[a:b]
+                if seg.master is not None and to == 0.0:
+                    x.copy_(seg.master[a:b])
+                elif seg.master is not None:
+                    K.perturb_(x, seed, to, self.backend, offset=seg.dir_offset + a,
+                               distribution=self.distribution, source=seg.master[a:b])
+                else:
+                    K.perturb_(x, seed, to - level, self.backend, offset=seg.dir_offset + a,
+                               distribution=self.distribution)
+
+    # -- estimation --------------------------------------------------------------------------------
+    def _evaluate(self, closure) -> torch.Tensor:
+        with torch.no_grad():
+            loss = closure()
+        self.forward_passes += 1
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss), dtype=torch.float64)
+        return loss.detach().reshape(()).to(torch.float64)
+
+    def _estimate_sequential(self, closure, seed0: int):
+        """Finite differences by in-place perturbation.  Returns (c [q, blocks], loss, pending restore)."""
+        q, nb, eps = self.q, self.num_blocks, self.eps
+        blocks = [None] if nb == 1 else list(range(nb))
+        central = self.estimator == "central"
+        base = None if central else self._evaluate(closure)
+        cs, losses, pending = [], [] if central else [base], None
+        for k in range(q):
+            seed = seed0 + k
+            for b in blocks:
+                self._move_block(b, seed, 0.0, eps)
+                plus = self._evaluate(closure)
+                level = eps
+                if central:
+                    self._move_block(b, seed, eps, -eps)
+                    level = -eps
+                    minus = self._evaluate(closure)
+                    cs.append((plus - minus) / (2 * eps))
+                    losses += [plus, minus]
+                else:
+                    cs.append((plus - base) / eps)
+                    losses.append(plus)
+                if k == q - 1 and b is None:
+                    pending = (seed, level)  # the update kernel restores it (or _skip does)
+                else:
+                    self._move_block(b, seed, level, 0.0)
+        c = torch.stack(cs).reshape(q, nb)
+        loss = base if not central else torch.stack(losses).mean()
+        return c, loss, torch.stack(losses), pending
+
+    def _points(self, seed0: int):
+        """Direction-space perturbations of every point a step evaluates, as one [P, total] fp32 tensor."""
+        segs = self._segments
+        total = sum(s.numel for s in segs)
+        device = segs[0].data.device
+        ranges = [(seg.dir_offset + a, seg.dir_offset + b, bid) for seg in segs for a, b, bid in seg.pieces]
+        signs = (1.0, -1.0) if self.estimator == "central" else (1.0,)
+        rows = []
+        for k in range(self.q):
+            z = (K.philox_rademacher if self.distribution == "rademacher" else K.philox_normal)(
+                seed0 + k, total, device=device, backend=self.backend)
+            for b in range(self.num_blocks):
+                mask = torch.zeros(total, dtype=torch.bool, device=device)
+                for a, e, bid in ranges:
+                    if bid == b:
+                        mask[a:e] = True
+                for sign in signs:
+                    rows.append(torch.where(mask, z * (sign * self.eps), 0.0))
+        return torch.stack(rows)
+
+    def _named_views(self, flat_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split [P, total] direction-space rows into {name: [P, *shape]} tensors of the params' dtypes."""
+        names = self._param_names()
+        if any(n is None for n in names.values()):
+            raise ValueError("functional_closure needs parameter names: pass model.named_parameters()")
+        out = {}
+        for seg in self._segments:
+            for p, off in zip(seg.flat.params, seg.flat.offsets):
+                a = seg.dir_offset + off
+                out[names[id(p)]] = flat_rows[:, a:a + p.numel()].reshape(-1, *p.shape).to(p.dtype)
+        return out
+
+    def _base_rows(self) -> torch.Tensor:
+        return torch.cat([(seg.master if seg.master is not None else seg.data).to(torch.float32)
+                          for seg in self._segments])
+
+    def _estimate_batched(self, functional_closure, seed0: int):
+        """All perturbed points in one vmap call; the weights are never perturbed in place."""
+        rows = self._base_rows()[None] + self._points(seed0)
+        if self.estimator == "forward":
+            rows = torch.cat([self._base_rows()[None], rows])
+        with torch.no_grad():
+            losses = torch.func.vmap(functional_closure)(self._named_views(rows))
+        losses = losses.detach().reshape(-1).to(torch.float64)
+        self.forward_passes += losses.numel()
+        if self.estimator == "central":
+            pairs = losses.reshape(-1, 2)
+            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), losses.mean()
+        else:
+            c, loss = (losses[1:] - losses[0]) / self.eps, losses[0]
+        return c.reshape(self.q, self.num_blocks), loss, losses, None
+
+    def _estimate_jvp(self, functional_closure, seed0: int):
+        """Exact directional derivatives along the same directions (torch.func.jvp)."""
+        base = self._base_rows()
+        tangents = self._points(seed0) / self.eps  # one row per (k, block): z_k restricted to the block
+
+        def loss_of(flat):
+            return functional_closure({k: v[0] for k, v in self._named_views(flat[None]).items()})
+
+        cs = []
+        with torch.no_grad():
+            for t in tangents:
+                loss, d = torch.func.jvp(loss_of, (base,), (t,))
+                cs.append(d.reshape(()).to(torch.float64))
+        self.forward_passes += len(cs)
+        losses = loss.detach().reshape(1).to(torch.float64)
+        return torch.stack(cs).reshape(self.q, self.num_blocks), losses[0], losses, None
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
+             functional_closure: Callable[[dict], torch.Tensor] | None = None):
+        """One zeroth-order step.  ``closure()`` returns the loss at the current weights (no backward);
+        ``functional_closure(params)`` returns the loss for a dict of parameters and enables batched
+        evaluation (required for ``estimator="jvp"``).  Returns the loss (mean of all evaluations for
+        central differences, the unperturbed loss otherwise)."""
+        if closure is None and functional_closure is None:
+            raise ValueError("zeroth-order optimizers need closure() (or functional_closure) to evaluate the loss")
+        if self.estimator == "jvp" and functional_closure is None:
+            raise ValueError("estimator='jvp' needs functional_closure(params) for torch.func.jvp")
+        self._pack()
+        seed0 = step_seed(self.seed, self.step_count)
+        self.step_count += 1
+        if self.estimator == "jvp":
+            c, loss, losses, pending = self._estimate_jvp(functional_closure, seed0)
+        elif functional_closure is not None:
+            c, loss, losses, pending = self._estimate_batched(functional_closure, seed0)
+        else:
+            c, loss, losses, pending = self._estimate_sequential(closure, seed0)
+        if not bool(torch.isfinite(losses).all()):  # the step's one host synchronisation
+            if pending is not None:
+                self._move_block(None, pending[0], pending[1], 0.0)
+            self.skipped_steps += 1
+            if not self._warned_skip:
+                warnings.warn(f"{type(self).__name__}: non-finite loss at step {self.step_count - 1}; update "
+                              "skipped and weights restored (counted in optimizer.skipped_steps; warning once)",
+                              RuntimeWarning, stacklevel=2)
+                self._warned_skip = True
+            return loss
+        if self.clip is not None:
+            c = c.clamp(-self.clip, self.clip)
+        self._update((c / self.q).to(torch.float32), seed0, pending)
+        return loss
+
+    def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _segment_c(seg: Segment, c: torch.Tensor) -> torch.Tensor:
+        """This segment's [q, pieces] scalars, flattened direction-major, on its device."""
+        return c.to(seg.data.device)[:, seg.block_ids].reshape(-1)
+
+    # -- state -------------------------------------------------------------------------------------
+    def _state_buffers(self, seg: Segment) -> dict[str, torch.Tensor]:
+        """Per-segment flat buffers that make up the optimizer state (subclasses add theirs)."""
+        return {"master": seg.master} if seg.master is not None else {}
+
+    def state_dict(self) -> dict:
+        """torch.optim layout (``state`` per parameter index, ``param_groups``) plus ``subgrad``: the seed,
+        the step counter and the settings, so a resumed run draws the same directions."""
+        segments = self._pack()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state = {}
+        for seg in segments:
+            for p, off in zip(seg.flat.params, seg.flat.offsets):
+                entry = {k: buf[off:off + p.numel()].view_as(p).clone() for k, buf in self._state_buffers(seg).items()
+                         if buf is not None}
+                if entry:
+                    state[index[id(p)]] = entry
+        groups = []
+        for g in self.param_groups:
+            saved = {k: v for k, v in g.items() if k != "params"}
+            saved["params"] = [index[id(p)] for p in g["params"]]
+            groups.append(saved)
+        meta = dict(kind=type(self).__name__, seed=self.seed, step=self.step_count, skipped=self.skipped_steps,
+                    forward_passes=self.forward_passes, eps=self.eps, q=self.q, estimator=self.estimator,
+                    distribution=self.distribution, blocks=self.blocks)
+        return {"state": state, "param_groups": groups, "subgrad": meta}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict` of the same optimizer class and settings; values are
+        copied into the flat buffers bit for bit (no dtype casts)."""
+        meta = state_dict.get("subgrad")
+        if not isinstance(meta, dict) or meta.get("kind") != type(self).__name__:
+            raise ValueError(f"not a {type(self).__name__} state_dict (missing or different 'subgrad' entry)")
+        for key in ("eps", "q", "estimator", "distribution", "blocks"):
+            if meta[key] != getattr(self, key):
+                raise ValueError(f"state_dict was saved with {key}={meta[key]!r} but this optimizer has "
+                                 f"{key}={getattr(self, key)!r}; construct it with the saved settings")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
+                                                        for a, b in zip(groups, self.param_groups)):
+            raise ValueError("state_dict has a different number of param groups or parameters than this optimizer")
+        segments = self._pack()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for seg in segments:
+            for p, off in zip(seg.flat.params, seg.flat.offsets):
+                saved = state_dict["state"].get(index[id(p)], {})
+                for key, buf in self._state_buffers(seg).items():
+                    if buf is None:
+                        continue
+                    if key not in saved:
+                        raise ValueError(f"state_dict lacks {key!r} for parameter {index[id(p)]}")
+                    buf[off:off + p.numel()].copy_(saved[key].reshape(-1))
+        for group, saved in zip(self.param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+        self.seed, self.step_count = meta["seed"], meta["step"]
+        self.skipped_steps, self.forward_passes = meta["skipped"], meta["forward_passes"]
+
+
+class ZOSGD(ZOOptimizer):
+    """Zeroth-order SGD: finite-difference gradient estimates along seeded random directions.
+
+    Args:
+        params: parameters, ``model.named_parameters()`` (needed for ``blocks="module"`` and
+            ``functional_closure``), or param groups (``lr``, ``weight_decay``, ``l1``, ``momentum`` may
+            differ per group; the direction always spans all groups).
+        lr: learning rate (>= 0).
+        eps: perturbation size (> 0).
+        q: directions per step; the estimate averages them.
+        estimator: "central" (2q forwards), "forward" (q+1 forwards) or "jvp" (exact directional
+            derivative via torch.func.jvp; needs ``functional_closure``).
+        distribution: "gaussian" or "rademacher" directions.
+        blocks: None (one direction scalar for everything), "tensor", "module" or an int block size:
+            each block gets its own finite-difference scalar (2 forwards per block and direction).
+        momentum: heavy-ball momentum on the estimate (one fp32 buffer).
+        weight_decay, l1: L2 and L1 penalties added to the estimate.
+        clip: clamp each finite-difference scalar to [-clip, clip].
+        seed: names the run's sequence of directions.
+        backend: kernel backend ("triton", "torch" or None = auto).
+        master_weights: keep an fp32 master copy (default: for bfloat16/float16 parameters only).
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, estimator: str = "central",
+                 distribution: str = "gaussian", blocks=None, momentum: float = 0.0, weight_decay: float = 0.0,
+                 l1: float = 0.0, clip: float | None = None, seed: int = 0, backend: str | None = None,
+                 master_weights: bool | None = None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1), eps=eps, q=q,
+                         estimator=estimator, distribution=distribution, blocks=blocks, clip=clip, seed=seed,
+                         backend=backend, master_weights=master_weights)
+
+    def _init_state(self) -> None:
+        self._momentum = {id(seg): (torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+                                    if self.param_groups[seg.group_index]["momentum"] != 0 else None)
+                          for seg in self._segments}
+
+    def _state_buffers(self, seg: Segment) -> dict[str, torch.Tensor]:
+        return {**super()._state_buffers(seg), "momentum_buffer": self._momentum[id(seg)]}
+
+    def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
+        for seg in self._segments:
+            group = self.param_groups[seg.group_index]
+            buf = self._momentum[id(seg)]
+            if group["momentum"] != 0 and buf is None:  # momentum switched on after the first step
+                buf = self._momentum[id(seg)] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+            K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.q,
+                         weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
+                         momentum_buffer=buf, restore_scale=-pending[1] if pending and seg.master is None else 0.0,
+                         block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
+                         master=seg.master, backend=self.backend)
