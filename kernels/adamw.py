@@ -1,6 +1,7 @@
 """Fused AdamW step with ``torch.optim.AdamW`` semantics, one launch per flat buffer.
 
     g = -grad if maximize else grad
+    g = g + l1 * sign(w)                                   (if l1 != 0; an extension, subgradient of l1 |w|)
     w = w * (1 - lr * weight_decay)                        (decoupled weight decay)
     m = m + (1 - beta1) * (g - m)                          (torch: exp_avg.lerp_(g, 1 - beta1))
     v = v * beta2 + (1 - beta2) * g * g
@@ -39,8 +40,10 @@ def adamw_kernel(
     step_size,  # fp32 lr / (1 - beta1 ** step)
     bias_correction2_sqrt,  # fp32 sqrt(1 - beta2 ** step)
     eps,  # fp32 term added to the denominator
+    l1,  # fp32 L1 coefficient (subgradient l1 * sign(w) added to the gradient)
     MAXIMIZE: tl.constexpr,  # ascend instead of descend
     AMSGRAD: tl.constexpr,  # use the running max of v
+    HAS_L1: tl.constexpr,  # l1 != 0
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
     pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -51,6 +54,8 @@ def adamw_kernel(
     v = tl.load(exp_avg_sq_ptr + pos, mask=mask).to(tl.float32)
     if MAXIMIZE:
         g = -g
+    if HAS_L1:
+        g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
     w = w * decay
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * (g * g)
@@ -68,7 +73,7 @@ def adamw_kernel(
 
 
 def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_minus_beta1, beta2,
-                one_minus_beta2, step_size, bias_correction2_sqrt, eps, maximize, amsgrad) -> None:
+                one_minus_beta2, step_size, bias_correction2_sqrt, eps, l1, maximize, amsgrad) -> None:
     """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers)."""
     param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq))
     for a, b in chunks(param.numel()):
@@ -78,6 +83,8 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
         v = exp_avg_sq[a:b].to(torch.float32)
         if maximize:
             g = -g
+        if l1 != 0.0:
+            g = g + torch.sign(w) * l1
         w = w * decay
         m = (m + (g - m) * one_minus_beta1).to(exp_avg.dtype)
         v = (v * beta2 + (g * g) * one_minus_beta2).to(exp_avg_sq.dtype)
@@ -95,7 +102,7 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
 def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                 max_exp_avg_sq: torch.Tensor | None = None, *, step: int, lr: float, beta1: float = 0.9,
                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-                maximize: bool = False, backend: str | None = None) -> torch.Tensor:
+                maximize: bool = False, l1: float = 0.0, backend: str | None = None) -> torch.Tensor:
     """One fused AdamW step on a contiguous buffer; ``step`` counts from 1 and includes this step.
 
     Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.  Returns ``param``.
@@ -117,13 +124,13 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     bias_correction2 = 1.0 - beta2 ** step
     scalars = dict(decay=f32(1.0 - lr * weight_decay), one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
                    one_minus_beta2=f32(1.0 - beta2), step_size=f32(lr / bias_correction1),
-                   bias_correction2_sqrt=f32(math.sqrt(bias_correction2)), eps=f32(eps))
+                   bias_correction2_sqrt=f32(math.sqrt(bias_correction2)), eps=f32(eps), l1=f32(l1))
     if resolve_backend(backend, param, grad) == "triton":
         n = param.numel()
         if n:
             adamw_kernel[grid(n)](param, grad, exp_avg, exp_avg_sq,
                                   max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq, n, **scalars,
-                                  MAXIMIZE=maximize, AMSGRAD=amsgrad, BLOCK_SIZE=BLOCK_SIZE,
+                                  MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, BLOCK_SIZE=BLOCK_SIZE,
                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,

@@ -2,6 +2,7 @@
 
     g = -grad if maximize else grad
     g = g + weight_decay * w                      (if weight_decay != 0)
+    g = g + l1 * sign(w)                          (if l1 != 0; subgradient of l1 * |w|)
     buf = g  (first step)  or  buf = momentum * buf + (1 - dampening) * g   (if momentum != 0)
     g = g + momentum * buf  (nesterov)  or  g = buf
     w = w - lr * g
@@ -27,10 +28,12 @@ def sgd_kernel(
     n,  # number of elements
     lr,  # fp32 learning rate
     weight_decay,  # fp32 L2 coefficient
+    l1,  # fp32 L1 coefficient (subgradient l1 * sign(w))
     momentum,  # fp32 momentum factor
     one_minus_dampening,  # fp32 (1 - dampening)
     MAXIMIZE: tl.constexpr,  # ascend instead of descend
     HAS_WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+    HAS_L1: tl.constexpr,  # l1 != 0
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0
     FIRST_STEP: tl.constexpr,  # momentum buffer is initialised to g (torch.optim semantics)
     NESTEROV: tl.constexpr,  # Nesterov momentum
@@ -44,6 +47,8 @@ def sgd_kernel(
         g = -g
     if HAS_WEIGHT_DECAY:
         g = g + weight_decay * w
+    if HAS_L1:
+        g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
     if HAS_MOMENTUM:
         if FIRST_STEP:
             buf = g
@@ -59,7 +64,7 @@ def sgd_kernel(
     tl.store(param_ptr + pos, round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
 
-def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, maximize,
+def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_minus_dampening, maximize,
               first_step, nesterov) -> None:
     """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers)."""
     param, grad = param.view(-1), grad.view(-1)
@@ -71,6 +76,8 @@ def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minu
             g = -g
         if weight_decay != 0.0:
             g = g + w * weight_decay
+        if l1 != 0.0:
+            g = g + torch.sign(w) * l1
         if momentum != 0.0:
             if first_step:
                 buf = g
@@ -84,9 +91,11 @@ def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minu
 
 def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None = None, *, lr: float,
               weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-              maximize: bool = False, first_step: bool = False, backend: str | None = None) -> torch.Tensor:
+              maximize: bool = False, first_step: bool = False, l1: float = 0.0,
+              backend: str | None = None) -> torch.Tensor:
     """One fused SGD step on a contiguous buffer (usually a whole :class:`subgrad.FlatParams` group).
 
+    ``l1`` adds the subgradient ``l1 * sign(w)`` (an extension; torch.optim has none).
     ``first_step`` says the momentum buffer is new (``torch.optim`` sets it to the gradient instead of
     decaying it).  Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.
     Returns ``param``.
@@ -100,16 +109,17 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
         check_same_layout("momentum_buffer", momentum_buffer, param, "param")
     if nesterov and (momentum == 0.0 or dampening != 0.0):
         raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
-    lr, weight_decay, momentum, one_minus_dampening = f32(lr), f32(weight_decay), f32(momentum), f32(1.0 - dampening)
+    lr, weight_decay, l1, momentum = f32(lr), f32(weight_decay), f32(l1), f32(momentum)
+    one_minus_dampening = f32(1.0 - dampening)
     if resolve_backend(backend, param, grad) == "triton":
         n = param.numel()
         if n:
             sgd_kernel[grid(n)](param, grad, momentum_buffer if momentum_buffer is not None else param, n,
-                                lr, weight_decay, momentum, one_minus_dampening,
-                                MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0.0,
+                                lr, weight_decay, l1, momentum, one_minus_dampening,
+                                MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
                                 HAS_MOMENTUM=momentum != 0.0, FIRST_STEP=first_step, NESTEROV=nesterov,
                                 BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
-        sgd_torch(param, grad, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, maximize,
+        sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_minus_dampening, maximize,
                   first_step, nesterov)
     return param

@@ -40,6 +40,26 @@ class FlatGroup:
     def sizes(self) -> list[int]:
         return [p.numel() for p in self.params]
 
+    def grad_buffer(self) -> torch.Tensor:
+        """The flat gradient buffer, with every ``p.grad`` a view into it.
+
+        A gradient that was replaced (for example by ``zero_grad(set_to_none=True)`` followed by
+        ``backward()``) is copied into the buffer and re-linked; a missing gradient counts as zero.
+        """
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.data)
+        for p, off in zip(self.params, self.offsets):
+            if not _aliases(p.grad, self.grad, off):
+                view = self.grad[off:off + p.numel()].view_as(p)
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    if p.grad.is_sparse:
+                        raise ValueError("subgrad optimizers do not support sparse gradients")
+                    view.copy_(p.grad)
+                p.grad = view
+        return self.grad
+
 
 def _aliases(view: torch.Tensor | None, buffer: torch.Tensor, offset: int) -> bool:
     return (view is not None and view.device == buffer.device and view.dtype == buffer.dtype
@@ -97,6 +117,19 @@ class FlatParams:
             self.groups.append(group)
         return self
 
+    def relink(self) -> None:
+        """Point parameters that are no longer views back into their buffers, copying their current
+        values in (``copy.deepcopy`` clones each parameter's data, for example).  Device and dtype must
+        still match; use :meth:`repack` otherwise."""
+        for group in self.groups:
+            for p, off in zip(group.params, group.offsets):
+                if not _aliases(p.data, group.data, off):
+                    if p.device != group.device or p.dtype != group.dtype:
+                        self.check()  # raises the stale-buffer error with the fix
+                    view = group.data[off:off + p.numel()]
+                    view.copy_(p.detach().reshape(-1))
+                    p.data = view.view_as(p)
+
     def check(self) -> None:
         """Raise :class:`StaleFlatParamsError` if any parameter stopped aliasing its buffer."""
         for group in self.groups:
@@ -118,27 +151,9 @@ class FlatParams:
         return [g.data for g in self.groups]
 
     def grads(self) -> list[torch.Tensor]:
-        """The flat gradient buffers, one per group.
-
-        ``p.grad`` is made a view into the buffer.  If a gradient was replaced (for example by
-        ``zero_grad(set_to_none=True)`` followed by ``backward()``), it is copied into the buffer and
-        re-linked; a missing gradient counts as zero.
-        """
+        """The flat gradient buffers, one per group (see :meth:`FlatGroup.grad_buffer`)."""
         self.check()
-        out = []
-        for group in self.groups:
-            if group.grad is None:
-                group.grad = torch.zeros_like(group.data)
-            for p, off in zip(group.params, group.offsets):
-                view = group.grad[off:off + p.numel()].view_as(p)
-                if not _aliases(p.grad, group.grad, off):
-                    if p.grad is None:
-                        view.zero_()
-                    else:
-                        view.copy_(p.grad)
-                    p.grad = view
-            out.append(group.grad)
-        return out
+        return [group.grad_buffer() for group in self.groups]
 
     def zero_grad(self) -> None:
         """Zero the flat gradient buffers in place (keeping ``p.grad`` views, so backward fills them)."""

@@ -19,6 +19,9 @@ SGD_CONFIGS = [
     dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True),
     dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=1e-3),
 ]
+#: Kernel-only configurations (extensions torch.optim lacks), checked against the twin.
+SGD_KERNEL_ONLY = [dict(lr=0.05, momentum=0.9, weight_decay=1e-2, l1=1e-3)]
+ADAMW_KERNEL_ONLY = [dict(lr=1e-2, weight_decay=0.05, l1=1e-3, amsgrad=True)]
 ADAMW_CONFIGS = [
     dict(lr=1e-2),
     dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True),
@@ -34,9 +37,9 @@ def _tensors(n, dtype, device, count, seed=0):
 # -- kernel vs twin ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", range(len(SGD_CONFIGS)))
+@pytest.mark.parametrize("cfg", range(len(SGD_CONFIGS) + len(SGD_KERNEL_ONLY)))
 def test_sgd_triton_matches_twin(n, dtype, cfg, device):
-    kw = dict(SGD_CONFIGS[cfg])
+    kw = dict((SGD_CONFIGS + SGD_KERNEL_ONLY)[cfg])
     param, grad, buf = _tensors(n, dtype, device, 3)
     for first_step in (True, False):
         out = {}
@@ -50,9 +53,9 @@ def test_sgd_triton_matches_twin(n, dtype, cfg, device):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", range(len(ADAMW_CONFIGS)))
+@pytest.mark.parametrize("cfg", range(len(ADAMW_CONFIGS) + len(ADAMW_KERNEL_ONLY)))
 def test_adamw_triton_matches_twin(n, dtype, cfg, device):
-    kw = dict(ADAMW_CONFIGS[cfg])
+    kw = dict((ADAMW_CONFIGS + ADAMW_KERNEL_ONLY)[cfg])
     beta1, beta2 = kw.pop("betas", (0.9, 0.999))
     param, grad, m, v, vmax = _tensors(n, dtype, device, 5)
     v, vmax = v.abs(), vmax.abs()

@@ -1,4 +1,13 @@
-"""subgrad.optim: zeroth-order optimizers (forward passes only) and fused first-order ones."""
+"""subgrad.optim: zeroth-order optimizers (forward passes only) and fused first-order ones.
+
+=============  ==========================================  =========================
+class          what                                        file
+=============  ==========================================  =========================
+ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo.py
+SGD, AdamW     torch.optim semantics, fused kernels         subgrad/optim/first_order.py
+=============  ==========================================  =========================
+"""
+from .first_order import SGD, AdamW
 from .zo import ZOSGD, ZOOptimizer, step_seed
 
-__all__ = ["ZOSGD", "ZOOptimizer", "step_seed"]
+__all__ = ["ZOSGD", "ZOOptimizer", "SGD", "AdamW", "step_seed"]

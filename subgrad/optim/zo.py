@@ -85,6 +85,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._segments: list[Segment] | None = None
         self._flats = []
         self._warned_skip = False
+        self.last_estimate: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the step counter, seed and
+        # flat buffers too, so deepcopy / pickle give a working optimizer.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for flat in self._flats:  # deepcopy clones each parameter's data: make them views again
+            flat.relink()
 
     # -- layout ------------------------------------------------------------------------------------
     def _param_names(self) -> dict[int, str]:
@@ -273,6 +284,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=2)
                 self._warned_skip = True
             return loss
+        self.last_estimate = c  # [q, blocks] finite-difference scalars (before clipping), on the loss device
         if self.clip is not None:
             c = c.clamp(-self.clip, self.clip)
         self._update((c / self.q).to(torch.float32), seed0, pending)

@@ -1,0 +1,212 @@
+"""Fused first-order optimizers: ``torch.optim.SGD`` / ``AdamW`` semantics, one kernel launch per flat buffer.
+
+Drop-in replacements: same constructor arguments, param groups, ``state_dict()`` layout (loadable both
+ways with torch.optim), ``lr_scheduler`` and ``GradScaler`` support.  Each param group is packed into
+flat buffers (:class:`subgrad.FlatParams`); its optimizer state lives in flat buffers of the same
+layout and ``optimizer.state[p]`` holds views into them.  When every parameter of a buffer has a
+gradient and the same state history, the step is one launch; otherwise (some ``p.grad is None``,
+which torch.optim skips) each parameter is updated on its own view, with identical arithmetic.
+
+Tip: ``zero_grad(set_to_none=False)`` keeps ``p.grad`` as views into the flat gradient buffer; with
+the default ``set_to_none=True`` each step first copies the fresh gradients into it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kernels as K
+from ..flat import FlatGroup, FlatParams
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a Python number (tensor hyperparameters are not supported), got a tensor")
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (high is None or value < high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """Packing and state plumbing shared by :class:`SGD` and :class:`AdamW`."""
+
+    _buffer_keys: tuple[str, ...] = ()  # flat state buffers, param dtype
+
+    def __init__(self, params, defaults: dict, backend: str | None):
+        if backend not in (None, *K.BACKENDS):
+            raise ValueError(f"backend must be None or one of {K.BACKENDS}, got {backend!r}")
+        if defaults.get("differentiable") or defaults.get("capturable"):
+            raise ValueError("differentiable=True / capturable=True are not supported by subgrad's fused "
+                             "optimizers; use torch.optim for those")
+        super().__init__(params, defaults)
+        self.backend = backend
+        self._packed: list[tuple[dict, FlatGroup]] | None = None
+        self._flats: list[FlatParams] = []
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; the flat buffers must travel too.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for flat in self._flats:  # deepcopy clones each parameter's data: make them views again
+            flat.relink()
+
+    def _pack(self) -> list[tuple[dict, FlatGroup]]:
+        if self._packed is None:
+            self._flats, self._packed = [], []
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.requires_grad]
+                if params:
+                    flat = FlatParams(params)
+                    self._flats.append(flat)
+                    self._packed += [(group, fg) for fg in flat.groups]
+        for flat in self._flats:
+            flat.check()
+        return self._packed
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_packed", None) is not None:
+            raise ValueError("add_param_group after the first step is not supported by subgrad's fused optimizers "
+                             "(parameters are packed into flat buffers); create the optimizer with all groups")
+
+    def _buffer(self, fg: FlatGroup, key: str) -> torch.Tensor:
+        bufs = self._buffers.setdefault(id(fg), {})
+        if key not in bufs:
+            bufs[key] = torch.zeros_like(fg.data)
+        return bufs[key]
+
+    def _view(self, fg: FlatGroup, key: str, i: int) -> torch.Tensor:
+        p, off = fg.params[i], fg.offsets[i]
+        return self._buffer(fg, key)[off:off + p.numel()].view_as(p)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
+        tensors are copied into the flat buffers and ``state[p]`` points at views again."""
+        super().load_state_dict(state_dict)
+        for _, fg in self._pack():
+            for i, p in enumerate(fg.params):
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for key in self._buffer_keys:
+                    if isinstance(st.get(key), torch.Tensor):
+                        view = self._view(fg, key, i)
+                        view.copy_(st[key])
+                        st[key] = view
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, fg in self._pack():
+            has_grad = [p.grad is not None for p in fg.params]
+            if not any(has_grad):
+                continue
+            for p in fg.params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            histories = {self._history(p) for p in fg.params}
+            if all(has_grad) and len(histories) == 1:
+                self._step_views(group, fg, fg.data, fg.grad_buffer(), slice(None), list(range(len(fg.params))))
+            else:  # torch.optim skips params without gradients: update the others one by one
+                for i, p in enumerate(fg.params):
+                    if p.grad is not None:
+                        off = fg.offsets[i]
+                        self._step_views(group, fg, fg.data[off:off + p.numel()], p.grad.reshape(-1),
+                                         slice(off, off + p.numel()), [i])
+        return loss
+
+    def _history(self, p) -> object:
+        """What must agree for parameters to share one launch (first step or not, step count)."""
+        raise NotImplementedError
+
+    def _step_views(self, group, fg, param, grad, where: slice, indices: list[int]) -> None:
+        raise NotImplementedError
+
+
+class SGD(_FusedOptimizer):
+    """``torch.optim.SGD`` with a fused Triton update (torch twin on CPU).  Extra: ``l1`` adds the
+    subgradient ``l1 * sign(w)``; ``backend`` picks the kernel backend."""
+
+    _buffer_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
+                 differentiable: bool = False, fused=None, l1: float = 0.0, backend: str | None = None):
+        _check_number("lr", lr, 0.0)
+        _check_number("momentum", momentum, 0.0)
+        _check_number("dampening", dampening, 0.0)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("l1", l1, 0.0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused, l1=l1)
+        super().__init__(params, defaults, backend)
+
+    def _history(self, p):
+        return self.state.get(p, {}).get("momentum_buffer") is None
+
+    def _step_views(self, group, fg, param, grad, where, indices):
+        momentum = group["momentum"]
+        first = self.state.get(fg.params[indices[0]], {}).get("momentum_buffer") is None
+        buf = self._buffer(fg, "momentum_buffer")[where] if momentum != 0 else None
+        K.sgd_step_(param, grad, buf, lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
+                    dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                    first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
+        for i in indices:
+            self.state[fg.params[i]]["momentum_buffer"] = self._view(fg, "momentum_buffer", i) if momentum else None
+
+
+class AdamW(_FusedOptimizer):
+    """``torch.optim.AdamW`` with a fused Triton update (torch twin on CPU).  Extra: ``l1`` adds the
+    subgradient ``l1 * sign(w)`` to the gradient; ``backend`` picks the kernel backend."""
+
+    _buffer_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
+                 capturable: bool = False, differentiable: bool = False, fused=None, l1: float = 0.0,
+                 backend: str | None = None):
+        _check_number("lr", lr, 0.0)
+        _check_number("eps", eps, 0.0, low_open=True)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0)
+        _check_number("betas[1]", betas[1], 0.0, 1.0)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("l1", l1, 0.0)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, decoupled_weight_decay=True, l1=l1)
+        super().__init__(params, defaults, backend)
+
+    def _history(self, p):
+        step = self.state.get(p, {}).get("step")
+        return 0 if step is None else int(step)
+
+    def _step_views(self, group, fg, param, grad, where, indices):
+        first = fg.params[indices[0]]
+        step = self._history(first) + 1
+        beta1, beta2 = group["betas"]
+        vmax = self._buffer(fg, "max_exp_avg_sq")[where] if group["amsgrad"] else None
+        K.adamw_step_(param, grad, self._buffer(fg, "exp_avg")[where], self._buffer(fg, "exp_avg_sq")[where], vmax,
+                      step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                      l1=group.get("l1", 0.0), backend=self.backend)
+        for i in indices:
+            st = self.state[fg.params[i]]
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)  # torch.optim keeps a CPU float tensor
+            st["exp_avg"] = self._view(fg, "exp_avg", i)
+            st["exp_avg_sq"] = self._view(fg, "exp_avg_sq", i)
+            if group["amsgrad"]:
+                st["max_exp_avg_sq"] = self._view(fg, "max_exp_avg_sq", i)
