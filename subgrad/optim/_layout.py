@@ -27,6 +27,7 @@ class Segment:
     pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (start, stop, block id), local
     block_starts: torch.Tensor | None = None  # int64 [pieces] on the device, None for a single piece
     block_ids: torch.Tensor | None = None  # int64 [pieces] global block id of each piece
+    buffers: dict[str, torch.Tensor | None] = field(default_factory=dict)  # optimizer state, flat fp32
 
     @property
     def data(self) -> torch.Tensor:

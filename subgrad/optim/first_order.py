@@ -43,9 +43,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                              "optimizers; use torch.optim for those")
         super().__init__(params, defaults)
         self.backend = backend
-        self._packed: list[tuple[dict, FlatGroup]] | None = None
+        self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
         self._flats: list[FlatParams] = []
-        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; the flat buffers must travel too.
@@ -56,7 +55,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for flat in self._flats:  # deepcopy clones each parameter's data: make them views again
             flat.relink()
 
-    def _pack(self) -> list[tuple[dict, FlatGroup]]:
+    def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
         if self._packed is None:
             self._flats, self._packed = [], []
             for group in self.param_groups:
@@ -64,7 +63,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if params:
                     flat = FlatParams(params)
                     self._flats.append(flat)
-                    self._packed += [(group, fg) for fg in flat.groups]
+                    self._packed += [(group, fg, {}) for fg in flat.groups]
         for flat in self._flats:
             flat.check()
         return self._packed
@@ -75,28 +74,29 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError("add_param_group after the first step is not supported by subgrad's fused optimizers "
                              "(parameters are packed into flat buffers); create the optimizer with all groups")
 
-    def _buffer(self, fg: FlatGroup, key: str) -> torch.Tensor:
-        bufs = self._buffers.setdefault(id(fg), {})
+    @staticmethod
+    def _buffer(fg: FlatGroup, bufs: dict, key: str) -> torch.Tensor:
+        """The flat state buffer ``key`` of one packed group (param dtype, made on first use)."""
         if key not in bufs:
             bufs[key] = torch.zeros_like(fg.data)
         return bufs[key]
 
-    def _view(self, fg: FlatGroup, key: str, i: int) -> torch.Tensor:
+    def _view(self, fg: FlatGroup, bufs: dict, key: str, i: int) -> torch.Tensor:
         p, off = fg.params[i], fg.offsets[i]
-        return self._buffer(fg, key)[off:off + p.numel()].view_as(p)
+        return self._buffer(fg, bufs, key)[off:off + p.numel()].view_as(p)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
         tensors are copied into the flat buffers and ``state[p]`` points at views again."""
         super().load_state_dict(state_dict)
-        for _, fg in self._pack():
+        for _, fg, bufs in self._pack():
             for i, p in enumerate(fg.params):
                 st = self.state.get(p)
                 if not st:
                     continue
                 for key in self._buffer_keys:
                     if isinstance(st.get(key), torch.Tensor):
-                        view = self._view(fg, key, i)
+                        view = self._view(fg, bufs, key, i)
                         view.copy_(st[key])
                         st[key] = view
 
@@ -107,7 +107,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, fg in self._pack():
+        for group, fg, bufs in self._pack():
             has_grad = [p.grad is not None for p in fg.params]
             if not any(has_grad):
                 continue
@@ -116,12 +116,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} does not support sparse gradients")
             histories = {self._history(p) for p in fg.params}
             if all(has_grad) and len(histories) == 1:
-                self._step_views(group, fg, fg.data, fg.grad_buffer(), slice(None), list(range(len(fg.params))))
+                self._step_views(group, fg, bufs, fg.data, fg.grad_buffer(), slice(None), list(range(len(fg.params))))
             else:  # torch.optim skips params without gradients: update the others one by one
                 for i, p in enumerate(fg.params):
                     if p.grad is not None:
                         off = fg.offsets[i]
-                        self._step_views(group, fg, fg.data[off:off + p.numel()], p.grad.reshape(-1),
+                        self._step_views(group, fg, bufs, fg.data[off:off + p.numel()], p.grad.reshape(-1),
                                          slice(off, off + p.numel()), [i])
         return loss
 
@@ -129,7 +129,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """What must agree for parameters to share one launch (first step or not, step count)."""
         raise NotImplementedError
 
-    def _step_views(self, group, fg, param, grad, where: slice, indices: list[int]) -> None:
+    def _step_views(self, group, fg, bufs, param, grad, where: slice, indices: list[int]) -> None:
+        """Update ``param`` (all of ``fg`` or one parameter's view, ``where`` in the flat buffers)."""
         raise NotImplementedError
 
 
@@ -156,15 +157,16 @@ class SGD(_FusedOptimizer):
     def _history(self, p):
         return self.state.get(p, {}).get("momentum_buffer") is None
 
-    def _step_views(self, group, fg, param, grad, where, indices):
+    def _step_views(self, group, fg, bufs, param, grad, where, indices):
         momentum = group["momentum"]
         first = self.state.get(fg.params[indices[0]], {}).get("momentum_buffer") is None
-        buf = self._buffer(fg, "momentum_buffer")[where] if momentum != 0 else None
+        buf = self._buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
         K.sgd_step_(param, grad, buf, lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                     first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
         for i in indices:
-            self.state[fg.params[i]]["momentum_buffer"] = self._view(fg, "momentum_buffer", i) if momentum else None
+            self.state[fg.params[i]]["momentum_buffer"] = (self._view(fg, bufs, "momentum_buffer", i)
+                                                           if momentum else None)
 
 
 class AdamW(_FusedOptimizer):
@@ -194,19 +196,20 @@ class AdamW(_FusedOptimizer):
         step = self.state.get(p, {}).get("step")
         return 0 if step is None else int(step)
 
-    def _step_views(self, group, fg, param, grad, where, indices):
+    def _step_views(self, group, fg, bufs, param, grad, where, indices):
         first = fg.params[indices[0]]
         step = self._history(first) + 1
         beta1, beta2 = group["betas"]
-        vmax = self._buffer(fg, "max_exp_avg_sq")[where] if group["amsgrad"] else None
-        K.adamw_step_(param, grad, self._buffer(fg, "exp_avg")[where], self._buffer(fg, "exp_avg_sq")[where], vmax,
+        vmax = self._buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
+        K.adamw_step_(param, grad, self._buffer(fg, bufs, "exp_avg")[where], self._buffer(fg, bufs, "exp_avg_sq")[where],
+                      vmax,
                       step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                       l1=group.get("l1", 0.0), backend=self.backend)
         for i in indices:
             st = self.state[fg.params[i]]
             st["step"] = torch.tensor(float(step), dtype=torch.float32)  # torch.optim keeps a CPU float tensor
-            st["exp_avg"] = self._view(fg, "exp_avg", i)
-            st["exp_avg_sq"] = self._view(fg, "exp_avg_sq", i)
+            st["exp_avg"] = self._view(fg, bufs, "exp_avg", i)
+            st["exp_avg_sq"] = self._view(fg, bufs, "exp_avg_sq", i)
             if group["amsgrad"]:
-                st["max_exp_avg_sq"] = self._view(fg, "max_exp_avg_sq", i)
+                st["max_exp_avg_sq"] = self._view(fg, bufs, "max_exp_avg_sq", i)

@@ -300,8 +300,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------------------
     def _state_buffers(self, seg: Segment) -> dict[str, torch.Tensor]:
-        """Per-segment flat buffers that make up the optimizer state (subclasses add theirs)."""
-        return {"master": seg.master} if seg.master is not None else {}
+        """Per-segment flat buffers that make up the optimizer state."""
+        return {**({"master": seg.master} if seg.master is not None else {}), **seg.buffers}
 
     def state_dict(self) -> dict:
         """torch.optim layout (``state`` per parameter index, ``param_groups``) plus ``subgrad``: the seed,
@@ -388,19 +388,18 @@ class ZOSGD(ZOOptimizer):
                          backend=backend, master_weights=master_weights)
 
     def _init_state(self) -> None:
-        self._momentum = {id(seg): (torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
-                                    if self.param_groups[seg.group_index]["momentum"] != 0 else None)
-                          for seg in self._segments}
-
-    def _state_buffers(self, seg: Segment) -> dict[str, torch.Tensor]:
-        return {**super()._state_buffers(seg), "momentum_buffer": self._momentum[id(seg)]}
+        for seg in self._segments:
+            momentum = self.param_groups[seg.group_index]["momentum"]
+            seg.buffers["momentum_buffer"] = (torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+                                              if momentum != 0 else None)
 
     def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
-            buf = self._momentum[id(seg)]
+            buf = seg.buffers["momentum_buffer"]
             if group["momentum"] != 0 and buf is None:  # momentum switched on after the first step
-                buf = self._momentum[id(seg)] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+                buf = seg.buffers["momentum_buffer"] = torch.zeros(seg.numel, dtype=torch.float32,
+                                                                   device=seg.data.device)
             K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.q,
                          weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
                          momentum_buffer=buf, restore_scale=-pending[1] if pending and seg.master is None else 0.0,
