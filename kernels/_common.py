@@ -147,3 +147,14 @@ def round_to(w, DTYPE: tl.constexpr):
         rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
         w = tl.where(w != w, w, rounded)
     return w.to(DTYPE)
+
+
+@triton.jit
+def inv_sqrt_rn(h):
+    """1 / sqrt(h) from two correctly rounded operations (``tl.rsqrt`` is approximate on GPUs)."""
+    return tl.math.div_rn(1.0, tl.sqrt_rn(h))
+
+
+def inv_sqrt_rn_torch(h: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`inv_sqrt_rn`."""
+    return 1.0 / sqrt_rn_torch(h)

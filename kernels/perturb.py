@@ -2,7 +2,8 @@
 
 One pass over ``x`` (read + write), no direction tensor in memory.  With ``source=`` (an fp32 master
 copy) it writes ``x = cast(source + scale * z)`` instead, so a bf16/fp16 model is perturbed from exact
-fp32 weights and restoring it is exact (see ``zo_update.py``).
+fp32 weights and restoring it is exact (see ``zo_update.py``).  With ``precond=h`` (a positive fp32
+curvature estimate, as kept by HiZOO) the direction is preconditioned: ``z_i / sqrt(h_i)``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, grid, resolve_backend, round_to, split_seed)
+                      check_same_layout, f32, grid, inv_sqrt_rn,
+                      inv_sqrt_rn_torch, resolve_backend, round_to, split_seed)
 from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
 
 
@@ -19,12 +21,14 @@ from .philox import direction, direction_counter, is_rademacher, iter_direction_
 def perturb_kernel(
     x_ptr,  # *fp32/bf16/fp16 [n]: buffer to perturb, updated in place
     source_ptr,  # *fp32 [n]: master copy read instead of x when HAS_SOURCE (else unused)
+    precond_ptr,  # *fp32 [n]: curvature h > 0 when HAS_PRECOND: the direction becomes z / sqrt(h)
     n,  # number of elements
     seed_lo,  # low 31 bits of the direction's seed
     seed_hi,  # seed >> 31
     offset,  # index of x[0] within the direction
     scale,  # fp32 step along the direction (runtime: changing it never recompiles)
     HAS_SOURCE: tl.constexpr,  # read the fp32 master copy instead of x
+    HAS_PRECOND: tl.constexpr,  # scale the direction by 1 / sqrt(precond)
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
@@ -36,21 +40,26 @@ def perturb_kernel(
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
     z = direction(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset), RADEMACHER)
+    if HAS_PRECOND:
+        z = z * inv_sqrt_rn(tl.load(precond_ptr + pos, mask=mask, other=1.0))
     w = w + scale * z
     tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
 def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rademacher: bool = False,
-                  source: torch.Tensor | None = None) -> None:
+                  source: torch.Tensor | None = None, precond: torch.Tensor | None = None) -> None:
     """Torch twin of :func:`perturb_kernel` (same operations in the same order)."""
     flat, src = x.view(-1), (source.view(-1) if source is not None else x.view(-1))
     for start, stop, z in iter_direction_chunks(seed, offset, flat.numel(), x.device, rademacher):
+        if precond is not None:
+            z = z * inv_sqrt_rn_torch(precond.view(-1)[start:stop])
         w = src[start:stop].to(torch.float32)
         flat[start:stop] = (w + z * scale).to(x.dtype)
 
 
 def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = None, *, offset: int = 0,
-             distribution: str = "gaussian", source: torch.Tensor | None = None) -> torch.Tensor:
+             distribution: str = "gaussian", source: torch.Tensor | None = None,
+             precond: torch.Tensor | None = None) -> torch.Tensor:
     """In place ``x += scale * z(seed)``, ``z`` indexed by element position in ``x`` (plus ``offset``).
 
     Args:
@@ -62,6 +71,7 @@ def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = Non
         distribution: "gaussian" (``philox_normal``) or "rademacher" (``philox_rademacher``).
         source: optional float32 master copy; then ``x = cast(source + scale * z)`` and ``source`` is
             left untouched.
+        precond: optional positive float32 curvature ``h`` like ``x``; the direction becomes ``z / sqrt(h)``.
     Returns ``x``.
     """
     check_float_dtype("x", x)
@@ -73,14 +83,20 @@ def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = Non
         check_same_layout("source", source, x)
         if source.dtype != torch.float32:
             raise ValueError(f"source (the master copy) must be float32, got {source.dtype}")
+    if precond is not None:
+        check_same_layout("precond", precond, x)
+        if precond.dtype != torch.float32:
+            raise ValueError(f"precond must be float32, got {precond.dtype}")
     scale = f32(scale)
-    tensors = (x,) if source is None else (x, source)
+    tensors = tuple(t for t in (x, source, precond) if t is not None)
     if resolve_backend(backend, *tensors) == "triton":
         n = x.numel()
         if n:
-            perturb_kernel[grid(n)](x, source if source is not None else x, n, seed_lo, seed_hi, offset, scale,
-                                    HAS_SOURCE=source is not None, RADEMACHER=rademacher,
+            perturb_kernel[grid(n)](x, source if source is not None else x, precond if precond is not None else x,
+                                    n, seed_lo, seed_hi, offset, scale,
+                                    HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
+                                    RADEMACHER=rademacher,
                                     BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
-        perturb_torch(x, seed, scale, offset, rademacher, source)
+        perturb_torch(x, seed, scale, offset, rademacher, source, precond)
     return x

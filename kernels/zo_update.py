@@ -17,6 +17,12 @@ or one per direction and block, where block ``b`` covers elements ``block_starts
 block_starts[b+1]-1``; every block updates in the same launch.  ``c`` and ``block_starts`` may live on
 the device, so a step never waits for the host.
 
+With a curvature buffer ``hessian`` (h > 0, HiZOO's diagonal Sigma^-1) the directions are
+preconditioned, ``z_k / sqrt(h)``, exactly as :func:`perturb_` applied them, and h is updated in the
+same pass from the second differences ``kappa[k, b] = |L+ + L- - 2 L0| / (2 eps^2)``:
+
+    h = max(h * ((1 - alpha) + alpha * sum_k kappa_k z_k^2), hessian_min)
+
 Drift guarantee (tested in ``tests/test_precision.py``): with a master copy the weights seen by the
 model after restore are bit-identical to the master rounded once; without one (fp32 in place), each
 +eps / -2 eps / +eps cycle adds at most ~3 half-ulp roundings, i.e. a random walk of a few 1e-6
@@ -31,7 +37,8 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, chunks, f32, grid, resolve_backend, round_to,
+                      check_same_layout, chunks, f32, grid, inv_sqrt_rn, inv_sqrt_rn_torch,
+                      resolve_backend, round_to,
                       split_seed)
 from .philox import direction, direction_counter, direction_torch, is_rademacher, philox_seed
 
@@ -42,6 +49,8 @@ def zo_update_kernel(
     master_ptr,  # *fp32 [n]: master weights when HAS_MASTER (else unused)
     momentum_ptr,  # *float [n]: momentum buffer when HAS_MOMENTUM (else unused)
     c_ptr,  # *fp32 [num_directions, num_blocks]: finite-difference scalars (unused when C_IS_SCALAR)
+    hessian_ptr,  # *fp32 [n]: curvature h when HAS_HESSIAN (updated in place)
+    curvature_ptr,  # *fp32 [num_directions, num_blocks]: second-difference scalars kappa when HAS_HESSIAN
     block_starts_ptr,  # *int64 [num_blocks]: first element of each block, block_starts[0] == 0
     n,  # number of elements
     num_blocks,  # blocks per direction (length of block_starts)
@@ -55,10 +64,13 @@ def zo_update_kernel(
     l1,  # fp32 L1 coefficient (subgradient l1 * sign(w))
     momentum,  # fp32 momentum factor
     restore_scale,  # fp32 step along the last direction that restores x (ignored with HAS_MASTER)
+    hessian_smoothing,  # fp32 alpha of the curvature moving average
+    hessian_min,  # fp32 floor of h
     C_IS_SCALAR: tl.constexpr,  # c comes from c_scalar, not c_ptr
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(num_blocks)): binary-search depth for the block index
     HAS_MASTER: tl.constexpr,  # keep an fp32 master copy
     HAS_MOMENTUM: tl.constexpr,  # update a momentum buffer
+    HAS_HESSIAN: tl.constexpr,  # precondition by 1 / sqrt(h) and update h
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
@@ -73,6 +85,7 @@ def zo_update_kernel(
         start = tl.load(block_starts_ptr + cand, mask=mask & (cand < num_blocks), other=n)
         b = tl.where(start <= pos, cand, b)
     estimate = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    curvature = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     z = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     for k in range(num_directions):
         z = direction(seed + k, ctr, RADEMACHER)  # uint64 seed + int32 k stays uint64
@@ -81,6 +94,15 @@ def zo_update_kernel(
         else:
             c = tl.load(c_ptr + k * num_blocks + b, mask=mask)
         estimate = estimate + c * z
+        if HAS_HESSIAN:
+            curvature = curvature + tl.load(curvature_ptr + k * num_blocks + b, mask=mask) * (z * z)
+    if HAS_HESSIAN:
+        h = tl.load(hessian_ptr + pos, mask=mask, other=1.0)
+        s = inv_sqrt_rn(h)
+        z = z * s  # the last direction as it was applied
+        estimate = estimate * s
+        h = tl.maximum(h * ((1.0 - hessian_smoothing) + hessian_smoothing * curvature), hessian_min)
+        tl.store(hessian_ptr + pos, h, mask=mask)
     if HAS_MASTER:
         w = tl.load(master_ptr + pos, mask=mask)
     else:
@@ -98,7 +120,8 @@ def zo_update_kernel(
 
 
 def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
-                    block_starts, offset, rademacher, master, num_directions=1) -> None:
+                    block_starts, offset, rademacher, master, num_directions=1, hessian=None, curvature=None,
+                    hessian_smoothing=0.0, hessian_min=0.0) -> None:
     """Torch twin of :func:`zo_update_kernel`, in cache-sized chunks like the other twins."""
     flat = x.view(-1)
     num_blocks = 1 if block_starts is None else block_starts.numel()
@@ -106,6 +129,7 @@ def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer,
         if block_starts is not None:
             block = torch.searchsorted(block_starts, torch.arange(start, stop, device=x.device), right=True) - 1
         estimate = torch.zeros(stop - start, dtype=torch.float32, device=x.device)
+        curv = torch.zeros_like(estimate)
         for k in range(num_directions):
             z = direction_torch(seed + k, offset + start, stop - start, x.device, rademacher)
             if isinstance(c, float):
@@ -115,6 +139,15 @@ def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer,
             else:
                 c_k = c[k * num_blocks + block]
             estimate = estimate + c_k * z
+            if hessian is not None:
+                kappa = curvature[k:k + 1] if block_starts is None else curvature[k * num_blocks + block]
+                curv = curv + kappa * (z * z)
+        if hessian is not None:
+            h = hessian.view(-1)[start:stop]
+            s = inv_sqrt_rn_torch(h)
+            z = z * s
+            estimate = estimate * s
+            h.copy_(torch.clamp_min(h * ((1.0 - hessian_smoothing) + curv * hessian_smoothing), hessian_min))
         if master is not None:
             w = master.view(-1)[start:stop]
         else:
@@ -150,6 +183,8 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
                l1: float = 0.0, momentum: float = 0.0, momentum_buffer: torch.Tensor | None = None,
                restore_scale: float = 0.0, block_starts: torch.Tensor | None = None, offset: int = 0,
                distribution: str = "gaussian", master: torch.Tensor | None = None,
+               hessian: torch.Tensor | None = None, curvature: torch.Tensor | None = None,
+               hessian_smoothing: float = 0.0, hessian_min: float = 1e-4,
                backend: str | None = None) -> torch.Tensor:
     """Restore ``x`` and apply ``x -= lr * (sum_k c_k * z_k + weight_decay * x + l1 * sign(x))`` in one pass.
 
@@ -168,6 +203,9 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
             evaluation of the last direction); ignored with ``master``, which is never perturbed.
         block_starts: int64 tensor from :func:`make_block_starts` (first element of each block).
         master: float32 master copy of ``x``; when given the step is applied to it and ``x = cast(master)``.
+        hessian: float32 curvature ``h > 0`` like ``x`` (HiZOO): precondition by ``1/sqrt(h)`` and update h
+            from ``curvature`` (same layout as a tensor ``c``) with ``hessian_smoothing`` (alpha) and floor
+            ``hessian_min``.
     Returns ``x``.
     """
     check_float_dtype("x", x)
@@ -214,21 +252,35 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
             raise ValueError("a scalar c means one direction and one block; pass a tensor of c values "
                              "for several directions or blocks")
         c, num_blocks = f32(c), 1
+    if hessian is not None:
+        check_same_layout("hessian", hessian, x)
+        if hessian.dtype != torch.float32 or not isinstance(c, torch.Tensor) or curvature is None \
+                or curvature.numel() != c.numel():
+            raise ValueError("hessian needs a float32 buffer like x, a tensor c, and curvature with one value "
+                             "per value of c")
+        if not 0.0 <= hessian_smoothing <= 1.0 or not hessian_min > 0:
+            raise ValueError(f"hessian_smoothing must be in [0, 1] and hessian_min > 0, got "
+                             f"{hessian_smoothing}, {hessian_min}")
+        curvature = curvature.reshape(-1).to(device=x.device, dtype=torch.float32)
     lr, weight_decay, l1, momentum, restore_scale = map(f32, (lr, weight_decay, l1, momentum, restore_scale))
+    hessian_smoothing, hessian_min = f32(hessian_smoothing), f32(hessian_min)
 
-    tensors = [t for t in (x, master, momentum_buffer) if t is not None]
+    tensors = [t for t in (x, master, momentum_buffer, hessian) if t is not None]
     if resolve_backend(backend, *tensors) == "triton":
         if n:
             c_is_scalar = isinstance(c, float)
             zo_update_kernel[grid(n)](
                 x, master if master is not None else x, momentum_buffer if momentum_buffer is not None else x,
-                x if c_is_scalar else c, block_starts if block_starts is not None else x,
+                x if c_is_scalar else c, hessian if hessian is not None else x,
+                curvature if curvature is not None else x, block_starts if block_starts is not None else x,
                 n, num_blocks, num_directions, seed_lo, seed_hi, offset, c if c_is_scalar else 0.0,
-                lr, weight_decay, l1, momentum, restore_scale,
+                lr, weight_decay, l1, momentum, restore_scale, hessian_smoothing, hessian_min,
                 C_IS_SCALAR=c_is_scalar, SEARCH_STEPS=max(0, math.ceil(math.log2(num_blocks))),
                 HAS_MASTER=master is not None, HAS_MOMENTUM=momentum_buffer is not None,
+                HAS_HESSIAN=hessian is not None,
                 RADEMACHER=rademacher, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
-                        block_starts, offset, rademacher, master, num_directions)
+                        block_starts, offset, rademacher, master, num_directions, hessian, curvature,
+                        hessian_smoothing, hessian_min)
     return x

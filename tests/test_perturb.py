@@ -58,3 +58,15 @@ def test_bad_input(make_bad, message, device):
 def test_source_must_be_fp32(device):
     with pytest.raises(ValueError, match="master copy\\) must be float32"):
         perturb_(torch.zeros(4, device=device), 1, 1e-3, source=torch.zeros(4, device=device, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("n", [1, 1025, 70001])
+def test_preconditioned_direction(n, device):
+    x0 = torch.randn(n, device=device)
+    h = torch.rand(n, generator=torch.Generator().manual_seed(3)).to(device) + 0.25
+    out = {b: perturb_(x0.clone(), 6, 0.5, backend=b, precond=h) for b in ("triton", "torch")}
+    assert_bitwise_equal(out["triton"], out["torch"])
+    step = 0.5 * philox_normal(6, n, device=device).double() / h.double().sqrt()
+    err = (out["triton"].double() - (x0.double() + step)).abs()
+    # rounding of 1/sqrt(h) (2 ops), z * s, the product with scale and the sum: <= 3 ulp of the operands
+    assert bool((err <= 4e-7 * (x0.double().abs() + step.abs())).all()), err.max()

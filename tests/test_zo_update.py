@@ -30,6 +30,7 @@ CASES = {
     "momentum": dict(c="blocks", momentum=0.9, weight_decay=1e-4),
     "master": dict(c=0.5, master=True, momentum=0.5),
     "rademacher": dict(c="blocks", distribution="rademacher", restore_scale=0.0),
+    "hessian": dict(c="blocks", hessian=True, momentum=0.9),
 }
 
 
@@ -48,6 +49,10 @@ def _run(case, n, dtype, device, backend):
         kw["momentum_buffer"] = torch.randn(n, generator=g).to(device=device, dtype=dtype)
     if kw.get("master"):
         kw["master"] = x.float() + 1e-4
+    if kw.get("hessian"):
+        kw["hessian"] = torch.rand(n, generator=g).to(device) + 0.5
+        kw["curvature"] = torch.rand(kw["c"].numel(), generator=g).to(device)
+        kw["hessian_smoothing"] = 0.1
     zo_update_(x, 1234, lr=0.05, offset=7, backend=backend, **kw)
     return x, kw
 
@@ -58,13 +63,13 @@ def _run(case, n, dtype, device, backend):
 def test_triton_matches_twin(case, n, dtype, device):
     (xt, kwt), (xr, kwr) = (_run(case, n, dtype, device, b) for b in ("triton", "torch"))
     assert_bitwise_equal(xt, xr, f"weights, case {case}")
-    for key in ("momentum_buffer", "master"):
+    for key in ("momentum_buffer", "master", "hessian"):
         if isinstance(kwt.get(key), torch.Tensor):
             assert_bitwise_equal(kwt[key], kwr[key], f"{key}, case {case}")
 
 
 @pytest.mark.parametrize("n", [1, 1025, 70001])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if c != "hessian"])
 def test_matches_float64_reference(case, n, device):
     dtype = torch.float32
     x0 = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(device)
@@ -148,6 +153,23 @@ def test_several_directions_in_one_pass(n, blocked, device):
         g = g + c_k * philox_normal(40 + k, n, device=device).double()
     expected = w - 0.1 * g
     assert torch.allclose(out["triton"].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_hessian_preconditioning_reference(device):
+    """HiZOO path against float64: step along z / sqrt(h), h <- max(h ((1-a) + a kappa z^2), floor)."""
+    n, gen = 1025, torch.Generator().manual_seed(9)
+    x0 = torch.randn(n, generator=gen).to(device)
+    h0 = torch.rand(n, generator=gen).to(device) + 0.5
+    h = h0.clone()
+    c, kappa = torch.tensor([0.7, -0.2], device=device), torch.tensor([2.0, 0.5], device=device)
+    x = zo_update_(x0.clone(), 8, c, 0.1, num_directions=2, hessian=h, curvature=kappa, hessian_smoothing=0.25,
+                   restore_scale=1e-3, backend="triton")
+    z = [philox_normal(8 + k, n, device=device).double() for k in range(2)]
+    s = 1 / h0.double().sqrt()
+    expected = x0.double() + 1e-3 * z[1] * s - 0.1 * s * (0.7 * z[0] - 0.2 * z[1])
+    assert torch.allclose(x.double(), expected, rtol=1e-6, atol=1e-6)
+    expected_h = torch.clamp_min(h0.double() * (0.75 + 0.25 * (2.0 * z[0] ** 2 + 0.5 * z[1] ** 2)), 1e-4)
+    assert torch.allclose(h.double(), expected_h, rtol=1e-6)
 
 
 def test_block_sizes_validated():

@@ -4,10 +4,11 @@
 class          what                                        file
 =============  ==========================================  =========================
 ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo.py
+ZOAdam         Adam moments on the ZO estimate              subgrad/optim/zo.py
 SGD, AdamW     torch.optim semantics, fused kernels         subgrad/optim/first_order.py
 =============  ==========================================  =========================
 """
 from .first_order import SGD, AdamW
-from .zo import ZOSGD, ZOOptimizer, step_seed
+from .zo import ZOSGD, ZOAdam, ZOOptimizer, step_seed
 
-__all__ = ["ZOSGD", "ZOOptimizer", "SGD", "AdamW", "step_seed"]
+__all__ = ["ZOSGD", "ZOAdam", "ZOOptimizer", "SGD", "AdamW", "step_seed"]

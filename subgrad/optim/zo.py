@@ -123,7 +123,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self._segments
 
     def _init_state(self) -> None:
-        """Subclasses create their per-segment buffers here (after packing)."""
+        """Subclasses create their per-segment buffers (``seg.buffers``) here, after packing."""
 
     # -- perturbation helpers ----------------------------------------------------------------------
     def _move_block(self, block: int | None, seed: int, level: float, to: float) -> None:
@@ -405,3 +405,50 @@ class ZOSGD(ZOOptimizer):
                          momentum_buffer=buf, restore_scale=-pending[1] if pending and seg.master is None else 0.0,
                          block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
                          master=seg.master, backend=self.backend)
+
+
+class ZOAdam(ZOOptimizer):
+    """Adam(W) moments on the zeroth-order gradient estimate ``g = sum_k c_k z_k / q``.
+
+    Same estimation arguments as :class:`ZOSGD`; ``betas``, ``adam_eps`` and decoupled ``weight_decay``
+    as in ``torch.optim.AdamW``.  Memory: three float32 buffers the size of the model (first and
+    second moments, and the materialised estimate the Adam kernel reads), plus the fp32 master copy for
+    half-precision parameters; ZOSGD without momentum needs none.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, q: int = 1, estimator: str = "central",
+                 distribution: str = "gaussian", blocks=None, betas: tuple[float, float] = (0.9, 0.999),
+                 adam_eps: float = 1e-8, weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = None,
+                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None):
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        _check("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
+                         eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks, clip=clip,
+                         seed=seed, backend=backend, master_weights=master_weights)
+
+    def _init_state(self) -> None:
+        for seg in self._segments:
+            for key in ("exp_avg", "exp_avg_sq"):
+                seg.buffers[key] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+
+    def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
+        if pending is not None:
+            self._move_block(None, pending[0], pending[1], 0.0)
+        estimate = None
+        for seg in self._segments:
+            group = self.param_groups[seg.group_index]
+            if estimate is None or estimate.numel() < seg.numel:
+                estimate = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
+            g = estimate[:seg.numel].zero_()
+            # g = 0 - 1 * (sum_k (-c_k) z_k): the update kernel materialises the estimate exactly.
+            K.zo_update_(g, seed0, -self._segment_c(seg, c), 1.0, num_directions=self.q,
+                         block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
+                         backend=self.backend)
+            weights = seg.master if seg.master is not None else seg.data
+            beta1, beta2 = group["betas"]
+            K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.step_count,
+                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adam_eps"],
+                          weight_decay=group["weight_decay"], l1=group["l1"], backend=self.backend)
+            if seg.master is not None:
+                seg.data.copy_(seg.master)
