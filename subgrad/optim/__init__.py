@@ -5,10 +5,11 @@ class          what                                        file
 =============  ==========================================  =========================
 ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo.py
 ZOAdam         Adam moments on the ZO estimate              subgrad/optim/zo.py
+HiZOO          ZO-SGD preconditioned by diagonal curvature  subgrad/optim/zo.py
 SGD, AdamW     torch.optim semantics, fused kernels         subgrad/optim/first_order.py
 =============  ==========================================  =========================
 """
 from .first_order import SGD, AdamW
-from .zo import ZOSGD, ZOAdam, ZOOptimizer, step_seed
+from .zo import HiZOO, ZOSGD, ZOAdam, ZOOptimizer, step_seed
 
-__all__ = ["ZOSGD", "ZOAdam", "ZOOptimizer", "SGD", "AdamW", "step_seed"]
+__all__ = ["ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "SGD", "AdamW", "step_seed"]

@@ -86,6 +86,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._flats = []
         self._warned_skip = False
         self.last_estimate: torch.Tensor | None = None
+        self._needs_base = False  # HiZOO also evaluates the unperturbed loss for second differences
+        self._curvature: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the step counter, seed and
@@ -137,14 +139,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if block is not None and bid != block:
                     continue
                 x = seg.data[a:b]
+                h = seg.buffers.get("hessian")
+                h = h[a:b] if h is not None else None
                 if seg.master is not None and to == 0.0:
                     x.copy_(seg.master[a:b])
                 elif seg.master is not None:
                     K.perturb_(x, seed, to, self.backend, offset=seg.dir_offset + a,
-                               distribution=self.distribution, source=seg.master[a:b])
+                               distribution=self.distribution, source=seg.master[a:b], precond=h)
                 else:
                     K.perturb_(x, seed, to - level, self.backend, offset=seg.dir_offset + a,
-                               distribution=self.distribution)
+                               distribution=self.distribution, precond=h)
 
     # -- estimation --------------------------------------------------------------------------------
     def _evaluate(self, closure) -> torch.Tensor:
@@ -160,8 +164,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         q, nb, eps = self.q, self.num_blocks, self.eps
         blocks = [None] if nb == 1 else list(range(nb))
         central = self.estimator == "central"
-        base = None if central else self._evaluate(closure)
-        cs, losses, pending = [], [] if central else [base], None
+        base = self._evaluate(closure) if (not central or self._needs_base) else None
+        cs, curv, losses, pending = [], [], [] if base is None else [base], None
         for k in range(q):
             seed = seed0 + k
             for b in blocks:
@@ -173,6 +177,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                     level = -eps
                     minus = self._evaluate(closure)
                     cs.append((plus - minus) / (2 * eps))
+                    if base is not None:
+                        curv.append((plus + minus - 2 * base).abs() / (2 * eps * eps))
                     losses += [plus, minus]
                 else:
                     cs.append((plus - base) / eps)
@@ -182,7 +188,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 else:
                     self._move_block(b, seed, level, 0.0)
         c = torch.stack(cs).reshape(q, nb)
-        loss = base if not central else torch.stack(losses).mean()
+        loss = base if base is not None else torch.stack(losses).mean()
+        self._curvature = torch.stack(curv).reshape(q, nb) if curv else None
         return c, loss, torch.stack(losses), pending
 
     def _points(self, seed0: int):
@@ -193,9 +200,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         ranges = [(seg.dir_offset + a, seg.dir_offset + b, bid) for seg in segs for a, b, bid in seg.pieces]
         signs = (1.0, -1.0) if self.estimator == "central" else (1.0,)
         rows = []
+        hessians = [seg.buffers.get("hessian") for seg in segs]
+        scale = (torch.cat([K._common.inv_sqrt_rn_torch(h) for h in hessians])
+                 if all(h is not None for h in hessians) else None)
         for k in range(self.q):
             z = (K.philox_rademacher if self.distribution == "rademacher" else K.philox_normal)(
                 seed0 + k, total, device=device, backend=self.backend)
+            if scale is not None:
+                z = z * scale
             for b in range(self.num_blocks):
                 mask = torch.zeros(total, dtype=torch.bool, device=device)
                 for a, e, bid in ranges:
@@ -224,15 +236,21 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _estimate_batched(self, functional_closure, seed0: int):
         """All perturbed points in one vmap call; the weights are never perturbed in place."""
         rows = self._base_rows()[None] + self._points(seed0)
-        if self.estimator == "forward":
+        with_base = self.estimator == "forward" or self._needs_base
+        if with_base:
             rows = torch.cat([self._base_rows()[None], rows])
         with torch.no_grad():
             losses = torch.func.vmap(functional_closure)(self._named_views(rows))
         losses = losses.detach().reshape(-1).to(torch.float64)
         self.forward_passes += losses.numel()
+        self._curvature = None
         if self.estimator == "central":
-            pairs = losses.reshape(-1, 2)
-            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), losses.mean()
+            pairs = losses[int(with_base):].reshape(-1, 2)
+            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), pairs.mean()
+            if with_base:
+                loss = losses[0]
+                curv = (pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * self.eps * self.eps)
+                self._curvature = curv.reshape(self.q, self.num_blocks)
         else:
             c, loss = (losses[1:] - losses[0]) / self.eps, losses[0]
         return c.reshape(self.q, self.num_blocks), loss, losses, None
@@ -404,7 +422,10 @@ class ZOSGD(ZOOptimizer):
                          weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
                          momentum_buffer=buf, restore_scale=-pending[1] if pending and seg.master is None else 0.0,
                          block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
-                         master=seg.master, backend=self.backend)
+                         master=seg.master, backend=self.backend, **self._hessian_args(seg))
+
+    def _hessian_args(self, seg: Segment) -> dict:
+        return {}
 
 
 class ZOAdam(ZOOptimizer):
@@ -452,3 +473,43 @@ class ZOAdam(ZOOptimizer):
                           weight_decay=group["weight_decay"], l1=group["l1"], backend=self.backend)
             if seg.master is not None:
                 seg.data.copy_(seg.master)
+
+
+class HiZOO(ZOSGD):
+    """Hessian-informed zeroth-order SGD, after HiZOO (Zhao et al., 2024).
+
+    Keeps a diagonal curvature estimate ``h`` (HiZOO's Sigma^-1, one float32 buffer, initialised to 1)
+    and perturbs along the preconditioned direction ``z / sqrt(h)``.  Each step evaluates the unperturbed
+    loss too (2q + 1 forwards) and takes the second difference along each direction,
+    ``kappa = |L+ + L- - 2 L0| / (2 eps^2)``, which updates h in the same kernel pass as the step:
+
+        w -= lr * c * z / sqrt(h)
+        h  = max(h * ((1 - hessian_smoothing) + hessian_smoothing * kappa * z^2), hessian_min)
+
+    Coordinates that see high curvature take smaller steps.  Central differences only.  Memory: one
+    float32 buffer the size of the model (plus ZOSGD's momentum buffer if momentum is used).
+    The second difference divides float32 loss rounding (~1e-7 relative) by ``2 eps^2``: with eps = 1e-3
+    kappa carries noise of order 0.1-1, so prefer eps >= 1e-2 when the curvature should mean something.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, distribution: str = "gaussian",
+                 blocks=None, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
+                 clip: float | None = None, hessian_smoothing: float = 1e-3, hessian_min: float = 1e-4,
+                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None):
+        _check("hessian_smoothing", isinstance(hessian_smoothing, (int, float)) and 0 <= hessian_smoothing <= 1,
+               "a number in [0, 1]", hessian_smoothing)
+        _check("hessian_min", isinstance(hessian_min, (int, float)) and hessian_min > 0, "a number > 0", hessian_min)
+        super().__init__(params, lr, eps=eps, q=q, estimator="central", distribution=distribution, blocks=blocks,
+                         momentum=momentum, weight_decay=weight_decay, l1=l1, clip=clip, seed=seed, backend=backend,
+                         master_weights=master_weights)
+        self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
+        self._needs_base = True
+
+    def _init_state(self) -> None:
+        super()._init_state()
+        for seg in self._segments:
+            seg.buffers["hessian"] = torch.ones(seg.numel, dtype=torch.float32, device=seg.data.device)
+
+    def _hessian_args(self, seg: Segment) -> dict:
+        return dict(hessian=seg.buffers["hessian"], curvature=self._segment_c(seg, self._curvature / self.q),
+                    hessian_smoothing=self.hessian_smoothing, hessian_min=self.hessian_min)
