@@ -2,7 +2,8 @@
 # The GPU check: run on an H100/H200 machine (no network, its own python3 with torch/triton/pytest).
 #   bash benchmarks/gpu_check.sh          # results under $OUT when set, else benchmarks/results/
 # 1. install subgrad without downloading anything, 2. the test suite on CUDA (real Triton compilation,
-# kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check.
+# kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check,
+# 5. the optimizer-step benchmark.
 # Budget: under 8 minutes; each stage has its own timeout so a hang cannot eat the device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,10 @@ echo "== kernel benchmarks"
 timeout 150 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS" 2>&1 | tee "$RESULTS/kernels-cuda.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 "$PY" benchmarks/check_targets.py "$RESULTS"/kernels-cuda-*.json 2>&1 | tee "$RESULTS/targets-cuda.txt"
+
+echo "== optimizer steps (LeNet, ResNet-20; ZOSGD sequential vs batched, SGD/AdamW vs torch.optim, peak memory)"
+timeout 120 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS" 2>&1 | tee "$RESULTS/optim-cuda.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "gpu_check finished with status $status"
 exit $status

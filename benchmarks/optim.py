@@ -1,0 +1,148 @@
+"""Optimizer-step benchmark on the seed LeNet and on ResNet-20, CIFAR-10-shaped batches.
+
+    python benchmarks/optim.py                      # batch 256; CUDA when available
+    python benchmarks/optim.py --batch 128 --repeats 5 --out benchmarks/results/
+
+Rows, each timed in this run:
+  zosgd q=1 / q=8, sequential  ZOSGD.step(closure): 2q forward passes + perturb/update kernels
+  zosgd q=1 / q=8, batched     ZOSGD.step(functional_closure=...): the 2q points in one torch.func.vmap
+  sgd / adamw                  subgrad.optim.SGD/AdamW.step() vs torch.optim's fastest path here
+                               (fused on CUDA when supported, else foreach; plain on CPU), gradients given
+Peak memory (CUDA only: torch.cuda.max_memory_allocated) is reported relative to a forward-only
+inference pass of the same batch; on CPU it is not measured.  Writes JSON next to kernels.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from subgrad import __version__
+from subgrad.models import build_model
+from subgrad.optim import SGD, ZOSGD, AdamW
+
+
+def measure(fn, device, repeats):
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def peak_bytes(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def torch_fastest(cls, params, device, **kw):
+    for extra, name in (({"fused": True}, "fused"), ({"foreach": True}, "foreach")):
+        if device.type == "cpu" and name == "fused":
+            continue
+        try:
+            return cls(params, **kw, **extra), name
+        except (RuntimeError, ValueError):
+            pass
+    return cls(params, **kw), "plain"
+
+
+def bench_model(name, device, batch, repeats):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    rows = []
+
+    def add(label, seconds, baseline=None, baseline_name=None, peak=None, inference_peak=None, passes=None):
+        rows.append(dict(model=name, step=label, seconds=seconds, baseline=baseline_name, baseline_seconds=baseline,
+                         speedup=(baseline / seconds) if baseline else None, forward_passes=passes,
+                         peak_bytes=peak, peak_vs_inference=(peak / inference_peak) if peak and inference_peak else None))
+
+    base = build_model(name).to(device)
+    if name == "resnet20":  # running statistics cannot be updated under vmap; ZO steps use batch statistics
+        torch.func.replace_all_batch_norm_modules_(base)
+
+    def inference():
+        with torch.no_grad():
+            base(x)
+    inference_peak = peak_bytes(inference, device)
+
+    for q in (1, 8):
+        model = copy.deepcopy(base)
+        opt = ZOSGD(model.named_parameters(), lr=1e-3, q=q)
+        closure = lambda: F.cross_entropy(model(x), y)
+        fclosure = lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+        seq = measure(lambda: opt.step(closure), device, repeats)
+        add(f"zosgd q={q} sequential", seq, passes=2 * q,
+            peak=peak_bytes(lambda: opt.step(closure), device), inference_peak=inference_peak)
+        bat = measure(lambda: opt.step(functional_closure=fclosure), device, repeats)
+        add(f"zosgd q={q} batched", bat, baseline=seq, baseline_name="sequential", passes=2 * q,
+            peak=peak_bytes(lambda: opt.step(functional_closure=fclosure), device), inference_peak=inference_peak)
+
+    for ours_cls, torch_cls, kw in ((SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
+                                    (AdamW, torch.optim.AdamW, dict(lr=1e-3))):
+        ours_model, their_model = copy.deepcopy(base), copy.deepcopy(base)
+        for m in (ours_model, their_model):
+            F.cross_entropy(m(x), y).backward()
+        ours = ours_cls(ours_model.parameters(), **kw)
+        theirs, how = torch_fastest(torch_cls, their_model.parameters(), device, **kw)
+        t_theirs = measure(theirs.step, device, repeats)
+        add(ours_cls.__name__.lower(), measure(ours.step, device, repeats), baseline=t_theirs,
+            baseline_name=f"torch.optim.{torch_cls.__name__}({how})")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    rows = [r for m in args.models for r in bench_model(m, device, args.batch, args.repeats)]
+
+    print(f"subgrad {__version__} optimizer steps on {name} ({device.type}), batch {args.batch}; torch {torch.__version__}")
+    print(f"{'model':<10}{'step':<24}{'ms':>9}{'fwd':>5}{'speedup':>9}  {'vs':<32}{'peak/inference':>15}")
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else ""
+        peak = f"{r['peak_vs_inference']:.2f}x" if r["peak_vs_inference"] else ("n/a" if r["forward_passes"] else "")
+        print(f"{r['model']:<10}{r['step']:<24}{r['seconds'] * 1e3:>9.2f}{r['forward_passes'] or '':>5}{speed:>9}  "
+              f"{r['baseline'] or '':<32}{peak:>15}")
+    os.makedirs(args.out, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    path = os.path.join(args.out, f"optim-{device.type}-{slug}.json")
+    with open(path, "w") as f:
+        json.dump(dict(device=name, device_type=device.type, batch=args.batch,
+                       versions={"subgrad": __version__, "torch": torch.__version__},
+                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       command=" ".join(["optim.py"] + (argv or sys.argv[1:])), rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
