@@ -35,3 +35,19 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
         i = bad[:5].tolist()
         raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} elements differ; first at {i}: "
                              f"{actual.reshape(-1)[i].tolist()} vs {expected.reshape(-1)[i].tolist()}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One decoded-data cache per test session (the real archive is decoded once, not per test)."""
+    os.environ["SUBGRAD_CACHE"] = str(tmp_path_factory.mktemp("subgrad-cache"))
+    yield
+
+
+def real_archive():
+    """Path of the team's real CIFAR-10 archive, or skip the test with the reason."""
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    if not path.exists():
+        pytest.skip(f"real CIFAR-10 archive not found at {path} (team data in ../shared/data)")
+    return path

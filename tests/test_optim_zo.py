@@ -337,3 +337,16 @@ def test_hizoo_batched_equals_sequential():
         results.append([p.detach().clone() for p in net.parameters()])
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=0, atol=1.5e-4), (a - b).abs().max()
+
+
+def test_scale_by_block_size_multiplies_each_block_scalar():
+    """Block b's scalar is scaled by (d + 2) / (d_b + 2): with lr = 1 the update of each block is its
+    finite-difference scalar times that factor times z."""
+    w, b = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(2))
+    opt = ZOSGD([("w", w), ("b", b)], lr=1.0, blocks="tensor", scale_by_block_size=True, seed=5)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    opt.step(lambda: (w.double() ** 2).sum() + 3 * b.double().sum())
+    c = opt.last_estimate.reshape(-1).double()
+    z = philox_normal(step_seed(5, 0), 8).double()
+    assert torch.allclose((w0 - w.detach()).double(), c[0] * (10 / 8) * z[:6], rtol=1e-4, atol=1e-5)
+    assert torch.allclose((b0 - b.detach()).double(), c[1] * (10 / 4) * z[6:], rtol=1e-4, atol=1e-5)

@@ -56,7 +56,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Shared machinery: packing, directions, estimation, skipping and state.  Subclasses apply the update."""
 
     def __init__(self, params, defaults: dict, *, eps: float, q: int, estimator: str, distribution: str, blocks,
-                 clip: float | None, seed: int, backend: str | None, master_weights: bool | None):
+                 clip: float | None, seed: int, backend: str | None, master_weights: bool | None,
+                 scale_by_block_size: bool = False):
         _check("eps", isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "a finite number > 0", eps)
         _check("q", isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 2**16, "an int in [1, 65536]", q)
         _check("estimator", estimator in ESTIMATORS, f"one of {ESTIMATORS}", estimator)
@@ -79,6 +80,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.eps, self.q, self.estimator, self.distribution = f32(eps), q, estimator, distribution
         self.blocks, self.clip, self.seed, self.backend = blocks, clip, seed, backend
         self.master_weights = master_weights
+        self.scale_by_block_size = bool(scale_by_block_size)
         self.step_count = 0
         self.skipped_steps = 0
         self.forward_passes = 0
@@ -119,6 +121,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._flats, self._segments = build_segments(self.param_groups, self.master_weights)
             ranges, self.num_blocks = block_ranges(self._segments, self.blocks, names)
             assign_blocks(self._segments, ranges)
+            sizes = torch.zeros(self.num_blocks, dtype=torch.float64)
+            for a, b, bid in ranges:
+                sizes[bid] += b - a
+            # Step-size rule for blocks: the variance of a block's estimate grows with its size d_B, and the
+            # stable step of ZO-SGD on it scales like 1 / (d_B + 2); relative to one block over all d.
+            self._block_scale = (sizes.sum() + 2) / (sizes + 2)
             self._init_state()
         for flat in self._flats:
             flat.check()
@@ -305,6 +313,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_estimate = c  # [q, blocks] finite-difference scalars (before clipping), on the loss device
         if self.clip is not None:
             c = c.clamp(-self.clip, self.clip)
+        if self.scale_by_block_size:
+            c = c * self._block_scale.to(c.device)
         self._update((c / self.q).to(torch.float32), seed0, pending)
         return loss
 
@@ -395,15 +405,18 @@ class ZOSGD(ZOOptimizer):
         seed: names the run's sequence of directions.
         backend: kernel backend ("triton", "torch" or None = auto).
         master_weights: keep an fp32 master copy (default: for bfloat16/float16 parameters only).
+        scale_by_block_size: with blocks, multiply block b's scalar by ``(d + 2) / (d_b + 2)`` (d parameters
+            in all, d_b in the block): the stable ZO-SGD step of a block scales like ``1 / (d_b + 2)``, so
+            small blocks (biases, the last layer) take proportionally larger steps at the same ``lr``.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, estimator: str = "central",
                  distribution: str = "gaussian", blocks=None, momentum: float = 0.0, weight_decay: float = 0.0,
                  l1: float = 0.0, clip: float | None = None, seed: int = 0, backend: str | None = None,
-                 master_weights: bool | None = None):
+                 master_weights: bool | None = None, scale_by_block_size: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1), eps=eps, q=q,
                          estimator=estimator, distribution=distribution, blocks=blocks, clip=clip, seed=seed,
-                         backend=backend, master_weights=master_weights)
+                         backend=backend, master_weights=master_weights, scale_by_block_size=scale_by_block_size)
 
     def _init_state(self) -> None:
         for seg in self._segments:
@@ -440,13 +453,15 @@ class ZOAdam(ZOOptimizer):
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, q: int = 1, estimator: str = "central",
                  distribution: str = "gaussian", blocks=None, betas: tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = None,
-                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None):
+                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None,
+                 scale_by_block_size: bool = False):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         _check("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
                          eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks, clip=clip,
-                         seed=seed, backend=backend, master_weights=master_weights)
+                         seed=seed, backend=backend, master_weights=master_weights,
+                         scale_by_block_size=scale_by_block_size)
 
     def _init_state(self) -> None:
         for seg in self._segments:
@@ -495,13 +510,14 @@ class HiZOO(ZOSGD):
     def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, distribution: str = "gaussian",
                  blocks=None, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
                  clip: float | None = None, hessian_smoothing: float = 1e-3, hessian_min: float = 1e-4,
-                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None):
+                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None,
+                 scale_by_block_size: bool = False):
         _check("hessian_smoothing", isinstance(hessian_smoothing, (int, float)) and 0 <= hessian_smoothing <= 1,
                "a number in [0, 1]", hessian_smoothing)
         _check("hessian_min", isinstance(hessian_min, (int, float)) and hessian_min > 0, "a number > 0", hessian_min)
         super().__init__(params, lr, eps=eps, q=q, estimator="central", distribution=distribution, blocks=blocks,
                          momentum=momentum, weight_decay=weight_decay, l1=l1, clip=clip, seed=seed, backend=backend,
-                         master_weights=master_weights)
+                         master_weights=master_weights, scale_by_block_size=scale_by_block_size)
         self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
         self._needs_base = True
 

@@ -1,0 +1,383 @@
+"""``subgrad train``: CIFAR-10 training with any subgrad optimizer, resumable, into a run folder.
+
+Run folder (``--out``):
+  config.json     everything needed to reproduce the run (all resolved hyperparameters)
+  metrics.jsonl   one line per evaluation: step, epoch, train_loss, test_loss, test/train accuracy, ...
+  summary.json    test_accuracy, train_accuracy (fractions), train_seconds, device, forward passes, versions
+  curves.png      loss and accuracy against steps
+  checkpoints/step-NNNNNNN.pt   {"model", "optimizer", "step", ...}, written atomically (temp + rename)
+  model.pt        the final checkpoint
+
+Everything random is a function of ``--seed`` and the step: the model init, the batch order (per epoch),
+the augmentation (per batch) and the zeroth-order directions (in the optimizer state), so a run resumed
+from a checkpoint ends bit-identical to an uninterrupted one on the same device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import DataError, DeviceLoader, load_cifar10
+from .models import MODELS, build_model
+
+ZO_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")
+FO_OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
+SCHEDULES = ("cosine", "onecycle", "constant")
+CHECKPOINT_FORMAT = "subgrad-checkpoint-v1"
+
+#: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
+#: when a flag is not given; README.md states the accuracy each reaches and how long it took.
+DEFAULTS = {
+    ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
+    ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
+    ("lenet", "zo-sgd"): dict(batch_size=512, lr=2e-2, eps=1e-3, q=1, momentum=0.9, steps=6000, schedule="cosine",
+                              augment=False),
+    ("lenet", "zo-adam"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, steps=6000, schedule="cosine",
+                               augment=False),
+    ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
+                             augment=False),
+    ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30,
+                              schedule="onecycle"),
+    ("resnet20", "adamw"): dict(batch_size=128, lr=2e-3, weight_decay=5e-4, epochs=30, schedule="onecycle"),
+    ("resnet20", "zo-sgd"): dict(batch_size=256, lr=5e-3, eps=1e-3, q=1, momentum=0.9, steps=6000,
+                                 schedule="cosine", augment=False),
+    ("resnet20", "zo-adam"): dict(batch_size=256, lr=5e-4, eps=1e-3, q=1, steps=6000, schedule="cosine",
+                                  augment=False),
+    ("resnet20", "hizoo"): dict(batch_size=256, lr=5e-3, eps=1e-2, q=1, steps=4000, schedule="cosine",
+                                augment=False),
+}
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a run.  ``None`` means "the default for this model/optimizer" (DEFAULTS)."""
+    model: str = "lenet"
+    optimizer: str = "sgd"
+    data: str = "./data"
+    out: str = "runs/run"
+    device: str = "auto"
+    seed: int = 0
+    epochs: float | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    schedule: str | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    q: int | None = None
+    estimator: str = "central"
+    distribution: str = "gaussian"
+    blocks: str | int | None = None
+    clip: float | None = None
+    scale_by_block_size: bool | None = None
+    augment: bool | None = None
+    amp: bool = False
+    eval_every: int | None = None  # steps; default: once per epoch (first-order) or 10 times per run (ZO)
+    checkpoint_every: int | None = None  # steps; default: with every evaluation
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        cfg = dataclasses.replace(self)
+        for key, value in DEFAULTS[(self.model, self.optimizer)].items():
+            if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
+                setattr(cfg, key, value)
+        for key, value in dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, augment=True,
+                               scale_by_block_size=False).items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+        for name in ("batch_size", "q"):
+            if int(getattr(cfg, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.lr is None or not cfg.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+        if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
+            raise ValueError("--steps must be >= 1 and --epochs > 0")
+        return cfg
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total``."""
+    t = step / max(1, total)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "onecycle":  # linear warm-up over 20%, then linear decay to 0
+        return t / 0.2 if t < 0.2 else max(0.0, (1 - t) / 0.8)
+    return 1.0
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    from . import optim
+
+    named = list(model.named_parameters())
+    if cfg.optimizer == "sgd":
+        return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=cfg.blocks, clip=cfg.clip,
+                  weight_decay=cfg.weight_decay, seed=cfg.seed, scale_by_block_size=cfg.scale_by_block_size)
+    if cfg.optimizer == "zo-sgd":
+        return optim.ZOSGD(named, estimator=cfg.estimator, momentum=cfg.momentum, **common)
+    if cfg.optimizer == "zo-adam":
+        return optim.ZOAdam(named, estimator=cfg.estimator, **common)
+    return optim.HiZOO(named, momentum=cfg.momentum, **common)
+
+
+# -- run folder -------------------------------------------------------------------------------------
+def atomic_save(obj, path: pathlib.Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: pathlib.Path) -> dict:
+    """Load a subgrad checkpoint (weights_only) or raise a one-line error saying why not."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not a usable checkpoint"
+        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}); it may be truncated or not "
+                         "a subgrad checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise ValueError(f"{path} is not a subgrad checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ckpt
+
+
+def latest_checkpoint(run: pathlib.Path) -> pathlib.Path:
+    found = sorted((run / "checkpoints").glob("step-*.pt"))
+    if not found:
+        raise ValueError(f"no checkpoints in {run / 'checkpoints'}; nothing to resume")
+    return found[-1]
+
+
+def versions() -> dict:
+    out = {"subgrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def plot_curves(metrics: list[dict], path: pathlib.Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(steps, [m["train_loss"] for m in metrics], label="train (running)")
+    ax1.plot(steps, [m["test_loss"] for m in metrics], label="test")
+    ax1.set_xlabel("step"), ax1.set_ylabel("cross-entropy"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax2.plot(steps, [m["train_accuracy"] for m in metrics], label="train")
+    ax2.plot(steps, [m["test_accuracy"] for m in metrics], label="test")
+    ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend(), ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, loader: DeviceLoader, amp: bool) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=loader.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
+    for x, y in loader.epoch(0):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = loader.num_images
+    return total_loss.item() / n, correct.item() / n
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Train per ``config`` into ``config.out``; with ``resume`` continue from the run's last checkpoint."""
+    cfg = config.resolved()
+    out = pathlib.Path(cfg.out)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
+    amp = cfg.amp and device.type == "cuda"
+
+    data = load_cifar10(cfg.data)
+    mean, std = data.channel_stats()
+    steps_per_epoch = len(data.train_labels) // cfg.batch_size
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    zo = cfg.optimizer in ZO_OPTIMIZERS
+    eval_every = cfg.eval_every or (max(1, total // 10) if zo else steps_per_epoch)
+    checkpoint_every = cfg.checkpoint_every or eval_every
+    train_loader = DeviceLoader(data.train_images, data.train_labels, mean, std, cfg.batch_size, device,
+                                augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
+                                augment_seed=cfg.seed + 1)
+    test_loader = DeviceLoader(data.test_images, data.test_labels, mean, std, 1000, device)
+    # every 5th training image (10,000 of all classes; the archive is sorted by class) for train accuracy
+    train_eval = DeviceLoader(data.train_images[::5], data.train_labels[::5], mean, std, 1000, device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = make_optimizer(cfg, model)
+    record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
+                  classes=list(data.classes), model_config={}, device_resolved=str(device))
+
+    start, train_seconds, metrics = 0, 0.0, []
+    if resume:
+        ckpt_path = latest_checkpoint(out)
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"]["model"] != cfg.model or ckpt["config"]["optimizer"] != cfg.optimizer:
+            raise ValueError(f"checkpoint {ckpt_path} is a {ckpt['config']['model']}/{ckpt['config']['optimizer']} "
+                             f"run, not {cfg.model}/{cfg.optimizer}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, train_seconds = ckpt["step"], ckpt["train_seconds"]
+        if (out / "metrics.jsonl").exists():
+            metrics = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["step"] <= start]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(record, indent=1))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    running = torch.zeros((), dtype=torch.float64, device=device)
+    running_count = 0
+
+    def save(step: int) -> pathlib.Path:
+        ckpt = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    train_seconds=train_seconds, config=dataclasses.asdict(cfg))
+        path = out / "checkpoints" / f"step-{step:07d}.pt"
+        atomic_save(ckpt, path)
+        for old in sorted((out / "checkpoints").glob("step-*.pt"))[:-3]:  # keep the last three
+            old.unlink(missing_ok=True)
+        return path
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, disable=cfg.quiet, unit="step", dynamic_ncols=True, file=sys.stderr,
+               desc=f"{cfg.model}/{cfg.optimizer}")
+    last_eval = metrics[-1] if metrics else None
+    step = start
+    interrupted = False
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM checkpoints like Ctrl-C
+    try:
+        tick = time.perf_counter()
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            x, y = train_loader.batch(epoch, index)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(cfg.schedule, step, total)
+            model.train()
+            if zo:
+                def closure():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        return F.cross_entropy(model(x).float(), y)
+                loss = optimizer.step(closure)
+            else:
+                optimizer.zero_grad(set_to_none=False)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                optimizer.step()
+            running += loss.detach().double()
+            running_count += 1
+            step += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_seconds += time.perf_counter() - tick
+                test_loss, test_acc = evaluate(model, test_loader, amp)
+                _, train_acc = evaluate(model, train_eval, amp)
+                fwd = optimizer.forward_passes if zo else step
+                last_eval = dict(step=step, epoch=round(step / steps_per_epoch, 3),
+                                 train_loss=running.item() / max(1, running_count), test_loss=test_loss,
+                                 test_accuracy=test_acc, train_accuracy=train_acc,
+                                 lr=optimizer.param_groups[0]["lr"], train_seconds=round(train_seconds, 2),
+                                 images_per_second=step * cfg.batch_size / max(train_seconds, 1e-9),
+                                 forward_passes=fwd)
+                running.zero_()
+                running_count = 0
+                metrics.append(last_eval)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(last_eval) + "\n")
+                if not cfg.quiet:
+                    bar.write(f"step {step:>7}  epoch {last_eval['epoch']:>6.2f}  loss {last_eval['train_loss']:.4f}  "
+                              f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
+                              f"{last_eval['images_per_second']:.0f} img/s"
+                              + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if zo else ""))
+                bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}", acc=f"{test_acc:.3f}")
+                if step % checkpoint_every == 0 or step == total:
+                    save(step)
+                tick = time.perf_counter()
+    except KeyboardInterrupt:
+        interrupted = True
+        train_seconds += time.perf_counter() - tick
+        path = save(step)
+        bar.close()
+        print(f"interrupted at step {step}: checkpoint written to {path}; continue with "
+              f"`subgrad train --resume {out}`", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
+    if interrupted:
+        raise KeyboardInterrupt
+
+    final = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                 train_seconds=train_seconds, config=dataclasses.asdict(cfg))
+    atomic_save(final, out / "model.pt")
+    summary = dict(model=cfg.model, optimizer=cfg.optimizer, test_accuracy=last_eval["test_accuracy"],
+                   train_accuracy=last_eval["train_accuracy"], test_loss=last_eval["test_loss"],
+                   train_seconds=round(train_seconds, 2), steps=step, epochs=round(step / steps_per_epoch, 3),
+                   images_per_second=last_eval["images_per_second"], forward_passes=last_eval["forward_passes"],
+                   device=str(device),
+                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                   or platform.machine(), versions=versions(), data=str(data.source))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    plot_curves(metrics, out / "curves.png", f"{cfg.model} / {cfg.optimizer}")
+    if not cfg.quiet:
+        print(f"test accuracy {summary['test_accuracy']:.4f}, train accuracy {summary['train_accuracy']:.4f}, "
+              f"{summary['train_seconds']:.0f} s; run folder {out}", file=sys.stderr)
+    return summary
