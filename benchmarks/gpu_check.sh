@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh          # results under $OUT when set, else benchmarks/results/
 # 1. install subgrad without downloading anything, 2. the test suite on CUDA (real Triton compilation,
 # kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check,
-# 5. the optimizer-step benchmark.
+# 5. the optimizer-step benchmark, 6. lenet training at the defaults (when the data is there).
 # Budget: under 8 minutes; each stage has its own timeout so a hang cannot eat the device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +40,17 @@ timeout 150 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS" 2>&1 | te
 echo "== optimizer steps (LeNet, ResNet-20; ZOSGD sequential vs batched, SGD/AdamW vs torch.optim, peak memory)"
 timeout 120 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS" 2>&1 | tee "$RESULTS/optim-cuda.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== training figures (lenet defaults on CUDA)"
+DATA="${SUBGRAD_DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+if [ -f "$DATA" ]; then
+  for opt in sgd zo-sgd; do
+    timeout 150 "$PY" -m subgrad train --model lenet --optimizer "$opt" --device cuda --data "$DATA" \
+      --out "$RESULTS/runs/lenet-$opt" --quiet 2>&1 | tail -3 | tee "$RESULTS/train-lenet-$opt-cuda.txt"
+  done
+else
+  echo "skipped: no CIFAR-10 archive at $DATA (set SUBGRAD_DATA)" | tee "$RESULTS/train-cuda.txt"
+fi
 
 echo "gpu_check finished with status $status"
 exit $status

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--q", type=int, help="directions per step")
     zo.add_argument("--estimator", default="central", choices=["central", "forward"])
     zo.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
-    zo.add_argument("--blocks", type=_blocks, help="tensor, module or a block size")
-    zo.add_argument("--clip", type=float, help="clamp finite-difference scalars to [-clip, clip]")
+    zo.add_argument("--blocks", type=_blocks, help="none, tensor, module or a block size")
+    zo.add_argument("--clip", type=float, help="clamp finite-difference scalars to [-clip, clip] (0: off)")
     zo.add_argument("--scale-by-block-size", dest="scale_by_block_size", action=argparse.BooleanOptionalAction,
                     default=None, help="scale each block's step by (d + 2) / (d_block + 2)")
     tr.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,

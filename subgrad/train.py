@@ -43,8 +43,9 @@ CHECKPOINT_FORMAT = "subgrad-checkpoint-v1"
 DEFAULTS = {
     ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    ("lenet", "zo-sgd"): dict(batch_size=512, lr=2e-2, eps=1e-3, q=1, momentum=0.9, steps=6000, schedule="cosine",
-                              augment=False),
+    # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
+    ("lenet", "zo-sgd"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, blocks="module", scale_by_block_size=True,
+                              clip=0.2, steps=1200, schedule="cosine", augment=False),
     ("lenet", "zo-adam"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, steps=6000, schedule="cosine",
                                augment=False),
     ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
@@ -134,7 +135,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
         return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=cfg.blocks, clip=cfg.clip,
+    blocks = None if cfg.blocks == "none" else cfg.blocks  # "none" overrides a blockwise default
+    common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=blocks, clip=cfg.clip or None,
                   weight_decay=cfg.weight_decay, seed=cfg.seed, scale_by_block_size=cfg.scale_by_block_size)
     if cfg.optimizer == "zo-sgd":
         return optim.ZOSGD(named, estimator=cfg.estimator, momentum=cfg.momentum, **common)
@@ -260,6 +262,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled values
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
                   classes=list(data.classes), model_config={}, device_resolved=str(device))
 
@@ -281,7 +284,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     atomic_write_text(out / "config.json", json.dumps(record, indent=1))
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     running = torch.zeros((), dtype=torch.float64, device=device)
     running_count = 0
 

@@ -55,11 +55,11 @@ def test_first_order_run_beats_chance_and_writes_the_run_folder(tmp_path):
 
 def test_zeroth_order_run_beats_chance(tmp_path):
     run = tmp_path / "zo"
-    _run(["--model", "lenet", "--optimizer", "zo-sgd", "--data", real_archive(), "--out", run, "--steps", 400,
-          "--quiet"], tmp_path)
+    _run(["--model", "lenet", "--optimizer", "zo-sgd", "--data", real_archive(), "--out", run, "--steps", 200,
+          "--schedule", "constant", "--quiet"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["test_accuracy"] >= 0.15, summary  # chance is 0.10; forward passes only
-    assert summary["forward_passes"] == 800
+    assert summary["test_accuracy"] >= 0.15, summary  # chance is 0.10; forward passes only (measured 0.195)
+    assert summary["forward_passes"] == 200 * 5 * 2  # steps x module blocks x (plus, minus)
 
 
 def _interrupt_at(monkeypatch, step_to_stop):
