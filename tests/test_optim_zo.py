@@ -164,20 +164,27 @@ def test_non_finite_loss_skips_and_restores(master):
         assert bool(torch.isfinite(a).all())
 
 
-@pytest.mark.parametrize("estimator, blocks", [("central", None), ("central", "tensor"), ("forward", 3)])
-def test_batched_equals_sequential(estimator, blocks):
-    """vmap over all 2q (or q+1) points gives the update of sequential in-place evaluation."""
+def _sequential_and_batched(make_optimizer):
+    """Weights after 3 steps with sequential closures and with one vmap call per step."""
     x, y = _data()
     results = []
     for batched in (False, True):
         net = _tiny_net()
-        opt = ZOSGD(net.named_parameters(), lr=0.05, q=3, estimator=estimator, blocks=blocks, master_weights=True)
+        opt = make_optimizer(net.named_parameters())
         for _ in range(3):
             if batched:
                 opt.step(functional_closure=lambda p: F.cross_entropy(torch.func.functional_call(net, p, (x,)), y))
             else:
                 opt.step(lambda: F.cross_entropy(net(x), y))
         results.append([p.detach().clone() for p in net.parameters()])
+    return results
+
+
+@pytest.mark.parametrize("estimator, blocks", [("central", None), ("central", "tensor"), ("forward", 3)])
+def test_batched_equals_sequential(estimator, blocks):
+    """vmap over all 2q (or q+1) points gives the update of sequential in-place evaluation."""
+    results = _sequential_and_batched(lambda params: ZOSGD(params, lr=0.05, q=3, estimator=estimator, blocks=blocks,
+                                                           master_weights=True))
     # The same points are evaluated, but vmap's batched matmuls round differently from the sequential
     # ones: a loss moves by ~1 float32 ulp (2.4e-7), c = dL / (2 eps) by ~2.4e-4, and each of the 3
     # steps moves a weight by at most lr * |dc| * |z| ~ 0.05 * 2.4e-4 * 4 = 5e-5.
@@ -322,19 +329,10 @@ def test_others_resume_bit_identically(cls, kw):
 
 
 def test_hizoo_batched_equals_sequential():
-    x, y = _data()
-    results = []
-    for batched in (False, True):
-        net = _tiny_net()
-        # eps = 1e-2: the second difference divides loss rounding (~2e-7) by 2 eps^2, so with eps = 1e-3 the
-        # curvature of the two evaluation orders differs by ~0.5 from float32 rounding alone.
-        opt = HiZOO(net.named_parameters(), lr=0.05, eps=1e-2, q=2, hessian_smoothing=0.1, master_weights=True)
-        for _ in range(3):
-            if batched:
-                opt.step(functional_closure=lambda p: F.cross_entropy(torch.func.functional_call(net, p, (x,)), y))
-            else:
-                opt.step(lambda: F.cross_entropy(net(x), y))
-        results.append([p.detach().clone() for p in net.parameters()])
+    # eps = 1e-2: the second difference divides loss rounding (~2e-7) by 2 eps^2, so with eps = 1e-3 the
+    # curvature of the two evaluation orders differs by ~0.5 from float32 rounding alone.
+    results = _sequential_and_batched(lambda params: HiZOO(params, lr=0.05, eps=1e-2, q=2, hessian_smoothing=0.1,
+                                                           master_weights=True))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=0, atol=1.5e-4), (a - b).abs().max()
 

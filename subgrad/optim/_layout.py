@@ -18,6 +18,20 @@ from ..flat import FlatGroup, FlatParams
 from ..kernels import make_block_starts
 
 
+class FlatOptimizer(torch.optim.Optimizer):
+    """Base of optimizers whose parameters live in :class:`FlatParams` buffers (``self._flats``)."""
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; the flat buffers, step counters
+        # and settings must travel too, so deepcopy / pickle give a working optimizer.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for flat in self._flats:  # deepcopy clones each parameter's data: make them views again
+            flat.relink()
+
+
 @dataclass
 class Segment:
     group_index: int  # index into optimizer.param_groups

@@ -18,6 +18,7 @@ import torch
 
 from .. import kernels as K
 from ..flat import FlatGroup, FlatParams
+from ._layout import FlatOptimizer
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
@@ -30,7 +31,7 @@ def _check_number(name: str, value, low: float, high: float | None = None, low_o
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-class _FusedOptimizer(torch.optim.Optimizer):
+class _FusedOptimizer(FlatOptimizer):
     """Packing and state plumbing shared by :class:`SGD` and :class:`AdamW`."""
 
     _buffer_keys: tuple[str, ...] = ()  # flat state buffers, param dtype
@@ -45,15 +46,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
         self._flats: list[FlatParams] = []
-
-    def __getstate__(self) -> dict:
-        # torch.optim.Optimizer pickles only defaults/state/param_groups; the flat buffers must travel too.
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for flat in self._flats:  # deepcopy clones each parameter's data: make them views again
-            flat.relink()
 
     def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
         if self._packed is None:

@@ -32,7 +32,7 @@ import torch
 
 from .. import kernels as K
 from ..kernels._common import f32
-from ._layout import Segment, assign_blocks, block_ranges, build_segments
+from ._layout import FlatOptimizer, Segment, assign_blocks, block_ranges, build_segments
 
 ESTIMATORS = ("central", "forward", "jvp")
 BLOCK_MODES = (None, "tensor", "module")
@@ -52,7 +52,7 @@ def _check(name: str, ok: bool, expected: str, value) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-class ZOOptimizer(torch.optim.Optimizer):
+class ZOOptimizer(FlatOptimizer):
     """Shared machinery: packing, directions, estimation, skipping and state.  Subclasses apply the update."""
 
     def __init__(self, params, defaults: dict, *, eps: float, q: int, estimator: str, distribution: str, blocks,
@@ -90,16 +90,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_estimate: torch.Tensor | None = None
         self._needs_base = False  # HiZOO also evaluates the unperturbed loss for second differences
         self._curvature: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the step counter, seed and
-        # flat buffers too, so deepcopy / pickle give a working optimizer.
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for flat in self._flats:  # deepcopy clones each parameter's data: make them views again
-            flat.relink()
 
     # -- layout ------------------------------------------------------------------------------------
     def _param_names(self) -> dict[int, str]:
