@@ -46,7 +46,7 @@ DEFAULTS = {
     # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
     ("lenet", "zo-sgd"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, blocks="module", scale_by_block_size=True,
                               clip=0.2, steps=1200, schedule="cosine", augment=False),
-    ("lenet", "zo-adam"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, steps=6000, schedule="cosine",
+    ("lenet", "zo-adam"): dict(batch_size=512, lr=2e-3, eps=1e-3, q=1, steps=6000, schedule="cosine",
                                augment=False),
     ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
                              augment=False),
