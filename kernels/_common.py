@@ -150,6 +150,12 @@ def round_to(w, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def sign(w):
+    """-1, 0 or +1 as float32: the subgradient of |w| used by every kernel's L1 term."""
+    return tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+
+
+@triton.jit
 def inv_sqrt_rn(h):
     """1 / sqrt(h) from two correctly rounded operations (``tl.rsqrt`` is approximate on GPUs)."""
     return tl.math.div_rn(1.0, tl.sqrt_rn(h))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      f32, grid, resolve_backend, round_to, sqrt_rn_torch)
+                      f32, grid, resolve_backend, round_to, sign, sqrt_rn_torch)
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def adamw_kernel(
     if MAXIMIZE:
         g = -g
     if HAS_L1:
-        g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        g = g + l1 * sign(w)
     w = w * decay
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * (g * g)

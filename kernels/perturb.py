@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, grid, inv_sqrt_rn,
-                      inv_sqrt_rn_torch, resolve_backend, round_to, split_seed)
+                      check_same_layout, f32, grid, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to,
+                      split_seed)
 from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
 
 

@@ -34,9 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_direction_range, f32, grid, resolve_backend,
-                      chunks, sqrt_rn_torch,
-                      split_seed)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_direction_range, chunks, f32, grid, resolve_backend,
+                      split_seed, sqrt_rn_torch)
 
 # --------------------------------------------------------------------------------------------------
 # Constants (all exactly representable in float32, so kernel and twin multiply by the same value)
@@ -188,6 +187,8 @@ def philox_bits_kernel(
 # Torch twin
 # --------------------------------------------------------------------------------------------------
 _MASK32 = 0xFFFFFFFF
+
+
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32 bits of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` held in
     int64.  The 64-bit product may pass 2**63; torch's int64 multiply wraps modulo 2**64 on CPU and

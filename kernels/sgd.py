@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      f32, grid, resolve_backend, round_to)
+                      f32, grid, resolve_backend, round_to, sign)
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def sgd_kernel(
     if HAS_WEIGHT_DECAY:
         g = g + weight_decay * w
     if HAS_L1:
-        g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        g = g + l1 * sign(w)
     if HAS_MOMENTUM:
         if FIRST_STEP:
             buf = g

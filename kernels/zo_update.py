@@ -38,8 +38,7 @@ import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
                       check_same_layout, chunks, f32, grid, inv_sqrt_rn, inv_sqrt_rn_torch,
-                      resolve_backend, round_to,
-                      split_seed)
+                      resolve_backend, round_to, sign, split_seed)
 from .philox import direction, direction_counter, direction_torch, is_rademacher, philox_seed
 
 
@@ -109,7 +108,7 @@ def zo_update_kernel(
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
         w = w + restore_scale * z  # z is the last direction
     g = estimate + weight_decay * w
-    g = g + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+    g = g + l1 * sign(w)
     if HAS_MOMENTUM:
         g = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + g
         tl.store(momentum_ptr + pos, round_to(g, momentum_ptr.dtype.element_ty), mask=mask)

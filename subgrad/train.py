@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import DataError, DeviceLoader, load_cifar10
+from .data import DeviceLoader, load_cifar10
 from .models import MODELS, build_model
 
 ZO_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")

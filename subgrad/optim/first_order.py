@@ -151,7 +151,7 @@ class SGD(_FusedOptimizer):
 
     def _step_views(self, group, fg, bufs, param, grad, where, indices):
         momentum = group["momentum"]
-        first = self.state.get(fg.params[indices[0]], {}).get("momentum_buffer") is None
+        first = self._history(fg.params[indices[0]])
         buf = self._buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
         K.sgd_step_(param, grad, buf, lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from .. import kernels as K
-from ..kernels._common import f32
+from ..kernels._common import f32, inv_sqrt_rn_torch
 from ._layout import FlatOptimizer, Segment, assign_blocks, block_ranges, build_segments
 
 ESTIMATORS = ("central", "forward", "jvp")
@@ -197,20 +197,19 @@ class ZOOptimizer(FlatOptimizer):
         device = segs[0].data.device
         ranges = [(seg.dir_offset + a, seg.dir_offset + b, bid) for seg in segs for a, b, bid in seg.pieces]
         signs = (1.0, -1.0) if self.estimator == "central" else (1.0,)
-        rows = []
+        masks = torch.zeros(self.num_blocks, total, dtype=torch.bool, device=device)
+        for a, e, bid in ranges:
+            masks[bid, a:e] = True
         hessians = [seg.buffers.get("hessian") for seg in segs]
-        scale = (torch.cat([K._common.inv_sqrt_rn_torch(h) for h in hessians])
+        scale = (torch.cat([inv_sqrt_rn_torch(h) for h in hessians])
                  if all(h is not None for h in hessians) else None)
+        rows = []
         for k in range(self.q):
             z = (K.philox_rademacher if self.distribution == "rademacher" else K.philox_normal)(
                 seed0 + k, total, device=device, backend=self.backend)
             if scale is not None:
                 z = z * scale
-            for b in range(self.num_blocks):
-                mask = torch.zeros(total, dtype=torch.bool, device=device)
-                for a, e, bid in ranges:
-                    if bid == b:
-                        mask[a:e] = True
+            for mask in masks:
                 for sign in signs:
                     rows.append(torch.where(mask, z * (sign * self.eps), 0.0))
         return torch.stack(rows)
@@ -233,10 +232,11 @@ class ZOOptimizer(FlatOptimizer):
 
     def _estimate_batched(self, functional_closure, seed0: int):
         """All perturbed points in one vmap call; the weights are never perturbed in place."""
-        rows = self._base_rows()[None] + self._points(seed0)
+        base = self._base_rows()[None]
+        rows = base + self._points(seed0)
         with_base = self.estimator == "forward" or self._needs_base
         if with_base:
-            rows = torch.cat([self._base_rows()[None], rows])
+            rows = torch.cat([base, rows])
         with torch.no_grad():
             losses = torch.func.vmap(functional_closure)(self._named_views(rows))
         losses = losses.detach().reshape(-1).to(torch.float64)
