@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh          # results under $OUT when set, else benchmarks/results/
 # 1. install subgrad without downloading anything, 2. the test suite on CUDA (real Triton compilation,
 # kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check,
-# 5. the optimizer-step benchmark, 6. lenet training at the defaults (when the data is there).
+# 5. the optimizer-step benchmark, 6. lenet training at the defaults (when the data is there),
+# 7. ONNX export of that run, validation and `subgrad bench` with every onnxruntime provider present.
 # Budget: under 8 minutes; each stage has its own timeout so a hang cannot eat the device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,19 @@ if [ -f "$DATA" ]; then
   done
 else
   echo "skipped: no CIFAR-10 archive at $DATA (set SUBGRAD_DATA)" | tee "$RESULTS/train-cuda.txt"
+fi
+
+echo "== export: ONNX of the CUDA-trained lenet, validation and onnxruntime providers (CPU, CUDA, TensorRT)"
+"$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 \
+  | tee "$RESULTS/onnxruntime.txt"  # onnxruntime-gpu may be absent: then this file says so
+RUN="$RESULTS/runs/lenet-sgd"
+if [ -f "$RUN/model.pt" ]; then
+  timeout 60 "$PY" -m subgrad export "$RUN" --out "$RUN/model.onnx" 2>&1 | tee "$RESULTS/export-cuda.txt"
+  timeout 120 "$PY" -m subgrad validate "$RUN/model.onnx" --run "$RUN" --data "$DATA" 2>&1 | tee -a "$RESULTS/export-cuda.txt"
+  timeout 180 "$PY" -m subgrad bench "$RUN/model.onnx" --run "$RUN" --json "$RESULTS/bench-onnx-cuda.json" 2>&1 \
+    | tee -a "$RESULTS/export-cuda.txt"
+else
+  echo "skipped: no trained lenet run (needs the training stage above)" | tee "$RESULTS/export-cuda.txt"
 fi
 
 echo "gpu_check finished with status $status"

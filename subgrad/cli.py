@@ -1,4 +1,7 @@
-"""The ``subgrad`` command line.  Subcommands arrive with their issues; each is a thin wrapper."""
+"""The ``subgrad`` command line: selfcheck, train, export, validate, bench, quantize, predict, package, run.
+
+Each subcommand is a thin wrapper over a library function; errors print one line and exit 2.
+"""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +50,110 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         print(json.dumps({k: summary[k] for k in ("test_accuracy", "train_accuracy", "train_seconds")}))
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from subgrad.export.exporter import export_run
+
+    path = export_run(args.run, args.out, with_preprocessing=args.with_preprocessing, opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); checked with onnx.checker (full) and strict shape "
+          "inference")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from subgrad.export.validate import validate
+
+    report = validate(args.model, args.run, args.data, batch_sizes=args.batch_sizes, min_agreement=args.min_agreement,
+                      max_abs_diff=args.max_abs_diff, limit=args.limit)
+    print(f"{report['images']} images  agreement {report['agreement']:.5f}  max |diff| {report['max_abs_diff']:.3g}  "
+          f"accuracy torch {report['accuracy_torch']:.4f} onnx {report['accuracy_onnx']:.4f}")
+    for failure in report["failures"]:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    where = os.path.join(os.path.dirname(os.path.abspath(args.model)), "validation.md")
+    print(f"{'passed' if report['passed'] else 'failed'}; report in {where}")
+    return 0 if report["passed"] else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from subgrad.export.bench import bench, render_table
+
+    report = bench(args.model, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                   run_dir=args.run)
+    print(render_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from subgrad.export.quantize import quantize
+
+    r = quantize(args.model, args.data, args.out, mode=args.mode, max_drop=args.max_drop,
+                 calibration_images=args.calibration_images, limit=args.limit)
+    acc = "n/a" if r["accuracy_quantized"] is None else f"{r['accuracy_quantized']:.4f}"
+    print(f"{r['settings']['mode']}: accuracy {r['accuracy_fp32']:.4f} -> {acc} on {r['images']} test images, "
+          f"size x{r['size_ratio']:.2f}" + "".join(f", {k.replace('_', ' ')} x{r[k]:.2f}" for k in
+                                                   ("speedup_batch1", "speedup_batch256") if k in r))
+    if not r["written"]:
+        print(f"refused: {r['reason']}", file=sys.stderr)
+        return 1
+    print(f"wrote {r['out']}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from subgrad.export.runtime import ImageError, Predictor, load_image
+
+    predictor = Predictor(args.model, batch_size=args.batch_size)
+    failed = 0
+    for path in args.images:  # one image at a time through load_image, so a bad file costs only its own line
+        try:
+            pixels = load_image(path, predictor.info.height, predictor.info.width)
+        except ImageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        (top,) = predictor.predict([pixels], top_k=args.top_k)
+        print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
+    if failed:
+        print(f"{failed} of {len(args.images)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from subgrad.export.triton_repo import package_triton
+
+    folder = package_triton(args.model, args.triton_repo, name=args.name, max_batch_size=args.max_batch_size,
+                            instances=args.instances, kind=args.kind)
+    print(f"wrote Triton model repository entry {folder} (config.pbtxt, labels.txt, 1/model.onnx)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from subgrad.pipeline import run_pipeline
+
+    try:
+        result = run_pipeline(data=args.data, out=args.out, model=args.model, optimizer=args.optimizer,
+                              device=args.device, steps=args.steps, epochs=args.epochs, seed=args.seed,
+                              bench_runs=args.bench_runs, quiet=args.quiet)
+    except KeyboardInterrupt:
+        return 130
+    print(f"report: {result['report']}")
+    return 0 if result["validation"]["passed"] else 1
+
+
+def _batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,7,64, got {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {value!r}")
+    return sizes
 
 
 def _blocks(value: str):
@@ -106,7 +213,94 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
     tr.add_argument("--quiet", action="store_true", help="no progress bar; print the summary as JSON")
     tr.set_defaults(func=_cmd_train)
+    _add_export_commands(sub, MODELS, OPTIMIZERS)
     return parser
+
+
+def _add_export_commands(sub, models, optimizers) -> None:
+    ex = sub.add_parser("export", help="export a run folder's model to ONNX",
+                        description="Export RUN's final weights with torch.onnx.export(dynamo=True), dynamic batch, "
+                                    "opset 18, metadata for deployment; checked before it is written.")
+    ex.add_argument("run", metavar="RUN_DIR")
+    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument("--with-preprocessing", dest="with_preprocessing", action="store_true",
+                    help="take raw NHWC uint8 pixels: normalisation inside the graph")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.set_defaults(func=_cmd_export)
+
+    va = sub.add_parser("validate", help="PyTorch vs onnxruntime on the CIFAR-10 test set",
+                        description="Run the test set through the run's PyTorch model and through onnxruntime at "
+                                    "several batch sizes; exit 1 when a check fails. Writes validation.json/.md "
+                                    "beside the model.")
+    va.add_argument("model", metavar="MODEL.onnx")
+    va.add_argument("--run", required=True, metavar="RUN_DIR", help="the run folder the model was exported from")
+    va.add_argument("--data", default="./data", help="CIFAR-10 (any layout subgrad train accepts)")
+    va.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=(1, 2, 7, 64, 256))
+    va.add_argument("--min-agreement", dest="min_agreement", type=float, default=0.999)
+    va.add_argument("--max-abs-diff", dest="max_abs_diff", type=float, default=1e-4)
+    va.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
+    va.set_defaults(func=_cmd_validate)
+
+    be = sub.add_parser("bench", help="latency/throughput: PyTorch eager vs onnxruntime",
+                        description="Equal threads on both sides, warm-up, then timed runs: p50/p95/p99 latency, "
+                                    "throughput, session creation; CUDA/TensorRT providers too when present.")
+    be.add_argument("model", metavar="MODEL.onnx")
+    be.add_argument("--json", help="also write the report to this JSON file")
+    be.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=(1, 32, 256))
+    be.add_argument("--runs", type=int, default=200, help="timed runs per batch size (default 200)")
+    be.add_argument("--warmup", type=int, default=20)
+    be.add_argument("--threads", type=int, help="threads for both sides (default: torch's default)")
+    be.add_argument("--run", metavar="RUN_DIR", help="eager side from this run folder (default: rebuilt from the "
+                                                     "ONNX file's metadata and weights)")
+    be.set_defaults(func=_cmd_bench)
+
+    qu = sub.add_parser("quantize", help="static INT8 (QDQ, per-channel) or fp16, gated on test accuracy",
+                        description="Quantize, measure accuracy on the test set, size and speed; refuse to write "
+                                    "(exit 1) when accuracy drops more than --max-drop points.")
+    qu.add_argument("model", metavar="MODEL.onnx")
+    qu.add_argument("--data", default="./data", help="CIFAR-10: training images calibrate, test images measure")
+    qu.add_argument("--out", help="output file (default MODEL.int8.onnx / MODEL.fp16.onnx)")
+    qu.add_argument("--mode", choices=["int8", "fp16"], default="int8")
+    qu.add_argument("--max-drop", dest="max_drop", type=float, default=1.0, help="accuracy points (default 1.0)")
+    qu.add_argument("--calibration-images", dest="calibration_images", type=int, default=1024)
+    qu.add_argument("--limit", type=int, help="only the first N test images")
+    qu.set_defaults(func=_cmd_quantize)
+
+    pr = sub.add_parser("predict", help="top-k labels for image files",
+                        description="Classify images with an exported model (onnxruntime only); an unreadable "
+                                    "image gets its own error line; exit 1 when any failed.")
+    pr.add_argument("model", metavar="MODEL.onnx")
+    pr.add_argument("images", metavar="IMAGE", nargs="+")
+    pr.add_argument("--top-k", dest="top_k", type=int, default=3)
+    pr.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    pr.set_defaults(func=_cmd_predict)
+
+    pa = sub.add_parser("package", help="write an NVIDIA Triton Inference Server model repository",
+                        description="config.pbtxt (onnxruntime_onnx, dynamic batching), labels.txt, 1/model.onnx.")
+    pa.add_argument("model", metavar="MODEL.onnx")
+    pa.add_argument("--triton-repo", dest="triton_repo", required=True, metavar="DIR")
+    pa.add_argument("--name", help="model name in Triton (default: the file's stem)")
+    pa.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=256)
+    pa.add_argument("--instances", type=int, default=1)
+    pa.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"], default="KIND_GPU")
+    pa.set_defaults(func=_cmd_package)
+
+    ru = sub.add_parser("run", help="the main job: train, export, validate, benchmark, report.md",
+                        description="Train (defaults of `subgrad train`), export to ONNX, validate on the test set, "
+                                    "benchmark, and write report.md in the run folder.")
+    ru.add_argument("--data", default="./data", help="CIFAR-10; downloaded to ./data when missing and the network "
+                                                     "allows (default ./data)")
+    ru.add_argument("--out", default="runs/main")
+    ru.add_argument("--model", default="lenet", choices=sorted(models))
+    ru.add_argument("--optimizer", default="sgd", choices=optimizers)
+    ru.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ru.add_argument("--seed", type=int, default=0)
+    length = ru.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float)
+    length.add_argument("--steps", type=int)
+    ru.add_argument("--bench-runs", dest="bench_runs", type=int, default=200)
+    ru.add_argument("--quiet", action="store_true")
+    ru.set_defaults(func=_cmd_run)
 
 
 def main(argv: list[str] | None = None) -> int:
