@@ -4,7 +4,8 @@
 # 1. install subgrad without downloading anything, 2. the test suite on CUDA (real Triton compilation,
 # kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check,
 # 5. the optimizer-step benchmark, 6. lenet training at the defaults (when the data is there),
-# 7. ONNX export of that run, validation and `subgrad bench` with every onnxruntime provider present.
+# 7. ONNX export of that run, validation and `subgrad bench` with every onnxruntime provider present,
+# 8. data-parallel steps/s and bytes per step over all GPUs (skipped with a message on one GPU).
 # Budget: under 8 minutes; each stage has its own timeout so a hang cannot eat the device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +65,16 @@ if [ -f "$RUN/model.pt" ]; then
     | tee -a "$RESULTS/export-cuda.txt"
 else
   echo "skipped: no trained lenet run (needs the training stage above)" | tee "$RESULTS/export-cuda.txt"
+fi
+
+echo "== multi-GPU data parallel (NCCL): runs only when more than one GPU is visible"
+NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+if [ "$NGPU" -gt 1 ]; then
+  timeout 240 "$PY" benchmarks/distributed.py --device cuda --nproc "$NGPU" --out "$RESULTS" 2>&1 \
+    | tee "$RESULTS/distributed-cuda.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "skipped: $NGPU GPU visible; the multi-GPU section needs at least 2" | tee "$RESULTS/distributed-cuda.txt"
 fi
 
 echo "gpu_check finished with status $status"

@@ -7,7 +7,8 @@ the full test set in onnxruntime; the INT8 model is written only when its accura
 
 fp16: weights and activations in float16 for GPU providers, inputs and outputs kept float32
 (``keep_io_types``); onnxruntime's CPU provider lacks fp16 kernels for most ops, so accuracy is measured
-only when the session can run.  The report (``quantization.json``) lands beside the output either way.
+only when the session can run.  The report (``quantization-<mode>.json``) lands beside the output
+either way.
 """
 from __future__ import annotations
 
@@ -144,5 +145,5 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
                                 f"{max_drop}; {out} not written")
     finally:
         tmp.unlink(missing_ok=True)
-    (out.parent / "quantization.json").write_text(json.dumps(report, indent=1))
+    (out.parent / f"quantization-{mode}.json").write_text(json.dumps(report, indent=1))
     return report

@@ -178,8 +178,10 @@ class Predictor:
 
     def logits_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Raw logits for uint8 NHWC pixels already at the model's size, ``batch_size`` per run."""
-        out = [self.session.run([self.output_name], {self.info.input_name: self.preprocess(pixels[i:i + self.batch_size])})[0]
-               for i in range(0, len(pixels), self.batch_size)]
+        out = []
+        for i in range(0, len(pixels), self.batch_size):
+            feed = {self.info.input_name: self.preprocess(pixels[i:i + self.batch_size])}
+            out.append(self.session.run([self.output_name], feed)[0])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:

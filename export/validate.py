@@ -107,6 +107,7 @@ def render_markdown(report: dict) -> str:
              "| batch | agreement | max abs diff | mean abs diff | p99 abs diff | acc torch | acc onnx |",
              "|---|---|---|---|---|---|---|"]
     for r in report["per_batch_size"]:
-        lines.append(f"| {r['batch_size']} | {r['agreement']:.5f} | {r['max_abs_diff']:.3g} | {r['mean_abs_diff']:.3g} | "
-                     f"{r['p99_abs_diff']:.3g} | {r['accuracy_torch']:.4f} | {r['accuracy_onnx']:.4f} |")
+        lines.append(f"| {r['batch_size']} | {r['agreement']:.5f} | {r['max_abs_diff']:.3g} | "
+                     f"{r['mean_abs_diff']:.3g} | {r['p99_abs_diff']:.3g} | {r['accuracy_torch']:.4f} | "
+                     f"{r['accuracy_onnx']:.4f} |")
     return "\n".join(lines) + "\n"

@@ -24,9 +24,40 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if run_selfcheck(args.device, args.n) else 1
 
 
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """`subgrad train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m subgrad train ...`."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in args.argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if arg.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           f"--max-restarts={args.max_restarts}", "-m", "subgrad", *argv]
+    rc = subprocess.call(cmd)
+    if rc not in (0, 130):
+        out = args.resume or args.out
+        print(f"subgrad train: a rank failed (torchrun exit status {rc}); the last complete checkpoint in "
+              f"{out}/checkpoints is intact: continue with `subgrad train --resume {out} --nproc {args.nproc}`",
+              file=sys.stderr)
+    return rc
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
     import pathlib
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
 
     from .train import TrainConfig, train
 
@@ -47,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train(config, resume=bool(args.resume))
     except KeyboardInterrupt:
         return 130
-    if args.quiet:
+    if args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: summary[k] for k in ("test_accuracy", "train_accuracy", "train_seconds")}))
     return 0
 
@@ -200,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     zo = tr.add_argument_group("zeroth-order (zo-sgd, zo-adam, hizoo)")
     zo.add_argument("--eps", type=float, help="perturbation size")
     zo.add_argument("--q", type=int, help="directions per step")
-    zo.add_argument("--estimator", default="central", choices=["central", "forward"])
+    zo.add_argument("--estimator", choices=["central", "forward"], help="finite differences (default: central, "
+                                                                        "forward for zo-adam on lenet)")
     zo.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
     zo.add_argument("--blocks", type=_blocks, help="none, tensor, module or a block size")
     zo.add_argument("--clip", type=float, help="clamp finite-difference scalars to [-clip, clip] (0: off)")
@@ -212,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evaluations")
     tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
     tr.add_argument("--quiet", action="store_true", help="no progress bar; print the summary as JSON")
+    tr.add_argument("--nproc", type=int, default=1, help="data-parallel processes: relaunches itself under "
+                                                         "torchrun (gloo on CPU, NCCL on GPUs)")
+    tr.add_argument("--max-restarts", dest="max_restarts", type=int, default=0,
+                    help="with --nproc: torchrun restarts after a rank failure, resuming from the last checkpoint")
     tr.set_defaults(func=_cmd_train)
     _add_export_commands(sub, MODELS, OPTIMIZERS)
     return parser
@@ -305,7 +341,9 @@ def _add_export_commands(sub, models, optimizers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 0

@@ -11,6 +11,10 @@ Run folder (``--out``):
 Everything random is a function of ``--seed`` and the step: the model init, the batch order (per epoch),
 the augmentation (per batch) and the zeroth-order directions (in the optimizer state), so a run resumed
 from a checkpoint ends bit-identical to an uninterrupted one on the same device.
+
+Under ``torchrun`` (or ``subgrad train --nproc N``) the same loop runs data-parallel: every rank draws
+the same global batch and trains on its shard; gradients (first-order) or the step's losses
+(zeroth-order) are averaged over ranks (``subgrad.distributed``); only rank 0 writes the run folder.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .data import DeviceLoader, load_cifar10
+from .distributed import Communicator, from_environment, shutdown, weights_hash
 from .models import MODELS, build_model
 
 ZO_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")
@@ -46,8 +51,9 @@ DEFAULTS = {
     # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
     ("lenet", "zo-sgd"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, blocks="module", scale_by_block_size=True,
                               clip=0.2, steps=1200, schedule="cosine", augment=False),
-    ("lenet", "zo-adam"): dict(batch_size=512, lr=2e-3, eps=1e-3, q=1, steps=6000, schedule="cosine",
-                               augment=False),
+    # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes
+    ("lenet", "zo-adam"): dict(batch_size=512, lr=2e-3, eps=1e-3, q=4, estimator="forward", steps=2400,
+                               schedule="cosine", augment=False),
     ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
                              augment=False),
     ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30,
@@ -80,7 +86,7 @@ class TrainConfig:
     weight_decay: float | None = None
     eps: float | None = None
     q: int | None = None
-    estimator: str = "central"
+    estimator: str | None = None
     distribution: str = "gaussian"
     blocks: str | int | None = None
     clip: float | None = None
@@ -101,7 +107,7 @@ class TrainConfig:
         for key, value in DEFAULTS[(self.model, self.optimizer)].items():
             if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
                 setattr(cfg, key, value)
-        for key, value in dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, augment=True,
+        for key, value in dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, augment=True, estimator="central",
                                scale_by_block_size=False).items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
@@ -214,36 +220,78 @@ def plot_curves(metrics: list[dict], path: pathlib.Path, title: str) -> None:
 
 # -- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader: DeviceLoader, amp: bool) -> tuple[float, float]:
-    """(mean loss, accuracy) over the loader, in eval mode."""
+def evaluate(model, loader: DeviceLoader, amp: bool, comm: Communicator | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader, in eval mode; with ``comm``, each rank's loader holds its
+    share of the images and the sums are added over ranks."""
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=loader.device)
-    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss, correct, images
     for x, y in loader.epoch(0):
         with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == y).sum()
+    sums[2] = loader.num_images
     model.train(was_training)
-    n = loader.num_images
-    return total_loss.item() / n, correct.item() / n
+    if comm is not None:
+        comm.all_reduce_sum_(sums)
+    loss, correct, n = sums.tolist()
+    return loss / n, correct / n
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the loop to stop at the next step boundary (a
+    zeroth-order step holds perturbed weights mid-step, which must never reach a checkpoint); a second
+    signal stops at once, without a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+class _StopAtBoundary(Exception):
+    pass
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
-    """Train per ``config`` into ``config.out``; with ``resume`` continue from the run's last checkpoint."""
+    """Train per ``config`` into ``config.out``; with ``resume`` continue from the run's last checkpoint.
+
+    Under torchrun every rank calls this; rank 0 alone writes files.  A torchrun restart
+    (``--max-restarts``) resumes from the last complete checkpoint by itself.
+    """
     cfg = config.resolved()
     out = pathlib.Path(cfg.out)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = auto if cfg.device == "auto" else cfg.device
+    comm = from_environment(kind)
+    try:
+        return _train(cfg, out, resume, comm, kind)
+    finally:
+        shutdown(comm)
+
+
+def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator, kind: str) -> dict:
+    device = torch.device(kind, comm.local_rank) if kind == "cuda" and comm.active else torch.device(kind)
     amp = cfg.amp and device.type == "cuda"
+    if cfg.batch_size % comm.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
+                         f"({comm.world_size}): every rank trains on an equal shard of each batch")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and list((out / "checkpoints").glob("step-*.pt")):
+        resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
+    writes = comm.is_main
+    quiet = cfg.quiet or not writes
+    # Failure drill for tests and operators: SUBGRAD_FAIL_AT="RANK:STEP" makes that rank exit abruptly
+    # before STEP on the first attempt (not after a torchrun restart), as a crashed GPU would.
+    fail_rank, _, fail_step = os.environ.get("SUBGRAD_FAIL_AT", "").partition(":")
+    fail_at = int(fail_step) if fail_step and int(fail_rank) == comm.rank and \
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 else None
 
     data = load_cifar10(cfg.data)
     mean, std = data.channel_stats()
@@ -255,16 +303,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     train_loader = DeviceLoader(data.train_images, data.train_labels, mean, std, cfg.batch_size, device,
                                 augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
                                 augment_seed=cfg.seed + 1)
-    test_loader = DeviceLoader(data.test_images, data.test_labels, mean, std, 1000, device)
-    # every 5th training image (10,000 of all classes; the archive is sorted by class) for train accuracy
-    train_eval = DeviceLoader(data.train_images[::5], data.train_labels[::5], mean, std, 1000, device)
+    # evaluation: each rank its strided share; every 5th training image (10,000 of all classes; the archive
+    # is sorted by class) for train accuracy
+    r, w = comm.rank, comm.world_size
+    test_loader = DeviceLoader(data.test_images[r::w], data.test_labels[r::w], mean, std, 1000, device)
+    train_eval = DeviceLoader(data.train_images[::5][r::w], data.train_labels[::5][r::w], mean, std, 1000, device)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
+    if zo and comm.active:
+        optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
+    params = [p for p in model.parameters() if p.requires_grad]
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled values
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
-                  classes=list(data.classes), model_config={}, device_resolved=str(device))
+                  classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
 
     start, train_seconds, metrics = 0, 0.0, []
     if resume:
@@ -273,56 +326,74 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         if ckpt["config"]["model"] != cfg.model or ckpt["config"]["optimizer"] != cfg.optimizer:
             raise ValueError(f"checkpoint {ckpt_path} is a {ckpt['config']['model']}/{ckpt['config']['optimizer']} "
                              f"run, not {cfg.model}/{cfg.optimizer}")
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != w:
+            raise ValueError(f"checkpoint {ckpt_path} was written by a {saved_world}-process run and this one has {w}; "
+                             f"resume with the same number of processes (--nproc {saved_world}), because the "
+                             "shard sums would round differently and the run would not be exact")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, train_seconds = ckpt["step"], ckpt["train_seconds"]
         if (out / "metrics.jsonl").exists():
-            metrics = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["step"] <= start]
-    else:
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            metrics = [m for m in map(json.loads, lines) if m["step"] <= start]
+    elif writes:
         out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(record, indent=1))
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    if writes:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(record, indent=1))
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
     running = torch.zeros((), dtype=torch.float64, device=device)
     running_count = 0
+    step_bytes = 0  # payload bytes of the training steps' collectives (evaluation not included)
 
     def save(step: int) -> pathlib.Path:
-        ckpt = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    train_seconds=train_seconds, config=dataclasses.asdict(cfg))
         path = out / "checkpoints" / f"step-{step:07d}.pt"
+        if not writes:  # replicas are identical; rank 0 speaks for all
+            return path
+        ckpt = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    train_seconds=train_seconds, config=dataclasses.asdict(cfg), world_size=w)
         atomic_save(ckpt, path)
         for old in sorted((out / "checkpoints").glob("step-*.pt"))[:-3]:  # keep the last three
             old.unlink(missing_ok=True)
         return path
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, disable=cfg.quiet, unit="step", dynamic_ncols=True, file=sys.stderr,
-               desc=f"{cfg.model}/{cfg.optimizer}")
+    bar = tqdm(total=total, initial=start, disable=quiet, unit="step", dynamic_ncols=True, file=sys.stderr,
+               desc=f"{cfg.model}/{cfg.optimizer}" + (f" x{w}" if comm.active else ""))
     last_eval = metrics[-1] if metrics else None
     step = start
     interrupted = False
-    previous_handler = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM checkpoints like Ctrl-C
+    stop = _StopRequest()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}  # a scheduler's
+    # SIGTERM checkpoints like Ctrl-C
     try:
         tick = time.perf_counter()
         while step < total:
+            if step == fail_at:
+                print(f"rank {comm.rank}: SUBGRAD_FAIL_AT drill, exiting at step {step}", file=sys.stderr)
+                os._exit(17)
             epoch, index = divmod(step, steps_per_epoch)
             x, y = train_loader.batch(epoch, index)
+            x, y = comm.shard(x), comm.shard(y)  # the same global batch on every rank; this rank's slice
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(cfg.schedule, step, total)
             model.train()
+            sent_before = comm.bytes_sent
             if zo:
                 def closure():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         return F.cross_entropy(model(x).float(), y)
-                loss = optimizer.step(closure)
+                loss = optimizer.step(closure)  # already averaged over ranks
             else:
                 optimizer.zero_grad(set_to_none=False)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = F.cross_entropy(model(x).float(), y)
                 loss.backward()
+                comm.all_reduce_grads_(params)
                 optimizer.step()
+            step_bytes += comm.bytes_sent - sent_before
             running += loss.detach().double()
             running_count += 1
             step += 1
@@ -331,11 +402,16 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 train_seconds += time.perf_counter() - tick
-                test_loss, test_acc = evaluate(model, test_loader, amp)
-                _, train_acc = evaluate(model, train_eval, amp)
+                comm.sync_buffers_(model)  # BatchNorm statistics: one average per evaluation
+                test_loss, test_acc = evaluate(model, test_loader, amp, comm)
+                _, train_acc = evaluate(model, train_eval, amp, comm)
+                mean_loss = torch.stack([running, torch.tensor(float(running_count), dtype=torch.float64,
+                                                                device=device)])
+                if not zo:  # zeroth-order losses are already averaged over ranks inside the step
+                    comm.all_reduce_mean_(mean_loss)
                 fwd = optimizer.forward_passes if zo else step
                 last_eval = dict(step=step, epoch=round(step / steps_per_epoch, 3),
-                                 train_loss=running.item() / max(1, running_count), test_loss=test_loss,
+                                 train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()), test_loss=test_loss,
                                  test_accuracy=test_acc, train_accuracy=train_acc,
                                  lr=optimizer.param_groups[0]["lr"], train_seconds=round(train_seconds, 2),
                                  images_per_second=step * cfg.batch_size / max(train_seconds, 1e-9),
@@ -343,9 +419,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 running.zero_()
                 running_count = 0
                 metrics.append(last_eval)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(last_eval) + "\n")
-                if not cfg.quiet:
+                if writes:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(last_eval) + "\n")
+                if not quiet:
                     bar.write(f"step {step:>7}  epoch {last_eval['epoch']:>6.2f}  loss {last_eval['train_loss']:.4f}  "
                               f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
                               f"{last_eval['images_per_second']:.0f} img/s"
@@ -354,32 +431,49 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 if step % checkpoint_every == 0 or step == total:
                     save(step)
                 tick = time.perf_counter()
-    except KeyboardInterrupt:
+            if stop.requested and step < total:
+                raise _StopAtBoundary
+    except _StopAtBoundary:
         interrupted = True
         train_seconds += time.perf_counter() - tick
         path = save(step)
         bar.close()
-        print(f"interrupted at step {step}: checkpoint written to {path}; continue with "
-              f"`subgrad train --resume {out}`", file=sys.stderr)
+        if writes:
+            print(f"interrupted at step {step}: checkpoint written to {path}; continue with "
+                  f"`subgrad train --resume {out}`", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.close()
+        if writes:
+            print(f"stopped at once during step {step + 1} (second signal): no checkpoint written; the last "
+                  f"complete one in {out / 'checkpoints'} is intact", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
     if interrupted:
         raise KeyboardInterrupt
 
+    comm.sync_buffers_(model)
+    hashes = comm.all_gather_strings(weights_hash(model))
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"replicas diverged: weight hashes differ across ranks ({hashes}); this is a bug")
+    steps_run = max(1, step - start)
     final = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 train_seconds=train_seconds, config=dataclasses.asdict(cfg))
-    atomic_save(final, out / "model.pt")
+                 train_seconds=train_seconds, config=dataclasses.asdict(cfg), world_size=w)
     summary = dict(model=cfg.model, optimizer=cfg.optimizer, test_accuracy=last_eval["test_accuracy"],
                    train_accuracy=last_eval["train_accuracy"], test_loss=last_eval["test_loss"],
                    train_seconds=round(train_seconds, 2), steps=step, epochs=round(step / steps_per_epoch, 3),
                    images_per_second=last_eval["images_per_second"], forward_passes=last_eval["forward_passes"],
                    device=str(device),
                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                   or platform.machine(), versions=versions(), data=str(data.source))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    plot_curves(metrics, out / "curves.png", f"{cfg.model} / {cfg.optimizer}")
-    if not cfg.quiet:
+                   or platform.machine(), versions=versions(), data=str(data.source), world_size=w,
+                   bytes_communicated_per_step=step_bytes / steps_run, weights_sha256=hashes[0])
+    if writes:
+        atomic_save(final, out / "model.pt")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        plot_curves(metrics, out / "curves.png", f"{cfg.model} / {cfg.optimizer}")
+    if not quiet:
         print(f"test accuracy {summary['test_accuracy']:.4f}, train accuracy {summary['train_accuracy']:.4f}, "
               f"{summary['train_seconds']:.0f} s; run folder {out}", file=sys.stderr)
     return summary

@@ -47,8 +47,8 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(runs):
     """{model: (plain .onnx, --with-preprocessing .onnx)}."""
-    return {name: (export_run(run, run / "model.onnx"), export_run(run, run / "model-pre.onnx", with_preprocessing=True))
-            for name, run in runs.items()}
+    return {name: (export_run(run, run / "model.onnx"),
+                   export_run(run, run / "model-pre.onnx", with_preprocessing=True)) for name, run in runs.items()}
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +183,8 @@ def test_predict_cli_reports_bad_images_and_continues(tmp_path, exported, test_p
     out = _cli("predict", exported["lenet"][0], good[0], bad, good[1], "--top-k", "2")
     assert out.returncode == 1
     lines = out.stdout.strip().splitlines()
-    assert [ln.split(":")[0] for ln in lines] == [str(good[0]), str(good[1])] and all(ln.count(",") == 1 for ln in lines)
+    assert [ln.split(":")[0] for ln in lines] == [str(good[0]), str(good[1])]
+    assert all(ln.count(",") == 1 for ln in lines)  # --top-k 2: two "label p" pairs per line
     assert f"{bad}: unreadable image" in out.stderr and "1 of 3 images failed" in out.stderr
     assert _cli("predict", exported["lenet"][0], good[0]).returncode == 0
 
@@ -223,7 +224,7 @@ def test_quantize_int8_and_accuracy_gate(runs, exported, tmp_path):
     out = _cli("quantize", src, "--data", real_archive(), "--out", tmp_path / "refused.onnx", "--limit", "200",
                "--calibration-images", "64", "--max-drop", "-100")
     assert out.returncode == 1 and "refused" in out.stderr and not (tmp_path / "refused.onnx").exists()
-    assert json.loads((tmp_path / "quantization.json").read_text())["written"] is False
+    assert json.loads((tmp_path / "quantization-int8.json").read_text())["written"] is False
 
 
 def test_fp16_conversion_keeps_float_io(exported, tmp_path):
@@ -395,5 +396,6 @@ def test_run_command_without_data_names_the_flag(tmp_path):
     not_data = tmp_path / "notes.txt"
     not_data.write_text("hello")
     out = _cli("run", "--data", not_data, "--out", tmp_path / "x", "--quiet")
-    assert out.returncode == 2 and "--data" in out.stderr and "expected" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.returncode == 2 and "--data" in out.stderr and "expected" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

@@ -1,6 +1,7 @@
 """End-to-end `subgrad train` on CPU with real CIFAR-10: accuracy, run folder, resume, interruption."""
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -63,11 +64,12 @@ def test_zeroth_order_run_beats_chance(tmp_path):
 
 
 def _interrupt_at(monkeypatch, step_to_stop):
+    """Ctrl-C during step ``step_to_stop - 1``: training finishes that step, checkpoints, stops."""
     real = T.lr_factor
 
     def factor(schedule, step, total):
-        if step == step_to_stop:
-            raise KeyboardInterrupt
+        if step == step_to_stop - 1:
+            os.kill(os.getpid(), signal.SIGINT)
         return real(schedule, step, total)
 
     monkeypatch.setattr(T, "lr_factor", factor)

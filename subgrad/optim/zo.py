@@ -90,6 +90,8 @@ class ZOOptimizer(FlatOptimizer):
         self.last_estimate: torch.Tensor | None = None
         self._needs_base = False  # HiZOO also evaluates the unperturbed loss for second differences
         self._curvature: torch.Tensor | None = None
+        #: Callable averaging a step's float64 loss vector over data-parallel ranks (None: one process).
+        self.loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- layout ------------------------------------------------------------------------------------
     def _param_names(self) -> dict[int, str]:
@@ -158,37 +160,53 @@ class ZOOptimizer(FlatOptimizer):
         return loss.detach().reshape(()).to(torch.float64)
 
     def _estimate_sequential(self, closure, seed0: int):
-        """Finite differences by in-place perturbation.  Returns (c [q, blocks], loss, pending restore)."""
+        """Finite differences by in-place perturbation.  Returns (c [q, blocks], loss, losses, pending restore).
+
+        Losses are collected in the batched path's order ([L0], then per direction and block L+ [, L-]) and
+        turned into scalars by :meth:`_scalars`, so both paths share the arithmetic and the reduction hook.
+        """
         q, nb, eps = self.q, self.num_blocks, self.eps
         blocks = [None] if nb == 1 else list(range(nb))
         central = self.estimator == "central"
-        base = self._evaluate(closure) if (not central or self._needs_base) else None
-        cs, curv, losses, pending = [], [], [] if base is None else [base], None
+        with_base = not central or self._needs_base
+        losses, pending = [self._evaluate(closure)] if with_base else [], None
         for k in range(q):
             seed = seed0 + k
             for b in blocks:
                 self._move_block(b, seed, 0.0, eps)
-                plus = self._evaluate(closure)
+                losses.append(self._evaluate(closure))
                 level = eps
                 if central:
                     self._move_block(b, seed, eps, -eps)
                     level = -eps
-                    minus = self._evaluate(closure)
-                    cs.append((plus - minus) / (2 * eps))
-                    if base is not None:
-                        curv.append((plus + minus - 2 * base).abs() / (2 * eps * eps))
-                    losses += [plus, minus]
-                else:
-                    cs.append((plus - base) / eps)
-                    losses.append(plus)
+                    losses.append(self._evaluate(closure))
                 if k == q - 1 and b is None:
                     pending = (seed, level)  # the update kernel restores it (or _skip does)
                 else:
                     self._move_block(b, seed, level, 0.0)
-        c = torch.stack(cs).reshape(q, nb)
-        loss = base if base is not None else torch.stack(losses).mean()
-        self._curvature = torch.stack(curv).reshape(q, nb) if curv else None
-        return c, loss, torch.stack(losses), pending
+        c, loss, losses = self._scalars(torch.stack(losses), with_base)
+        return c, loss, losses, pending
+
+    def _scalars(self, losses: torch.Tensor, with_base: bool):
+        """(c [q, blocks], reported loss, losses) from the float64 losses of one step.
+
+        ``loss_reduce`` (set by distributed training) first averages the vector over the ranks: each rank
+        evaluated the same points on its own shard of the batch, so this one collective of 2q (+1) floats
+        per step is all the communication a zeroth-order step needs.
+        """
+        if self.loss_reduce is not None:
+            losses = self.loss_reduce(losses)
+        self._curvature = None
+        if self.estimator == "central":
+            pairs = losses[int(with_base):].reshape(-1, 2)
+            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), pairs.mean()
+            if with_base:
+                loss = losses[0]
+                curv = (pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * self.eps * self.eps)
+                self._curvature = curv.reshape(self.q, self.num_blocks)
+        else:
+            c, loss = (losses[1:] - losses[0]) / self.eps, losses[0]
+        return c.reshape(self.q, self.num_blocks), loss, losses
 
     def _points(self, seed0: int):
         """Direction-space perturbations of every point a step evaluates, as one [P, total] fp32 tensor."""
@@ -241,17 +259,8 @@ class ZOOptimizer(FlatOptimizer):
             losses = torch.func.vmap(functional_closure)(self._named_views(rows))
         losses = losses.detach().reshape(-1).to(torch.float64)
         self.forward_passes += losses.numel()
-        self._curvature = None
-        if self.estimator == "central":
-            pairs = losses[int(with_base):].reshape(-1, 2)
-            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), pairs.mean()
-            if with_base:
-                loss = losses[0]
-                curv = (pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * self.eps * self.eps)
-                self._curvature = curv.reshape(self.q, self.num_blocks)
-        else:
-            c, loss = (losses[1:] - losses[0]) / self.eps, losses[0]
-        return c.reshape(self.q, self.num_blocks), loss, losses, None
+        c, loss, losses = self._scalars(losses, with_base)
+        return c, loss, losses, None
 
     def _estimate_jvp(self, functional_closure, seed0: int):
         """Exact directional derivatives along the same directions (torch.func.jvp)."""
@@ -267,8 +276,10 @@ class ZOOptimizer(FlatOptimizer):
                 loss, d = torch.func.jvp(loss_of, (base,), (t,))
                 cs.append(d.reshape(()).to(torch.float64))
         self.forward_passes += len(cs)
-        losses = loss.detach().reshape(1).to(torch.float64)
-        return torch.stack(cs).reshape(self.q, self.num_blocks), losses[0], losses, None
+        values = torch.cat([loss.detach().reshape(1).to(torch.float64), torch.stack(cs)])
+        if self.loss_reduce is not None:  # [L0, derivatives]: averaged over ranks like the losses
+            values = self.loss_reduce(values)
+        return values[1:].reshape(self.q, self.num_blocks), values[0], values[:1], None
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,

@@ -1,0 +1,143 @@
+"""Data-parallel training on torch.distributed (torchrun): NCCL on GPUs, gloo on CPU.
+
+Every rank holds the whole uint8 dataset, draws the same global batch (same order and augmentation
+seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
+
+* first-order: one all-reduce of the flat gradient buffer (mean over ranks), then the fused update;
+* zeroth-order: one all-reduce of the step's 2q (+1) float64 losses (:attr:`ZOOptimizer.loss_reduce`).
+  Every rank regenerates every direction from the shared seed schedule and applies the same update,
+  so replicas stay bit-identical without ever sending a weight.
+
+:class:`Communicator` wraps the collectives and counts the payload bytes each one sends, which is how
+tests and ``benchmarks/distributed.py`` show that zeroth-order traffic does not grow with the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Communicator:
+    """Rank / world size and byte-counted collectives (a no-op wrapper when ``world_size == 1``)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    bytes_sent: int = 0  # payload bytes this rank handed to collectives
+    calls: int = 0
+    by_kind: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _count(self, kind: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        self.bytes_sent += n
+        self.calls += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + n
+
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place mean over ranks (sum, then divide: the same float ops on every rank)."""
+        if self.active:
+            self._count("all_reduce", tensor)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            self._count("all_reduce", tensor)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_grads_(self, params) -> None:
+        """Average the gradients over ranks: one all-reduce of their concatenation, copied back."""
+        if not self.active:
+            return
+        params = [p for p in params if p.grad is not None]
+        flat = self.all_reduce_mean_(torch.cat([p.grad.reshape(-1) for p in params]))
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def sync_buffers_(self, model: torch.nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+        Each rank's BatchNorm sees only its shard, so running statistics drift apart (as under DDP
+        without SyncBatchNorm); training calls this before every evaluation and at the end, so replicas,
+        checkpoints and the final hash agree.  Buffer-sized, once per evaluation, never per step.
+        """
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if not self.active or not buffers:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        self._count("buffers", flat)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    def loss_reduce(self, losses: torch.Tensor) -> torch.Tensor:
+        """The zeroth-order hook: a step's loss vector averaged over ranks (a new tensor)."""
+        return self.all_reduce_mean_(losses.clone())
+
+    def all_gather_strings(self, value: str) -> list[str]:
+        if not self.active:
+            return [value]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch (the batch must divide evenly)."""
+        if not self.active:
+            return x
+        n = x.shape[0] // self.world_size
+        return x[self.rank * n:(self.rank + 1) * n]
+
+
+def from_environment(device_kind: str) -> Communicator:
+    """Join the process group torchrun describes in the environment; a single process otherwise.
+
+    ``device_kind`` "cuda" picks NCCL and this rank's GPU (LOCAL_RANK); "cpu" picks gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Communicator()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return Communicator(rank=rank, world_size=world, local_rank=local)
+
+
+def shutdown(comm: Communicator) -> None:
+    if comm.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's bytes, in state_dict order (replica check)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
