@@ -103,6 +103,9 @@ def main() -> None:
         result = worker(args.model, args.optimizer, args.steps, args.batch, args.device)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from subgrad.distributed import exit_worker
+            exit_worker(0)
         return
 
     rows = []

@@ -348,10 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, RuntimeError, ImportError, OSError) as exc:  # one line, no traceback soup
         print(f"subgrad {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: see exit_worker
+        from .distributed import exit_worker
+        exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":
