@@ -1,4 +1,13 @@
-"""subgrad.export: ONNX export, onnxruntime validation and the torch-free runtime (growing).
+"""subgrad.export: trained runs -> ONNX, proven equal in onnxruntime, measured, deployable.
+
+    exporter     export_run / export_module: torch.onnx.export(dynamo=True), checks, metadata
+    validate     PyTorch vs onnxruntime on the CIFAR-10 test set -> validation.json / .md
+    bench        eager vs onnxruntime latency and throughput (CPU, CUDA, TensorRT providers)
+    quantize     static INT8 (QDQ, per-channel) and fp16, behind an accuracy gate
+    runtime      Predictor: onnxruntime + numpy + Pillow only (no torch import)
+    triton_repo  NVIDIA Triton Inference Server model repository
+
+This file imports nothing heavy, so ``subgrad.export.runtime`` stays torch-free.
 
 onnxruntime comes from an extra, because ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the
 same module and break each other when both are present:

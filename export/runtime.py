@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import require_onnxruntime  # the package's __init__ is torch-free too
+
 #: Value of the ``subgrad.format`` metadata key; bump when the keys below change meaning.
 METADATA_FORMAT = "subgrad-onnx-1"
 
@@ -61,22 +63,13 @@ class ModelInfo:
                    model_name=raw["model_name"], raw=raw)
 
 
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ImportError("onnxruntime is not installed: pip install 'subgrad[cpu]' (CPU) or 'subgrad[gpu]' "
-                          "(NVIDIA GPU, onnxruntime-gpu); never both") from exc
-    return onnxruntime
-
-
 def open_session(model_path, providers=None, threads: int | None = None):
     """An onnxruntime InferenceSession, or a one-line ModelFileError for a missing/corrupt/non-ONNX file.
 
     ``providers`` defaults to CUDA then CPU when onnxruntime has CUDA, else CPU; onnxruntime falls back
     to the next provider in the list when one cannot be created.
     """
-    ort = _ort()
+    ort = require_onnxruntime()
     path = pathlib.Path(model_path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import torch
 
 from conftest import real_archive
 from subgrad.distributed import weights_hash
+from subgrad.models import build_model
+from subgrad.train import load_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--model", "lenet", "--device", "cpu", "--batch-size", "64", "--eval-every", "2", "--quiet"]
@@ -53,7 +56,7 @@ def test_two_ranks_equal_one_rank(tmp_path, optimizer, atol):
     summary = json.loads((double / "summary.json").read_text())
     assert summary["world_size"] == 2
     # the run compared all ranks' hashes before writing; the recorded hash is that of the saved weights
-    model = __import__("subgrad.models", fromlist=["build_model"]).build_model("lenet")
+    model = build_model("lenet")
     model.load_state_dict(b)
     assert summary["weights_sha256"] == weights_hash(model)
     if optimizer == "zo-sgd":  # lenet default: 5 module blocks x 2 central-difference losses x float64
@@ -91,12 +94,11 @@ def test_dead_rank_leaves_checkpoint_and_restart_resumes_exactly(tmp_path):
 
     env_cmd = [sys.executable, "-m", "subgrad", "train", "--optimizer", "zo-sgd", "--data", str(real_archive()),
                *COMMON, *map(str, args), "--nproc", "2"]
-    env = dict(__import__("os").environ, SUBGRAD_FAIL_AT="1:3")
+    env = dict(os.environ, SUBGRAD_FAIL_AT="1:3")
     res = subprocess.run([*env_cmd, "--out", str(crashed)], capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode != 0 and "a rank failed" in res.stderr and f"--resume {crashed}" in res.stderr
     names = sorted(p.name for p in (crashed / "checkpoints").iterdir())
     assert names == ["step-0000002.pt"], names  # complete checkpoints only, no temp files
-    from subgrad.train import load_checkpoint
     assert load_checkpoint(crashed / "checkpoints" / names[0])["step"] == 2
 
     res = subprocess.run([*env_cmd, "--out", str(restarted), "--max-restarts", "1"], capture_output=True, text=True,

@@ -148,14 +148,15 @@ def test_predictor_takes_paths_pil_and_arrays(tmp_path, exported, test_pixels):
         load_image(tmp_path / "missing.png")
 
 
-def test_predictor_agrees_with_pytorch_top1(runs, exported, test_pixels):
+@pytest.mark.parametrize("name", MODELS)
+def test_predictor_agrees_with_pytorch_top1(name, runs, exported, test_pixels):
     from subgrad.export.exporter import load_run
     from subgrad.export.validate import torch_logits
 
     pixels, _ = test_pixels
-    model, record, _ = load_run(runs["lenet"])
+    model, record, _ = load_run(runs[name])
     want = torch_logits(model, pixels, record["mean"], record["std"], 64).argmax(1)
-    got = Predictor(exported["lenet"][0]).predict(list(pixels), top_k=1)
+    got = Predictor(exported[name][0]).predict(list(pixels), top_k=1)
     classes = record["classes"]
     assert [classes.index(top[0][0]) for top in got] == want.tolist()
 
@@ -208,18 +209,23 @@ def test_bench_reports_both_sides(name, runs, exported, tmp_path):
     assert "CPUExecutionProvider" in out.stdout
 
 
-def test_quantize_int8_and_accuracy_gate(runs, exported, tmp_path):
+@pytest.mark.parametrize("name", MODELS)
+def test_quantize_int8_and_accuracy_gate(name, runs, exported, tmp_path):
     from subgrad.export.quantize import quantize
 
-    src = exported["lenet"][0]
-    report = quantize(src, real_archive(), tmp_path / "q.onnx", calibration_images=128, limit=500)
+    src = exported[name][0]
+    report = quantize(src, real_archive(), tmp_path / "q.onnx", calibration_images=128, limit=300)
     assert report["written"] and (tmp_path / "q.onnx").is_file()
     assert report["size_ratio"] < 0.5, report  # int8 weights: about a quarter of fp32 plus QDQ scales
-    assert abs(report["accuracy_drop_points"]) <= 5 and report["speedup_batch256"] > 0
+    assert report["accuracy_quantized"] is not None and report["speedup_batch256"] > 0
+    if name == "lenet":  # (the 10-step resnet20 is near chance: its int8 accuracy says little)
+        assert abs(report["accuracy_drop_points"]) <= 5, report
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     info = Predictor(tmp_path / "q.onnx").info  # metadata survives quantization
-    assert info.model_name == "lenet" and info.raw["quantization"]["per_channel"] is True
+    assert info.model_name == name and info.raw["quantization"]["per_channel"] is True
+    if name != "lenet":
+        return
     # an impossible gate (accuracy must rise 100 points): refused, exit 1, nothing written
     out = _cli("quantize", src, "--data", real_archive(), "--out", tmp_path / "refused.onnx", "--limit", "200",
                "--calibration-images", "64", "--max-drop", "-100")
@@ -285,17 +291,17 @@ def _triton_config_type():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
 
 
-@pytest.mark.parametrize("which", ["plain", "preprocessing"])
-def test_package_writes_a_triton_repository_matching_the_model(which, exported, tmp_path):
+@pytest.mark.parametrize("name, which", [("lenet", "plain"), ("lenet", "preprocessing"), ("resnet20", "plain")])
+def test_package_writes_a_triton_repository_matching_the_model(name, which, exported, tmp_path):
     from google.protobuf import text_format
 
-    src = exported["lenet"][0 if which == "plain" else 1]
-    out = _cli("package", src, "--triton-repo", tmp_path / "repo", "--name", "cifar_lenet", "--max-batch-size", "128")
+    src = exported[name][0 if which == "plain" else 1]
+    out = _cli("package", src, "--triton-repo", tmp_path / "repo", "--name", "cifar10_model", "--max-batch-size", "128")
     assert out.returncode == 0, out.stderr
-    folder = tmp_path / "repo" / "cifar_lenet"
+    folder = tmp_path / "repo" / "cifar10_model"
     config = text_format.Parse((folder / "config.pbtxt").read_text(), _triton_config_type()())
     proto = onnx.load(str(folder / "1" / "model.onnx"))
-    assert config.name == "cifar_lenet" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 128
+    assert config.name == "cifar10_model" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 128
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     assert max(config.dynamic_batching.preferred_batch_size) <= 128
     assert config.instance_group[0].count >= 1
