@@ -122,10 +122,20 @@ def from_environment(device_kind: str) -> Communicator:
         return Communicator()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        import datetime
+
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
+        # One key prefix per torchrun attempt: after a restart the rendezvous store still holds the dead
+        # attempt's addresses under the default prefix, and a rank that read one of those could not
+        # connect (seen as a flaky "Gloo connectFullMesh failed ... Connection refused").
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store, timeout=datetime.timedelta(minutes=5))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"subgrad/attempt-{attempt}", store),
+                                rank=rank, world_size=world)
     return Communicator(rank=rank, world_size=world, local_rank=local)
 
 
