@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from .runtime import ModelInfo, normalize, open_session
+from .runtime import ModelInfo, Predictor, open_session
 
 BATCH_SIZES = (1, 32, 256)
 
@@ -57,7 +57,8 @@ def _stats(times: list[float], batch: int) -> dict:
                 throughput=float(batch * len(t) / (t.sum() / 1e3)), runs=len(t))
 
 
-def _time(fn, runs: int, warmup: int, sync=lambda: None) -> list[float]:
+def time_runs(fn, runs: int, warmup: int, sync=lambda: None) -> list[float]:
+    """Seconds per call of ``fn`` over ``runs`` calls after ``warmup`` untimed ones (``sync`` after each)."""
     for _ in range(warmup):
         fn()
     sync()
@@ -89,7 +90,7 @@ def _bench_provider(model_path, info, model, provider: str, device: str, batch_s
     out_name = session.get_outputs()[0].name
     for bs in batch_sizes:
         pixels = rng.integers(0, 256, (bs, info.height, info.width, 3), dtype=np.uint8)
-        feed = pixels if info.preprocessing_in_graph else normalize(pixels, info.mean, info.std)
+        feed = info.prepare(pixels)
         x = torch.from_numpy(feed).to(device)
         if device == "cuda":  # keep onnxruntime's input and output on the GPU, as eager's are
             import onnxruntime as ort
@@ -103,8 +104,8 @@ def _bench_provider(model_path, info, model, provider: str, device: str, batch_s
         def run_torch():
             with torch.inference_mode():
                 model(x)
-        eager = _stats(_time(run_torch, runs, warmup, sync), bs)
-        onnx_ = _stats(_time(run_onnx, runs, warmup), bs)
+        eager = _stats(time_runs(run_torch, runs, warmup, sync), bs)
+        onnx_ = _stats(time_runs(run_onnx, runs, warmup), bs)
         result["batches"][str(bs)] = dict(torch=eager, onnxruntime=onnx_,
                                           p50_speedup=eager["p50_ms"] / onnx_["p50_ms"],
                                           throughput_ratio=onnx_["throughput"] / eager["throughput"])
@@ -123,8 +124,7 @@ def bench(model_path, batch_sizes=BATCH_SIZES, runs: int = 200, warmup: int = 20
         raise ValueError("--runs must be >= 1, --warmup >= 0 and batch sizes positive")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    session = open_session(model_path, ["CPUExecutionProvider"])
-    info = ModelInfo.from_props(session.get_modelmeta().custom_metadata_map, str(model_path))
+    info = Predictor(model_path, ["CPUExecutionProvider"]).info
     model, weights = torch_model(model_path, info, run_dir)
     available = ort.get_available_providers()
     if providers is None:

@@ -148,10 +148,10 @@ def export_failure_reason(exc: BaseException) -> str:
         return f"no ONNX translation for the op {op.group(1)}"
     root = chain[-1]
     lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(root)).splitlines() if ln.strip()]
-    where = re.search(r'File "?([^",]+)"?,? line (\d+), in (\w+)|File: ([^ ]+) in (\w+), code: (.+)', text)
+    where = re.search(r"File: ([^ ]+) in (\w+), code: (.+)", text)  # torch.export's user-code annotation
     detail = lines[0][:240] if lines else type(root).__name__
-    if where and where.group(4):
-        detail += f" (at {where.group(4)} in {where.group(5)}: {where.group(6).strip()[:80]})"
+    if where:
+        detail += f" (at {where.group(1)} in {where.group(2)}: {where.group(3).strip()[:80]})"
     return f"{type(root).__name__}: {detail}"
 
 

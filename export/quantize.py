@@ -20,31 +20,20 @@ import tempfile
 import numpy as np
 import onnx
 
-from .runtime import ModelInfo, normalize, open_session
+from .bench import time_runs
+from .runtime import ModelInfo, Predictor
 
 
-def _accuracy(path, info: ModelInfo, pixels, labels, batch_size: int = 256) -> tuple[float, np.ndarray]:
-    from .validate import onnx_logits
-
-    session = open_session(path, ["CPUExecutionProvider"])
-    logits = onnx_logits(session, info, pixels, batch_size)
-    return float((logits.argmax(1) == labels).mean()), logits
+def _accuracy(path, pixels, labels) -> float:
+    logits = Predictor(path, ["CPUExecutionProvider"]).logits_from_pixels(pixels, 256)
+    return float((logits.argmax(1) == labels).mean())
 
 
 def _latency_ms(path, info: ModelInfo, batch: int, runs: int = 30) -> float:
-    import time
-
-    session = open_session(path, ["CPUExecutionProvider"])
+    session = Predictor(path, ["CPUExecutionProvider"]).session
     pixels = np.random.default_rng(0).integers(0, 256, (batch, info.height, info.width, 3), dtype=np.uint8)
-    feed = {info.input_name: pixels if info.preprocessing_in_graph else normalize(pixels, info.mean, info.std)}
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    feed = {info.input_name: info.prepare(pixels)}
+    return float(np.median(time_runs(lambda: session.run(None, feed), runs, warmup=5)) * 1e3)
 
 
 def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto, extra: dict) -> None:
@@ -66,8 +55,7 @@ class _Calibration:
             return None
         chunk = self.pixels[self.index:self.index + self.batch_size]
         self.index += self.batch_size
-        feed = chunk if self.info.preprocessing_in_graph else normalize(chunk, self.info.mean, self.info.std)
-        return {self.info.input_name: np.ascontiguousarray(feed)}
+        return {self.info.input_name: self.info.prepare(chunk)}
 
     def rewind(self):
         self.index = 0
@@ -86,8 +74,7 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
     out = pathlib.Path(out) if out else model_path.with_name(f"{model_path.stem}.{mode}.onnx")
     if out.resolve() == model_path.resolve():
         raise ValueError("--out must differ from the input model")
-    info = ModelInfo.from_props(open_session(model_path, ["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map,
-                                str(model_path))
+    info = Predictor(model_path, ["CPUExecutionProvider"]).info
     source = onnx.load(str(model_path))
     dataset = load_cifar10(data)
     pixels, labels = dataset.test_images[:limit], dataset.test_labels[:limit]
@@ -117,13 +104,13 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
         _copy_metadata(source, quantized, {"quantization": settings})
         onnx.save(quantized, str(tmp))
 
-        acc_fp32, _ = _accuracy(model_path, info, pixels, labels)
+        acc_fp32 = _accuracy(model_path, pixels, labels)
         report = dict(model=str(model_path), out=str(out), images=int(len(labels)), settings=settings,
                       accuracy_fp32=acc_fp32, max_drop_points=max_drop,
                       size_fp32_bytes=model_path.stat().st_size, size_quantized_bytes=tmp.stat().st_size)
         report["size_ratio"] = report["size_quantized_bytes"] / report["size_fp32_bytes"]
         try:
-            acc_q, _ = _accuracy(tmp, info, pixels, labels)
+            acc_q = _accuracy(tmp, pixels, labels)
         except Exception as exc:  # fp16 on the CPU provider: no kernels for some ops
             acc_q = None
             report["accuracy_note"] = f"not measurable on CPUExecutionProvider ({str(exc).splitlines()[0][:160]})"

@@ -62,6 +62,12 @@ class ModelInfo:
                    input_layout=raw["input_layout"], preprocessing_in_graph=bool(raw["preprocessing_in_graph"]),
                    model_name=raw["model_name"], raw=raw)
 
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NHWC pixels at the model's size -> what the model's input takes."""
+        if self.preprocessing_in_graph:
+            return np.ascontiguousarray(pixels)
+        return normalize(pixels, self.mean, self.std)
+
 
 def open_session(model_path, providers=None, threads: int | None = None):
     """An onnxruntime InferenceSession, or a one-line ModelFileError for a missing/corrupt/non-ONNX file.
@@ -158,10 +164,8 @@ class Predictor:
         return self.info.class_names
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 NHWC pixels -> what the model's input takes."""
-        if self.info.preprocessing_in_graph:
-            return np.ascontiguousarray(pixels)
-        return normalize(pixels, self.info.mean, self.info.std)
+        """uint8 NHWC pixels -> what the model's input takes (:meth:`ModelInfo.prepare`)."""
+        return self.info.prepare(pixels)
 
     def logits(self, images) -> np.ndarray:
         """Raw logits [N, classes] for a list of images (paths, PIL images, uint8 arrays)."""
@@ -169,11 +173,13 @@ class Predictor:
             np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
         return self.logits_from_pixels(pixels)
 
-    def logits_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Raw logits for uint8 NHWC pixels already at the model's size, ``batch_size`` per run."""
+    def logits_from_pixels(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Raw logits for uint8 NHWC pixels already at the model's size, ``batch_size`` (default: the
+        predictor's) images per run."""
+        batch_size = batch_size or self.batch_size
         out = []
-        for i in range(0, len(pixels), self.batch_size):
-            feed = {self.info.input_name: self.preprocess(pixels[i:i + self.batch_size])}
+        for i in range(0, len(pixels), batch_size):
+            feed = {self.info.input_name: self.preprocess(pixels[i:i + batch_size])}
             out.append(self.session.run([self.output_name], feed)[0])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 

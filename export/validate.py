@@ -16,31 +16,18 @@ import pathlib
 import numpy as np
 import torch
 
-from .runtime import ModelInfo, open_session, normalize
+from .runtime import Predictor
 
 BATCH_SIZES = (1, 2, 7, 64, 256)
 
 
 def torch_logits(model, pixels: np.ndarray, mean, std, batch_size: int) -> np.ndarray:
-    """Logits of ``model`` for uint8 NHWC pixels, normalised exactly as training's loader does."""
-    mean255 = torch.tensor(mean).view(1, 3, 1, 1) * 255
-    std255 = torch.tensor(std).view(1, 3, 1, 1) * 255
-    out = []
+    """Logits of ``model`` for uint8 NHWC pixels, normalised by training's own loader."""
+    from subgrad.data import DeviceLoader
+
+    loader = DeviceLoader(pixels, np.zeros(len(pixels), np.int64), mean, std, batch_size, "cpu")
     with torch.inference_mode():
-        for i in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(pixels[i:i + batch_size]).permute(0, 3, 1, 2).float()
-            out.append(model((x - mean255) / std255))
-    return torch.cat(out).numpy()
-
-
-def onnx_logits(session, info: ModelInfo, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    out_name = session.get_outputs()[0].name
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        chunk = pixels[i:i + batch_size]
-        feed = np.ascontiguousarray(chunk) if info.preprocessing_in_graph else normalize(chunk, info.mean, info.std)
-        out.append(session.run([out_name], {info.input_name: feed})[0])
-    return np.concatenate(out).astype(np.float32)
+        return torch.cat([model(x) for x, _ in loader.epoch(0)]).numpy()
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict:
@@ -64,8 +51,8 @@ def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: 
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {batch_sizes}")
     model_path = pathlib.Path(model_path)
-    session = open_session(model_path, providers)
-    info = ModelInfo.from_props(session.get_modelmeta().custom_metadata_map, str(model_path))
+    predictor = Predictor(model_path, providers)
+    info = predictor.info
     model, record, _ = load_run(run_dir)
     if info.model_name != record["model"] or not np.allclose(info.mean, record["mean"], rtol=0, atol=0):
         raise ValueError(f"{model_path} was not exported from {run_dir} (model or normalisation differ)")
@@ -75,7 +62,7 @@ def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: 
     rows = []
     for bs in batch_sizes:
         ref = torch_logits(model, pixels, record["mean"], record["std"], bs)
-        got = onnx_logits(session, info, pixels, bs)
+        got = predictor.logits_from_pixels(pixels, bs)
         rows.append(dict(batch_size=bs, **compare(ref, got, labels)))
     worst_agreement = min(r["agreement"] for r in rows)
     worst_diff = max(r["max_abs_diff"] for r in rows)
@@ -86,7 +73,8 @@ def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: 
     if worst_diff > max_abs_diff:
         failures.append(f"max |logit difference| {worst_diff:.3g} > {max_abs_diff:g} "
                         f"(batch {max(rows, key=lambda r: r['max_abs_diff'])['batch_size']})")
-    report = dict(model=str(model_path), run=str(run_dir), images=int(len(labels)), provider=session.get_providers()[0],
+    report = dict(model=str(model_path), run=str(run_dir), images=int(len(labels)),
+                  provider=predictor.session.get_providers()[0],
                   agreement=worst_agreement, max_abs_diff=worst_diff,
                   accuracy_torch=rows[-1]["accuracy_torch"], accuracy_onnx=rows[-1]["accuracy_onnx"],
                   thresholds=dict(min_agreement=min_agreement, max_abs_diff=max_abs_diff),

@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export_commands(sub, models, optimizers) -> None:
+    from subgrad.export.bench import BATCH_SIZES as BENCH_BATCH_SIZES
+    from subgrad.export.validate import BATCH_SIZES as VALIDATE_BATCH_SIZES
+
     ex = sub.add_parser("export", help="export a run folder's model to ONNX",
                         description="Export RUN's final weights with torch.onnx.export(dynamo=True), dynamic batch, "
                                     "opset 18, metadata for deployment; checked before it is written.")
@@ -271,7 +274,7 @@ def _add_export_commands(sub, models, optimizers) -> None:
     va.add_argument("model", metavar="MODEL.onnx")
     va.add_argument("--run", required=True, metavar="RUN_DIR", help="the run folder the model was exported from")
     va.add_argument("--data", default="./data", help="CIFAR-10 (any layout subgrad train accepts)")
-    va.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=(1, 2, 7, 64, 256))
+    va.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=VALIDATE_BATCH_SIZES)
     va.add_argument("--min-agreement", dest="min_agreement", type=float, default=0.999)
     va.add_argument("--max-abs-diff", dest="max_abs_diff", type=float, default=1e-4)
     va.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
@@ -282,7 +285,7 @@ def _add_export_commands(sub, models, optimizers) -> None:
                                     "throughput, session creation; CUDA/TensorRT providers too when present.")
     be.add_argument("model", metavar="MODEL.onnx")
     be.add_argument("--json", help="also write the report to this JSON file")
-    be.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=(1, 32, 256))
+    be.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=BENCH_BATCH_SIZES)
     be.add_argument("--runs", type=int, default=200, help="timed runs per batch size (default 200)")
     be.add_argument("--warmup", type=int, default=20)
     be.add_argument("--threads", type=int, help="threads for both sides (default: torch's default)")

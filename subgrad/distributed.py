@@ -59,16 +59,22 @@ class Communicator:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def all_reduce_grads_(self, params) -> None:
-        """Average the gradients over ranks: one all-reduce of their concatenation, copied back."""
-        if not self.active:
+    def _mean_of_many_(self, tensors: list[torch.Tensor], kind: str) -> None:
+        """Average several tensors over ranks in place: one all-reduce of their concatenation."""
+        if not self.active or not tensors:
             return
-        params = [p for p in params if p.grad is not None]
-        flat = self.all_reduce_mean_(torch.cat([p.grad.reshape(-1) for p in params]))
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # (mixed dtypes promote; copy_ casts back)
+        self._count(kind, flat)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def all_reduce_grads_(self, params) -> None:
+        """Average the gradients over ranks (one collective), before the fused update."""
+        self._mean_of_many_([p.grad for p in params if p.grad is not None], "all_reduce")
 
     def sync_buffers_(self, model: torch.nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks.
@@ -77,17 +83,7 @@ class Communicator:
         without SyncBatchNorm); training calls this before every evaluation and at the end, so replicas,
         checkpoints and the final hash agree.  Buffer-sized, once per evaluation, never per step.
         """
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
-        if not self.active or not buffers:
-            return
-        flat = torch.cat([b.reshape(-1).float() for b in buffers])
-        self._count("buffers", flat)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(self.world_size)
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+        self._mean_of_many_([b for b in model.buffers() if b.is_floating_point()], "buffers")
 
     def loss_reduce(self, losses: torch.Tensor) -> torch.Tensor:
         """The zeroth-order hook: a step's loss vector averaged over ranks (a new tensor)."""
