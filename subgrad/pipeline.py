@@ -37,14 +37,15 @@ def run_pipeline(data: str = "./data", out: str = "runs/main", model: str = "len
     onnx_path = export_run(run, run / "model.onnx")
     _log(quiet, "[3/4] validating PyTorch vs onnxruntime on the test set")
     validation = validate(onnx_path, run, data, batch_sizes=validate_batch_sizes or BATCH_SIZES)
+    _log(quiet, f"      {'passed' if validation['passed'] else 'FAILED: ' + '; '.join(validation['failures'])}: "
+                f"top-1 agreement {validation['agreement']:.5f}, max |logit diff| {validation['max_abs_diff']:.3g} "
+                f"over {validation['images']} images")
     _log(quiet, f"[4/4] benchmarking ({bench_runs} timed runs per batch size)")
     timing = bench(onnx_path, runs=bench_runs, run_dir=run)
     atomic_write_text(run / "bench.json", json.dumps(timing, indent=1))
     report = render_report(summary, validation, timing)
     atomic_write_text(run / "report.md", report)
-    if not quiet:
-        print(render_table(timing), file=sys.stderr)
-    _log(quiet, f"report: {run / 'report.md'}")
+    _log(quiet, render_table(timing))  # the CLI prints the report's path on stdout
     return dict(summary=summary, validation=validation, bench=timing, report=str(run / "report.md"))
 
 

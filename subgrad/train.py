@@ -360,8 +360,13 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
         return path
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, disable=quiet, unit="step", dynamic_ncols=True, file=sys.stderr,
-               desc=f"{cfg.model}/{cfg.optimizer}" + (f" x{w}" if comm.active else ""))
+    # A live bar only on a terminal: redirected to a file, its redraws would be almost all of the log, so
+    # there the per-evaluation lines are the progress report.
+    bar = tqdm(total=total, initial=start, disable=quiet or not sys.stderr.isatty(), unit="step", dynamic_ncols=True,
+               file=sys.stderr, desc=f"{cfg.model}/{cfg.optimizer}" + (f" x{w}" if comm.active else ""))
+    if not quiet:
+        tqdm.write(f"{cfg.model}/{cfg.optimizer}: steps {start}..{total}, batch {cfg.batch_size}, "
+                   f"{steps_per_epoch} steps per epoch, evaluating every {eval_every} steps", file=sys.stderr)
     last_eval = metrics[-1] if metrics else None
     step = start
     interrupted = False
@@ -422,11 +427,12 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
                 if writes:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(last_eval) + "\n")
-                if not quiet:
-                    bar.write(f"step {step:>7}  epoch {last_eval['epoch']:>6.2f}  loss {last_eval['train_loss']:.4f}  "
-                              f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
-                              f"{last_eval['images_per_second']:.0f} img/s"
-                              + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if zo else ""))
+                if not quiet:  # tqdm.write clears and redraws a live bar; without one it is a plain print
+                    tqdm.write(f"step {step:>7}  epoch {last_eval['epoch']:>6.2f}  loss {last_eval['train_loss']:.4f}  "
+                               f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
+                               f"{last_eval['images_per_second']:.0f} img/s"
+                               + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if zo else "")
+                               + f"  {train_seconds:.0f} s", file=sys.stderr)
                 bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}", acc=f"{test_acc:.3f}")
                 if step % checkpoint_every == 0 or step == total:
                     save(step)

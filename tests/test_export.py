@@ -385,8 +385,12 @@ def test_unsupported_models_get_a_one_line_reason(tmp_path, runs):
 
 def test_run_command_trains_exports_validates_and_reports(tmp_path):
     out = _cli("run", "--data", real_archive(), "--out", tmp_path / "main", "--device", "cpu", "--steps", "40",
-               "--bench-runs", "3", "--quiet")
+               "--bench-runs", "3")
     assert out.returncode == 0, out.stderr[-2000:]
+    # stderr is a pipe, not a terminal: readable lines only, no progress-bar redraws
+    assert "\r" not in out.stderr and len(out.stderr) < 30_000, out.stderr[:2000]
+    assert "step      40  epoch   0.10" in out.stderr and "passed: top-1 agreement" in out.stderr, out.stderr
+    assert out.stdout.strip() == f"report: {tmp_path / 'main' / 'report.md'}", out.stdout
     run = tmp_path / "main"
     for name in ("model.onnx", "validation.json", "validation.md", "bench.json", "report.md", "curves.png",
                  "summary.json"):

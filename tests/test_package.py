@@ -1,6 +1,10 @@
 """Install layout and command line."""
+import importlib.util
+import pathlib
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import subgrad
 
@@ -51,3 +55,50 @@ def test_missing_onnxruntime_message(monkeypatch):
         assert "subgrad[cpu]" in str(exc) and "subgrad[gpu]" in str(exc)
     else:
         raise AssertionError("require_onnxruntime did not raise without onnxruntime")
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHECK_INSTALL = REPO / ".ci" / "check_install.py"
+
+
+def _source_modules() -> dict:
+    spec = importlib.util.spec_from_file_location("check_install", CHECK_INSTALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_modules(REPO)
+
+
+def test_every_source_module_imports(tmp_path):
+    """.ci/check_install.py walks the source tree and imports each module by its installed name."""
+    out = subprocess.run([sys.executable, str(CHECK_INSTALL), str(REPO)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(_source_modules())} of {len(_source_modules())} modules imported" in out.stdout, out.stdout
+
+
+def test_wheel_contains_every_source_module(tmp_path):
+    """A wheel built from the repository ships exactly the source tree's modules, under subgrad.*.
+
+    Built from a copy of the packaging inputs, so the repository gets no build/ or egg-info folders.
+    A subpackage left out of the packaging (as subgrad.optim once was) fails here, not for a user.
+    """
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("subgrad", "kernels", "export"):
+        shutil.copytree(REPO / folder, src / folder, ignore=ignore)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          str(src), "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("subgrad-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+    shipped = {n for n in names if n.endswith(".py")}
+    expected = {name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+                for name, path in _source_modules().items()}
+    assert shipped == expected, (f"missing from the wheel: {sorted(expected - shipped)}; "
+                                 f"in the wheel but not in the source tree: {sorted(shipped - expected)}")
+    assert "subgrad = subgrad.cli:main" in entry_points, entry_points
