@@ -1,0 +1,492 @@
+"""Compiled-code cost model: how close each kernel can get to copy bandwidth, read from its machine code.
+
+    python benchmarks/compiled_cost.py [--arch sm_80 sm_90 sm_100] [--json PATH] [--only perturb_ ...]
+
+No GPU or driver needed.  Every kernel variant that subgrad's optimizers launch is found by running the
+optimizers (ZOSGD, ZOAdam, HiZOO, SGD, AdamW over their option grid, fp32 and bf16, on a small model)
+with the kernel launches recorded instead of executed; each distinct variant is then compiled by Triton
+for each NVIDIA target (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, the
+ptxas in the triton wheel), and its SASS is read with the wheel's ``cuobjdump``:
+
+* ``registers`` and ``local_memory_bytes`` (spills) from ``cuobjdump -res-usage``;
+* ``sass_per_element``: instructions one thread executes per element on the common path (see
+  :func:`fast_path`), split by execution pipe (:data:`PIPES`);
+* ``bytes_per_element``: DRAM bytes per element, from the TTIR: each full-size buffer that the kernel
+  loads counts its element size once, each that it stores once more (small tables such as per-block
+  scalars stay in cache and count nothing);
+* ``predicted_fraction``: per GPU, the kernel's predicted rate as a fraction of copy bandwidth:
+
+      compute-bound rate = SMs * 4 schedulers * clock * 32 lanes / cycles_per_warp_element
+      cycles_per_warp_element = max(instructions, max over pipes of instructions_pipe * 128 / lanes_pipe)
+      memory-bound rate  = copy bandwidth / bytes_per_element
+      predicted_fraction = min(1, compute-bound rate / memory-bound rate)
+
+  i.e. a roofline over the issue slots and the execution pipes, with perfect overlap of memory and
+  compute.  It predicts an upper bound: latency stalls, tail effects and DRAM efficiency below the copy
+  kernel's are not modelled.  ``benchmarks/gpu_check.sh`` prints these predictions beside measured
+  fractions on a real GPU (``benchmarks/kernels.py``), which is how the constants get calibrated.
+
+Reference kernels compiled alongside (``kernel`` names starting with ``ref:``): a copy ``y = x + 1``
+(the memory-bound anchor) and a perturbation with stock ``tl.randn`` (what public zeroth-order
+trainers run on GPUs).  Run it with ``TRITON_INTERPRET`` unset (this script unsets it).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels; must happen before triton.jit runs
+
+import argparse
+import contextlib
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# --------------------------------------------------------------------------------------------------
+# Model constants.  Sources: NVIDIA A100 / H100 / H200 datasheets (SM counts, boost clocks, peak HBM
+# bandwidth); copy bandwidths are device-to-device copy rates typically measured at ~85-90% of the
+# HBM peak (issue 11 states 4.3 TB/s for H200 and 3.0 TB/s for H100 SXM); per-pipe rates are the
+# CUDA C++ Programming Guide's "throughput of native arithmetic instructions" table (operations per
+# clock per SM).  Not yet calibrated on a GPU: gpu_check.sh prints predicted beside measured.
+# --------------------------------------------------------------------------------------------------
+GPUS = {
+    #        arch  SMs  boost GHz  copy TB/s (peak HBM TB/s)
+    "A100": dict(arch=80, sms=108, clock_ghz=1.41, copy_tb_s=1.75, hbm_tb_s=2.04),  # A100-SXM4-80GB
+    "H100": dict(arch=90, sms=132, clock_ghz=1.98, copy_tb_s=3.0, hbm_tb_s=3.35),  # H100 SXM5
+    "H200": dict(arch=90, sms=132, clock_ghz=1.98, copy_tb_s=4.3, hbm_tb_s=4.8),  # H200 SXM
+}
+SCHEDULERS_PER_SM = 4  # each issues one warp-instruction per clock
+#: lanes per SM per clock of each execution pipe (an instruction on a pipe with L lanes occupies its
+#: scheduler's share of the pipe for 128 / L clocks per warp)
+PIPES = {
+    80: dict(fp32=64, int=64, xu=16, lsu=32),
+    90: dict(fp32=128, int=64, xu=16, lsu=32),
+    100: dict(fp32=128, int=64, xu=16, lsu=32),
+}
+#: SASS opcode -> pipe ("issue" = issue slot only: control, uniform datapath, moves handled elsewhere)
+FP32_OPS = {"FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2", "FMUL32I", "FADD32I", "FFMA32I"}
+INT_OPS = {"IMAD", "IMUL", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "SEL", "FSEL", "FSETP",
+           "FMNMX", "IMNMX", "LEA", "PRMT", "IABS", "PLOP3", "MOV", "P2R", "R2P", "BMSK", "VIADD", "VIMNMX",
+           "FCHK", "IMNMX", "SGXT", "HSETP2", "HMNMX2", "ISCADD", "BFE", "BFI", "FSWZADD", "VABSDIFF"}
+XU_OPS = {"MUFU", "I2F", "F2I", "F2F", "I2FP", "F2FP", "FRND", "POPC", "FLO", "BREV", "I2I"}
+LSU_OPS = {"LDG", "STG", "LD", "ST", "LDS", "STS", "LDL", "STL", "LDC", "ATOM", "RED", "ATOMG"}
+
+KERNEL_NAMES = {"perturb_kernel": "perturb_", "zo_update_kernel": "zo_update_", "sgd_kernel": "sgd_step_",
+                "adamw_kernel": "adamw_step_"}
+#: constexpr flag -> option name in the JSON (a flag set to True adds its option)
+OPTION_FLAGS = {"HAS_SOURCE": "source", "HAS_PRECOND": "precond", "HAS_MASTER": "master",
+                "HAS_MOMENTUM": "momentum", "HAS_HESSIAN": "hessian", "NESTEROV": "nesterov",
+                "FIRST_STEP": "first_step", "HAS_WEIGHT_DECAY": "weight_decay", "HAS_L1": "l1",
+                "MAXIMIZE": "maximize", "AMSGRAD": "amsgrad"}
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                   torch.int32: "i32"}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Which variants the optimizers launch: run them with the launches recorded, not executed
+# --------------------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, fn, calls: list):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Within the block every subgrad kernel launch is recorded in the yielded list, not run."""
+    from subgrad.kernels import adamw, perturb, sgd, zo_update
+    calls, saved = [], []
+    for module, name in ((perturb, "perturb_kernel"), (zo_update, "zo_update_kernel"), (sgd, "sgd_kernel"),
+                         (adamw, "adamw_kernel")):
+        saved += [(module, name, getattr(module, name)), (module, "resolve_backend", module.resolve_backend)]
+        setattr(module, name, _Recorder(getattr(module, name), calls))
+        module.resolve_backend = lambda backend, *tensors: "triton"
+    try:
+        yield calls
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def optimizer_grid():
+    """(label, dtype, factory(params) -> optimizer) for every optimizer configuration the library offers."""
+    from subgrad.optim import SGD, ZOSGD, AdamW, HiZOO, ZOAdam
+    grid = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for dist in ("gaussian", "rademacher"):
+            grid += [
+                ("zosgd", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, distribution=d)),
+                ("zosgd-forward-q4", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, q=4, estimator="forward",
+                                                                     distribution=d)),
+                ("zosgd-blocks-momentum", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, blocks="module", momentum=0.9,
+                                                                          weight_decay=1e-4, l1=1e-5,
+                                                                          distribution=d)),
+                ("zoadam-q4", dtype, lambda p, d=dist: ZOAdam(p, lr=1e-3, q=4, estimator="forward",
+                                                               distribution=d)),
+                ("hizoo", dtype, lambda p, d=dist: HiZOO(p, lr=1e-3, eps=1e-2, distribution=d)),
+            ]
+        grid += [
+            ("sgd", dtype, lambda p: SGD(p, lr=0.1)),
+            ("sgd-momentum", dtype, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4)),
+            ("sgd-nesterov", dtype, lambda p: SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)),
+            ("adamw", dtype, lambda p: AdamW(p, lr=1e-3)),
+            ("adamw-amsgrad", dtype, lambda p: AdamW(p, lr=1e-3, amsgrad=True)),
+        ]
+    return grid
+
+
+def record_optimizer_launches() -> list:
+    """Run two steps of every configuration in :func:`optimizer_grid`; return the recorded launches."""
+    launches = []
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    for label, dtype, factory in optimizer_grid():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(dtype)
+        opt = factory(model.named_parameters())
+        zeroth_order = hasattr(opt, "forward_passes")
+        with recording_launches() as calls:
+            for _ in range(2):
+                if zeroth_order:
+                    opt.step(lambda: torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y))
+                else:
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
+                    opt.step()
+        launches += [(label, *call) for call in calls]
+    return launches
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. One compiled variant per distinct (kernel, argument types, constexprs)
+# --------------------------------------------------------------------------------------------------
+def signature_of(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """Triton signature, constexprs, attrs (16-byte alignment of pointers and specialised ints) and the
+    tensors bound to pointer arguments, for one recorded launch."""
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
+    sig, constexprs, attrs, tensors = {}, {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = values[name]
+        if name in constexpr_names:
+            sig[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[name] = "*" + TORCH_TO_TRITON[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+            tensors[name] = value
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if i not in fn.do_not_specialize:  # Triton specialises such ints on divisibility by 16: assume
+                attrs[(i,)] = [["tt.divisibility", 16]]  # the common large-buffer case (n % 16 == 0)
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    return sig, constexprs, attrs, tensors
+
+
+def describe(fn, sig: dict, constexprs: dict, tensors: dict, values: dict) -> dict:
+    """The JSON identity of a variant: kernel, dtype, distribution, directions, options."""
+    first_pointer = next(name for name, t in sig.items() if t.startswith("*"))
+    options = [opt for flag, opt in OPTION_FLAGS.items() if constexprs.get(flag) is True]
+    if constexprs.get("SEARCH_STEPS", 0):
+        options.append("blocks")
+    if "RADEMACHER" in constexprs:
+        distribution = "rademacher" if constexprs["RADEMACHER"] else "gaussian"
+    else:
+        distribution = None
+    directions = values.get("num_directions", 1) if distribution else None
+    return dict(kernel=KERNEL_NAMES.get(fn.__name__, fn.__name__), dtype=DTYPE_NAMES[sig[first_pointer][1:]],
+                distribution=distribution, directions=directions, options=sorted(options))
+
+
+def distinct_variants(launches: list) -> list[dict]:
+    """Deduplicate recorded launches; keep which optimizer configurations launch each variant."""
+    variants = {}
+    for label, fn, args, kwargs in launches:
+        sig, constexprs, attrs, tensors = signature_of(fn, args, kwargs)
+        values = dict(zip(fn.arg_names, args)) | kwargs
+        ident = describe(fn, sig, constexprs, tensors, values)
+        # one binary per (kernel, types, constexprs); q is a runtime loop count within it
+        key = fn.__name__ + json.dumps(sig, sort_keys=True) + repr(sorted(constexprs.items()))
+        entry = variants.setdefault(key, dict(ident=ident, fn=fn, sig=sig, constexprs=constexprs, attrs=attrs,
+                                              n=values.get("n"), tensors=tensors, options=kwargs, used_by=set(),
+                                              directions=set()))
+        entry["used_by"].add(label)
+        entry["directions"].add(ident["directions"])
+    return list(variants.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference kernels (calibration anchors)
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def ref_copy_kernel(x_ptr, y_ptr, n, BLOCK_SIZE: tl.constexpr):
+    """y = x + 1: one read, one write, no arithmetic to speak of."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = pos < n
+    tl.store(y_ptr + pos, tl.load(x_ptr + pos, mask=mask) + 1.0, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def ref_randn_perturb_kernel(x_ptr, n, seed, scale, BLOCK_SIZE: tl.constexpr):
+    """x += scale * tl.randn(seed, i): the stock Triton way (one Philox call per element)."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = pos < n
+    x = tl.load(x_ptr + pos, mask=mask)
+    tl.store(x_ptr + pos, x + scale * tl.randn(seed, pos.to(tl.int32)), mask=mask)
+
+
+def reference_variants() -> list[dict]:
+    n = 1 << 20
+    x = torch.empty(n)
+    out = []
+    for fn, args, name in ((ref_copy_kernel, (x, x, n), "ref:copy"),
+                           (ref_randn_perturb_kernel, (x, n, 12345, 1e-3), "ref:tl.randn perturb")):
+        sig, constexprs, attrs, tensors = signature_of(fn, args, dict(BLOCK_SIZE=1024))
+        out.append(dict(ident=dict(kernel=name, dtype="float32", distribution="gaussian" if "randn" in name
+                                   else None, directions=1 if "randn" in name else None, options=[]),
+                        fn=fn, sig=sig, constexprs=constexprs, attrs=attrs, n=n, tensors=tensors,
+                        options=dict(num_warps=4), used_by={"reference"}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Compile, read the SASS, cost it
+# --------------------------------------------------------------------------------------------------
+def nvidia_tool(name: str) -> str:
+    import triton.backends.nvidia as nvidia
+    return str(pathlib.Path(nvidia.__file__).parent / "bin" / name)
+
+
+def compile_variant(variant: dict, arch: int):
+    """triton.compile for one NVIDIA target; the kernels' own launch options (warps, no FMA contraction)."""
+    options = dict(num_warps=variant["options"].get("num_warps", 4),
+                   enable_fp_fusion=variant["options"].get("enable_fp_fusion", True))
+    src = ASTSource(variant["fn"], variant["sig"], variant["constexprs"], variant["attrs"])
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def read_sass(cubin: bytes) -> tuple[list[tuple[int, str]], dict]:
+    """(address, instruction) pairs and the resource usage (REG, LOCAL, SHARED, ...) of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    resources = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return instructions, resources
+
+
+def _opcode(instruction: str) -> str:
+    text = re.sub(r"^@!?U?P[T0-9]+\s+", "", instruction)  # drop the guard predicate
+    return text.split()[0]
+
+
+def _branch_target(instruction: str) -> int | None:
+    m = re.search(r"\b(?:BRA|CALL\.REL(?:\.NOINC)?|BSSY)\b.*?(0x[0-9a-f]+)", instruction)
+    return int(m.group(1), 16) if m else None
+
+
+def fast_path(instructions: list[tuple[int, str]], loop_trips: int, slow_path_window: int = 16) -> list[str]:
+    """The instructions one thread executes on the common path, in order.
+
+    Straight-line from the entry to EXIT, with three rules: a guarded forward branch over a short region
+    holding a CALL is taken (the CALL is a rarely-run slow path, e.g. ``div_rn``/``sqrt_rn`` on
+    denormals); an unguarded branch is followed; a backward branch (a loop) is taken ``loop_trips - 1``
+    times, so a runtime loop over q directions counts q iterations.
+    """
+    index = {addr: i for i, (addr, _) in enumerate(instructions)}
+    path, i, trips = [], 0, {}
+    while i < len(instructions) and len(path) < 200_000:
+        addr, ins = instructions[i]
+        op = _opcode(ins)
+        path.append(ins)
+        if op == "EXIT" and not ins.startswith("@"):
+            break
+        if op.startswith("BRA"):
+            target = _branch_target(ins)
+            # guarded by a prefix predicate (@P0 BRA) or a predicate operand (BRA.U !UP0, ...; sm_100)
+            guarded = ins.startswith("@") or re.search(r"\bBRA(?:\.\w+)*\s+!?U?P[T0-9]+\s*,", ins) is not None
+            if target is not None and target < addr:  # loop back edge
+                trips[addr] = trips.get(addr, 0) + 1
+                if trips[addr] < loop_trips:
+                    i = index[target]
+                    continue
+            elif target is not None and not guarded:
+                i = index[target]
+                continue
+            elif target is not None:
+                j = index[target]
+                region = [_opcode(s) for _, s in instructions[i + 1:j]]
+                if len(region) <= slow_path_window and any(o.startswith("CALL") for o in region):
+                    i = j
+                    continue
+        i += 1
+    return path
+
+
+def pipe_of(op: str) -> str:
+    base = op.split(".")[0]
+    if base in FP32_OPS:
+        return "fp32"
+    if base in INT_OPS:
+        return "int"
+    if base in XU_OPS:
+        return "xu"
+    if base in LSU_OPS:
+        return "lsu"
+    return "issue"  # control flow, uniform-datapath (U*) and other issue-only instructions
+
+
+def pipe_counts(path: list[str]) -> dict[str, float]:
+    counts = dict(fp32=0.0, int=0.0, xu=0.0, lsu=0.0, issue=0.0)
+    for ins in path:
+        op = _opcode(ins)
+        weight = 2.0 if op.startswith("IMAD.WIDE") else 1.0  # 64-bit result: two passes of the int pipe
+        counts[pipe_of(op)] += weight
+    return counts
+
+
+def streamed_bytes(ttir: str, tensors: dict, n: int | None) -> int:
+    """DRAM bytes per element: full-size buffers loaded (once) and stored (once more), from the TTIR."""
+    defs = {}
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w.]+)(?::\d+)? = [\w.]+ (%[\w.]+)", line)
+        if m:
+            defs[m.group(1)] = m.group(2)
+    accesses = set()
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(?:%[\w.]+ = )?tt\.(load|store) (%[\w.]+)", line)
+        if not m:
+            continue
+        name, seen = m.group(2), set()
+        while name in defs and name not in seen:
+            seen.add(name)
+            name = defs[name]
+        accesses.add((m.group(1), name.lstrip("%")))
+    total = 0
+    for kind, arg in accesses:
+        t = tensors.get(arg)
+        if t is not None and (n is None or t.numel() == n):  # small tables are cache-resident
+            total += t.element_size()
+    return total
+
+
+def cost(variant: dict, arch: int, loop_trips: int) -> dict:
+    """Compile one variant for one arch and apply the model."""
+    kernel = compile_variant(variant, arch)
+    instructions, resources = read_sass(kernel.asm["cubin"])
+    path = fast_path(instructions, loop_trips)
+    warps = variant["options"].get("num_warps", 4)
+    per_thread = variant["constexprs"]["BLOCK_SIZE"] / (32 * warps)  # elements one thread handles
+    counts = {k: v / per_thread for k, v in pipe_counts(path).items()}
+    total = sum(counts.values())
+    lanes = PIPES[arch]
+    cycles = max([total] + [counts[p] * 128 / lanes[p] for p in ("fp32", "int", "xu", "lsu")])
+    nbytes = streamed_bytes(kernel.asm["ttir"], variant["tensors"], variant["n"])
+    fractions = {}
+    for gpu, spec in GPUS.items():
+        if spec["arch"] != arch:
+            continue
+        compute_rate = spec["sms"] * SCHEDULERS_PER_SM * spec["clock_ghz"] * 1e9 * 32 / cycles
+        memory_rate = spec["copy_tb_s"] * 1e12 / max(nbytes, 1)
+        fractions[gpu] = round(min(1.0, compute_rate / memory_rate), 3)
+    return dict(arch=f"sm_{arch}", registers=resources.get("REG"), local_memory_bytes=resources.get("LOCAL", 0),
+                stack_bytes=resources.get("STACK", 0), sass_per_element=round(total, 2),
+                sass_per_element_by_pipe={k: round(v, 2) for k, v in counts.items()},
+                bytes_per_element=nbytes, predicted_fraction=fractions)
+
+
+def supported_archs(requested: list[int]) -> list[int]:
+    """Drop targets the wheel's ptxas cannot build (sm_100 needs the Blackwell ptxas)."""
+    out = []
+    for arch in requested:
+        if arch >= 100 and not pathlib.Path(nvidia_tool("ptxas-blackwell")).exists():
+            print(f"sm_{arch}: skipped (no ptxas for it in this triton wheel)", file=sys.stderr)
+            continue
+        out.append(arch)
+    return out
+
+
+def run(archs: list[int], only: list[str] | None = None) -> list[dict]:
+    variants = reference_variants() + distinct_variants(record_optimizer_launches())
+    if only:
+        variants = [v for v in variants if v["ident"]["kernel"] in only]
+    rows = []
+    for variant in variants:
+        # zo_update_ loops over q at run time: one binary, costed at each q the optimizers launched it with
+        qs = sorted(variant.get("directions") or {variant["ident"]["directions"]}, key=lambda q: q or 0)
+        for arch in archs:
+            for q in qs:
+                try:
+                    result = cost(variant, arch, loop_trips=q or 1)
+                except Exception as exc:  # a compile error is a finding, not a crash of the report
+                    result = dict(arch=f"sm_{arch}", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+                rows.append(dict(variant["ident"], directions=q, **result, used_by=sorted(variant["used_by"])))
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    gpus = list(GPUS)
+    head = (f"{'kernel':<22}{'dtype':<9}{'dist':<11}{'q':>2}  {'options':<36}{'arch':<7}{'regs':>5}{'local':>6}"
+            f"{'SASS/el':>8}{'int':>6}{'B/el':>5}  " + "  ".join(f"{g:>5}" for g in gpus))
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<22}{r['dtype']:<9}{str(r['distribution']):<11}  {r['arch']}: {r['error']}")
+            continue
+        frac = "  ".join(f"{r['predicted_fraction'][g]:>5.2f}" if g in r["predicted_fraction"] else f"{'':>5}"
+                         for g in gpus)
+        lines.append(f"{r['kernel']:<22}{r['dtype']:<9}{str(r['distribution'] or '-'):<11}"
+                     f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<36}{r['arch']:<7}"
+                     f"{r['registers']:>5}{r['local_memory_bytes']:>6}{r['sass_per_element']:>8.1f}"
+                     f"{r['sass_per_element_by_pipe']['int']:>6.1f}{r['bytes_per_element']:>5}  {frac}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90", "sm_100"],
+                        help="NVIDIA targets (default: sm_80 sm_90 sm_100; sm_100 only where ptxas supports it)")
+    parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
+    parser.add_argument("--only", nargs="+", help="kernels to cost (e.g. perturb_ zo_update_)")
+    args = parser.parse_args(argv)
+    archs = supported_archs([int(a.removeprefix("sm_")) for a in args.arch])
+    start = time.perf_counter()
+    rows = run(archs, args.only)
+    print(render(rows))
+    print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; predicted fraction of copy bandwidth "
+          f"(roofline of issue slots and pipes vs DRAM; not yet calibrated on a GPU)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, gpus=GPUS,
+                                             pipes=PIPES, kernels=rows), indent=1))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
