@@ -314,10 +314,11 @@ def _branch_target(instruction: str) -> int | None:
 def fast_path(instructions: list[tuple[int, str]], loop_trips: int, slow_path_window: int = 16) -> list[str]:
     """The instructions one thread executes on the common path, in order.
 
-    Straight-line from the entry to EXIT, with three rules: a guarded forward branch over a short region
+    Straight-line from the entry to EXIT, with these rules: a guarded forward branch over a short region
     holding a CALL is taken (the CALL is a rarely-run slow path, e.g. ``div_rn``/``sqrt_rn`` on
-    denormals); an unguarded branch is followed; a backward branch (a loop) is taken ``loop_trips - 1``
-    times, so a runtime loop over q directions counts q iterations.
+    denormals); a guarded forward branch over a loop (a region holding a back edge into itself) is taken
+    when ``loop_trips`` is 0 (the loop is skipped); an unguarded branch is followed; a backward branch
+    (a loop) is taken ``loop_trips - 1`` times, so the body counts ``loop_trips`` iterations.
     """
     index = {addr: i for i, (addr, _) in enumerate(instructions)}
     path, i, trips = [], 0, {}
@@ -343,6 +344,11 @@ def fast_path(instructions: list[tuple[int, str]], loop_trips: int, slow_path_wi
                 j = index[target]
                 region = [_opcode(s) for _, s in instructions[i + 1:j]]
                 if len(region) <= slow_path_window and any(o.startswith("CALL") for o in region):
+                    i = j
+                    continue
+                skips_loop = any(_opcode(s).startswith("BRA") and (t := _branch_target(s)) is not None
+                                 and addr < t < a for a, s in instructions[i + 1:j])
+                if skips_loop and loop_trips == 0:
                     i = j
                     continue
         i += 1
@@ -396,11 +402,16 @@ def streamed_bytes(ttir: str, tensors: dict, n: int | None) -> int:
     return total
 
 
-def cost(variant: dict, arch: int, loop_trips: int) -> dict:
+#: runtime-loop trip count of each kernel at q directions (zo_update_ loops over all but the last one)
+LOOP_TRIPS = {"zo_update_": lambda q: q - 1}
+
+
+def cost(variant: dict, arch: int, directions: int | None) -> dict:
     """Compile one variant for one arch and apply the model."""
     kernel = compile_variant(variant, arch)
     instructions, resources = read_sass(kernel.asm["cubin"])
-    path = fast_path(instructions, loop_trips)
+    trips = LOOP_TRIPS.get(variant["ident"]["kernel"], lambda q: 1)(directions or 1)
+    path = fast_path(instructions, trips)
     warps = variant["options"].get("num_warps", 4)
     per_thread = variant["constexprs"]["BLOCK_SIZE"] / (32 * warps)  # elements one thread handles
     counts = {k: v / per_thread for k, v in pipe_counts(path).items()}
@@ -443,7 +454,7 @@ def run(archs: list[int], only: list[str] | None = None) -> list[dict]:
         for arch in archs:
             for q in qs:
                 try:
-                    result = cost(variant, arch, loop_trips=q or 1)
+                    result = cost(variant, arch, q)
                 except Exception as exc:  # a compile error is a finding, not a crash of the report
                     result = dict(arch=f"sm_{arch}", error=f"{type(exc).__name__}: {str(exc)[:500]}")
                 rows.append(dict(variant["ident"], directions=q, **result, used_by=sorted(variant["used_by"])))
@@ -468,12 +479,40 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: benchmarks/kernels.py op -> the compiled variant it times (fp32, one direction, no options)
+MEASURED_OPS = {"copy": ("ref:copy", None), "perturb": ("perturb_", "gaussian"),
+                "zo_update": ("zo_update_", "gaussian"), "sgd": ("sgd_step_", None), "adamw": ("adamw_step_", None)}
+
+
+def compare_with_measured(rows: list[dict], kernels_json: pathlib.Path) -> str:
+    """Predicted beside measured fractions of copy bandwidth, for a kernels-cuda-*.json from a real GPU
+    (the largest n of each op).  This is how the model's constants get calibrated."""
+    data = json.loads(kernels_json.read_text())
+    gpu = next((g for g in GPUS if g in data["device"]), None)
+    if gpu is None:
+        return f"{kernels_json}: device {data['device']!r} is not one of the modelled GPUs {list(GPUS)}"
+    lines = [f"{data['device']}: predicted (model, {gpu}) vs measured (benchmarks/kernels.py) fraction of copy"]
+    for op, (kernel, dist) in MEASURED_OPS.items():
+        measured = [r for r in data["rows"] if r["op"] == op and r.get("fraction_of_copy") is not None]
+        predicted = [r["predicted_fraction"][gpu] for r in rows if r.get("kernel") == kernel
+                     and r.get("dtype") == "float32" and r.get("distribution") == dist
+                     and r.get("directions") in (None, 1) and gpu in r.get("predicted_fraction", {})
+                     and (not r["options"] or kernel in ("sgd_step_", "adamw_step_"))]
+        if measured and predicted:
+            big = max(measured, key=lambda r: r["n"])
+            lines.append(f"  {op:<10} n={big['n']:<10} predicted {min(predicted):.2f}  measured "
+                         f"{big['fraction_of_copy']:.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90", "sm_100"],
                         help="NVIDIA targets (default: sm_80 sm_90 sm_100; sm_100 only where ptxas supports it)")
     parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
     parser.add_argument("--only", nargs="+", help="kernels to cost (e.g. perturb_ zo_update_)")
+    parser.add_argument("--measured", type=pathlib.Path, nargs="*", default=[],
+                        help="kernels-cuda-*.json from benchmarks/kernels.py: print measured beside predicted")
     args = parser.parse_args(argv)
     archs = supported_archs([int(a.removeprefix("sm_")) for a in args.arch])
     start = time.perf_counter()
@@ -481,6 +520,8 @@ def main(argv=None) -> int:
     print(render(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; predicted fraction of copy bandwidth "
           f"(roofline of issue slots and pipes vs DRAM; not yet calibrated on a GPU)")
+    for path in args.measured:
+        print(compare_with_measured(rows, path))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, gpus=GPUS,

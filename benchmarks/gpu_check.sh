@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh          # results under $OUT when set, else benchmarks/results/
 # 1. install subgrad without downloading anything, 2. the test suite on CUDA (real Triton compilation,
 # kernels vs twins on the device), 3. the self-check, 4. the kernel benchmarks and the target check,
-# 5. the optimizer-step benchmark, 6. lenet training at the defaults (when the data is there),
+# 5. the compiled-code cost model beside the measured kernel speeds, the optimizer-step benchmark,
+# 6. lenet training at the defaults (when the data is there),
 # 7. ONNX export of that run, validation and `subgrad bench` with every onnxruntime provider present,
 # 8. data-parallel steps/s and bytes per step over all GPUs (skipped with a message on one GPU).
 # Budget: under 8 minutes; each stage has its own timeout so a hang cannot eat the device time.
@@ -38,6 +39,11 @@ echo "== kernel benchmarks"
 timeout 150 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS" 2>&1 | tee "$RESULTS/kernels-cuda.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 "$PY" benchmarks/check_targets.py "$RESULTS"/kernels-cuda-*.json 2>&1 | tee "$RESULTS/targets-cuda.txt"
+
+echo "== compiled-code cost model: predicted vs measured fraction of copy bandwidth (calibrates the model)"
+timeout 240 env -u TRITON_INTERPRET "$PY" benchmarks/compiled_cost.py --arch sm_80 sm_90 sm_100 \
+  --json "$RESULTS/compiled-cost.json" --measured "$RESULTS"/kernels-cuda-*.json 2>&1 | tail -12 \
+  | tee "$RESULTS/compiled-cost-cuda.txt"
 
 echo "== optimizer steps (LeNet, ResNet-20; ZOSGD sequential vs batched, SGD/AdamW vs torch.optim, peak memory)"
 timeout 120 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS" 2>&1 | tee "$RESULTS/optim-cuda.txt"

@@ -8,6 +8,10 @@ Rows, each timed in this run:
   zosgd q=1 / q=8, batched     ZOSGD.step(functional_closure=...): the 2q points in one torch.func.vmap
   sgd / adamw                  subgrad.optim.SGD/AdamW.step() vs torch.optim's fastest path here
                                (fused on CUDA when supported, else foreach; plain on CPU), gradients given
+  zo-sgd / zo-adam defaults    the `subgrad train --model lenet` zeroth-order defaults (batch 512):
+                               the optimizer's own share of a step = 1 - (forward passes x one
+                               forward's time) / step time, i.e. what perturbation, update and
+                               bookkeeping add to the forwards the estimate needs
 Peak memory (CUDA only: torch.cuda.max_memory_allocated) is reported relative to a forward-only
 inference pass of the same batch; on CPU it is not measured.  Writes JSON next to kernels.py's.
 """
@@ -112,6 +116,33 @@ def bench_model(name, device, batch, repeats):
     return rows
 
 
+def zo_default_shares(device, repeats, batch=512):
+    """Optimizer's own share of a LeNet step at the zo-sgd and zo-adam training defaults."""
+    from subgrad.train import TrainConfig, make_optimizer
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    rows = []
+    for optimizer in ("zo-sgd", "zo-adam"):
+        cfg = TrainConfig(model="lenet", optimizer=optimizer).resolved()
+        model = build_model("lenet").to(device)
+        opt = make_optimizer(cfg, model)
+        closure = lambda: F.cross_entropy(model(x), y)
+        step = measure(lambda: opt.step(closure), device, repeats)
+        passes_before = opt.forward_passes
+        opt.step(closure)
+        passes = opt.forward_passes - passes_before
+
+        def forward():
+            with torch.no_grad():
+                closure()
+        fwd = measure(forward, device, repeats)
+        rows.append(dict(model="lenet", step=f"{optimizer} defaults", seconds=step, forward_seconds=fwd,
+                         forward_passes=passes, optimizer_share=1.0 - passes * fwd / step, baseline=None,
+                         baseline_seconds=None, speedup=None, peak_bytes=None, peak_vs_inference=None))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -124,6 +155,7 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     rows = [r for m in args.models for r in bench_model(m, device, args.batch, args.repeats)]
+    rows += zo_default_shares(device, args.repeats)
 
     print(f"subgrad {__version__} optimizer steps on {name} ({device.type}), batch {args.batch}; torch {torch.__version__}")
     print(f"{'model':<10}{'step':<24}{'ms':>9}{'fwd':>5}{'speedup':>9}  {'vs':<32}{'peak/inference':>15}")
@@ -132,6 +164,9 @@ def main(argv=None) -> int:
         peak = f"{r['peak_vs_inference']:.2f}x" if r["peak_vs_inference"] else ("n/a" if r["forward_passes"] else "")
         print(f"{r['model']:<10}{r['step']:<24}{r['seconds'] * 1e3:>9.2f}{r['forward_passes'] or '':>5}{speed:>9}  "
               f"{r['baseline'] or '':<32}{peak:>15}")
+        if "optimizer_share" in r:
+            print(f"{'':<10}  optimizer's own share of the step: {r['optimizer_share']:.1%} "
+                  f"({r['forward_passes']} forwards x {r['forward_seconds'] * 1e3:.2f} ms)")
     os.makedirs(args.out, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     path = os.path.join(args.out, f"optim-{device.type}-{slug}.json")

@@ -36,8 +36,8 @@ BACKENDS = ("triton", "torch")
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
 
-#: Directions are indexed by 32-bit Philox counters, exactly like ``tl.randn(seed, offset)`` with an
-#: int32 offset; ``offset + n`` must therefore stay within 2**32 elements per seed.
+#: Elements of one direction are addressed with 32-bit indices (Philox counters are element // 4 or
+#: element // 128, see philox.py); ``offset + n`` must therefore stay within 2**32 elements per seed.
 MAX_DIRECTION_ELEMENTS = 2**32
 
 #: Seeds are passed to kernels as two non-negative int32 halves so that every seed gives the same

@@ -12,12 +12,12 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, grid, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to,
+                      check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to,
                       split_seed)
-from .philox import direction, direction_counter, is_rademacher, iter_direction_chunks, philox_seed
+from .philox import direction_tile, is_rademacher, iter_direction_chunks, philox_seed, tile_launch, tile_positions
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group"])
 def perturb_kernel(
     x_ptr,  # *fp32/bf16/fp16 [n]: buffer to perturb, updated in place
     source_ptr,  # *fp32 [n]: master copy read instead of x when HAS_SOURCE (else unused)
@@ -25,21 +25,24 @@ def perturb_kernel(
     n,  # number of elements
     seed_lo,  # low 31 bits of the direction's seed
     seed_hi,  # seed >> 31
-    offset,  # index of x[0] within the direction
+    first_group,  # offset // GROUP: Philox group of x[0] (offset = index of x[0] within the direction)
+    lead,  # offset % GROUP: position of x[0] within its group (0 keeps loads 16-byte aligned)
     scale,  # fp32 step along the direction (runtime: changing it never recompiles)
     HAS_SOURCE: tl.constexpr,  # read the fp32 master copy instead of x
     HAS_PRECOND: tl.constexpr,  # scale the direction by 1 / sqrt(precond)
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    GROUP: tl.constexpr,  # elements per Philox call: 4 (normal) or 128 (Rademacher)
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
+    WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """x[i] = cast((source[i] if HAS_SOURCE else x[i]) + scale * z_seed[offset + i]), in fp32."""
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = pos < n
+    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # [BLOCK_SIZE // GROUP, GROUP]
+    mask = (pos >= 0) & (pos < n)
     if HAS_SOURCE:
         w = tl.load(source_ptr + pos, mask=mask)
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-    z = direction(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset), RADEMACHER)
+    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE // GROUP, RADEMACHER)
     if HAS_PRECOND:
         z = z * inv_sqrt_rn(tl.load(precond_ptr + pos, mask=mask, other=1.0))
     w = w + scale * z
@@ -92,11 +95,12 @@ def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = Non
     if resolve_backend(backend, *tensors) == "triton":
         n = x.numel()
         if n:
-            perturb_kernel[grid(n)](x, source if source is not None else x, precond if precond is not None else x,
-                                    n, seed_lo, seed_hi, offset, scale,
-                                    HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
-                                    RADEMACHER=rademacher,
-                                    BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            launch, first_group, lead, group, wide = tile_launch(offset, n, rademacher)
+            perturb_kernel[launch](x, source if source is not None else x, precond if precond is not None else x,
+                                   n, seed_lo, seed_hi, first_group, lead, scale,
+                                   HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
+                                   RADEMACHER=rademacher, GROUP=group, WIDE=wide,
+                                   BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         perturb_torch(x, seed, scale, offset, rademacher, source, precond)
     return x

@@ -1,30 +1,39 @@
-"""Counter-based random directions: Triton's Philox4x32-10, and a torch twin with the same bits.
+"""Counter-based random directions: Philox4x32-10 with every output word used, and a torch twin with
+the same bits.
 
-A direction is named by a seed and never stored: element ``i`` of direction ``seed`` is a function
-of ``(seed, i)`` only, computed by whichever kernel needs it.
+A direction is named by a seed and never stored: element ``e`` of direction ``seed`` is a function of
+``(seed, e)`` only, computed by whichever kernel needs it.
 
-Bits.  ``tl.randint4x(seed, ctr)`` with a 32-bit counter ``ctr = offset + i`` runs ten Philox4x32
-rounds on the counter block ``(ctr, 0, 0, 0)`` with key ``(seed mod 2**32, seed >> 32)``.
-:func:`philox4x32_torch` reimplements those rounds with int64 torch ops, so the four 32-bit words are
-identical on every backend and device.
+Bits.  ``tl.randint4x(seed, g)`` with a 32-bit counter ``g`` runs ten Philox4x32 rounds on the counter
+block ``(g, 0, 0, 0)`` with key ``(seed mod 2**32, seed >> 32)`` and returns four 32-bit words
+``w0..w3``.  :func:`philox4x32_torch` reimplements those rounds with int64 torch ops (it matches
+Random123's published known-answer vectors), so the words are identical on every backend and device.
 
-Rademacher.  ``z_i = +1`` if the top bit of the first word is 0, else ``-1`` (bit-identical everywhere).
+The direction map (one Philox call feeds a whole group of neighbouring elements; no word is wasted):
 
-Normal.  The same Box-Muller mapping as ``tl.randn``: the first two words become uniforms
-``u1, u2`` exactly as ``tl.random.uint_to_uniform_float`` does, ``u1 = max(u1, 1e-7)``, and
+* **Normal**: groups of 4.  Element ``e = 4 g + j`` comes from call ``g``.  Each word gives a 24-bit
+  uniform: radius uniforms ``u0, u2 = ((w >> 8) | 1) 2**-24`` in (0, 1) (never 0, so no floor is
+  needed), angles ``a1, a3 = (w >> 8) 2**-24`` in [0, 1), both exact in float32; radii
+  ``r0 = sqrt(-2 ln u0)``, ``r1 = sqrt(-2 ln u2)`` (at most 5.77), and both outputs of each pair:
 
-    z_i = sqrt(-2 ln u1) * cos(2 pi u2).
+      z[4g] = r0 cos(2 pi a1),  z[4g+1] = r0 sin(2 pi a1),  z[4g+2] = r1 cos(2 pi a3),  z[4g+3] = r1 sin(2 pi a3)
 
-``tl.randn`` evaluates ln and cos with the platform's math library, whose float32 results differ by
-an ulp between numpy (the interpreter), torch on CPU and CUDA's libdevice.  Here ln and cos are
-evaluated by :func:`log_f32` / :func:`cos_2pi_f32`: fixed sequences of IEEE float32 additions,
-multiplications and one correctly rounded division, with no FMA contraction (kernels launch with
-``enable_fp_fusion=False``) and ``tl.sqrt_rn`` for the root.  IEEE 754 fixes the result of each of
-those operations, so **normal directions are bit-identical across the Triton kernel, the torch twin,
-CPU and GPU**, not merely close.  Against exact Box-Muller of the same uniforms they are within
-4 float32 ulp plus 1e-6 absolute (ln/cos polynomial error, tested in ``tests/test_philox.py``);
-against ``tl.randn`` itself they differ by about ``tl.randn``'s own error: its float32 ``2*pi*u2``
-product (~2.5e-7 * r absolute) and, on GPUs, approximate cos/log; tested at <= 2e-6 * (1 + r).
+  so four normals cost one Philox call, two logs, two roots and two sin/cos pairs that share one
+  argument reduction.  Cosine and sine of one angle are exactly uncorrelated and independent for
+  Box-Muller (tested, with the other neighbour pairs and seed vs seed + 1).
+* **Rademacher**: groups of 128.  Element ``e = 128 g + 4 b + k`` is ``-1`` if bit ``b`` of word ``w_k``
+  of call ``g`` is set, else ``+1``: all 128 bits of a call are signs.  (Word-minor order, so the four
+  neighbouring elements a GPU thread loads together read four different words at the same bit.)
+
+This map is not ``tl.randn``'s (one call per element, three words discarded); it replaced it in issue 11
+because direction generation, not memory, bounded every zeroth-order kernel (benchmarks/README.md).
+
+Bit-identical normals.  ln, cos and sin are evaluated by :func:`log_f32` / :func:`sincos_2pi`: integer
+ops and fixed sequences of IEEE float32 additions, multiplications and one correctly rounded division, with no
+FMA contraction (kernels launch with ``enable_fp_fusion=False``) and ``tl.sqrt_rn`` for the root.  IEEE
+754 fixes the result of each of those operations, so **normal directions are bit-identical across the
+Triton kernel, the torch twin, CPU and GPU**, not merely close.  Against float64 Box-Muller of the same
+uniforms they are within max(4 float32 ulp, 5e-7) (tested in ``tests/test_philox.py``).
 """
 from __future__ import annotations
 
@@ -46,38 +55,57 @@ PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUNDS = 10
 
-UNIFORM_SCALE: tl.constexpr = tl.constexpr(f32(4.6566127342e-10))  # as tl.random.uint_to_uniform_float
-U1_MIN: tl.constexpr = tl.constexpr(f32(1.0e-7))  # as tl.random.pair_uniform_to_normal
+TWO_M24: tl.constexpr = tl.constexpr(2.0**-24)  # uniforms are 24-bit: k * 2**-24, exact in float32
 SQRT2: tl.constexpr = tl.constexpr(f32(math.sqrt(2.0)))
 LN2_HI: tl.constexpr = tl.constexpr(f32(6.9313812256e-01))  # 0x3f317180: e * LN2_HI is exact for |e| < 128
 LN2_LO: tl.constexpr = tl.constexpr(f32(math.log(2.0) - f32(6.9313812256e-01)))
-# ln(1+f) = 2 atanh(s), s = f / (2 + f):  2s + s * s^2 (2/3 + s^2 (2/5 + s^2 (2/7 + s^2 2/9)))
+# ln(1+f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716:  2s + s * s^2 (2/3 + s^2 (2/5 + s^2 2/7)); the next
+# term, 2 s^9 / 9, is below 3e-8 (the whole normal stays within the tested 4-ulp / 5e-7 bound)
 LOG_C3: tl.constexpr = tl.constexpr(f32(2.0 / 3.0))
 LOG_C5: tl.constexpr = tl.constexpr(f32(2.0 / 5.0))
 LOG_C7: tl.constexpr = tl.constexpr(f32(2.0 / 7.0))
-LOG_C9: tl.constexpr = tl.constexpr(f32(2.0 / 9.0))
-# Taylor coefficients of cos(2 pi x) and sin(2 pi x) in t = x^2, for |x| <= 1/8 (|2 pi x| <= pi/4).
-COS_C = [f32((-1) ** j * (2 * math.pi) ** (2 * j) / math.factorial(2 * j)) for j in range(6)]
-SIN_C = [f32((-1) ** j * (2 * math.pi) ** (2 * j + 1) / math.factorial(2 * j + 1)) for j in range(6)]
+# Taylor coefficients of cos(2 pi x) and sin(2 pi x) in t = x^2, for |x| <= 1/8 (|2 pi x| <= pi/4), to
+# x^8 and x^9: truncation error (pi/4)^10 / 10! = 2.5e-8 and (pi/4)^11 / 11! = 1.8e-9, under an ulp of 0.7.
+COS_C = [f32((-1) ** j * (2 * math.pi) ** (2 * j) / math.factorial(2 * j)) for j in range(5)]
+SIN_C = [f32((-1) ** j * (2 * math.pi) ** (2 * j + 1) / math.factorial(2 * j + 1)) for j in range(5)]
 COS_C1: tl.constexpr = tl.constexpr(COS_C[1])
 COS_C2: tl.constexpr = tl.constexpr(COS_C[2])
 COS_C3: tl.constexpr = tl.constexpr(COS_C[3])
 COS_C4: tl.constexpr = tl.constexpr(COS_C[4])
-COS_C5: tl.constexpr = tl.constexpr(COS_C[5])
 SIN_C0: tl.constexpr = tl.constexpr(SIN_C[0])
 SIN_C1: tl.constexpr = tl.constexpr(SIN_C[1])
 SIN_C2: tl.constexpr = tl.constexpr(SIN_C[2])
 SIN_C3: tl.constexpr = tl.constexpr(SIN_C[3])
 SIN_C4: tl.constexpr = tl.constexpr(SIN_C[4])
-SIN_C5: tl.constexpr = tl.constexpr(SIN_C[5])
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
+NORMAL_GROUP = 4  # elements per Philox call in a normal direction (two Box-Muller pairs)
+RADEMACHER_GROUP = 128  # elements per Philox call in a Rademacher direction (one per bit)
 
 
 def is_rademacher(distribution: str) -> bool:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     return distribution == "rademacher"
+
+
+def group_size(rademacher: bool) -> int:
+    """Elements of a direction that one Philox call produces."""
+    return RADEMACHER_GROUP if rademacher else NORMAL_GROUP
+
+
+def tile_launch(offset: int, n: int, rademacher: bool) -> tuple[tuple[int], int, int, int, bool]:
+    """Launch shape of a kernel that walks ``n`` elements starting at element ``offset`` of a direction.
+
+    Programs cover whole Philox groups: program ``p`` owns groups ``first_group + p * ROWS ...``, where
+    ``first_group = offset // GROUP``, and the buffer starts ``lead = offset % GROUP`` elements into the
+    first group (those lead elements are masked off).  Returns ``(grid, first_group, lead, GROUP, WIDE)``,
+    WIDE when element indices need 64 bits.
+    """
+    group = group_size(rademacher)
+    first_group, lead = divmod(offset, group)
+    programs = max(1, math.ceil((n + lead) / BLOCK_SIZE))
+    return (programs,), first_group, lead, group, programs * BLOCK_SIZE >= 2**31
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,22 +118,16 @@ def philox_seed(seed_lo, seed_hi):
 
 
 @triton.jit
-def direction_counter(pos, offset):
-    """32-bit Philox counter of element ``pos`` (int64) of a direction starting at ``offset``."""
-    return (pos + offset).to(tl.uint32)
-
-
-@triton.jit
-def uniform_from_bits(bits):
-    """uint32 -> float32 in [0, 1), bit for bit as ``tl.random.uint_to_uniform_float``."""
-    x = bits.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, ~x, x)
-    return x.to(tl.float32) * UNIFORM_SCALE
+def radius_uniform(bits):
+    """uint32 -> float32 u in (0, 1): the top 24 bits with the lowest forced to 1, times 2**-24 (exact).
+    Never 0 or 1, so ln u is finite and negative without a floor."""
+    return ((bits >> 8) | 1).to(tl.float32) * TWO_M24
 
 
 @triton.jit
 def log_f32(u):
-    """Natural log of a positive normal float32 from IEEE add/mul/div only (< 2 ulp error)."""
+    """Natural log of a positive normal float32 from IEEE add/mul/div only (measured <= 2.6 ulp on the
+    radius uniforms)."""
     bits = u.to(tl.int32, bitcast=True)
     e = (bits >> 23) - 127
     m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # mantissa in [1, 2)
@@ -115,53 +137,89 @@ def log_f32(u):
     f = m - 1.0  # exact (Sterbenz)
     s = tl.math.div_rn(f, f + 2.0)
     s2 = s * s
-    p = s2 * (LOG_C3 + s2 * (LOG_C5 + s2 * (LOG_C7 + s2 * LOG_C9)))
+    p = s2 * (LOG_C3 + s2 * (LOG_C5 + s2 * LOG_C7))
     log1p_f = (s + s) + s * p
     ef = e.to(tl.float32)
     return ef * LN2_HI + (ef * LN2_LO + log1p_f)
 
 
 @triton.jit
-def cos_2pi_f32(u):
-    """cos(2 pi u) for u in [0, 1) from IEEE add/mul only: exact quarter-turn reduction of u itself,
-    then Taylor polynomials of cos/sin on |2 pi x| <= pi/4 (abs. error < 2e-7)."""
-    k = (u * 4.0 + 0.5).to(tl.int32)  # nearest quarter turn, 0..4
-    x = u - k.to(tl.float32) * 0.25  # exact, |x| <= 1/8
+def sincos_2pi(bits):
+    """(cos(2 pi u), sin(2 pi u)) of the angle u = (bits >> 8) * 2**-24 in [0, 1), from integer ops and
+    IEEE float32 add/mul only: the quarter-turn reduction is done on the 24-bit integer (exact), then
+    Taylor polynomials of cos and sin on |2 pi x| <= pi/4 (abs. error < 1e-7)."""
+    a = (bits >> 8) + (1 << 21)  # u + 1/8, in units of 2**-24
+    q = (a >> 22) & 3  # nearest quarter turn (4 == 0)
+    x = ((a & 0x3FFFFF).to(tl.int32) - (1 << 21)).to(tl.float32) * TWO_M24  # u - quarter, in [-1/8, 1/8)
     t = x * x
-    c = 1.0 + t * (COS_C1 + t * (COS_C2 + t * (COS_C3 + t * (COS_C4 + t * COS_C5))))
-    s = x * (SIN_C0 + t * (SIN_C1 + t * (SIN_C2 + t * (SIN_C3 + t * (SIN_C4 + t * SIN_C5)))))
-    q = k & 3
-    return tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    c = 1.0 + t * (COS_C1 + t * (COS_C2 + t * (COS_C3 + t * COS_C4)))
+    s = x * (SIN_C0 + t * (SIN_C1 + t * (SIN_C2 + t * (SIN_C3 + t * SIN_C4))))
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    return cos, sin
 
 
 @triton.jit
-def direction(seed, ctr, RADEMACHER: tl.constexpr):
-    """Element ``ctr`` of direction ``seed``: ±1 (Rademacher) or N(0, 1) (Box-Muller as tl.randn)."""
-    b1, b2, _, _ = tl.randint4x(seed, ctr)
+def box_muller_radius(bits):
+    """sqrt(-2 ln u), u = radius_uniform(bits): at most sqrt(48 ln 2) = 5.77."""
+    return tl.sqrt_rn(-2.0 * log_f32(radius_uniform(bits)))
+
+
+@triton.jit
+def direction_tile(seed, first_group, ROWS: tl.constexpr, RADEMACHER: tl.constexpr):
+    """Elements ``first_group * GROUP ... (first_group + ROWS) * GROUP - 1`` of direction ``seed`` as a
+    ``[ROWS, GROUP]`` float32 tile (GROUP = 128 Rademacher, 4 normal): row r holds Philox call
+    ``first_group + r``, so each call is computed once per tile row (see the module docstring)."""
+    w0, w1, w2, w3 = tl.randint4x(seed, (first_group + tl.arange(0, ROWS)).to(tl.uint32))
     if RADEMACHER:
-        z = tl.where((b1 >> 31) == 0, 1.0, -1.0)
+        col = tl.arange(0, 128)[None, :]
+        k = col % 4  # word; the bit is col // 4
+        word = tl.where(k == 0, w0[:, None], tl.where(k == 1, w1[:, None], tl.where(k == 2, w2[:, None],
+                                                                                     w3[:, None])))
+        sign_bit = ((word >> (col // 4).to(tl.uint32)) & 1) << 31
+        z = (sign_bit | 0x3F800000).to(tl.float32, bitcast=True)  # -1.0 if the bit is set, else +1.0
     else:
-        u1 = tl.maximum(uniform_from_bits(b1), U1_MIN)
-        u2 = uniform_from_bits(b2)
-        z = tl.sqrt_rn(-2.0 * log_f32(u1)) * cos_2pi_f32(u2)
+        r0 = box_muller_radius(w0)
+        c0, s0 = sincos_2pi(w1)
+        r1 = box_muller_radius(w2)
+        c1, s1 = sincos_2pi(w3)
+        j = tl.arange(0, 4)[None, :]
+        z = tl.where(j == 0, (r0 * c0)[:, None], tl.where(j == 1, (r0 * s0)[:, None],
+                                                            tl.where(j == 2, (r1 * c1)[:, None], (r1 * s1)[:, None])))
     return z
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset"])
+@triton.jit
+def tile_positions(first_group, lead, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
+    """For this program: the buffer index of each element of its ``[BLOCK_SIZE // GROUP, GROUP]`` tile,
+    and the first Philox group of the tile (see ``tile_launch``).  Indices < 0 are the lead, masked off.
+    Indices are int64 only when a buffer needs them (WIDE): int32 index math is half the instructions."""
+    ROWS: tl.constexpr = BLOCK_SIZE // GROUP
+    if WIDE:
+        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    else:
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pos = row[:, None] * GROUP + tl.arange(0, GROUP)[None, :] - lead
+    return pos, first_group + tl.program_id(0) * ROWS
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group"])
 def philox_direction_kernel(
     out_ptr,  # *fp32 [n]: receives z[offset : offset + n]
     n,  # number of elements to write
     seed_lo,  # low 31 bits of the seed
     seed_hi,  # seed >> 31
-    offset,  # index of the first element within the direction
+    first_group,  # offset // GROUP: the Philox group holding element `offset`
+    lead,  # offset % GROUP: elements of the first group before out[0]
     RADEMACHER: tl.constexpr,  # False: N(0, 1); True: ±1
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    GROUP: tl.constexpr,  # elements per Philox call: 4 (normal) or 128 (Rademacher)
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
+    WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """out[i] = z_seed[offset + i]."""
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = pos < n
-    z = direction(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset), RADEMACHER)
-    tl.store(out_ptr + pos, z, mask=mask)
+    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)
+    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE // GROUP, RADEMACHER)
+    tl.store(out_ptr + pos, z, mask=(pos >= 0) & (pos < n))
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset"])
@@ -176,7 +234,7 @@ def philox_bits_kernel(
     """The raw Philox4x32-10 words, so tests can compare random bits, not only directions."""
     pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = pos < n
-    b0, b1, b2, b3 = tl.randint4x(philox_seed(seed_lo, seed_hi), direction_counter(pos, offset))
+    b0, b1, b2, b3 = tl.randint4x(philox_seed(seed_lo, seed_hi), (pos + offset).to(tl.uint32))
     tl.store(out_ptr + 4 * pos + 0, b0.to(tl.int32, bitcast=True), mask=mask)
     tl.store(out_ptr + 4 * pos + 1, b1.to(tl.int32, bitcast=True), mask=mask)
     tl.store(out_ptr + 4 * pos + 2, b2.to(tl.int32, bitcast=True), mask=mask)
@@ -213,10 +271,8 @@ def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None) -> 
     return c0, c1, c2, c3
 
 
-def uniform_from_bits_torch(bits: torch.Tensor) -> torch.Tensor:
-    x = bits.to(torch.int32)  # int64 -> int32 wraps, i.e. a bitcast of the uint32 value
-    x = torch.where(x < 0, ~x, x)
-    return x.to(torch.float32) * UNIFORM_SCALE.value
+def radius_uniform_torch(bits: torch.Tensor) -> torch.Tensor:
+    return ((bits >> 8) | 1).to(torch.float32) * TWO_M24.value
 
 
 def log_f32_torch(u: torch.Tensor) -> torch.Tensor:
@@ -229,31 +285,47 @@ def log_f32_torch(u: torch.Tensor) -> torch.Tensor:
     f = m - 1.0
     s = f / (f + 2.0)
     s2 = s * s
-    p = s2 * (LOG_C3.value + s2 * (LOG_C5.value + s2 * (LOG_C7.value + s2 * LOG_C9.value)))
+    p = s2 * (LOG_C3.value + s2 * (LOG_C5.value + s2 * LOG_C7.value))
     log1p_f = (s + s) + s * p
     ef = e.to(torch.float32)
     return ef * LN2_HI.value + (ef * LN2_LO.value + log1p_f)
 
 
-def cos_2pi_f32_torch(u: torch.Tensor) -> torch.Tensor:
-    k = (u * 4.0 + 0.5).to(torch.int32)
-    x = u - k.to(torch.float32) * 0.25
+def sincos_2pi_torch(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = (bits >> 8) + (1 << 21)
+    q = (a >> 22) & 3
+    x = ((a & 0x3FFFFF) - (1 << 21)).to(torch.float32) * TWO_M24.value
     t = x * x
-    c = 1.0 + t * (COS_C[1] + t * (COS_C[2] + t * (COS_C[3] + t * (COS_C[4] + t * COS_C[5]))))
-    s = x * (SIN_C[0] + t * (SIN_C[1] + t * (SIN_C[2] + t * (SIN_C[3] + t * (SIN_C[4] + t * SIN_C[5])))))
-    q = k & 3
-    return torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))
+    c = 1.0 + t * (COS_C[1] + t * (COS_C[2] + t * (COS_C[3] + t * COS_C[4])))
+    s = x * (SIN_C[0] + t * (SIN_C[1] + t * (SIN_C[2] + t * (SIN_C[3] + t * SIN_C[4]))))
+    cos = torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))
+    sin = torch.where(q == 0, s, torch.where(q == 1, c, torch.where(q == 2, -s, -c)))
+    return cos, sin
+
+
+def box_muller_radius_torch(bits: torch.Tensor) -> torch.Tensor:
+    return sqrt_rn_torch(-2.0 * log_f32_torch(radius_uniform_torch(bits)))
+
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)
 
 
 def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> torch.Tensor:
-    """Torch twin of :func:`direction`: elements ``start .. start+n-1`` of direction ``seed``."""
-    counters = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    b1, b2, _, _ = philox4x32_torch(seed, counters)
+    """Torch twin of :func:`direction_tile`: elements ``start .. start+n-1`` of direction ``seed``."""
+    group = group_size(rademacher)
+    first, stop = start // group, -(-(start + n) // group)
+    w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first, stop, dtype=torch.int64, device=device))
     if rademacher:
-        return torch.where((b1 >> 31) == 0, 1.0, -1.0).to(torch.float32)
-    u1 = torch.clamp_min(uniform_from_bits_torch(b1), U1_MIN.value)
-    u2 = uniform_from_bits_torch(b2)
-    return sqrt_rn_torch(-2.0 * log_f32_torch(u1)) * cos_2pi_f32_torch(u2)
+        words = torch.stack((w0, w1, w2, w3), dim=1)  # [calls, 4 words]
+        bits = (words[:, None, :] >> _BIT_SHIFTS.to(device)) & 1  # [calls, 32 bits, 4 words]: e = 128g + 4b + k
+        z = (1 - 2 * bits).to(torch.float32).reshape(-1)
+    else:
+        r0, r1 = box_muller_radius_torch(w0), box_muller_radius_torch(w2)
+        c0, s0 = sincos_2pi_torch(w1)
+        c1, s1 = sincos_2pi_torch(w3)
+        z = torch.stack((r0 * c0, r0 * s0, r1 * c1, r1 * s1), dim=1).reshape(-1)
+    skip = start - first * group
+    return z[skip:skip + n]
 
 
 def iter_direction_chunks(seed: int, offset: int, n: int, device, rademacher: bool):
@@ -274,9 +346,10 @@ def _direction(seed: int, n: int, offset: int, device, backend: str | None, rade
     out = torch.empty(n, dtype=torch.float32, device=device)
     if resolve_backend(backend, out) == "triton":
         if n:
-            philox_direction_kernel[grid(n)](out, n, seed_lo, seed_hi, offset, RADEMACHER=rademacher,
-                                             BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
-                                             enable_fp_fusion=False)
+            launch, first_group, lead, group, wide = tile_launch(offset, n, rademacher)
+            philox_direction_kernel[launch](out, n, seed_lo, seed_hi, first_group, lead, RADEMACHER=rademacher,
+                                            GROUP=group, BLOCK_SIZE=BLOCK_SIZE, WIDE=wide, num_warps=NUM_WARPS,
+                                            enable_fp_fusion=False)
     else:
         for start, stop, z in iter_direction_chunks(seed, offset, n, device, rademacher):
             out[start:stop] = z
@@ -286,15 +359,15 @@ def _direction(seed: int, n: int, offset: int, device, backend: str | None, rade
 def philox_normal(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
     """Elements ``offset .. offset+n-1`` of the standard-normal direction named by ``seed`` (float32).
 
-    The same Philox stream and Box-Muller mapping as ``tl.randn(seed, offset + i)``; bit-identical
-    across backends and devices (see module docstring).  ``seed`` in [0, 2**62), ``offset + n <= 2**32``.
+    Four normals per Philox call (both Box-Muller outputs of two pairs; map in the module docstring);
+    bit-identical across backends and devices.  ``seed`` in [0, 2**62), ``offset + n <= 2**32``.
     """
     return _direction(seed, n, offset, device, backend, rademacher=False)
 
 
 def philox_rademacher(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
-    """Elements ``offset .. offset+n-1`` of the ±1 direction named by ``seed`` (float32): ``+1`` where
-    the top bit of the first Philox word of ``tl.randint4x(seed, offset + i)`` is 0."""
+    """Elements ``offset .. offset+n-1`` of the ±1 direction named by ``seed`` (float32): element
+    ``128 g + 4 b + k`` is ``-1`` where bit ``b`` of word ``k`` of Philox call ``g`` is set, else ``+1``."""
     return _direction(seed, n, offset, device, backend, rademacher=True)
 
 

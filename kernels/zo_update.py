@@ -5,7 +5,8 @@ kernel reads that buffer once and writes it once:
 
     w  = master                        if an fp32 master copy is kept (exact restore), else
     w  = x + restore_scale * z_last    (restore_scale = +eps undoes the last perturbation)
-    g  = sum_k c[k, b(i)] * z_k + weight_decay * w + l1 * sign(w)
+    g  = sum_k c[k, b(i)] * z_k + weight_decay * w + l1 * sign(w)    (terms with a zero coefficient skipped;
+                                       the sum runs k = q-1, 0, 1, ..., q-2 in kernel and twin alike)
     m  = momentum * m + g ;  g = m     (only with a momentum buffer)
     w  = w - lr * g
     x  = cast(w)  (and master = w)
@@ -37,12 +38,27 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, chunks, f32, grid, inv_sqrt_rn, inv_sqrt_rn_torch,
+                      check_same_layout, chunks, f32, inv_sqrt_rn, inv_sqrt_rn_torch,
                       resolve_backend, round_to, sign, split_seed)
-from .philox import direction, direction_counter, direction_torch, is_rademacher, philox_seed
+from .philox import direction_tile, direction_torch, is_rademacher, philox_seed, tile_launch, tile_positions
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "num_blocks", "num_directions"])
+@triton.jit
+def direction_terms(z, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR: tl.constexpr,
+                    HAS_HESSIAN: tl.constexpr):
+    """Direction k's contributions: c[k, b] z_k to the estimate and kappa[k, b] z_k^2 to the curvature."""
+    if C_IS_SCALAR:
+        c = c_scalar
+    else:
+        c = tl.load(c_ptr + k * num_blocks + b, mask=mask)
+    if HAS_HESSIAN:
+        kappa = tl.load(curvature_ptr + k * num_blocks + b, mask=mask) * (z * z)
+    else:
+        kappa = 0.0
+    return c * z, kappa
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group", "num_blocks", "num_directions"])
 def zo_update_kernel(
     x_ptr,  # *fp32/bf16/fp16 [n]: weights seen by the model, updated in place
     master_ptr,  # *fp32 [n]: master weights when HAS_MASTER (else unused)
@@ -56,7 +72,8 @@ def zo_update_kernel(
     num_directions,  # q: directions seed, seed + 1, ..., seed + q - 1
     seed_lo,  # low 31 bits of the first direction's seed
     seed_hi,  # seed >> 31
-    offset,  # index of x[0] within the directions
+    first_group,  # offset // GROUP: Philox group of x[0] (offset = index of x[0] within the directions)
+    lead,  # offset % GROUP: position of x[0] within its group (0 keeps loads 16-byte aligned)
     c_scalar,  # fp32 finite-difference scalar when C_IS_SCALAR (q == 1, one block)
     lr,  # fp32 learning rate
     weight_decay,  # fp32 L2 coefficient (added to the gradient estimate)
@@ -67,34 +84,39 @@ def zo_update_kernel(
     hessian_min,  # fp32 floor of h
     C_IS_SCALAR: tl.constexpr,  # c comes from c_scalar, not c_ptr
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(num_blocks)): binary-search depth for the block index
+    HAS_WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+    HAS_L1: tl.constexpr,  # l1 != 0
     HAS_MASTER: tl.constexpr,  # keep an fp32 master copy
     HAS_MOMENTUM: tl.constexpr,  # update a momentum buffer
     HAS_HESSIAN: tl.constexpr,  # precondition by 1 / sqrt(h) and update h
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    GROUP: tl.constexpr,  # elements per Philox call: 4 (normal) or 128 (Rademacher)
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
+    WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = pos < n
+    ROWS: tl.constexpr = BLOCK_SIZE // GROUP
+    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # [ROWS, GROUP] tile of indices
+    mask = (pos >= 0) & (pos < n)
     seed = philox_seed(seed_lo, seed_hi)
-    ctr = direction_counter(pos, offset)
     # Largest b with block_starts[b] <= pos, by binary lifting over the (small, cached) table.
-    b = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+    b = tl.zeros([ROWS, GROUP], dtype=tl.int32)
     for i in tl.static_range(SEARCH_STEPS):
         cand = b + (1 << (SEARCH_STEPS - 1 - i))
         start = tl.load(block_starts_ptr + cand, mask=mask & (cand < num_blocks), other=n)
         b = tl.where(start <= pos, cand, b)
-    estimate = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    curvature = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    z = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    for k in range(num_directions):
-        z = direction(seed + k, ctr, RADEMACHER)  # uint64 seed + int32 k stays uint64
-        if C_IS_SCALAR:
-            c = c_scalar
-        else:
-            c = tl.load(c_ptr + k * num_blocks + b, mask=mask)
-        estimate = estimate + c * z
+    # The last direction first: it also restores x after the loop.  (Carrying z through the loop instead
+    # would make the compiler pick a layout in which every thread runs every row's Philox call.)
+    last = num_directions - 1
+    z = direction_tile(seed + last, group, ROWS, RADEMACHER)  # uint64 seed + int32 k stays uint64
+    estimate, curvature = direction_terms(z, last, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask,
+                                          C_IS_SCALAR, HAS_HESSIAN)
+    for k in range(last):
+        z_k = direction_tile(seed + k, group, ROWS, RADEMACHER)
+        term, kappa = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask,
+                                      C_IS_SCALAR, HAS_HESSIAN)
+        estimate = estimate + term
         if HAS_HESSIAN:
-            curvature = curvature + tl.load(curvature_ptr + k * num_blocks + b, mask=mask) * (z * z)
+            curvature = curvature + kappa
     if HAS_HESSIAN:
         h = tl.load(hessian_ptr + pos, mask=mask, other=1.0)
         s = inv_sqrt_rn(h)
@@ -107,8 +129,11 @@ def zo_update_kernel(
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
         w = w + restore_scale * z  # z is the last direction
-    g = estimate + weight_decay * w
-    g = g + l1 * sign(w)
+    g = estimate
+    if HAS_WEIGHT_DECAY:
+        g = g + weight_decay * w
+    if HAS_L1:
+        g = g + l1 * sign(w)
     if HAS_MOMENTUM:
         g = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + g
         tl.store(momentum_ptr + pos, round_to(g, momentum_ptr.dtype.element_ty), mask=mask)
@@ -127,20 +152,22 @@ def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer,
     for start, stop in chunks(flat.numel()):
         if block_starts is not None:
             block = torch.searchsorted(block_starts, torch.arange(start, stop, device=x.device), right=True) - 1
-        estimate = torch.zeros(stop - start, dtype=torch.float32, device=x.device)
-        curv = torch.zeros_like(estimate)
-        for k in range(num_directions):
-            z = direction_torch(seed + k, offset + start, stop - start, x.device, rademacher)
+        last = num_directions - 1
+        estimate = curv = z = None
+        for k in (last, *range(last)):  # the kernel's order: the last direction (which restores x) first
+            z_k = direction_torch(seed + k, offset + start, stop - start, x.device, rademacher)
             if isinstance(c, float):
                 c_k = c
             elif block_starts is None:
                 c_k = c[k:k + 1]
             else:
                 c_k = c[k * num_blocks + block]
-            estimate = estimate + c_k * z
+            estimate = c_k * z_k if estimate is None else estimate + c_k * z_k
             if hessian is not None:
                 kappa = curvature[k:k + 1] if block_starts is None else curvature[k * num_blocks + block]
-                curv = curv + kappa * (z * z)
+                curv = kappa * (z_k * z_k) if curv is None else curv + kappa * (z_k * z_k)
+            if k == last:
+                z = z_k
         if hessian is not None:
             h = hessian.view(-1)[start:stop]
             s = inv_sqrt_rn_torch(h)
@@ -152,8 +179,11 @@ def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer,
         else:
             w = flat[start:stop].to(torch.float32)
             w = w + z * restore_scale
-        g = estimate + w * weight_decay
-        g = g + torch.sign(w) * l1
+        g = estimate
+        if weight_decay != 0.0:
+            g = g + w * weight_decay
+        if l1 != 0.0:
+            g = g + torch.sign(w) * l1
         if momentum_buffer is not None:
             buf = momentum_buffer.view(-1)
             g = buf[start:stop].to(torch.float32) * momentum + g
@@ -268,16 +298,19 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
     if resolve_backend(backend, *tensors) == "triton":
         if n:
             c_is_scalar = isinstance(c, float)
-            zo_update_kernel[grid(n)](
+            launch, first_group, lead, group, wide = tile_launch(offset, n, rademacher)
+            zo_update_kernel[launch](
                 x, master if master is not None else x, momentum_buffer if momentum_buffer is not None else x,
                 x if c_is_scalar else c, hessian if hessian is not None else x,
                 curvature if curvature is not None else x, block_starts if block_starts is not None else x,
-                n, num_blocks, num_directions, seed_lo, seed_hi, offset, c if c_is_scalar else 0.0,
+                n, num_blocks, num_directions, seed_lo, seed_hi, first_group, lead, c if c_is_scalar else 0.0,
                 lr, weight_decay, l1, momentum, restore_scale, hessian_smoothing, hessian_min,
                 C_IS_SCALAR=c_is_scalar, SEARCH_STEPS=max(0, math.ceil(math.log2(num_blocks))),
+                HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
                 HAS_MASTER=master is not None, HAS_MOMENTUM=momentum_buffer is not None,
                 HAS_HESSIAN=hessian is not None,
-                RADEMACHER=rademacher, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                RADEMACHER=rademacher, GROUP=group, WIDE=wide, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
+                enable_fp_fusion=False)
     else:
         zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
                         block_starts, offset, rademacher, master, num_directions, hessian, curvature,

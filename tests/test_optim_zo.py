@@ -213,7 +213,9 @@ def test_param_groups_use_their_own_lr():
     a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
     opt = ZOSGD([dict(params=[a], lr=0.0), dict(params=[b], lr=0.1)], lr=0.5)
     opt.step(lambda: (a.sum() + b.sum()) ** 2)
-    assert bool((a.detach() == 1).all()) and not bool((b.detach() == 1).all())
+    # lr 0: only the in-place +eps / -2 eps / restore rounding remains (<= 3 half-ulps of 1.0, README)
+    drift_a, moved_b = (a.detach() - 1).abs().max().item(), (b.detach() - 1).abs().max().item()
+    assert drift_a <= 3 * 2.0**-24 and moved_b > 1e-3, (drift_a, moved_b)
 
 
 def test_scheduler_changes_lr_between_steps():

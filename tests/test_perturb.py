@@ -70,3 +70,17 @@ def test_preconditioned_direction(n, device):
     err = (out["triton"].double() - (x0.double() + step)).abs()
     # rounding of 1/sqrt(h) (2 ops), z * s, the product with scale and the sum: <= 3 ulp of the operands
     assert bool((err <= 4e-7 * (x0.double().abs() + step.abs())).all()), err.max()
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("offset", [0, 130])
+def test_wide_indices_give_the_same_bits(distribution, offset, device, monkeypatch):
+    """Buffers of 2**31 elements or more index in int64 (WIDE=True); forced on a small buffer, the int64
+    path must give the same bits as the twin (a real 2**31-element buffer needs 8 GB)."""
+    import subgrad.kernels.perturb as module
+    real = module.tile_launch
+    monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)[:4] + (True,))
+    x0 = torch.randn(3000, generator=torch.Generator().manual_seed(3)).to(device)
+    out = {b: perturb_(x0.clone(), 3, 0.5, backend=b, offset=offset, distribution=distribution)
+           for b in ("triton", "torch")}
+    assert_bitwise_equal(out["triton"], out["torch"], f"WIDE perturb_ {distribution} offset={offset}")

@@ -1,11 +1,10 @@
-"""Philox directions: Triton kernel vs torch twin (bit-identical), known answers, accuracy, statistics."""
+"""Philox directions: Triton kernel vs torch twin (bit-identical), known answers, the direction map, accuracy,
+statistics and independence."""
 import math
 
 import numpy as np
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from conftest import SIZES, assert_bitwise_equal
 from subgrad.kernels import philox_bits, philox_normal, philox_rademacher
@@ -51,18 +50,23 @@ def test_offset_selects_a_slice(device):
     assert_bitwise_equal(philox_normal(9, 1000, offset=1500, device=device, backend="triton"), full[1500:2500])
 
 
-def test_rademacher_is_top_bit_of_first_word(device):
-    bits = philox_bits(4, 4096, device=device, backend="torch")[:, 0]
-    expected = torch.where(bits < 0, -1.0, 1.0)  # int32 view: negative <=> top bit set
-    assert_bitwise_equal(philox_rademacher(4, 4096, device=device, backend="triton"), expected)
+def test_rademacher_map_uses_every_bit(device):
+    """Element 128 g + 4 b + k is -1 exactly when bit b of word k of Philox call g is set."""
+    calls = 40
+    words = philox_bits(4, calls, device=device, backend="torch").to(torch.int64) & 0xFFFFFFFF  # [g, k]
+    bits = (words[:, None, :] >> torch.arange(32, device=device).view(1, 32, 1)) & 1  # [g, b, k]
+    expected = torch.where(bits == 1, -1.0, 1.0).reshape(-1)
+    assert_bitwise_equal(philox_rademacher(4, 128 * calls, device=device, backend="triton"), expected)
 
 
 def _exact_box_muller(seed: int, n: int) -> torch.Tensor:
-    """Box-Muller of the same float32 uniforms, evaluated in float64."""
-    b1, b2, _, _ = P.philox4x32_torch(seed, torch.arange(n, dtype=torch.int64))
-    u1 = P.uniform_from_bits_torch(b1).clamp_min(P.U1_MIN.value).double()
-    u2 = P.uniform_from_bits_torch(b2).double()
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    """The normal map of philox.py (four normals per Philox call) evaluated in float64 from the same
+    float32 uniforms."""
+    w = P.philox4x32_torch(seed, torch.arange(-(-n // 4), dtype=torch.int64))
+    r0, r1 = (torch.sqrt(-2.0 * torch.log(((b >> 8) | 1).double() * 2.0**-24)) for b in (w[0], w[2]))
+    a1, a3 = (2.0 * math.pi * (b >> 8).double() * 2.0**-24 for b in (w[1], w[3]))
+    return torch.stack([r0 * torch.cos(a1), r0 * torch.sin(a1), r1 * torch.cos(a3), r1 * torch.sin(a3)],
+                       dim=1).reshape(-1)[:n]
 
 
 def test_normal_accuracy_bound():
@@ -77,25 +81,19 @@ def test_normal_accuracy_bound():
     assert bool((err <= bound).all()), f"worst element {worst}: z={z[worst]} exact={exact[worst]} err={err[worst]}"
 
 
-@triton.jit
-def _tl_randn_kernel(out_ptr, seed, n, BLOCK_SIZE: tl.constexpr):
-    pos = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    tl.store(out_ptr + pos, tl.randn(seed, pos), mask=pos < n)
-
-
-def test_normal_close_to_tl_randn(device):
-    """Same stream and mapping as tl.randn; the difference is tl.randn's own error: its float32
-    2*pi*u2 product (~2.5e-7 * r) and, on GPUs, approximate cos/log (cos.approx: 2**-20.5 absolute).
-    Bound: 2e-6 * (1 + r), r = sqrt(-2 ln u1) the Box-Muller radius (measured 1.2e-6 max on CPU)."""
-    n = 70001
-    ref = torch.empty(n, device=device)
-    _tl_randn_kernel[(triton.cdiv(n, 1024),)](ref, 77, n, BLOCK_SIZE=1024)
-    z = philox_normal(77, n, device=device, backend="triton")
-    b1, _, _, _ = P.philox4x32_torch(77, torch.arange(n, dtype=torch.int64))
-    r = torch.sqrt(-2.0 * torch.log(P.uniform_from_bits_torch(b1).clamp_min(P.U1_MIN.value).double()))
-    diff = (z - ref).abs().double().cpu()
-    worst = int(torch.argmax(diff / (1 + r)))
-    assert bool((diff <= 2e-6 * (1 + r)).all()), f"|z - tl.randn| = {diff[worst].item()} at {worst} (r={r[worst].item()})"
+@pytest.mark.parametrize("make, group", [(philox_normal, 4), (philox_rademacher, 128)], ids=["normal", "rademacher"])
+def test_outputs_of_one_philox_call_are_uncorrelated(make, group):
+    """Neighbouring elements now share a Philox call: every pair of positions within a call (and the
+    squares of normals, which would expose a shared Box-Muller radius or angle) is uncorrelated."""
+    calls = 1 << 16 if group == 4 else 1 << 11
+    z = make(5, calls * group, backend="torch").double().view(calls, group)
+    positions = range(group) if group == 4 else [0, 1, 2, 3, 4, 5, 8, 64, 127]
+    for i in positions:
+        for j in positions:
+            if i < j:
+                for f, what in ((lambda t: t, "z"), (lambda t: t * t, "z^2"))[:2 if group == 4 else 1]:
+                    corr = torch.corrcoef(torch.stack([f(z[:, i]), f(z[:, j])]))[0, 1].item()
+                    assert abs(corr) < 5 / math.sqrt(calls), f"positions {i}, {j} of a call: corr({what}) = {corr}"
 
 
 # -- statistics (bounds a wrong transform fails: e.g. a missing factor 2 gives variance 0.5) ----------
@@ -116,9 +114,13 @@ def test_normal_moments_and_cdf():
 
 @pytest.mark.parametrize("make", [philox_normal, philox_rademacher], ids=["normal", "rademacher"])
 def test_seeds_and_neighbours_independent(make):
+    """Directions seed and seed + 1 (a step's q directions, or consecutive steps) are independent."""
     n = 1 << 18
     a, b = make(1, n, backend="torch").double(), make(2, n, backend="torch").double()
-    for x, y, what in ((a, b, "seed 1 vs seed 2"), (a[:-1], a[1:], "neighbouring elements")):
+    pairs = [(a, b, "seed 1 vs seed 2"), (a[:-1], a[1:], "neighbouring elements")]
+    if make is philox_normal:  # squares are 1 for Rademacher directions
+        pairs.append((a * a, b * b, "squares, seed 1 vs seed 2"))
+    for x, y, what in pairs:
         corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
         assert abs(corr) < 5 / math.sqrt(n), f"{what}: correlation {corr}"
     assert abs(a.mean().item()) < 5 / math.sqrt(n)
