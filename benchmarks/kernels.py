@@ -6,7 +6,8 @@
 On CUDA the Triton kernels run; on CPU the torch twins do (Triton's interpreter is not a runtime).
 Baselines, timed in the same process:
   perturb   per-tensor ``torch.normal`` + ``add_`` over the model's tensors, reseeding with
-            ``torch.manual_seed`` each pass, as public zeroth-order trainers (MeZO) do
+            ``torch.manual_seed`` each pass, as public zeroth-order trainers (MeZO) do; and one flat
+            ``x.add_(torch.randn(n), alpha=eps)`` (issue 11's CPU yardstick), gaussian and rademacher
   zo_update the same trainers' restore (regenerate z, add eps z) + ``p -= lr (c z + wd p)`` per tensor
   sgd       ``torch.optim.SGD(momentum=0.9)`` fused where available, else foreach
   adamw     ``torch.optim.AdamW`` fused where available, else foreach
@@ -32,7 +33,7 @@ from subgrad import __version__
 from subgrad import kernels as K
 
 # Bytes each op must move per fp32 element (reads + writes of the tensors it touches).
-BYTES_PER_ELEMENT = {"copy": 8, "perturb": 8, "zo_update": 8, "sgd": 20, "adamw": 28}
+BYTES_PER_ELEMENT = {"copy": 8, "perturb": 8, "perturb_rademacher": 8, "zo_update": 8, "sgd": 20, "adamw": 28}
 EPS, LR, WD = 1e-3, 1e-3, 1e-4
 
 
@@ -92,6 +93,11 @@ def bench_size(n: int, device: torch.device, measure) -> list[dict]:
             t.add_(z, alpha=EPS)
 
     row("perturb", measure(lambda: K.perturb_(flat, 1, EPS)), measure(mezo_perturb), "per-tensor torch.normal + add_")
+    # issue 11's CPU yardstick: one flat x.add_(torch.randn(n), alpha=eps), both distributions against it
+    randn_add = measure(lambda: flat.add_(torch.randn(n, device=device), alpha=EPS))
+    row("perturb", measure(lambda: K.perturb_(flat, 1, EPS)), randn_add, "x.add_(torch.randn(n), alpha=eps)")
+    row("perturb_rademacher", measure(lambda: K.perturb_(flat, 1, EPS, distribution="rademacher")), randn_add,
+        "x.add_(torch.randn(n), alpha=eps)")
 
     def mezo_update():
         torch.manual_seed(1)

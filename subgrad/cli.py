@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--q", type=int, help="directions per step")
     zo.add_argument("--estimator", choices=["central", "forward"], help="finite differences (default: central, "
                                                                         "forward for zo-adam on lenet)")
-    zo.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
+    zo.add_argument("--distribution", choices=["gaussian", "rademacher"],
+                    help="direction distribution (default: gaussian, rademacher for zo-adam on lenet)")
     zo.add_argument("--blocks", type=_blocks, help="none, tensor, module or a block size")
     zo.add_argument("--clip", type=float, help="clamp finite-difference scalars to [-clip, clip] (0: off)")
     zo.add_argument("--scale-by-block-size", dest="scale_by_block_size", action=argparse.BooleanOptionalAction,

@@ -51,9 +51,10 @@ DEFAULTS = {
     # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
     ("lenet", "zo-sgd"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, blocks="module", scale_by_block_size=True,
                               clip=0.2, steps=1200, schedule="cosine", augment=False),
-    # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes
+    # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes;
+    # Rademacher directions: 34.3% vs 33.9% gaussian (new direction map), and 5x cheaper to generate on CPU
     ("lenet", "zo-adam"): dict(batch_size=512, lr=2e-3, eps=1e-3, q=4, estimator="forward", steps=2400,
-                               schedule="cosine", augment=False),
+                               schedule="cosine", augment=False, distribution="rademacher"),
     ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
                              augment=False),
     ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30,
@@ -87,7 +88,7 @@ class TrainConfig:
     eps: float | None = None
     q: int | None = None
     estimator: str | None = None
-    distribution: str = "gaussian"
+    distribution: str | None = None
     blocks: str | int | None = None
     clip: float | None = None
     scale_by_block_size: bool | None = None
@@ -108,7 +109,7 @@ class TrainConfig:
             if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
                 setattr(cfg, key, value)
         for key, value in dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, augment=True, estimator="central",
-                               scale_by_block_size=False).items():
+                               distribution="gaussian", scale_by_block_size=False).items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         if cfg.schedule not in SCHEDULES:

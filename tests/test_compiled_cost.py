@@ -27,6 +27,19 @@ ZO_TARGETS = {
     ("zo_update_", "float32", "rademacher", 4, ()): 0.85,
     ("zo_update_", "float32", "gaussian", 4, ()): 0.50,
 }
+#: targets not met yet (issue 11 stays open for them; numbers in benchmarks/README.md)
+ZO_SHORT = {("zo_update_", "float32", "gaussian", 1, ()), ("perturb_", "bfloat16", "gaussian", 1, ("source",)),
+            ("zo_update_", "float32", "rademacher", 4, ()), ("zo_update_", "float32", "gaussian", 4, ())}
+
+
+def _short_of_targets(rows, keys):
+    short = []
+    for r in rows:
+        target = ZO_TARGETS.get(_key(r))
+        if _key(r) in keys and min(r["predicted_fraction"].values()) < target:
+            short.append(f"{_key(r)}: predicted {r['predicted_fraction']} < {target} "
+                         f"({r['sass_per_element']} SASS/element, {r['registers']} registers)")
+    return short
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +83,14 @@ def test_first_order_updates_and_copy_are_memory_bound(rows):
     assert not slow, "\n".join(slow)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 open: four normals / 128 signs per Philox call meet the rademacher "
-                                       "q = 1 targets; fp32 gaussian (0.85 / 0.69 on H200), master gaussian and "
-                                       "q = 4 are still short (benchmarks/README.md); strict, so meeting them all "
-                                       "turns this into a failure that asks to drop the mark")
-def test_zeroth_order_kernels_meet_the_bandwidth_targets(rows):
-    short = []
-    for r in rows:
-        target = ZO_TARGETS.get(_key(r))
-        if target is not None and min(r["predicted_fraction"].values()) < target:
-            short.append(f"{_key(r)}: predicted {r['predicted_fraction']} < {target} "
-                         f"({r['sass_per_element']} SASS/element, {r['registers']} registers)")
+def test_zeroth_order_targets_met_so_far_stay_met(rows):
+    short = _short_of_targets(rows, set(ZO_TARGETS) - ZO_SHORT)
+    assert not short, "\n".join(short)
+
+
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(
+    strict=True, reason="issue 11 open for this target (benchmarks/README.md); strict: once met, this fails "
+                        "and asks to take the key out of ZO_SHORT")) for k in sorted(ZO_SHORT)], ids=str)
+def test_zeroth_order_target_not_met_yet(rows, key):
+    short = _short_of_targets(rows, {key})
     assert not short, "\n".join(short)

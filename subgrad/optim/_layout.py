@@ -99,7 +99,11 @@ def block_ranges(segments: list[Segment], blocks, names: dict[int, str]) -> tupl
             key = id(p)
         else:  # "module": everything before the last dot of the parameter's name
             key = names[id(p)].rpartition(".")[0]
-        ranges.append((start, stop, ids.setdefault(key, len(ids))))
+        bid = ids.setdefault(key, len(ids))
+        if ranges and ranges[-1][1] == start and ranges[-1][2] == bid:  # a module's weight and bias: one range,
+            ranges[-1] = (ranges[-1][0], stop, bid)  # so each block is perturbed in one call, not one per tensor
+        else:
+            ranges.append((start, stop, bid))
     return ranges, len(ids)
 
 
