@@ -481,7 +481,8 @@ def render(rows: list[dict]) -> str:
 
 #: benchmarks/kernels.py op -> the compiled variant it times (fp32, one direction, no options)
 MEASURED_OPS = {"copy": ("ref:copy", None), "perturb": ("perturb_", "gaussian"),
-                "zo_update": ("zo_update_", "gaussian"), "sgd": ("sgd_step_", None), "adamw": ("adamw_step_", None)}
+                "perturb_rademacher": ("perturb_", "rademacher"), "zo_update": ("zo_update_", "gaussian"),
+                "sgd": ("sgd_step_", None), "adamw": ("adamw_step_", None)}
 
 
 def compare_with_measured(rows: list[dict], kernels_json: pathlib.Path) -> str:
