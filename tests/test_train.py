@@ -136,3 +136,15 @@ def test_bad_flags_give_one_line_errors(tmp_path):
     out = subprocess.run(_cli("--data", tmp_path / "empty", "--out", tmp_path / "r", "--steps", 1),
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "not in a known layout" in out.stderr
+
+
+def test_per_pair_defaults_and_explicit_flags():
+    """`None` takes the model/optimizer default (zo-adam on lenet: Rademacher directions, forward
+    differences); an explicit value always wins; other pairs fall back to Gaussian central differences."""
+    from subgrad.train import TrainConfig
+    cfg = TrainConfig(model="lenet", optimizer="zo-adam").resolved()
+    assert (cfg.distribution, cfg.estimator, cfg.q) == ("rademacher", "forward", 4)
+    explicit = TrainConfig(model="lenet", optimizer="zo-adam", distribution="gaussian").resolved()
+    assert explicit.distribution == "gaussian"
+    cfg = TrainConfig(model="lenet", optimizer="zo-sgd").resolved()
+    assert (cfg.distribution, cfg.estimator) == ("gaussian", "central")
