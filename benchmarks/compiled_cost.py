@@ -77,7 +77,7 @@ PIPES = {
 FP32_OPS = {"FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2", "FMUL32I", "FADD32I", "FFMA32I"}
 INT_OPS = {"IMAD", "IMUL", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "SEL", "FSEL", "FSETP",
            "FMNMX", "IMNMX", "LEA", "PRMT", "IABS", "PLOP3", "MOV", "P2R", "R2P", "BMSK", "VIADD", "VIMNMX",
-           "FCHK", "IMNMX", "SGXT", "HSETP2", "HMNMX2", "ISCADD", "BFE", "BFI", "FSWZADD", "VABSDIFF"}
+           "FCHK", "SGXT", "HSETP2", "HMNMX2", "ISCADD", "BFE", "BFI", "FSWZADD", "VABSDIFF"}
 XU_OPS = {"MUFU", "I2F", "F2I", "F2F", "I2FP", "F2FP", "FRND", "POPC", "FLO", "BREV", "I2I"}
 LSU_OPS = {"LDG", "STG", "LD", "ST", "LDS", "STS", "LDL", "STL", "LDC", "ATOM", "RED", "ATOMG"}
 
@@ -202,7 +202,7 @@ def signature_of(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]
     return sig, constexprs, attrs, tensors
 
 
-def describe(fn, sig: dict, constexprs: dict, tensors: dict, values: dict) -> dict:
+def describe(fn, sig: dict, constexprs: dict, values: dict) -> dict:
     """The JSON identity of a variant: kernel, dtype, distribution, directions, options."""
     first_pointer = next(name for name, t in sig.items() if t.startswith("*"))
     options = [opt for flag, opt in OPTION_FLAGS.items() if constexprs.get(flag) is True]
@@ -223,7 +223,7 @@ def distinct_variants(launches: list) -> list[dict]:
     for label, fn, args, kwargs in launches:
         sig, constexprs, attrs, tensors = signature_of(fn, args, kwargs)
         values = dict(zip(fn.arg_names, args)) | kwargs
-        ident = describe(fn, sig, constexprs, tensors, values)
+        ident = describe(fn, sig, constexprs, values)
         # one binary per (kernel, types, constexprs); q is a runtime loop count within it
         key = fn.__name__ + json.dumps(sig, sort_keys=True) + repr(sorted(constexprs.items()))
         entry = variants.setdefault(key, dict(ident=ident, fn=fn, sig=sig, constexprs=constexprs, attrs=attrs,
@@ -395,7 +395,7 @@ def streamed_bytes(ttir: str, tensors: dict, n: int | None) -> int:
             name = defs[name]
         accesses.add((m.group(1), name.lstrip("%")))
     total = 0
-    for kind, arg in accesses:
+    for _kind, arg in accesses:  # a buffer both loaded and stored is in the set twice
         t = tensors.get(arg)
         if t is not None and (n is None or t.numel() == n):  # small tables are cache-resident
             total += t.element_size()
@@ -406,10 +406,16 @@ def streamed_bytes(ttir: str, tensors: dict, n: int | None) -> int:
 LOOP_TRIPS = {"zo_update_": lambda q: q - 1}
 
 
-def cost(variant: dict, arch: int, directions: int | None) -> dict:
-    """Compile one variant for one arch and apply the model."""
+def compiled(variant: dict, arch: int) -> tuple[list[tuple[int, str]], dict, int]:
+    """Compile one variant for one arch: its SASS, resource usage and DRAM bytes per element."""
     kernel = compile_variant(variant, arch)
     instructions, resources = read_sass(kernel.asm["cubin"])
+    return instructions, resources, streamed_bytes(kernel.asm["ttir"], variant["tensors"], variant["n"])
+
+
+def cost(variant: dict, arch: int, directions: int | None, binary) -> dict:
+    """Apply the model to one compiled variant (``binary`` from :func:`compiled`) at q = ``directions``."""
+    instructions, resources, nbytes = binary
     trips = LOOP_TRIPS.get(variant["ident"]["kernel"], lambda q: 1)(directions or 1)
     path = fast_path(instructions, trips)
     warps = variant["options"].get("num_warps", 4)
@@ -418,7 +424,6 @@ def cost(variant: dict, arch: int, directions: int | None) -> dict:
     total = sum(counts.values())
     lanes = PIPES[arch]
     cycles = max([total] + [counts[p] * 128 / lanes[p] for p in ("fp32", "int", "xu", "lsu")])
-    nbytes = streamed_bytes(kernel.asm["ttir"], variant["tensors"], variant["n"])
     fractions = {}
     for gpu, spec in GPUS.items():
         if spec["arch"] != arch:
@@ -452,11 +457,12 @@ def run(archs: list[int], only: list[str] | None = None) -> list[dict]:
         # zo_update_ loops over q at run time: one binary, costed at each q the optimizers launched it with
         qs = sorted(variant.get("directions") or {variant["ident"]["directions"]}, key=lambda q: q or 0)
         for arch in archs:
+            try:
+                binary = compiled(variant, arch)  # once per arch, whatever the number of q values
+            except Exception as exc:  # a compile error is a finding, not a crash of the report
+                binary, error = None, f"{type(exc).__name__}: {str(exc)[:500]}"
             for q in qs:
-                try:
-                    result = cost(variant, arch, q)
-                except Exception as exc:  # a compile error is a finding, not a crash of the report
-                    result = dict(arch=f"sm_{arch}", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+                result = cost(variant, arch, q, binary) if binary else dict(arch=f"sm_{arch}", error=error)
                 rows.append(dict(variant["ident"], directions=q, **result, used_by=sorted(variant["used_by"])))
     return rows
 
