@@ -1,6 +1,7 @@
 """Compiled-code cost model: how close each kernel can get to copy bandwidth, read from its machine code.
 
     python benchmarks/compiled_cost.py [--arch sm_80 sm_90 sm_100] [--json PATH] [--only perturb_ ...]
+    python benchmarks/compiled_cost.py --arch sm_90 --measure      # on a GPU: measured beside predicted
 
 No GPU or driver needed.  Every kernel variant that subgrad's optimizers launch is found by running the
 optimizers (ZOSGD, ZOAdam, HiZOO, SGD, AdamW over their option grid, fp32 and bf16, on a small model;
@@ -24,8 +25,14 @@ ptxas in the triton wheel), and its SASS is read with the wheel's ``cuobjdump``:
 
   i.e. a roofline over the issue slots and the execution pipes, with perfect overlap of memory and
   compute.  It predicts an upper bound: latency stalls, tail effects and DRAM efficiency below the copy
-  kernel's are not modelled.  ``benchmarks/gpu_check.sh`` prints these predictions beside measured
-  fractions on a real GPU (``benchmarks/kernels.py``), which is how the constants get calibrated.
+  kernel's are not modelled.
+
+``--measure`` (needs CUDA) calibrates the model: the optimizers run again on the GPU on a model of
+``--measure-elements`` parameters (default 2**26, several times the L2), their launches are recorded
+the same way, and each variant's largest launch is replayed with ``triton.testing.do_bench`` (median).
+Its measured fraction of copy bandwidth is ``bytes_per_element * n / seconds`` over the bandwidth of a
+``torch`` device-to-device copy of the same number of float32 elements timed in the same run; rows of
+the GPU's own arch gain ``measured`` (device, n, seconds, fraction_of_copy).  ``gpu_check.sh`` runs it.
 
 Reference kernels compiled alongside (``kernel`` names starting with ``ref:``): a copy ``y = x + 1``
 (the memory-bound anchor) and a perturbation with stock ``tl.randn`` (what public zeroth-order
@@ -46,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 import triton
@@ -105,7 +111,12 @@ class _Recorder:
         self.fn, self.calls = fn, calls
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+        def record(*args, **kwargs):
+            self.calls.append((self.fn, grid, args, kwargs))
+            out = dict(zip(self.fn.arg_names, args)).get("out_ptr")
+            if isinstance(out, torch.Tensor):  # materialised directions: zeros, not uninitialised memory,
+                out.zero_()  # so the losses stay finite and the step launches its update every time
+        return record
 
 
 @contextlib.contextmanager
@@ -154,19 +165,19 @@ def optimizer_grid():
     return grid
 
 
-def record_optimizer_launches() -> list:
-    """Run two steps of every configuration in :func:`optimizer_grid`; return the recorded launches."""
-    launches = []
-    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
+    """For every configuration in :func:`optimizer_grid`, two steps on a 12-``hidden``-3 MLP (about
+    17 * hidden parameters) with the launches recorded; yields ``(label, [(fn, grid, args, kwargs)])``.
+    The recorded arguments keep the optimizer's buffers alive, so a caller can replay them."""
+    x = torch.randn(8, 12, device=device)
+    y = torch.randint(0, 3, (8,), device=device)
     for label, dtype, factory in optimizer_grid():
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(dtype)
+        model = torch.nn.Sequential(torch.nn.Linear(12, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+        model = model.to(device=device, dtype=dtype)
         opt = factory(model.named_parameters())
         zeroth_order = hasattr(opt, "forward_passes")
-        # Recorded kernels never run, so materialised directions stay uninitialised and the batched path
-        # may see non-finite losses: its skip-and-warn is expected here.
-        with recording_launches() as calls, warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with recording_launches() as calls:
             for _ in range(2):
                 if label.endswith("batched"):
                     opt.step(functional_closure=lambda p: torch.nn.functional.cross_entropy(
@@ -177,8 +188,12 @@ def record_optimizer_launches() -> list:
                     opt.zero_grad()
                     torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
                     opt.step()
-        launches += [(label, *call) for call in calls]
-    return launches
+        yield label, calls
+
+
+def record_optimizer_launches() -> list:
+    """Every launch of :func:`optimizer_launches` on the small CPU model: ``(label, fn, grid, args, kwargs)``."""
+    return [(label, *call) for label, calls in optimizer_launches() for call in calls]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,7 +245,7 @@ def describe(fn, sig: dict, constexprs: dict, values: dict) -> dict:
 def distinct_variants(launches: list) -> list[dict]:
     """Deduplicate recorded launches; keep which optimizer configurations launch each variant."""
     variants = {}
-    for label, fn, args, kwargs in launches:
+    for label, fn, _grid, args, kwargs in launches:
         sig, constexprs, attrs, tensors = signature_of(fn, args, kwargs)
         values = dict(zip(fn.arg_names, args)) | kwargs
         ident = describe(fn, sig, constexprs, values)
@@ -522,6 +537,76 @@ def compare_with_measured(rows: list[dict], kernels_json: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------
+# 4. Measured on a real GPU (--measure): the calibration of the model
+# --------------------------------------------------------------------------------------------------
+def row_key(ident: dict) -> tuple:
+    """What identifies a row within one arch: kernel, dtype, distribution, q, options."""
+    return ident["kernel"], ident["dtype"], ident["distribution"], ident["directions"], tuple(ident["options"])
+
+
+def measure_on_gpu(rows: list[dict], elements: int, device: str = "cuda") -> int:
+    """Time every variant's largest launch on this GPU (see the module docstring), print predicted beside
+    measured as each is timed (a run stopped early keeps what it printed), attach ``measured`` to the
+    matching rows of the GPU's arch; returns the number of timed variants without a compiled row."""
+    import triton.testing
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device)
+    arch = "sm_%d%d" % torch.cuda.get_device_capability(device)
+    gpu = next((g for g in GPUS if g in name), None)
+    by_key = {row_key(r): r for r in rows if r.get("arch") == arch and "error" not in r}
+
+    def seconds(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+    src = torch.randn(elements, device=device)
+    dst = torch.empty_like(src)
+    copy_bytes_per_s = 8 * elements / seconds(lambda: dst.copy_(src))
+    print(f"{name} ({arch}): copy {copy_bytes_per_s / 1e12:.2f} TB/s at {elements} float32; predicted "
+          f"({gpu or 'no modelled GPU'}) vs measured fraction of copy bandwidth", flush=True)
+    print(f"  {'kernel':<22}{'dtype':<9}{'dist':<11}{'q':>2}  {'options':<40}{'B/el':>5}{'us':>9}"
+          f"{'predicted':>10}{'measured':>9}", flush=True)
+    timed, unmatched = set(), []
+
+    def record(key: tuple, t: float, n: int) -> None:
+        timed.add(key)
+        r = by_key.get(key)
+        if r is None:
+            unmatched.append(key)
+            return
+        fraction = r["bytes_per_element"] * n / t / copy_bytes_per_s
+        r["measured"] = dict(device=name, n=n, seconds=t, fraction_of_copy=round(fraction, 3))
+        predicted = r["predicted_fraction"].get(gpu, float("nan"))
+        print(f"  {r['kernel']:<22}{r['dtype']:<9}{str(r['distribution'] or '-'):<11}"
+              f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<40}"
+              f"{r['bytes_per_element']:>5}{t * 1e6:>9.1f}{predicted:>10.2f}{fraction:>9.2f}", flush=True)
+
+    block = 1024
+    grid = (triton.cdiv(elements, block),)
+    record(row_key(dict(kernel="ref:copy", dtype="float32", distribution=None, directions=None, options=[])),
+           seconds(lambda: ref_copy_kernel[grid](src, dst, elements, BLOCK_SIZE=block)), elements)
+    record(row_key(dict(kernel="ref:tl.randn perturb", dtype="float32", distribution="gaussian", directions=1,
+                        options=[])),
+           seconds(lambda: ref_randn_perturb_kernel[grid](dst, elements, 12345, 1e-3, BLOCK_SIZE=block)), elements)
+    src = dst = None  # free them before the optimizers allocate
+    for _label, calls in optimizer_launches(hidden=max(1, elements // 17), device=device):
+        largest = {}  # row key -> its largest launch in this configuration
+        for fn, launch_grid, args, kwargs in calls:
+            sig, constexprs, _attrs, _tensors = signature_of(fn, args, kwargs)
+            values = dict(zip(fn.arg_names, args)) | kwargs
+            key = row_key(describe(fn, sig, constexprs, values))
+            if key not in timed and values["n"] > largest.get(key, (0,))[0]:
+                largest[key] = (values["n"], fn, launch_grid, args, kwargs)
+        for key, (n, fn, launch_grid, args, kwargs) in largest.items():
+            record(key, seconds(lambda: fn[launch_grid](*args, **kwargs)), n)
+        calls = largest = None
+        torch.cuda.empty_cache()
+    if unmatched:
+        print(f"  timed but not compiled for {arch} (run with --arch {arch}): {unmatched}")
+    return len(unmatched)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90", "sm_100"],
@@ -530,7 +615,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", help="kernels to cost (e.g. perturb_ zo_update_)")
     parser.add_argument("--measured", type=pathlib.Path, nargs="*", default=[],
                         help="kernels-cuda-*.json from benchmarks/kernels.py: print measured beside predicted")
+    parser.add_argument("--measure", action="store_true",
+                        help="on a CUDA GPU: replay every variant there and add its measured fraction")
+    parser.add_argument("--measure-elements", type=int, default=2**26,
+                        help="parameters of the model the optimizers run on for --measure (default 2**26)")
     args = parser.parse_args(argv)
+    if args.measure and not torch.cuda.is_available():
+        parser.error("--measure needs a CUDA GPU (torch.cuda.is_available() is False); drop it to predict only")
     archs = supported_archs([int(a.removeprefix("sm_")) for a in args.arch])
     start = time.perf_counter()
     rows = run(archs, args.only)
@@ -539,11 +630,12 @@ def main(argv=None) -> int:
           f"(roofline of issue slots and pipes vs DRAM; not yet calibrated on a GPU)")
     for path in args.measured:
         print(compare_with_measured(rows, path))
+    unmatched = measure_on_gpu(rows, args.measure_elements) if args.measure else 0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, gpus=GPUS,
                                              pipes=PIPES, kernels=rows), indent=1))
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if unmatched or any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

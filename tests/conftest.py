@@ -46,8 +46,7 @@ def _session_cache(tmp_path_factory):
 
 def real_archive():
     """Path of the team's real CIFAR-10 archive, or skip the test with the reason."""
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    from cifar_subset import ARCHIVE as path
     if not path.exists():
         pytest.skip(f"real CIFAR-10 archive not found at {path} (team data in ../shared/data)")
     return path
