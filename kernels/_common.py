@@ -16,6 +16,8 @@ Why the twins give the *same bits* as the kernels
 * Stores round float32 to bfloat16 with :func:`round_to` (explicit round-to-nearest-even): Triton's
   interpreter truncates on ``.to(tl.bfloat16)`` while GPUs and torch round to nearest even.
 * ``torch.sqrt`` on CPU float32 is not correctly rounded; the twins use :func:`sqrt_rn_torch`.
+* CUDA torch divides by a CPU scalar (a Python float or 0-dim CPU tensor) as multiplication by its
+  reciprocal; twins divide only by tensors on their own device.
 The kernels are memory bound, so giving up FMA costs nothing measurable (see ``benchmarks/kernels.py``).
 """
 from __future__ import annotations

@@ -76,6 +76,9 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
                 one_minus_beta2, step_size, bias_correction2_sqrt, eps, l1, maximize, amsgrad) -> None:
     """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers)."""
     param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq))
+    # A divisor on the tensors' device: CUDA torch turns division by a CPU scalar into multiplication by
+    # its reciprocal (up to 1 ulp off IEEE division; seen on an H200 before this), the kernel divides.
+    bias_correction2_sqrt = torch.tensor(bias_correction2_sqrt, dtype=torch.float32, device=param.device)
     for a, b in chunks(param.numel()):
         w = param[a:b].to(torch.float32)
         g = grad[a:b].to(torch.float32)

@@ -183,9 +183,11 @@ def direction_tile(seed, first_group, ROWS: tl.constexpr, RADEMACHER: tl.constex
         c0, s0 = sincos_2pi(w1)
         r1 = box_muller_radius(w2)
         c1, s1 = sincos_2pi(w3)
-        j = tl.arange(0, 4)[None, :]
-        z = tl.where(j == 0, (r0 * c0)[:, None], tl.where(j == 1, (r0 * s0)[:, None],
-                                                            tl.where(j == 2, (r1 * c1)[:, None], (r1 * s1)[:, None])))
+        # join, not a broadcast-and-select: the four outputs of a call land in one thread, whatever
+        # layout the compiler picks for the tile (with a select, Triton 3.6 replicated each row's Philox
+        # call across the threads of the row)
+        # (join stacks along a new last axis, so join(join(a, c), join(b, d)) flattens to a, b, c, d)
+        z = tl.reshape(tl.join(tl.join(r0 * c0, r1 * c1), tl.join(r0 * s0, r1 * s1)), [ROWS, 4])
     return z
 
 
