@@ -9,9 +9,9 @@
 #   3. the compiled-code cost model for sm_90 with every variant replayed on the GPU: predicted beside
 #      measured fraction of copy bandwidth (calibrates the model)
 #   4. the test suite on CUDA (real Triton compilation, kernels vs twins on the device), in parallel
-#   5. the self-check, 6. the optimizer-step benchmark, 7. lenet training at the defaults (when the data
-#      is there), 8. ONNX export of that run, validation and `subgrad bench`,
-#   9. data-parallel steps/s over all GPUs (skipped with a message on one GPU).
+#   5. the self-check, 6. the optimizer-step benchmark, 7. the launch-shape sweep (launch_sweep.py),
+#   8. lenet training at the defaults (when the data is there), 9. ONNX export of that run, validation
+#      and `subgrad bench`, 10. data-parallel steps/s over all GPUs (skipped with a message on one GPU).
 # With $OUT set (the device tool), everything is also packed into $OUT/gpu-check.tar.gz after every
 # stage, so a run stopped at its limit still returns what it finished.
 set -uo pipefail
@@ -51,7 +51,7 @@ stage() {
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  git log -1 --format='subgrad commit %H' 2>/dev/null; date -u; } | tee "$RESULTS/gpu.txt"
+  date -u; } | tee "$RESULTS/gpu.txt"  # (no git HEAD: the device copy's .git can be stale)
 
 # setuptools is there, build backends from the network are not: no build isolation, no dependencies.
 if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/install.txt" 2>&1; then
@@ -69,14 +69,20 @@ cat "$RESULTS/targets-cuda.txt"
 stage compiled-cost-cuda 240 env -u TRITON_INTERPRET "$PY" benchmarks/compiled_cost.py --arch sm_90 \
   --json "$RESULTS/compiled-cost-measured.json" --measure --measured "$RESULTS"/kernels-cuda-*.json
 
-# in parallel where pytest-xdist is installed (the GPU image has it); tests are independent of each other
-# (torchrun --standalone picks free ports, every test has its own tmp_path)
+# In parallel where pytest-xdist is installed (the GPU image has it); tests are independent of each other
+# (torchrun --standalone picks free ports, every test has its own tmp_path).  -v prints each result as it
+# lands, so a stage stopped at its limit still names its failures; 2 CPU threads per worker, because 8
+# workers x all cores oversubscribed the host in the first H200 run.
 PARALLEL=(); "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-stage pytest-cuda 200 "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" --junitxml="$RESULTS/pytest-cuda.xml"
+stage pytest-cuda 200 env OMP_NUM_THREADS=2 "$PY" -m pytest -v -p no:cacheprovider "${PARALLEL[@]}" \
+  --junitxml="$RESULTS/pytest-cuda.xml"
+grep -E "FAILED|ERROR" "$RESULTS/pytest-cuda.txt" | head -40
 
 stage selfcheck-cuda 45 "$PY" -m subgrad selfcheck --device cuda --n 10000019
 
 stage optim-cuda 90 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS"
+
+stage launch-sweep-cuda 100 "$PY" benchmarks/launch_sweep.py --json "$RESULTS/launch-sweep-cuda.json"
 
 if [ -f "$DATA" ]; then
   for opt in sgd zo-sgd; do

@@ -281,6 +281,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator, kind: str) -> dict:
     device = torch.device(kind, comm.local_rank) if kind == "cuda" and comm.active else torch.device(kind)
     amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":
+        # Exact resume needs the same bits every run; cuDNN may otherwise pick autotuned or atomic-add
+        # convolution backward algorithms that differ from run to run.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     if cfg.batch_size % comm.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                          f"({comm.world_size}): every rank trains on an equal shard of each batch")

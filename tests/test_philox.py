@@ -139,9 +139,9 @@ def test_bad_arguments(kwargs, message):
         philox_normal(**kwargs)
 
 
-def test_environment_selects_backend(monkeypatch):
+def test_environment_selects_backend(monkeypatch, device):
     from subgrad.kernels import resolve_backend
-    x = torch.zeros(1)
+    x = torch.zeros(1, device=device)
     assert resolve_backend(None, x) == ("triton" if x.is_cuda else "torch")
     monkeypatch.setenv("SUBGRAD_BACKEND", "triton")
     assert resolve_backend(None, x) == "triton"
