@@ -65,7 +65,7 @@ from triton.compiler import ASTSource
 # bandwidth); copy bandwidths are device-to-device copy rates typically measured at ~85-90% of the
 # HBM peak (issue 11 states 4.3 TB/s for H200 and 3.0 TB/s for H100 SXM); per-pipe rates are the
 # CUDA C++ Programming Guide's "throughput of native arithmetic instructions" table (operations per
-# clock per SM).  Not yet calibrated on a GPU: gpu_check.sh prints predicted beside measured.
+# clock per SM).  Kept as published: the H200 measurements (benchmarks/README.md) read as a calibration.
 # --------------------------------------------------------------------------------------------------
 GPUS = {
     #        arch  SMs  boost GHz  copy TB/s (peak HBM TB/s)
@@ -627,7 +627,7 @@ def main(argv=None) -> int:
     rows = run(archs, args.only)
     print(render(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; predicted fraction of copy bandwidth "
-          f"(roofline of issue slots and pipes vs DRAM; not yet calibrated on a GPU)")
+          f"(roofline of issue slots and pipes vs DRAM; an upper bound: measured H200 calibration in benchmarks/README.md)")
     for path in args.measured:
         print(compare_with_measured(rows, path))
     unmatched = measure_on_gpu(rows, args.measure_elements) if args.measure else 0
