@@ -40,11 +40,12 @@ class FlatGroup:
     def sizes(self) -> list[int]:
         return [p.numel() for p in self.params]
 
-    def grad_buffer(self) -> torch.Tensor:
-        """The flat gradient buffer, with every ``p.grad`` a view into it.
+    def grad_buffer(self, link: bool = False) -> torch.Tensor:
+        """The flat gradient buffer holding every parameter's current gradient (a missing one as zero).
 
-        A gradient that was replaced (for example by ``zero_grad(set_to_none=True)`` followed by
-        ``backward()``) is copied into the buffer and re-linked; a missing gradient counts as zero.
+        A gradient that is not already a view into the buffer is copied in.  With ``link=True`` it is
+        then replaced by that view (``p.grad`` becomes a view, so later backward passes accumulate
+        straight into the buffer); optimizers never link, since ``torch.optim`` leaves ``p.grad`` alone.
         """
         if self.grad is None:
             self.grad = torch.zeros_like(self.data)
@@ -57,14 +58,17 @@ class FlatGroup:
                     if p.grad.is_sparse:
                         raise ValueError("subgrad optimizers do not support sparse gradients")
                     view.copy_(p.grad)
-                p.grad = view
+                if link:
+                    p.grad = view
         return self.grad
 
 
 def _aliases(view: torch.Tensor | None, buffer: torch.Tensor, offset: int) -> bool:
-    return (view is not None and view.device == buffer.device and view.dtype == buffer.dtype
-            and view.is_contiguous()
-            and view.data_ptr() == buffer.data_ptr() + offset * buffer.element_size())
+    if view is None or view.device != buffer.device or view.dtype != buffer.dtype:
+        return False
+    if view.numel() == 0:  # nothing to alias (and an empty tensor's data_ptr() is 0)
+        return True
+    return view.is_contiguous() and view.data_ptr() == buffer.data_ptr() + offset * buffer.element_size()
 
 
 class FlatParams:
@@ -151,9 +155,10 @@ class FlatParams:
         return [g.data for g in self.groups]
 
     def grads(self) -> list[torch.Tensor]:
-        """The flat gradient buffers, one per group (see :meth:`FlatGroup.grad_buffer`)."""
+        """The flat gradient buffers, one per group, with every ``p.grad`` linked to a view into them
+        (see :meth:`FlatGroup.grad_buffer`)."""
         self.check()
-        return [group.grad_buffer() for group in self.groups]
+        return [group.grad_buffer(link=True) for group in self.groups]
 
     def zero_grad(self) -> None:
         """Zero the flat gradient buffers in place (keeping ``p.grad`` views, so backward fills them)."""

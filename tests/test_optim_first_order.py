@@ -226,3 +226,115 @@ def test_trains_lenet_on_real_cifar_images(cls, kw, bound):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert F.cross_entropy(model(x), y).item() < bound
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters that change under the optimizer (issue 12's silent bugs): each must match torch.optim
+# --------------------------------------------------------------------------------------------------
+def _assert_same_params(a, b, what):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, **TOL[torch.float32]), \
+            f"{what}: {name} differs from torch.optim by {(pa - pb).abs().max().item():.3g}"
+
+
+class _WithEmpty(torch.nn.Module):
+    """A linear layer beside a parameter with zero elements."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, 3)
+        self.empty = torch.nn.Parameter(torch.zeros(0, 4))
+
+    def forward(self, x):
+        return self.lin(x) + self.empty.sum()
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_zero_size_parameter_among_normal_ones(ours, theirs, kw):
+    a, b = _WithEmpty(), _WithEmpty()
+    opt_a, opt_b = ours(a.parameters(), **kw), theirs(b.parameters(), **kw)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for i in range(4):
+            x, y = _batch(i=i)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    _assert_same_params(a, b, "zero-size parameter")
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_add_param_group_after_steps(ours, theirs, kw):
+    """The new group is updated from its first step on, the old groups keep their state."""
+    a, b = _net(), _net()
+    runs = []
+    for model, cls in ((a, ours), (b, theirs)):
+        opt = cls(model[0].parameters(), **kw)
+        _train(model, opt, 3)
+        opt.add_param_group(dict(params=list(model[2].parameters()), lr=kw["lr"] * 0.5))
+        _train(model, opt, 3, start=3)
+        runs.append(opt)
+    _assert_same_params(a, b, "add_param_group after steps")
+    assert len(runs[0].state) == len(runs[1].state)
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_frozen_then_unfrozen_parameter_is_updated(ours, theirs, kw):
+    a, b = _net(), _net()
+    for model, cls in ((a, ours), (b, theirs)):
+        opt = cls(model.parameters(), **kw)
+        model[0].weight.requires_grad_(False)
+        _train(model, opt, 3)
+        model[0].weight.requires_grad_(True)
+        _train(model, opt, 3, start=3)
+    assert not torch.equal(a[0].weight, _net()[0].weight), "the unfrozen weight never moved"
+    _assert_same_params(a, b, "frozen, then unfrozen")
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_parameter_gaining_a_gradient_later_is_updated(ours, theirs, kw):
+    """A branch unused at first (p.grad stays None: skipped, as torch does) and used later."""
+    a, b = _net(), _net()
+    for model, cls in ((a, ours), (b, theirs)):
+        opt = cls(model.parameters(), **kw)
+        for i in range(6):
+            x, y = _batch(i=i)
+            opt.zero_grad()
+            hidden = model[1](model[0](x))
+            out = model[2](hidden) if i >= 3 else hidden[:, :3]  # the last layer joins at step 3
+            F.cross_entropy(out, y).backward()
+            opt.step()
+    _assert_same_params(a, b, "gradient from step 3 on")
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_step_reads_gradients_without_replacing_them(ours, theirs, kw):
+    model = _net()
+    opt = ours(model.parameters(), **kw)
+    for i in range(2):
+        x, y = _batch(i=i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = [(p.grad, p.grad._version, p.grad.clone()) for p in model.parameters()]
+        opt.step()
+        for p, (grad, version, values) in zip(model.parameters(), before):
+            assert p.grad is grad and p.grad._version == version and torch.equal(p.grad, values), \
+                "step() replaced or modified p.grad"
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_fused_and_foreach_flags_mean_what_torch_means(cls):
+    params = _net().parameters()
+    cls(params, lr=0.1, fused=True)  # it is fused
+    for kwargs, message in ((dict(fused=False), "always fused"), (dict(foreach=True), "leave foreach=None"),
+                            (dict(foreach=False), "leave foreach=None")):
+        with pytest.raises(ValueError, match=message):
+            cls(_net().parameters(), lr=0.1, **kwargs)
+
+
+def test_no_state_without_momentum_like_torch():
+    a, b = _net(), _net()
+    ours, theirs = SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    _train(a, ours, 2)
+    _train(b, theirs, 2)
+    assert ours.state_dict()["state"] == theirs.state_dict()["state"] == {}

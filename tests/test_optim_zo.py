@@ -350,3 +350,90 @@ def test_scale_by_block_size_multiplies_each_block_scalar():
     z = philox_normal(step_seed(5, 0), 8).double()
     assert torch.allclose((w0 - w.detach()).double(), c[0] * (10 / 8) * z[:6], rtol=1e-4, atol=1e-5)
     assert torch.allclose((b0 - b.detach()).double(), c[1] * (10 / 4) * z[6:], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters that change under the optimizer (issue 12): zero-size, new groups, frozen/unfrozen
+# --------------------------------------------------------------------------------------------------
+ZO_CASES = [(ZOSGD, dict(lr=0.05, momentum=0.9, blocks="module")), (ZOAdam, dict(lr=1e-2, q=2, estimator="forward")),
+            (HiZOO, dict(lr=1e-2, eps=1e-2))]
+ZO_IDS = ["zosgd-momentum-module", "zoadam", "hizoo"]
+
+
+class _TinyWithEmpty(torch.nn.Module):
+    """_tiny_net's layers, then a parameter with zero elements (last, so direction offsets are equal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _tiny_net()
+        self.empty = torch.nn.Parameter(torch.zeros(0, 5))
+
+    def forward(self, x):
+        return self.net(x) + self.empty.sum()
+
+
+@pytest.mark.parametrize("blocks", [None, "tensor", "module"])
+def test_zero_size_parameter_changes_nothing(blocks):
+    """A zero-element parameter beside normal ones: the same steps, bit for bit, as without it."""
+    x, y = _data()
+    plain, with_empty = _tiny_net(), _TinyWithEmpty()
+    for model, params in ((plain, plain.named_parameters()), (with_empty, with_empty.net.named_parameters())):
+        named = list(params) + ([("empty", with_empty.empty)] if model is with_empty else [])
+        opt = ZOSGD(named, lr=0.05, q=2, momentum=0.9, blocks=blocks, seed=3)
+        for _ in range(3):
+            opt.step(lambda m=model: F.cross_entropy(m(x), y))
+    for (name, a), b in zip(plain.named_parameters(), with_empty.net.parameters()):
+        assert_bitwise_equal(a.detach(), b.detach(), f"blocks={blocks}: {name}")
+
+
+def _state_of(opt, params):
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    sd = opt.state_dict()["state"]
+    return [sd.get(index[id(p)], {}) for p in params]
+
+
+@pytest.mark.parametrize("cls, kw", ZO_CASES, ids=ZO_IDS)
+def test_add_param_group_after_steps_keeps_state_and_trains_the_new_group(cls, kw):
+    x, y = _data()
+    net = _tiny_net()
+    first, second = list(net[0].named_parameters()), list(net[2].named_parameters())
+    opt = cls(first, **kw)
+    loss = lambda: F.cross_entropy(net(x), y)  # noqa: E731
+    for _ in range(3):
+        opt.step(loss)
+    old = [p for _, p in first]
+    state_before = _state_of(opt, old)
+    values_before = [p.detach().clone() for _, p in second]
+    opt.add_param_group(dict(params=[p for _, p in second], param_names=[n for n, _ in second]))
+    opt._pack()  # the repack happens at the next step; look at the carried state before it runs
+    for before, after in zip(state_before, _state_of(opt, old)):
+        assert before.keys() == after.keys()
+        for key in before:
+            assert_bitwise_equal(after[key], before[key], f"state {key} after add_param_group")
+    for _ in range(3):
+        opt.step(loss)
+    assert all(not torch.equal(p, v) for (_, p), v in zip(second, values_before)), "the new group never moved"
+
+
+@pytest.mark.parametrize("cls, kw", ZO_CASES, ids=ZO_IDS)
+def test_frozen_then_unfrozen_parameter(cls, kw):
+    x, y = _data()
+    net = _tiny_net()
+    opt = cls(net.named_parameters(), **kw)
+    loss = lambda: F.cross_entropy(net(x), y)  # noqa: E731
+    frozen = net[0].weight
+    frozen.requires_grad_(False)
+    start = frozen.detach().clone()
+    for _ in range(3):
+        opt.step(loss)
+    assert torch.equal(frozen, start), "a frozen parameter moved"
+    others = [p for p in net.parameters() if p is not frozen]
+    state_before = _state_of(opt, others)
+    frozen.requires_grad_(True)
+    opt._pack()
+    for before, after in zip(state_before, _state_of(opt, others)):
+        for key in before:
+            assert_bitwise_equal(after[key], before[key], f"state {key} after unfreezing")
+    for _ in range(3):
+        opt.step(loss)
+    assert not torch.equal(frozen, start), "the unfrozen parameter never moved"

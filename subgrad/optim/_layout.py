@@ -95,6 +95,8 @@ def block_ranges(segments: list[Segment], blocks, names: dict[int, str]) -> tupl
         return [(a, min(a + blocks, total), i) for i, a in enumerate(range(0, total, blocks))], -(-total // blocks)
     ranges, ids = [], {}
     for start, stop, p in param_ranges(segments):
+        if stop == start:  # a parameter with no elements has nothing to estimate
+            continue
         if blocks == "tensor":
             key = id(p)
         else:  # "module": everything before the last dot of the parameter's name

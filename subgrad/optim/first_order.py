@@ -7,8 +7,10 @@ layout and ``optimizer.state[p]`` holds views into them.  When every parameter o
 gradient and the same state history, the step is one launch; otherwise (some ``p.grad is None``,
 which torch.optim skips) each parameter is updated on its own view, with identical arithmetic.
 
-Tip: ``zero_grad(set_to_none=False)`` keeps ``p.grad`` as views into the flat gradient buffer; with
-the default ``set_to_none=True`` each step first copies the fresh gradients into it.
+The packing follows the parameters: a group added with ``add_param_group``, a parameter frozen or
+unfrozen (``requires_grad``) between steps, is picked up at the next step by repacking, and every
+parameter's state moves with it.  Gradients are read, never replaced: each step copies ``p.grad`` into
+the flat gradient buffer (one extra pass over the gradients).
 """
 from __future__ import annotations
 
@@ -42,29 +44,48 @@ class _FusedOptimizer(FlatOptimizer):
         if defaults.get("differentiable") or defaults.get("capturable"):
             raise ValueError("differentiable=True / capturable=True are not supported by subgrad's fused "
                              "optimizers; use torch.optim for those")
+        if defaults.get("fused") not in (None, True):
+            raise ValueError(f"fused={defaults['fused']!r}: subgrad's optimizers are always fused (one kernel per "
+                             "flat buffer); use torch.optim for the unfused implementations")
+        if defaults.get("foreach") is not None:
+            raise ValueError(f"foreach={defaults['foreach']!r} picks one of torch.optim's implementations; subgrad "
+                             "has one (fused, one kernel per flat buffer): leave foreach=None")
         super().__init__(params, defaults)
         self.backend = backend
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
+        self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
 
+    def _trainable(self) -> tuple:
+        return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
+
     def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
-        if self._packed is None:
+        """The packed groups; repacked (state carried over) when the trainable parameters changed."""
+        if self._packed is None or self._packed_for != self._trainable():
             self._flats, self._packed = [], []
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.requires_grad]
                 if params:
-                    flat = FlatParams(params)
+                    flat = FlatParams(params)  # copies the current values; p.data becomes a view into it
                     self._flats.append(flat)
                     self._packed += [(group, fg, {}) for fg in flat.groups]
+            self._packed_for = self._trainable()
+            self._adopt_state()
         for flat in self._flats:
             flat.check()
         return self._packed
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if getattr(self, "_packed", None) is not None:
-            raise ValueError("add_param_group after the first step is not supported by subgrad's fused optimizers "
-                             "(parameters are packed into flat buffers); create the optimizer with all groups")
+    def _adopt_state(self) -> None:
+        """Copy each parameter's state tensors into the flat state buffers and point ``state[p]`` at
+        views of them (after packing, and after ``load_state_dict``)."""
+        for _, fg, bufs in self._packed:
+            for i, p in enumerate(fg.params):
+                st = self.state.get(p)
+                for key in self._buffer_keys if st else ():
+                    if isinstance(st.get(key), torch.Tensor):
+                        view = self._view(fg, bufs, key, i)
+                        view.copy_(st[key])
+                        st[key] = view
 
     @staticmethod
     def _buffer(fg: FlatGroup, bufs: dict, key: str) -> torch.Tensor:
@@ -81,16 +102,8 @@ class _FusedOptimizer(FlatOptimizer):
         """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
         tensors are copied into the flat buffers and ``state[p]`` points at views again."""
         super().load_state_dict(state_dict)
-        for _, fg, bufs in self._pack():
-            for i, p in enumerate(fg.params):
-                st = self.state.get(p)
-                if not st:
-                    continue
-                for key in self._buffer_keys:
-                    if isinstance(st.get(key), torch.Tensor):
-                        view = self._view(fg, bufs, key, i)
-                        view.copy_(st[key])
-                        st[key] = view
+        self._pack()
+        self._adopt_state()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -108,7 +121,8 @@ class _FusedOptimizer(FlatOptimizer):
                     raise ValueError(f"{type(self).__name__} does not support sparse gradients")
             histories = {self._history(p) for p in fg.params}
             if all(has_grad) and len(histories) == 1:
-                self._step_views(group, fg, bufs, fg.data, fg.grad_buffer(), slice(None), list(range(len(fg.params))))
+                self._step_views(group, fg, bufs, fg.data, fg.grad_buffer(link=False), slice(None),
+                                 list(range(len(fg.params))))
             else:  # torch.optim skips params without gradients: update the others one by one
                 for i, p in enumerate(fg.params):
                     if p.grad is not None:
@@ -156,9 +170,9 @@ class SGD(_FusedOptimizer):
         K.sgd_step_(param, grad, buf, lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                     first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
-        for i in indices:
-            self.state[fg.params[i]]["momentum_buffer"] = (self._view(fg, bufs, "momentum_buffer", i)
-                                                           if momentum else None)
+        for i in indices:  # like torch.optim: no state at all without momentum
+            if momentum:
+                self.state[fg.params[i]]["momentum_buffer"] = self._view(fg, bufs, "momentum_buffer", i)
 
 
 class AdamW(_FusedOptimizer):

@@ -85,6 +85,7 @@ class ZOOptimizer(FlatOptimizer):
         self.skipped_steps = 0
         self.forward_passes = 0
         self._segments: list[Segment] | None = None
+        self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats = []
         self._warned_skip = False
         self.last_estimate: torch.Tensor | None = None
@@ -101,7 +102,16 @@ class ZOOptimizer(FlatOptimizer):
                 names[id(p)] = group["param_names"][i] if "param_names" in group else None
         return names
 
+    def _trainable(self) -> tuple:
+        return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
+
     def _pack(self) -> list[Segment]:
+        """The segments; rebuilt, with every parameter's state carried over, when the trainable
+        parameters changed (``add_param_group``, ``requires_grad`` toggled between steps)."""
+        carried = None
+        if self._segments is not None and self._packed_for != self._trainable():
+            carried = self._per_param_state()
+            self._segments = None
         if self._segments is None:
             names = self._param_names()
             if self.blocks == "module" and any(n is None for n in names.values()):
@@ -120,9 +130,33 @@ class ZOOptimizer(FlatOptimizer):
             # stable step of ZO-SGD on it scales like 1 / (d_B + 2); relative to one block over all d.
             self._block_scale = (sizes.sum() + 2) / (sizes + 2)
             self._init_state()
+            self._packed_for = self._trainable()
+            if carried:
+                self._restore_per_param_state(carried)
         for flat in self._flats:
             flat.check()
         return self._segments
+
+    def _per_param_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each packed parameter's slice of every state buffer (and master copy), cloned."""
+        out = {}
+        for seg in self._segments:
+            for p, off in zip(seg.flat.params, seg.flat.offsets):
+                out[id(p)] = {k: buf[off:off + p.numel()].clone() for k, buf in self._state_buffers(seg).items()
+                              if buf is not None}
+        return out
+
+    def _restore_per_param_state(self, carried: dict[int, dict[str, torch.Tensor]]) -> None:
+        for seg in self._segments:
+            for p, off in zip(seg.flat.params, seg.flat.offsets):
+                for key, values in carried.get(id(p), {}).items():
+                    if key == "master":
+                        if seg.master is not None:
+                            seg.master[off:off + p.numel()].copy_(values)
+                        continue
+                    if seg.buffers.get(key) is None:  # made lazily: make it now
+                        seg.buffers[key] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+                    seg.buffers[key][off:off + p.numel()].copy_(values)
 
     def _init_state(self) -> None:
         """Subclasses create their per-segment buffers (``seg.buffers``) here, after packing."""
