@@ -338,3 +338,48 @@ def test_no_state_without_momentum_like_torch():
     _train(a, ours, 2)
     _train(b, theirs, 2)
     assert ours.state_dict()["state"] == theirs.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("cls, backend", [(SGD, "eager"), (AdamW, "eager"), (AdamW, "inductor")],
+                         ids=["sgd-eager", "adamw-eager", "adamw-inductor"])
+def test_torch_compile_training_step_matches_eager(cls, backend):
+    """torch.compile of a whole training step (forward, backward, step): the step runs eagerly inside it
+    (a graph break); bitwise equal with the eager backend, within fp32 tolerance with inductor (which
+    fuses the model's own forward/backward differently)."""
+    def run(compiled):
+        model = _net()
+        opt = cls(model.parameters(), lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = torch.compile(step, backend=backend) if compiled else step
+        for i in range(4):
+            fn(*_batch(i=i))
+        return model
+
+    eager, compiled = run(False), run(True)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if backend == "eager":
+            assert_bitwise_equal(b.detach(), a.detach(), name)
+        else:
+            assert torch.allclose(b, a, **TOL[torch.float32]), f"{name}: {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_pickles_with_a_lambda_hook_like_torch(ours, theirs, kw):
+    """Hooks are not pickled (torch drops them too); the copy still steps like the original."""
+    import pickle
+
+    for cls in (ours, theirs):
+        model = _net()
+        opt = cls(model.parameters(), **kw)
+        opt.register_step_post_hook(lambda *args: None)
+        _train(model, opt, 2)
+        clone = pickle.loads(pickle.dumps(opt))
+        assert not clone._optimizer_step_post_hooks
+        assert len(clone.state) == len(opt.state)

@@ -23,8 +23,9 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; the flat buffers, step counters
-        # and settings must travel too, so deepcopy / pickle give a working optimizer.
-        return self.__dict__.copy()
+        # and settings must travel too, so deepcopy / pickle give a working optimizer.  Hooks do not
+        # travel, as in torch (a lambda hook cannot be pickled); __setstate__ starts them empty.
+        return {k: v for k, v in self.__dict__.items() if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
