@@ -383,3 +383,18 @@ def test_pickles_with_a_lambda_hook_like_torch(ours, theirs, kw):
         clone = pickle.loads(pickle.dumps(opt))
         assert not clone._optimizer_step_post_hooks
         assert len(clone.state) == len(opt.state)
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_tensor_lr_like_torch(ours, theirs, kw):
+    """A 0-dim tensor lr (torch's configuration for schedulers that update it in place)."""
+    a, b = _net(), _net()
+    for model, cls in ((a, ours), (b, theirs)):
+        lr = torch.tensor(kw["lr"])
+        opt = cls(model.parameters(), **{**kw, "lr": lr})
+        _train(model, opt, 3)
+        lr.mul_(0.5)  # read at every step, as torch does
+        _train(model, opt, 3, start=3)
+    _assert_same_params(a, b, "tensor lr")
+    with pytest.raises(ValueError, match="1-element"):
+        ours(_net().parameters(), lr=torch.tensor([0.1, 0.2]))

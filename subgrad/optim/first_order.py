@@ -23,9 +23,16 @@ from ..flat import FlatGroup, FlatParams
 from ._layout import FlatOptimizer
 
 
-def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False,
+                  tensor_ok: bool = False) -> None:
     if isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a Python number (tensor hyperparameters are not supported), got a tensor")
+        if not tensor_ok:
+            raise ValueError(f"{name} must be a Python number (tensor hyperparameters other than lr are not "
+                             "supported), got a tensor")
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"Tensor {name} must be a 1-element floating-point tensor, got shape "
+                             f"{tuple(value.shape)} {value.dtype}")
+        value = value.item()
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
     ok = ok and (high is None or value < high)
     if not ok:
@@ -152,7 +159,7 @@ class SGD(_FusedOptimizer):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
                  differentiable: bool = False, fused=None, l1: float = 0.0, backend: str | None = None):
-        _check_number("lr", lr, 0.0)
+        _check_number("lr", lr, 0.0, tensor_ok=True)  # a tensor lr is read at each step
         _check_number("momentum", momentum, 0.0)
         _check_number("dampening", dampening, 0.0)
         _check_number("weight_decay", weight_decay, 0.0)
@@ -170,7 +177,7 @@ class SGD(_FusedOptimizer):
         momentum = group["momentum"]
         first = self._history(fg.params[indices[0]])
         buf = self._buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
-        K.sgd_step_(param, grad, buf, lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
+        K.sgd_step_(param, grad, buf, lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                     first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
         for i in indices:  # like torch.optim: no state at all without momentum
@@ -188,7 +195,7 @@ class AdamW(_FusedOptimizer):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
                  capturable: bool = False, differentiable: bool = False, fused=None, l1: float = 0.0,
                  backend: str | None = None):
-        _check_number("lr", lr, 0.0)
+        _check_number("lr", lr, 0.0, tensor_ok=True)  # a tensor lr is read at each step
         _check_number("eps", eps, 0.0, low_open=True)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -212,7 +219,7 @@ class AdamW(_FusedOptimizer):
         vmax = self._buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
         K.adamw_step_(param, grad, self._buffer(fg, bufs, "exp_avg")[where], self._buffer(fg, bufs, "exp_avg_sq")[where],
                       vmax,
-                      step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                       l1=group.get("l1", 0.0), backend=self.backend)
         for i in indices:
