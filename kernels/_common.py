@@ -131,6 +131,21 @@ def grid(n: int) -> tuple[int]:
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def float64_twin(backend: str | None, *tensors: torch.Tensor) -> bool:
+    """True when a first-order step must run in float64: float64 parameters are updated by the torch
+    twin computing in float64 on any device (torch.optim computes in the parameter's dtype); there is no
+    float64 Triton kernel, so asking for one is refused."""
+    if tensors[0].dtype != torch.float64:
+        return False
+    if backend == "triton":
+        raise ValueError("there is no float64 Triton kernel; float64 parameters are updated by the torch twin "
+                         "in float64 (pass backend=None or 'torch')")
+    for t in tensors:
+        if t is not None and t.dtype != torch.float64:
+            raise ValueError(f"float64 parameters need float64 gradients and state, got {t.dtype}")
+    return True
+
+
 def check_float_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")

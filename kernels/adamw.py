@@ -11,7 +11,8 @@
 
 The bias corrections are computed on the host from the (host) step counter, as ``torch.optim`` does
 without ``capturable``, so a step never synchronises with the device.  Parameters, gradients and the
-moments may be float32, bfloat16 or float16; arithmetic is float32.
+moments may be float32, bfloat16 or float16; arithmetic is float32.  float64 buffers are updated by
+the torch twin in float64 (as torch.optim does), on any device.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      f32, grid, resolve_backend, round_to, sign, sqrt_rn_torch)
+                      f32, float64_twin, grid, resolve_backend, round_to, sign, sqrt_rn_torch)
 
 
 @triton.jit
@@ -73,17 +74,19 @@ def adamw_kernel(
 
 
 def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_minus_beta1, beta2,
-                one_minus_beta2, step_size, bias_correction2_sqrt, eps, l1, maximize, amsgrad) -> None:
-    """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers)."""
+                one_minus_beta2, step_size, bias_correction2_sqrt, eps, l1, maximize, amsgrad,
+                compute=torch.float32) -> None:
+    """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
+    is the float64 path."""
     param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq))
     # A divisor on the tensors' device: CUDA torch turns division by a CPU scalar into multiplication by
     # its reciprocal (up to 1 ulp off IEEE division; seen on an H200 before this), the kernel divides.
-    bias_correction2_sqrt = torch.tensor(bias_correction2_sqrt, dtype=torch.float32, device=param.device)
+    bias_correction2_sqrt = torch.tensor(bias_correction2_sqrt, dtype=compute, device=param.device)
     for a, b in chunks(param.numel()):
-        w = param[a:b].to(torch.float32)
-        g = grad[a:b].to(torch.float32)
-        m = exp_avg[a:b].to(torch.float32)
-        v = exp_avg_sq[a:b].to(torch.float32)
+        w = param[a:b].to(compute)
+        g = grad[a:b].to(compute)
+        m = exp_avg[a:b].to(compute)
+        v = exp_avg_sq[a:b].to(compute)
         if maximize:
             g = -g
         if l1 != 0.0:
@@ -93,13 +96,13 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
         v = (v * beta2 + (g * g) * one_minus_beta2).to(exp_avg_sq.dtype)
         exp_avg[a:b] = m
         exp_avg_sq[a:b] = v
-        v = v.to(torch.float32)
+        v = v.to(compute)
         if amsgrad:
             vmax = max_exp_avg_sq.view(-1)[a:b]
-            v = torch.maximum(vmax.to(torch.float32), v)
+            v = torch.maximum(vmax.to(compute), v)
             vmax.copy_(v.to(vmax.dtype))
         denom = sqrt_rn_torch(v) / bias_correction2_sqrt + eps
-        param[a:b] = (w - (m.to(torch.float32) / denom) * step_size).to(param.dtype)
+        param[a:b] = (w - (m.to(compute) / denom) * step_size).to(param.dtype)
 
 
 def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -110,6 +113,16 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
 
     Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.  Returns ``param``.
     """
+    if step < 1:
+        raise ValueError(f"step counts from 1 (this step included), got {step}")
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
+        check_contiguous("param", param)
+        adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
+                    float(beta2), 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), float(eps),
+                    float(l1), maximize, amsgrad, compute=torch.float64)
+        return param
     check_float_dtype("param", param)
     check_contiguous("param", param)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -120,11 +133,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         check_same_layout("max_exp_avg_sq", max_exp_avg_sq, param, "param")
         if max_exp_avg_sq.dtype != exp_avg_sq.dtype:
             raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
-    if step < 1:
-        raise ValueError(f"step counts from 1 (this step included), got {step}")
     # Host-side scalars in float64, rounded once to float32 (torch.optim computes them the same way).
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
     scalars = dict(decay=f32(1.0 - lr * weight_decay), one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
                    one_minus_beta2=f32(1.0 - beta2), step_size=f32(lr / bias_correction1),
                    bias_correction2_sqrt=f32(math.sqrt(bias_correction2)), eps=f32(eps), l1=f32(l1))

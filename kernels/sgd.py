@@ -8,7 +8,8 @@
     w = w - lr * g
 
 Parameters, gradients and the momentum buffer may be float32, bfloat16 or float16; arithmetic is
-float32 and each tensor is rounded once when stored.
+float32 and each tensor is rounded once when stored.  float64 buffers are updated by the torch twin in
+float64 (as torch.optim does), on any device.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      f32, grid, resolve_backend, round_to, sign)
+                      f32, float64_twin, grid, resolve_backend, round_to, sign)
 
 
 @triton.jit
@@ -65,13 +66,14 @@ def sgd_kernel(
 
 
 def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_minus_dampening, maximize,
-              first_step, nesterov) -> None:
-    """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers)."""
+              first_step, nesterov, compute=torch.float32) -> None:
+    """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
+    is the float64 path."""
     param, grad = param.view(-1), grad.view(-1)
     momentum_buffer = momentum_buffer.view(-1) if momentum_buffer is not None else None
     for a, b in chunks(param.numel()):
-        w = param[a:b].to(torch.float32)
-        g = grad[a:b].to(torch.float32)
+        w = param[a:b].to(compute)
+        g = grad[a:b].to(compute)
         if maximize:
             g = -g
         if weight_decay != 0.0:
@@ -82,10 +84,10 @@ def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_
             if first_step:
                 buf = g
             else:
-                buf = momentum_buffer[a:b].to(torch.float32) * momentum + g * one_minus_dampening
+                buf = momentum_buffer[a:b].to(compute) * momentum + g * one_minus_dampening
             buf = buf.to(momentum_buffer.dtype)
             momentum_buffer[a:b] = buf
-            g = g + buf.to(torch.float32) * momentum if nesterov else buf.to(torch.float32)
+            g = g + buf.to(compute) * momentum if nesterov else buf.to(compute)
         param[a:b] = (w - g * lr).to(param.dtype)
 
 
@@ -100,15 +102,20 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
     decaying it).  Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.
     Returns ``param``.
     """
+    if nesterov and (momentum == 0.0 or dampening != 0.0):
+        raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+    if momentum != 0.0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs a momentum_buffer like param")
+    if float64_twin(backend, param, grad, momentum_buffer if momentum != 0.0 else None):
+        check_contiguous("param", param)
+        sgd_torch(param, grad, momentum_buffer, float(lr), float(weight_decay), float(l1), float(momentum),
+                  1.0 - dampening, maximize, first_step, nesterov, compute=torch.float64)
+        return param
     check_float_dtype("param", param)
     check_contiguous("param", param)
     check_same_layout("grad", grad, param, "param")
     if momentum != 0.0:
-        if momentum_buffer is None:
-            raise ValueError("momentum != 0 needs a momentum_buffer like param")
         check_same_layout("momentum_buffer", momentum_buffer, param, "param")
-    if nesterov and (momentum == 0.0 or dampening != 0.0):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
     lr, weight_decay, l1, momentum = f32(lr), f32(weight_decay), f32(l1), f32(momentum)
     one_minus_dampening = f32(1.0 - dampening)
     if resolve_backend(backend, param, grad) == "triton":
