@@ -54,9 +54,11 @@ class FlatGroup:
                 view = self.grad[off:off + p.numel()].view_as(p)
                 if p.grad is None:
                     view.zero_()
+                elif p.grad.is_sparse:  # e.g. nn.Embedding(sparse=True): its rows, zeros elsewhere
+                    if link:
+                        raise ValueError("a sparse gradient cannot be linked into the dense flat gradient buffer")
+                    view.copy_(p.grad.to_dense())
                 else:
-                    if p.grad.is_sparse:
-                        raise ValueError("subgrad optimizers do not support sparse gradients")
                     view.copy_(p.grad)
                 if link:
                     p.grad = view

@@ -398,3 +398,24 @@ def test_tensor_lr_like_torch(ours, theirs, kw):
     _assert_same_params(a, b, "tensor lr")
     with pytest.raises(ValueError, match="1-element"):
         ours(_net().parameters(), lr=torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_sparse_gradients_like_torch(momentum):
+    """nn.Embedding(sparse=True): subgrad takes the gradient densified, torch its sparse path; same numbers.
+    AdamW refuses sparse gradients with torch's exception type."""
+    models = []
+    for cls in (SGD, torch.optim.SGD):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, momentum=momentum)
+        for i in range(4):
+            opt.zero_grad()
+            emb(torch.tensor([i, (3 * i) % 10, 7])).pow(2).sum().backward()
+            opt.step()
+        models.append(emb)
+    assert torch.allclose(models[0].weight, models[1].weight, **TOL[torch.float32])
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        AdamW(emb.parameters(), lr=0.1).step()

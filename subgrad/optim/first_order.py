@@ -44,13 +44,17 @@ class _FusedOptimizer(FlatOptimizer):
     """Packing and state plumbing shared by :class:`SGD` and :class:`AdamW`."""
 
     _buffer_keys: tuple[str, ...] = ()  # flat state buffers, param dtype
+    _sparse_ok = False  # sparse gradients (SGD takes them densified: the same numbers as torch's sparse path)
 
     def __init__(self, params, defaults: dict, backend: str | None):
         if backend not in (None, *K.BACKENDS):
             raise ValueError(f"backend must be None or one of {K.BACKENDS}, got {backend!r}")
-        if defaults.get("differentiable") or defaults.get("capturable"):
-            raise ValueError("differentiable=True / capturable=True are not supported by subgrad's fused "
-                             "optimizers; use torch.optim for those")
+        if defaults.get("differentiable"):
+            raise ValueError("differentiable=True (autograd through the update) is not supported: subgrad's step "
+                             "is a fused kernel outside autograd; use torch.optim for it")
+        if defaults.get("capturable"):
+            raise ValueError("capturable=True (CUDA-graph capture) is not supported: subgrad keeps the step count "
+                             "and bias corrections on the host; use torch.optim for it")
         if defaults.get("fused") not in (None, True):
             raise ValueError(f"fused={defaults['fused']!r}: subgrad's optimizers are always fused (one kernel per "
                              "flat buffer); use torch.optim for the unfused implementations")
@@ -126,9 +130,8 @@ class _FusedOptimizer(FlatOptimizer):
             has_grad = [p.grad is not None for p in fg.params]
             if not any(has_grad):
                 continue
-            for p in fg.params:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            if not self._sparse_ok and any(p.grad is not None and p.grad.is_sparse for p in fg.params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (as torch.optim's)")
             histories = {self._history(p) for p in fg.params}
             if all(has_grad) and len(histories) == 1:
                 self._step_views(group, fg, bufs, fg.data, fg.grad_buffer(link=False), slice(None),
@@ -137,7 +140,8 @@ class _FusedOptimizer(FlatOptimizer):
                 for i, p in enumerate(fg.params):
                     if p.grad is not None:
                         off = fg.offsets[i]
-                        self._step_views(group, fg, bufs, fg.data[off:off + p.numel()], p.grad.reshape(-1),
+                        grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                        self._step_views(group, fg, bufs, fg.data[off:off + p.numel()], grad.reshape(-1),
                                          slice(off, off + p.numel()), [i])
         return loss
 
@@ -155,6 +159,7 @@ class SGD(_FusedOptimizer):
     subgradient ``l1 * sign(w)``; ``backend`` picks the kernel backend."""
 
     _buffer_keys = ("momentum_buffer",)
+    _sparse_ok = True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
