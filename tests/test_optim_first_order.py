@@ -419,3 +419,14 @@ def test_sgd_sparse_gradients_like_torch(momentum):
     emb(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         AdamW(emb.parameters(), lr=0.1).step()
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_complex_parameters_are_refused_with_the_reason(cls):
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex parameters are not supported"):
+        cls([z], lr=0.1)
+    opt = cls(_net().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="complex parameters are not supported"):
+        opt.add_param_group(dict(params=[z]))
+    assert len(opt.param_groups) == 1

@@ -62,10 +62,25 @@ class _FusedOptimizer(FlatOptimizer):
             raise ValueError(f"foreach={defaults['foreach']!r} picks one of torch.optim's implementations; subgrad "
                              "has one (fused, one kernel per flat buffer): leave foreach=None")
         super().__init__(params, defaults)
+        self._check_real()
         self.backend = backend
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
+
+    def _check_real(self) -> None:
+        if any(p.is_complex() for g in self.param_groups for p in g["params"]):
+            raise ValueError("complex parameters are not supported: subgrad's kernels update real buffers; use "
+                             "torch.optim (which steps torch.view_as_real(p)) or split the parameter in two")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_packed_for", None) is not None:  # after __init__: check the new group too
+            try:
+                self._check_real()
+            except ValueError:
+                self.param_groups.pop()  # refused: not left behind to be skipped silently
+                raise
 
     def _trainable(self) -> tuple:
         return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
