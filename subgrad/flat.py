@@ -21,6 +21,29 @@ class StaleFlatParamsError(RuntimeError):
     """The module's parameters no longer live in the flat buffers (it was moved or re-assigned)."""
 
 
+# A complex parameter lives in a real buffer as its real view (torch.view_as_real: re, im interleaved),
+# which is also what torch.optim steps; these helpers are the one place that knows it.
+def storage_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of the flat buffer that holds ``p``: its real dtype for a complex parameter."""
+    return p.real.dtype if p.is_complex() else p.dtype
+
+
+def storage_numel(p: torch.Tensor) -> int:
+    """Elements ``p`` takes in its flat buffer (two per complex element)."""
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def as_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def shaped_like(flat_slice: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``flat_slice`` (``storage_numel(p)`` elements) viewed with ``p``'s shape and dtype."""
+    if p.is_complex():
+        return torch.view_as_complex(flat_slice.view(*p.shape, 2))
+    return flat_slice.view_as(p)
+
+
 @dataclass
 class FlatGroup:
     """Parameters of one (device, dtype): the buffer, the views' offsets and sizes, and their names."""
@@ -38,7 +61,12 @@ class FlatGroup:
 
     @property
     def sizes(self) -> list[int]:
-        return [p.numel() for p in self.params]
+        return [storage_numel(p) for p in self.params]
+
+    def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s part of a flat buffer of this layout, shaped like the parameter."""
+        p, off = self.params[i], self.offsets[i]
+        return shaped_like(buffer[off:off + storage_numel(p)], p)
 
     def grad_buffer(self, link: bool = False) -> torch.Tensor:
         """The flat gradient buffer holding every parameter's current gradient (a missing one as zero).
@@ -49,9 +77,9 @@ class FlatGroup:
         """
         if self.grad is None:
             self.grad = torch.zeros_like(self.data)
-        for p, off in zip(self.params, self.offsets):
+        for i, (p, off) in enumerate(zip(self.params, self.offsets)):
             if not _aliases(p.grad, self.grad, off):
-                view = self.grad[off:off + p.numel()].view_as(p)
+                view = self.view(self.grad, i)
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.is_sparse:  # e.g. nn.Embedding(sparse=True): its rows, zeros elsewhere
@@ -66,7 +94,10 @@ class FlatGroup:
 
 
 def _aliases(view: torch.Tensor | None, buffer: torch.Tensor, offset: int) -> bool:
-    if view is None or view.device != buffer.device or view.dtype != buffer.dtype:
+    if view is None:
+        return False
+    view = as_real(view)
+    if view.device != buffer.device or view.dtype != buffer.dtype:
         return False
     if view.numel() == 0:  # nothing to alias (and an empty tensor's data_ptr() is 0)
         return True
@@ -107,19 +138,19 @@ class FlatParams:
         """
         keyed: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.nn.Parameter]]] = {}
         for name, p in self._named:
-            keyed.setdefault((p.device, p.dtype), []).append((name, p))
+            keyed.setdefault((p.device, storage_dtype(p)), []).append((name, p))
         self.groups = []
         for (device, dtype), members in keyed.items():
             offsets, total = [], 0
             for _, p in members:
                 offsets.append(total)
-                total += p.numel()
+                total += storage_numel(p)
             data = torch.empty(total, dtype=dtype, device=device)
             for (_, p), off in zip(members, offsets):
-                data[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                data[off:off + storage_numel(p)].copy_(as_real(p.detach()).reshape(-1))
             group = FlatGroup(device, dtype, [p for _, p in members], [n for n, _ in members], offsets, data)
-            for p, off in zip(group.params, offsets):
-                p.data = data[off:off + p.numel()].view_as(p)
+            for i, p in enumerate(group.params):
+                p.data = group.view(data, i)
             self.groups.append(group)
         return self
 
@@ -128,13 +159,12 @@ class FlatParams:
         values in (``copy.deepcopy`` clones each parameter's data, for example).  Device and dtype must
         still match; use :meth:`repack` otherwise."""
         for group in self.groups:
-            for p, off in zip(group.params, group.offsets):
+            for i, (p, off) in enumerate(zip(group.params, group.offsets)):
                 if not _aliases(p.data, group.data, off):
-                    if p.device != group.device or p.dtype != group.dtype:
+                    if p.device != group.device or storage_dtype(p) != group.dtype:
                         self.check()  # raises the stale-buffer error with the fix
-                    view = group.data[off:off + p.numel()]
-                    view.copy_(p.detach().reshape(-1))
-                    p.data = view.view_as(p)
+                    group.data[off:off + storage_numel(p)].copy_(as_real(p.detach()).reshape(-1))
+                    p.data = group.view(group.data, i)
 
     def check(self) -> None:
         """Raise :class:`StaleFlatParamsError` if any parameter stopped aliasing its buffer."""

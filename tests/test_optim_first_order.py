@@ -421,12 +421,35 @@ def test_sgd_sparse_gradients_like_torch(momentum):
         AdamW(emb.parameters(), lr=0.1).step()
 
 
-@pytest.mark.parametrize("cls", [SGD, AdamW])
-def test_complex_parameters_are_refused_with_the_reason(cls):
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=IDS)
+def test_complex_parameters_like_torch(ours, theirs, kw):
+    """A complex parameter beside real ones is stepped as its real view, as torch does; the state is
+    complex like torch's and the state_dict loads into torch.optim."""
+    g = torch.Generator().manual_seed(5)
+    a_mat = torch.randn(6, 3, dtype=torch.complex64, generator=g)
+    target = torch.randn(6, dtype=torch.complex64, generator=g)
+    results = []
+    for cls in (ours, theirs):
+        torch.manual_seed(0)
+        z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+        scale = torch.nn.Parameter(torch.ones(1))
+        opt = cls([z, scale], **kw)
+        for _ in range(5):
+            opt.zero_grad()
+            (0.1 * ((a_mat @ z) * scale - target).abs().pow(2).mean()).backward()
+            opt.step()
+        results.append((z, scale, opt))
+    (z1, s1, opt1), (z2, s2, opt2) = results
+    assert torch.allclose(z1, z2, **TOL[torch.float32]) and torch.allclose(s1, s2, **TOL[torch.float32]), \
+        f"complex parameter differs from torch.optim by {(z1 - z2).abs().max().item():.3g}"
+    for key, value in opt1.state[z1].items():
+        if isinstance(value, torch.Tensor) and key != "step":
+            assert value.dtype == opt2.state[z2][key].dtype == torch.complex64, key
+    opt2.load_state_dict(opt1.state_dict())  # and it loads into torch.optim
+
+
+def test_zeroth_order_refuses_complex_parameters():
+    from subgrad.optim import ZOSGD
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-    with pytest.raises(ValueError, match="complex parameters are not supported"):
-        cls([z], lr=0.1)
-    opt = cls(_net().parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="complex parameters are not supported"):
-        opt.add_param_group(dict(params=[z]))
-    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="real parameters only"):
+        ZOSGD([z], lr=0.1).step(lambda: z.abs().sum())

@@ -60,6 +60,9 @@ def build_segments(param_groups, master_weights: bool | None) -> tuple[list[Flat
         params = [p for p in group["params"] if p.requires_grad]
         if not params:
             continue
+        if any(p.is_complex() for p in params):
+            raise ValueError("zeroth-order optimizers support real parameters only (a direction is real); "
+                             "split a complex parameter into real and imaginary parts")
         flat = FlatParams(params)
         flats.append(flat)
         for fg in flat.groups:

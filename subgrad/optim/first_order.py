@@ -10,7 +10,8 @@ which torch.optim skips) each parameter is updated on its own view, with identic
 The packing follows the parameters: a group added with ``add_param_group``, a parameter frozen or
 unfrozen (``requires_grad``) between steps, is picked up at the next step by repacking, and every
 parameter's state moves with it.  Gradients are read, never replaced: each step copies ``p.grad`` into
-the flat gradient buffer (one extra pass over the gradients).
+the flat gradient buffer (one extra pass over the gradients).  A complex parameter is stepped as its
+real view (``torch.view_as_real``), as torch.optim does; its state tensors are complex like torch's.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import math
 import torch
 
 from .. import kernels as K
-from ..flat import FlatGroup, FlatParams
+from ..flat import FlatGroup, FlatParams, as_real, storage_numel
 from ._layout import FlatOptimizer
 
 
@@ -62,25 +63,10 @@ class _FusedOptimizer(FlatOptimizer):
             raise ValueError(f"foreach={defaults['foreach']!r} picks one of torch.optim's implementations; subgrad "
                              "has one (fused, one kernel per flat buffer): leave foreach=None")
         super().__init__(params, defaults)
-        self._check_real()
         self.backend = backend
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
-
-    def _check_real(self) -> None:
-        if any(p.is_complex() for g in self.param_groups for p in g["params"]):
-            raise ValueError("complex parameters are not supported: subgrad's kernels update real buffers; use "
-                             "torch.optim (which steps torch.view_as_real(p)) or split the parameter in two")
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if getattr(self, "_packed_for", None) is not None:  # after __init__: check the new group too
-            try:
-                self._check_real()
-            except ValueError:
-                self.param_groups.pop()  # refused: not left behind to be skipped silently
-                raise
 
     def _trainable(self) -> tuple:
         return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
@@ -121,8 +107,7 @@ class _FusedOptimizer(FlatOptimizer):
         return bufs[key]
 
     def _view(self, fg: FlatGroup, bufs: dict, key: str, i: int) -> torch.Tensor:
-        p, off = fg.params[i], fg.offsets[i]
-        return self._buffer(fg, bufs, key)[off:off + p.numel()].view_as(p)
+        return fg.view(self._buffer(fg, bufs, key), i)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
@@ -155,9 +140,9 @@ class _FusedOptimizer(FlatOptimizer):
                 for i, p in enumerate(fg.params):
                     if p.grad is not None:
                         off = fg.offsets[i]
-                        grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                        self._step_views(group, fg, bufs, fg.data[off:off + p.numel()], grad.reshape(-1),
-                                         slice(off, off + p.numel()), [i])
+                        grad = as_real(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+                        where = slice(off, off + storage_numel(p))
+                        self._step_views(group, fg, bufs, fg.data[where], grad.reshape(-1), where, [i])
         return loss
 
     def _history(self, p) -> object:
