@@ -117,8 +117,9 @@ class _FusedOptimizer(FlatOptimizer):
         self._adopt_state()
 
     # Under torch.compile the step runs eagerly (a graph break): it is already one fused kernel per flat
-    # buffer, and tracing its host-side scalar preparation sent dynamo into endless recursion.
-    @torch._dynamo.disable
+    # buffer, and tracing its host-side scalar preparation sent dynamo into endless recursion.  (The
+    # decorator torch.optim itself uses: it imports dynamo on first call, not at import.)
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; ``closure`` (optional) re-evaluates the model and returns the loss."""
