@@ -20,6 +20,8 @@ import onnx
 import torch
 import torch.nn as nn
 
+from subgrad.runs import atomic_write
+
 from .runtime import METADATA_FORMAT
 
 #: Smallest opset this exporter targets (the issue asks for 18 or newer).
@@ -54,7 +56,7 @@ class WithPreprocessing(nn.Module):
 def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode on CPU, config.json record, summary.json or {}) of a finished training run."""
     from subgrad.models import MODELS, build_model
-    from subgrad.train import load_checkpoint
+    from subgrad.runs import checkpoints, load_checkpoint
 
     run = pathlib.Path(run_dir)
     if not (run / "config.json").is_file():
@@ -62,7 +64,7 @@ def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
     record = json.loads((run / "config.json").read_text())
     weights = run / "model.pt"
     if not weights.is_file():
-        found = sorted((run / "checkpoints").glob("step-*.pt"))
+        found = checkpoints(run)
         if not found:
             raise ExportError(f"{run}: no model.pt and no checkpoints; the run has not saved weights yet")
         weights = found[-1]
@@ -191,15 +193,7 @@ def export_module(model: nn.Module, out, metadata: dict[str, str] | None = None,
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=key, value=value)
     check_onnx(proto, f"the export of {name}")
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
 
 
 def export_run(run_dir, out, with_preprocessing: bool = False, opset: int = OPSET) -> pathlib.Path:

@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 import onnx
 
+from subgrad.runs import atomic_write_text
+
 from .bench import time_runs
 from .runtime import ModelInfo, Predictor
 
@@ -132,5 +134,5 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
                                 f"{max_drop}; {out} not written")
     finally:
         tmp.unlink(missing_ok=True)
-    (out.parent / f"quantization-{mode}.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out.parent / f"quantization-{mode}.json", json.dumps(report, indent=1))
     return report

@@ -9,12 +9,13 @@ is implicit in Triton when ``max_batch_size > 0``), so the config cannot drift f
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
 
 import onnx
+
+from subgrad.runs import atomic_write
 
 from .runtime import ModelInfo, ModelFileError
 
@@ -80,7 +81,5 @@ def package_triton(model_path, repo, name: str | None = None, max_batch_size: in
                           (folder / "labels.txt", lambda p: p.write_text("\n".join(info.class_names) + "\n")),
                           (folder / "config.pbtxt", lambda p: p.write_text(render_config(
                               name, inputs, outputs, max_batch_size, instances, kind, preferred, max_queue_delay_us)))):
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, target)
+        atomic_write(target, write)
     return folder

@@ -16,6 +16,8 @@ import pathlib
 import numpy as np
 import torch
 
+from subgrad.runs import atomic_write_text
+
 from .runtime import Predictor
 
 BATCH_SIZES = (1, 2, 7, 64, 256)
@@ -81,8 +83,8 @@ def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: 
                   passed=not failures, failures=failures, per_batch_size=rows,
                   preprocessing_in_graph=info.preprocessing_in_graph)
     if write:
-        (model_path.parent / "validation.json").write_text(json.dumps(report, indent=1))
-        (model_path.parent / "validation.md").write_text(render_markdown(report))
+        atomic_write_text(model_path.parent / "validation.json", json.dumps(report, indent=1))
+        atomic_write_text(model_path.parent / "validation.md", render_markdown(report))
     return report
 
 

@@ -110,13 +110,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from subgrad.export.bench import bench, render_table
+    from subgrad.runs import atomic_write_text
 
     report = bench(args.model, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup, threads=args.threads,
                    run_dir=args.run)
     print(render_table(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_text(args.json, json.dumps(report, indent=1))
     return 0
 
 

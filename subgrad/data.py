@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runs import atomic_write
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 LAYOUTS = ("a .tar.gz of train/<class>/ and test/<class>/ image folders, an extracted torchvision "
@@ -199,11 +201,9 @@ def load_cifar10(path: str | os.PathLike, download: bool = True, use_cache: bool
         else:
             raise DataError(f"{path} is not in a known layout; expected {LAYOUTS}")
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, train_images=arrays["train"][0], train_labels=arrays["train"][1],
-                     test_images=arrays["test"][0], test_labels=arrays["test"][1], classes=np.asarray(arrays["classes"]))
-            os.replace(tmp, cached)
+            atomic_write(cached, lambda tmp: np.savez(
+                tmp, train_images=arrays["train"][0], train_labels=arrays["train"][1], test_images=arrays["test"][0],
+                test_labels=arrays["test"][1], classes=np.asarray(arrays["classes"])))
     return Dataset(arrays["train"][0], arrays["train"][1], arrays["test"][0], arrays["test"][1],
                    tuple(arrays["classes"]), str(path))
 

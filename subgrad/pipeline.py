@@ -23,7 +23,8 @@ def run_pipeline(data: str = "./data", out: str = "runs/main", model: str = "len
     from subgrad.export.bench import bench, render_table
     from subgrad.export.exporter import export_run
     from subgrad.export.validate import BATCH_SIZES, validate
-    from subgrad.train import TrainConfig, atomic_write_text, train
+    from subgrad.runs import atomic_write_text
+    from subgrad.train import TrainConfig, train
 
     try:  # fail before training when the data is missing or unreadable
         load_cifar10(data)

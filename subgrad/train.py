@@ -36,12 +36,13 @@ from . import __version__
 from .data import DeviceLoader, load_cifar10
 from .distributed import Communicator, from_environment, shutdown, weights_hash
 from .models import MODELS, build_model
+from .runs import (CHECKPOINT_FORMAT, atomic_save, atomic_write, atomic_write_text, checkpoints, latest_checkpoint,
+                   load_checkpoint)
 
 ZO_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")
 FO_OPTIMIZERS = ("sgd", "adamw")
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
 SCHEDULES = ("cosine", "onecycle", "constant")
-CHECKPOINT_FORMAT = "subgrad-checkpoint-v1"
 
 #: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
 #: when a flag is not given; README.md states the accuracy each reaches and how long it took.
@@ -153,41 +154,6 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
 
 
 # -- run folder -------------------------------------------------------------------------------------
-def atomic_save(obj, path: pathlib.Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: pathlib.Path) -> dict:
-    """Load a subgrad checkpoint (weights_only) or raise a one-line error saying why not."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not a usable checkpoint"
-        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}); it may be truncated or not "
-                         "a subgrad checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise ValueError(f"{path} is not a subgrad checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
-    return ckpt
-
-
-def latest_checkpoint(run: pathlib.Path) -> pathlib.Path:
-    found = sorted((run / "checkpoints").glob("step-*.pt"))
-    if not found:
-        raise ValueError(f"no checkpoints in {run / 'checkpoints'}; nothing to resume")
-    return found[-1]
-
-
 def versions() -> dict:
     out = {"subgrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
@@ -213,10 +179,8 @@ def plot_curves(metrics: list[dict], path: pathlib.Path, title: str) -> None:
     ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend(), ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -289,7 +253,7 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
     if cfg.batch_size % comm.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                          f"({comm.world_size}): every rank trains on an equal shard of each batch")
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and list((out / "checkpoints").glob("step-*.pt")):
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints(out):
         resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
     writes = comm.is_main
     quiet = cfg.quiet or not writes
@@ -361,7 +325,7 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
         ckpt = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                     train_seconds=train_seconds, config=dataclasses.asdict(cfg), world_size=w)
         atomic_save(ckpt, path)
-        for old in sorted((out / "checkpoints").glob("step-*.pt"))[:-3]:  # keep the last three
+        for old in checkpoints(out)[:-3]:  # keep the last three
             old.unlink(missing_ok=True)
         return path
 
