@@ -1,6 +1,6 @@
 """Kernel self-check: run every Triton kernel and its torch twin on the same inputs and compare.
 
-Used by ``subgrad selfcheck`` (the README's first command until training lands) and by
+Used by ``subgrad selfcheck`` and by
 ``benchmarks/gpu_check.sh``.  On a machine without CUDA the kernels run in Triton's interpreter,
 which ``subgrad selfcheck`` switches on before importing them.
 """

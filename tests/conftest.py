@@ -19,6 +19,20 @@ SIZES = [1, 1023, 1025, 70001]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+#: Modules whose every test is slow (subprocess training, export of trained models, torchrun, wheel build,
+#: sm_90 compilation); any other test that reads the real archive is slow too (see below).
+SLOW_MODULES = {"test_train", "test_export", "test_distributed", "test_package", "test_compiled_cost"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the slow tier, so the edit loop can run ``pytest -m "not slow"``."""
+    for item in items:
+        uses_real_data = {"real_archive", "cifar_subset"} & set(getattr(item, "function", None).__code__.co_names
+                                                                  if hasattr(item, "function") else ())
+        if item.module.__name__ in SLOW_MODULES or uses_real_data:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def device():
     return DEVICE
