@@ -113,17 +113,6 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
 
     Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.  Returns ``param``.
     """
-    if step < 1:
-        raise ValueError(f"step counts from 1 (this step included), got {step}")
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
-    if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
-        check_contiguous("param", param)
-        adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
-                    float(beta2), 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), float(eps),
-                    float(l1), maximize, amsgrad, compute=torch.float64)
-        return param
-    check_float_dtype("param", param)
     check_contiguous("param", param)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_same_layout(name, t, param, "param")
@@ -133,6 +122,16 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         check_same_layout("max_exp_avg_sq", max_exp_avg_sq, param, "param")
         if max_exp_avg_sq.dtype != exp_avg_sq.dtype:
             raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
+    if step < 1:
+        raise ValueError(f"step counts from 1 (this step included), got {step}")
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
+        adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
+                    float(beta2), 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), float(eps),
+                    float(l1), maximize, amsgrad, compute=torch.float64)
+        return param
+    check_float_dtype("param", param)
     # Host-side scalars in float64, rounded once to float32 (torch.optim computes them the same way).
     scalars = dict(decay=f32(1.0 - lr * weight_decay), one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
                    one_minus_beta2=f32(1.0 - beta2), step_size=f32(lr / bias_correction1),

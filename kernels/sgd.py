@@ -104,18 +104,17 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
     """
     if nesterov and (momentum == 0.0 or dampening != 0.0):
         raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
-    if momentum != 0.0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs a momentum_buffer like param")
+    check_contiguous("param", param)
+    check_same_layout("grad", grad, param, "param")
+    if momentum != 0.0:
+        if momentum_buffer is None:
+            raise ValueError("momentum != 0 needs a momentum_buffer like param")
+        check_same_layout("momentum_buffer", momentum_buffer, param, "param")
     if float64_twin(backend, param, grad, momentum_buffer if momentum != 0.0 else None):
-        check_contiguous("param", param)
         sgd_torch(param, grad, momentum_buffer, float(lr), float(weight_decay), float(l1), float(momentum),
                   1.0 - dampening, maximize, first_step, nesterov, compute=torch.float64)
         return param
     check_float_dtype("param", param)
-    check_contiguous("param", param)
-    check_same_layout("grad", grad, param, "param")
-    if momentum != 0.0:
-        check_same_layout("momentum_buffer", momentum_buffer, param, "param")
     lr, weight_decay, l1, momentum = f32(lr), f32(weight_decay), f32(l1), f32(momentum)
     one_minus_dampening = f32(1.0 - dampening)
     if resolve_backend(backend, param, grad) == "triton":

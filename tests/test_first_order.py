@@ -124,14 +124,18 @@ def test_adamw_matches_torch_optim(dtype, device):
 
 
 # -- arguments --------------------------------------------------------------------------------------
-def test_bad_arguments():
-    x = torch.zeros(8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bad_arguments(dtype):
+    """The same checks on the float32 kernel path and the float64 twin path."""
+    x = torch.zeros(8, dtype=dtype)
     with pytest.raises(ValueError, match="needs a momentum_buffer"):
         sgd_step_(x, x.clone(), None, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="nesterov momentum requires"):
         sgd_step_(x, x.clone(), x.clone(), lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
     with pytest.raises(ValueError, match="grad must have as many elements"):
-        sgd_step_(x, torch.zeros(7), lr=0.1)
+        sgd_step_(x, torch.zeros(7, dtype=dtype), lr=0.1)
+    with pytest.raises(ValueError, match="exp_avg must have as many elements"):
+        adamw_step_(x, x.clone(), torch.zeros(9, dtype=dtype), x.clone(), step=1, lr=1e-3)
     with pytest.raises(ValueError, match="amsgrad=True needs"):
         adamw_step_(x, x.clone(), x.clone(), x.clone(), step=1, lr=1e-3, amsgrad=True)
     with pytest.raises(ValueError, match="step counts from 1"):
