@@ -27,6 +27,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         # travel, as in torch (a lambda hook cannot be pickled); __setstate__ starts them empty.
         return {k: v for k, v in self.__dict__.items() if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
 
+    def _trainable(self) -> tuple:
+        """Which parameters of each group are trainable now; a change since packing means repack."""
+        return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for flat in self._flats:  # deepcopy clones each parameter's data: make them views again

@@ -68,9 +68,6 @@ class _FusedOptimizer(FlatOptimizer):
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
 
-    def _trainable(self) -> tuple:
-        return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
-
     def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
         """The packed groups; repacked (state carried over) when the trainable parameters changed."""
         if self._packed is None or self._packed_for != self._trainable():

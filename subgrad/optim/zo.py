@@ -102,9 +102,6 @@ class ZOOptimizer(FlatOptimizer):
                 names[id(p)] = group["param_names"][i] if "param_names" in group else None
         return names
 
-    def _trainable(self) -> tuple:
-        return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
-
     def _pack(self) -> list[Segment]:
         """The segments; rebuilt, with every parameter's state carried over, when the trainable
         parameters changed (``add_param_group``, ``requires_grad`` toggled between steps)."""
@@ -369,15 +366,12 @@ class ZOOptimizer(FlatOptimizer):
     def state_dict(self) -> dict:
         """torch.optim layout (``state`` per parameter index, ``param_groups``) plus ``subgrad``: the seed,
         the step counter and the settings, so a resumed run draws the same directions."""
-        segments = self._pack()
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state = {}
-        for seg in segments:
-            for p, off in zip(seg.flat.params, seg.flat.offsets):
-                entry = {k: buf[off:off + p.numel()].view_as(p).clone() for k, buf in self._state_buffers(seg).items()
-                         if buf is not None}
-                if entry:
-                    state[index[id(p)]] = entry
+        self._pack()
+        per_param = self._per_param_state()
+        params = [p for g in self.param_groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        state = {index[id(p)]: {k: v.view_as(p) for k, v in per_param[id(p)].items()}
+                 for p in params if per_param.get(id(p))}
         groups = []
         for g in self.param_groups:
             saved = {k: v for k, v in g.items() if k != "params"}
