@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_direction_range, check_float_dtype,
+from ._common import (check_contiguous, check_direction_range, check_float_dtype,
                       check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to,
                       split_seed)
 from .philox import direction_tile, is_rademacher, iter_direction_chunks, philox_seed, tile_launch, tile_positions
@@ -31,18 +31,18 @@ def perturb_kernel(
     HAS_SOURCE: tl.constexpr,  # read the fp32 master copy instead of x
     HAS_PRECOND: tl.constexpr,  # scale the direction by 1 / sqrt(precond)
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
-    GROUP: tl.constexpr,  # elements per Philox call: 4 (normal) or 128 (Rademacher)
+    GROUP: tl.constexpr,  # elements per group: 4 (normal: one Philox call) or 4096 (Rademacher: 32 calls)
     BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """x[i] = cast((source[i] if HAS_SOURCE else x[i]) + scale * z_seed[offset + i]), in fp32."""
-    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # [BLOCK_SIZE // GROUP, GROUP]
+    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # this program's tile of indices
     mask = (pos >= 0) & (pos < n)
     if HAS_SOURCE:
         w = tl.load(source_ptr + pos, mask=mask)
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE // GROUP, RADEMACHER)
+    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE, RADEMACHER)
     if HAS_PRECOND:
         z = z * inv_sqrt_rn(tl.load(precond_ptr + pos, mask=mask, other=1.0))
     w = w + scale * z
@@ -95,12 +95,12 @@ def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = Non
     if resolve_backend(backend, *tensors) == "triton":
         n = x.numel()
         if n:
-            launch, first_group, lead, group, wide = tile_launch(offset, n, rademacher)
-            perturb_kernel[launch](x, source if source is not None else x, precond if precond is not None else x,
-                                   n, seed_lo, seed_hi, first_group, lead, scale,
+            t = tile_launch(offset, n, rademacher)
+            perturb_kernel[t.grid](x, source if source is not None else x, precond if precond is not None else x,
+                                   n, seed_lo, seed_hi, t.first_group, t.lead, scale,
                                    HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
-                                   RADEMACHER=rademacher, GROUP=group, WIDE=wide,
-                                   BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                   RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size,
+                                   num_warps=t.num_warps, enable_fp_fusion=False)
     else:
         perturb_torch(x, seed, scale, offset, rademacher, source, precond)
     return x

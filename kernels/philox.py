@@ -21,9 +21,11 @@ The direction map (one Philox call feeds a whole group of neighbouring elements;
   so four normals cost one Philox call, two logs, two roots and two sin/cos pairs that share one
   argument reduction.  Cosine and sine of one angle are exactly uncorrelated and independent for
   Box-Muller (tested, with the other neighbour pairs and seed vs seed + 1).
-* **Rademacher**: groups of 128.  Element ``e = 128 g + 4 b + k`` is ``-1`` if bit ``b`` of word ``w_k``
-  of call ``g`` is set, else ``+1``: all 128 bits of a call are signs.  (Word-minor order, so the four
-  neighbouring elements a GPU thread loads together read four different words at the same bit.)
+* **Rademacher**: groups of 4096 elements from 32 calls.  Element ``e = 4096 G + 128 b + 4 l + k`` is ``-1``
+  if bit ``b`` of word ``w_k`` of call ``32 G + l`` is set, else ``+1``: all 128 bits of a call are signs.
+  Read as a ``[32, 128]`` tile (row ``b``, column ``4 l + k``), call ``l`` feeds one 4-wide column strip, so
+  the GPU thread that owns those four columns draws the call once and takes a bit of it per row: one
+  Philox call per 32 elements a thread handles, where a map with a call per row would cost one per 4.
 
 This map is not ``tl.randn``'s (one call per element, three words discarded); it replaced it in issue 11
 because direction generation, not memory, bounded every zeroth-order kernel (benchmarks/README.md).
@@ -38,6 +40,7 @@ uniforms they are within max(4 float32 ulp, 5e-7) (tested in ``tests/test_philox
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -80,7 +83,9 @@ SIN_C4: tl.constexpr = tl.constexpr(SIN_C[4])
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 NORMAL_GROUP = 4  # elements per Philox call in a normal direction (two Box-Muller pairs)
-RADEMACHER_GROUP = 128  # elements per Philox call in a Rademacher direction (one per bit)
+RADEMACHER_CALLS = 32  # Philox calls per Rademacher group: one per 4-wide column strip of the tile
+RADEMACHER_GROUP = 128 * RADEMACHER_CALLS  # elements per Rademacher group: a [32 bits, 128 columns] tile
+RADEMACHER_CALLS_TL: tl.constexpr = tl.constexpr(RADEMACHER_CALLS)
 
 
 def is_rademacher(distribution: str) -> bool:
@@ -90,22 +95,37 @@ def is_rademacher(distribution: str) -> bool:
 
 
 def group_size(rademacher: bool) -> int:
-    """Elements of a direction that one Philox call produces."""
+    """Elements of a direction in one group: one Philox call (normal) or one [32, 128] tile of 32 calls
+    (Rademacher).  Kernels tile whole groups; an offset inside a group is masked off."""
     return RADEMACHER_GROUP if rademacher else NORMAL_GROUP
 
 
-def tile_launch(offset: int, n: int, rademacher: bool) -> tuple[tuple[int], int, int, int, bool]:
+class TileLaunch(NamedTuple):
+    """How a kernel walks ``n`` elements of a direction from element ``offset`` on (see ``tile_launch``)."""
+    grid: tuple[int]  # programs
+    first_group: int  # offset // GROUP: the group holding element ``offset``
+    lead: int  # offset % GROUP: elements of the first group before the buffer starts (masked off)
+    group: int  # GROUP: elements per group
+    block_size: int  # BLOCK_SIZE: elements per program, whole groups
+    num_warps: int
+    wide: bool  # element indices need 64 bits
+
+
+def tile_launch(offset: int, n: int, rademacher: bool) -> TileLaunch:
     """Launch shape of a kernel that walks ``n`` elements starting at element ``offset`` of a direction.
 
-    Programs cover whole Philox groups: program ``p`` owns groups ``first_group + p * ROWS ...``, where
-    ``first_group = offset // GROUP``, and the buffer starts ``lead = offset % GROUP`` elements into the
-    first group (those lead elements are masked off).  Returns ``(grid, first_group, lead, GROUP, WIDE)``,
-    WIDE when element indices need 64 bits.
+    Programs cover whole groups: program ``p`` starts at group ``first_group + p * BLOCK_SIZE // GROUP``,
+    and the buffer starts ``lead`` elements into the first group.  A normal program is 1024 elements
+    (256 Philox calls) on 4 warps; a Rademacher program is one group, 4096 elements, on 8 warps, so a
+    thread handles 16 elements, all from one Philox call (4 warps would halve the calls per element
+    but double the registers per thread: 132 instead of 72 for zo_update_).
     """
     group = group_size(rademacher)
+    block = RADEMACHER_GROUP if rademacher else BLOCK_SIZE
     first_group, lead = divmod(offset, group)
-    programs = max(1, math.ceil((n + lead) / BLOCK_SIZE))
-    return (programs,), first_group, lead, group, programs * BLOCK_SIZE >= 2**31
+    programs = max(1, math.ceil((n + lead) / block))
+    return TileLaunch((programs,), first_group, lead, group, block, 8 if rademacher else NUM_WARPS,
+                      programs * block >= 2**31)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,19 +186,26 @@ def box_muller_radius(bits):
 
 
 @triton.jit
-def direction_tile(seed, first_group, ROWS: tl.constexpr, RADEMACHER: tl.constexpr):
-    """Elements ``first_group * GROUP ... (first_group + ROWS) * GROUP - 1`` of direction ``seed`` as a
-    ``[ROWS, GROUP]`` float32 tile (GROUP = 128 Rademacher, 4 normal): row r holds Philox call
-    ``first_group + r``, so each call is computed once per tile row (see the module docstring)."""
-    w0, w1, w2, w3 = tl.randint4x(seed, (first_group + tl.arange(0, ROWS)).to(tl.uint32))
+def direction_tile(seed, first_group, BLOCK_SIZE: tl.constexpr, RADEMACHER: tl.constexpr):
+    """This program's ``BLOCK_SIZE`` elements of direction ``seed`` from group ``first_group`` on, as a
+    float32 tile shaped like :func:`tile_positions`'s (see the module docstring for the map):
+
+    * normal: ``[BLOCK_SIZE // 4, 4]``, row r = Philox call ``first_group + r`` (four normals);
+    * Rademacher: ``[32, 128]``, one group: column strip l = call ``32 first_group + l``, row b = bit b.
+    """
     if RADEMACHER:
-        col = tl.arange(0, 128)[None, :]
-        k = col % 4  # word; the bit is col // 4
-        word = tl.where(k == 0, w0[:, None], tl.where(k == 1, w1[:, None], tl.where(k == 2, w2[:, None],
-                                                                                     w3[:, None])))
-        sign_bit = ((word >> (col // 4).to(tl.uint32)) & 1) << 31
+        # Calls are drawn on a [32] vector (one per column strip) and spread over the strip's four
+        # columns with join, so each thread draws only the call its columns need (a [128]-wide draw
+        # with counter col // 4 would be repeated per column).
+        calls = (first_group * RADEMACHER_CALLS_TL + tl.arange(0, RADEMACHER_CALLS_TL)).to(tl.uint32)
+        w0, w1, w2, w3 = tl.randint4x(seed, calls)
+        words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [128])  # column 4 l + k: word k of call l
+        bit = tl.arange(0, 32)[:, None].to(tl.uint32)
+        sign_bit = ((words[None, :] >> bit) & 1) << 31
         z = (sign_bit | 0x3F800000).to(tl.float32, bitcast=True)  # -1.0 if the bit is set, else +1.0
     else:
+        ROWS: tl.constexpr = BLOCK_SIZE // 4
+        w0, w1, w2, w3 = tl.randint4x(seed, (first_group + tl.arange(0, ROWS)).to(tl.uint32))
         r0 = box_muller_radius(w0)
         c0, s0 = sincos_2pi(w1)
         r1 = box_muller_radius(w2)
@@ -193,16 +220,18 @@ def direction_tile(seed, first_group, ROWS: tl.constexpr, RADEMACHER: tl.constex
 
 @triton.jit
 def tile_positions(first_group, lead, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
-    """For this program: the buffer index of each element of its ``[BLOCK_SIZE // GROUP, GROUP]`` tile,
-    and the first Philox group of the tile (see ``tile_launch``).  Indices < 0 are the lead, masked off.
-    Indices are int64 only when a buffer needs them (WIDE): int32 index math is half the instructions."""
-    ROWS: tl.constexpr = BLOCK_SIZE // GROUP
+    """For this program: the buffer index of each element of its tile (``[BLOCK_SIZE // 4, 4]`` for
+    normal directions, GROUP = 4; ``[32, 128]`` for Rademacher ones, GROUP = BLOCK_SIZE = 4096), and the
+    tile's first group (see ``tile_launch``).  Indices < 0 are the lead, masked off.  Indices are int64
+    only when a buffer needs them (WIDE): int32 index math is half the instructions."""
+    COLS: tl.constexpr = 4 if GROUP == 4 else 128  # a normal group is one row; a Rademacher group 32 rows
+    ROWS: tl.constexpr = BLOCK_SIZE // COLS
     if WIDE:
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     else:
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    pos = row[:, None] * GROUP + tl.arange(0, GROUP)[None, :] - lead
-    return pos, first_group + tl.program_id(0) * ROWS
+    pos = row[:, None] * COLS + tl.arange(0, COLS)[None, :] - lead
+    return pos, first_group + tl.program_id(0) * (BLOCK_SIZE // GROUP)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group"])
@@ -214,13 +243,13 @@ def philox_direction_kernel(
     first_group,  # offset // GROUP: the Philox group holding element `offset`
     lead,  # offset % GROUP: elements of the first group before out[0]
     RADEMACHER: tl.constexpr,  # False: N(0, 1); True: ±1
-    GROUP: tl.constexpr,  # elements per Philox call: 4 (normal) or 128 (Rademacher)
+    GROUP: tl.constexpr,  # elements per group: 4 (normal: one Philox call) or 4096 (Rademacher: 32 calls)
     BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """out[i] = z_seed[offset + i]."""
     pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)
-    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE // GROUP, RADEMACHER)
+    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE, RADEMACHER)
     tl.store(out_ptr + pos, z, mask=(pos >= 0) & (pos < n))
 
 
@@ -309,17 +338,19 @@ def box_muller_radius_torch(bits: torch.Tensor) -> torch.Tensor:
     return sqrt_rn_torch(-2.0 * log_f32_torch(radius_uniform_torch(bits)))
 
 
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)  # one row per bit
 
 
 def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> torch.Tensor:
     """Torch twin of :func:`direction_tile`: elements ``start .. start+n-1`` of direction ``seed``."""
     group = group_size(rademacher)
     first, stop = start // group, -(-(start + n) // group)
-    w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first, stop, dtype=torch.int64, device=device))
+    calls_per_group = RADEMACHER_CALLS if rademacher else 1
+    w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first * calls_per_group, stop * calls_per_group,
+                                                         dtype=torch.int64, device=device))
     if rademacher:
-        words = torch.stack((w0, w1, w2, w3), dim=1)  # [calls, 4 words]
-        bits = (words[:, None, :] >> _BIT_SHIFTS.to(device)) & 1  # [calls, 32 bits, 4 words]: e = 128g + 4b + k
+        words = torch.stack((w0, w1, w2, w3), dim=1).view(-1, 1, RADEMACHER_CALLS * 4)  # [groups, 1, 4 l + k]
+        bits = (words >> _BIT_SHIFTS.to(device)) & 1  # [groups, 32 bits, 128 columns]: e = 4096 G + 128 b + 4 l + k
         z = (1 - 2 * bits).to(torch.float32).reshape(-1)
     else:
         r0, r1 = box_muller_radius_torch(w0), box_muller_radius_torch(w2)
@@ -348,9 +379,10 @@ def _direction(seed: int, n: int, offset: int, device, backend: str | None, rade
     out = torch.empty(n, dtype=torch.float32, device=device)
     if resolve_backend(backend, out) == "triton":
         if n:
-            launch, first_group, lead, group, wide = tile_launch(offset, n, rademacher)
-            philox_direction_kernel[launch](out, n, seed_lo, seed_hi, first_group, lead, RADEMACHER=rademacher,
-                                            GROUP=group, BLOCK_SIZE=BLOCK_SIZE, WIDE=wide, num_warps=NUM_WARPS,
+            t = tile_launch(offset, n, rademacher)
+            philox_direction_kernel[t.grid](out, n, seed_lo, seed_hi, t.first_group, t.lead, RADEMACHER=rademacher,
+                                            GROUP=t.group, BLOCK_SIZE=t.block_size, WIDE=t.wide,
+                                            num_warps=t.num_warps,
                                             enable_fp_fusion=False)
     else:
         for start, stop, z in iter_direction_chunks(seed, offset, n, device, rademacher):
@@ -369,7 +401,8 @@ def philox_normal(seed: int, n: int, offset: int = 0, device=None, backend: str 
 
 def philox_rademacher(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
     """Elements ``offset .. offset+n-1`` of the ±1 direction named by ``seed`` (float32): element
-    ``128 g + 4 b + k`` is ``-1`` where bit ``b`` of word ``k`` of Philox call ``g`` is set, else ``+1``."""
+    ``4096 G + 128 b + 4 l + k`` is ``-1`` where bit ``b`` of word ``k`` of Philox call ``32 G + l`` is set,
+    else ``+1``."""
     return _direction(seed, n, offset, device, backend, rademacher=True)
 
 

@@ -79,7 +79,7 @@ def test_wide_indices_give_the_same_bits(distribution, offset, device, monkeypat
     path must give the same bits as the twin (a real 2**31-element buffer needs 8 GB)."""
     import subgrad.kernels.perturb as module
     real = module.tile_launch
-    monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)[:4] + (True,))
+    monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)._replace(wide=True))
     x0 = torch.randn(3000, generator=torch.Generator().manual_seed(3)).to(device)
     out = {b: perturb_(x0.clone(), 3, 0.5, backend=b, offset=offset, distribution=distribution)
            for b in ("triton", "torch")}

@@ -51,12 +51,19 @@ def test_offset_selects_a_slice(device):
 
 
 def test_rademacher_map_uses_every_bit(device):
-    """Element 128 g + 4 b + k is -1 exactly when bit b of word k of Philox call g is set."""
-    calls = 40
-    words = philox_bits(4, calls, device=device, backend="torch").to(torch.int64) & 0xFFFFFFFF  # [g, k]
-    bits = (words[:, None, :] >> torch.arange(32, device=device).view(1, 32, 1)) & 1  # [g, b, k]
-    expected = torch.where(bits == 1, -1.0, 1.0).reshape(-1)
-    assert_bitwise_equal(philox_rademacher(4, 128 * calls, device=device, backend="triton"), expected)
+    """Element 4096 G + 128 b + 4 l + k is -1 exactly when bit b of word k of Philox call 32 G + l is set
+    (derived here element by element from the raw words, not from the twin's reshapes)."""
+    groups = 2
+    n = 4096 * groups
+    words = philox_bits(4, 32 * groups, device=device, backend="torch").to(torch.int64) & 0xFFFFFFFF  # [call, k]
+    e = torch.arange(n, device=device)
+    call, b, k = 32 * (e // 4096) + (e % 128) // 4, (e % 4096) // 128, e % 4
+    expected = torch.where((words[call, k] >> b) & 1 == 1, -1.0, 1.0)
+    for backend in ("triton", "torch"):
+        assert_bitwise_equal(philox_rademacher(4, n, device=device, backend=backend), expected, backend)
+        # an offset inside a group (a block slice of a flat buffer) reads the same map
+        assert_bitwise_equal(philox_rademacher(4, 5000, offset=3000, device=device, backend=backend),
+                             expected[3000:8000], f"{backend}, offset 3000")
 
 
 def _exact_box_muller(seed: int, n: int) -> torch.Tensor:
@@ -81,19 +88,24 @@ def test_normal_accuracy_bound():
     assert bool((err <= bound).all()), f"worst element {worst}: z={z[worst]} exact={exact[worst]} err={err[worst]}"
 
 
-@pytest.mark.parametrize("make, group", [(philox_normal, 4), (philox_rademacher, 128)], ids=["normal", "rademacher"])
+#: positions within a Rademacher group (4096 G + 128 b + 4 l + k) that share call l = 3 (bits b of words k),
+#: and two that sit next to them but come from the neighbouring calls l = 2 and l = 4
+RADEMACHER_POSITIONS = [128 * b + 4 * 3 + k for b, k in ((0, 0), (0, 1), (0, 3), (1, 0), (2, 2), (31, 3))] + [11, 16]
+
+
+@pytest.mark.parametrize("make, group", [(philox_normal, 4), (philox_rademacher, 4096)], ids=["normal", "rademacher"])
 def test_outputs_of_one_philox_call_are_uncorrelated(make, group):
     """Neighbouring elements now share a Philox call: every pair of positions within a call (and the
     squares of normals, which would expose a shared Box-Muller radius or angle) is uncorrelated."""
-    calls = 1 << 16 if group == 4 else 1 << 11
-    z = make(5, calls * group, backend="torch").double().view(calls, group)
-    positions = range(group) if group == 4 else [0, 1, 2, 3, 4, 5, 8, 64, 127]
+    groups = 1 << 16 if group == 4 else 1 << 12
+    z = make(5, groups * group, backend="torch").double().view(groups, group)
+    positions = range(group) if group == 4 else RADEMACHER_POSITIONS
     for i in positions:
         for j in positions:
             if i < j:
                 for f, what in ((lambda t: t, "z"), (lambda t: t * t, "z^2"))[:2 if group == 4 else 1]:
                     corr = torch.corrcoef(torch.stack([f(z[:, i]), f(z[:, j])]))[0, 1].item()
-                    assert abs(corr) < 5 / math.sqrt(calls), f"positions {i}, {j} of a call: corr({what}) = {corr}"
+                    assert abs(corr) < 5 / math.sqrt(groups), f"positions {i}, {j} of a group: corr({what}) = {corr}"
 
 
 # -- statistics (bounds a wrong transform fails: e.g. a missing factor 2 gives variance 0.5) ----------

@@ -182,6 +182,6 @@ def test_wide_indices_give_the_same_bits(case, device, monkeypatch):
     """The int64-index path (WIDE, for buffers of 2**31 elements or more), forced on a small buffer."""
     import subgrad.kernels.zo_update as module
     real = module.tile_launch
-    monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)[:4] + (True,))
+    monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)._replace(wide=True))
     (xt, kwt), (xr, kwr) = (_run(case, 3000, torch.float32, device, b) for b in ("triton", "torch"))
     assert_bitwise_equal(xt, xr, f"WIDE zo_update_, case {case}")
