@@ -59,21 +59,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
 
-    from .train import TrainConfig, train
+    from .config import TrainConfig, config_from_args
+    from .train import train
 
     if args.resume:
         saved = pathlib.Path(args.resume) / "config.json"
         if not saved.is_file():
             raise ValueError(f"--resume {args.resume}: no config.json there; is it a run folder?")
-        fields = {f for f in TrainConfig.__dataclass_fields__}
-        config = TrainConfig(**{k: v for k, v in json.loads(saved.read_text()).items() if k in fields})
+        config = TrainConfig.from_record(json.loads(saved.read_text()))
         config.out = args.resume
         if args.steps is not None or args.epochs is not None:
             config.steps, config.epochs = args.steps, args.epochs
         config.quiet = args.quiet or config.quiet
     else:
-        values = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if k != "extra" and hasattr(args, k)}
-        config = TrainConfig(**values)
+        config = config_from_args(args)
     try:
         summary = train(config, resume=bool(args.resume))
     except KeyboardInterrupt:
@@ -165,12 +164,11 @@ def _cmd_package(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from subgrad.config import config_from_args
     from subgrad.pipeline import run_pipeline
 
     try:
-        result = run_pipeline(data=args.data, out=args.out, model=args.model, optimizer=args.optimizer,
-                              device=args.device, steps=args.steps, epochs=args.epochs, seed=args.seed,
-                              bench_runs=args.bench_runs, quiet=args.quiet)
+        result = run_pipeline(config_from_args(args), bench_runs=args.bench_runs)
     except KeyboardInterrupt:
         return 130
     print(f"report: {result['report']}")
@@ -187,11 +185,8 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
-def _blocks(value: str):
-    return int(value) if value.isdigit() else value
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(model: str = "lenet", optimizer: str = "sgd") -> argparse.ArgumentParser:
+    """The whole command line; ``model``/``optimizer`` pick the pair whose defaults the help shows."""
     parser = argparse.ArgumentParser(
         prog="subgrad",
         description="Zeroth-order and fused first-order optimizers as Triton kernels, CIFAR-10 training, "
@@ -206,55 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--n", type=int, default=70001, help="elements per test buffer (default 70001)")
     check.set_defaults(func=_cmd_selfcheck)
 
-    from .models import MODELS
-    from .train import OPTIMIZERS, SCHEDULES
+    from .config import add_config_arguments
 
     tr = sub.add_parser("train", help="train a CIFAR-10 model into a run folder",
                         description="Train lenet or resnet20 on CIFAR-10 with any subgrad optimizer. Flags left "
-                                    "out take the defaults for the model/optimizer pair (subgrad/train.py DEFAULTS).")
-    tr.add_argument("--model", default="lenet", choices=sorted(MODELS))
-    tr.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    tr.add_argument("--data", default="./data", help="CIFAR-10: .tar.gz, torchvision folder, ImageFolder tree, "
-                                                     "or a path to download to (default ./data)")
-    tr.add_argument("--out", default="runs/run", help="run folder (default runs/run)")
+                                    "out take the defaults for the model/optimizer pair (subgrad/config.py "
+                                    "DEFAULTS); --help after --model/--optimizer shows that pair's values.")
+    add_config_arguments(tr, model, optimizer)
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    tr.add_argument("--seed", type=int, default=0)
-    length = tr.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, help="training length in epochs")
-    length.add_argument("--steps", type=int, help="training length in optimizer steps")
-    tr.add_argument("--batch-size", dest="batch_size", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--schedule", choices=SCHEDULES)
-    tr.add_argument("--momentum", type=float)
-    tr.add_argument("--weight-decay", dest="weight_decay", type=float)
-    zo = tr.add_argument_group("zeroth-order (zo-sgd, zo-adam, hizoo)")
-    zo.add_argument("--eps", type=float, help="perturbation size")
-    zo.add_argument("--q", type=int, help="directions per step")
-    zo.add_argument("--estimator", choices=["central", "forward"], help="finite differences (default: central, "
-                                                                        "forward for zo-adam on lenet)")
-    zo.add_argument("--distribution", choices=["gaussian", "rademacher"],
-                    help="direction distribution (default: gaussian, rademacher for zo-adam on lenet)")
-    zo.add_argument("--blocks", type=_blocks, help="none, tensor, module or a block size")
-    zo.add_argument("--clip", type=float, help="clamp finite-difference scalars to [-clip, clip] (0: off)")
-    zo.add_argument("--scale-by-block-size", dest="scale_by_block_size", action=argparse.BooleanOptionalAction,
-                    default=None, help="scale each block's step by (d + 2) / (d_block + 2)")
-    tr.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                    help="random crop + flip (default: on for first-order, off for zeroth-order)")
-    tr.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    tr.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evaluations")
-    tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar; print the summary as JSON")
     tr.add_argument("--nproc", type=int, default=1, help="data-parallel processes: relaunches itself under "
                                                          "torchrun (gloo on CPU, NCCL on GPUs)")
     tr.add_argument("--max-restarts", dest="max_restarts", type=int, default=0,
                     help="with --nproc: torchrun restarts after a rank failure, resuming from the last checkpoint")
     tr.set_defaults(func=_cmd_train)
-    _add_export_commands(sub, MODELS, OPTIMIZERS)
+    _add_export_commands(sub)
+    ru = sub.add_parser("run", help="the main job: train, export, validate, benchmark, report.md",
+                        description="Train (every `subgrad train` setting applies), export to ONNX, validate on the "
+                                    "test set, benchmark, and write report.md in the run folder.")
+    add_config_arguments(ru, model, optimizer, defaults=dict(out="runs/main"))
+    ru.add_argument("--bench-runs", dest="bench_runs", type=int, default=200, help="timed runs per batch size")
+    ru.set_defaults(func=_cmd_run)
     return parser
 
 
-def _add_export_commands(sub, models, optimizers) -> None:
+def _add_export_commands(sub) -> None:
     from subgrad.export.bench import BATCH_SIZES as BENCH_BATCH_SIZES
     from subgrad.export.validate import BATCH_SIZES as VALIDATE_BATCH_SIZES
 
@@ -325,27 +295,14 @@ def _add_export_commands(sub, models, optimizers) -> None:
     pa.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"], default="KIND_GPU")
     pa.set_defaults(func=_cmd_package)
 
-    ru = sub.add_parser("run", help="the main job: train, export, validate, benchmark, report.md",
-                        description="Train (defaults of `subgrad train`), export to ONNX, validate on the test set, "
-                                    "benchmark, and write report.md in the run folder.")
-    ru.add_argument("--data", default="./data", help="CIFAR-10; downloaded to ./data when missing and the network "
-                                                     "allows (default ./data)")
-    ru.add_argument("--out", default="runs/main")
-    ru.add_argument("--model", default="lenet", choices=sorted(models))
-    ru.add_argument("--optimizer", default="sgd", choices=optimizers)
-    ru.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ru.add_argument("--seed", type=int, default=0)
-    length = ru.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float)
-    length.add_argument("--steps", type=int)
-    ru.add_argument("--bench-runs", dest="bench_runs", type=int, default=200)
-    ru.add_argument("--quiet", action="store_true")
-    ru.set_defaults(func=_cmd_run)
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    pair = argparse.ArgumentParser(add_help=False)  # the pair whose defaults --help shows
+    pair.add_argument("--model", default="lenet")
+    pair.add_argument("--optimizer", default="sgd")
+    known, _ = pair.parse_known_args(argv)
+    parser = build_parser(known.model, known.optimizer)
     args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:

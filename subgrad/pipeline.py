@@ -15,25 +15,31 @@ def _log(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def run_pipeline(data: str = "./data", out: str = "runs/main", model: str = "lenet", optimizer: str = "sgd",
-                 device: str = "auto", steps: int | None = None, epochs: float | None = None, seed: int = 0,
-                 bench_runs: int = 200, validate_batch_sizes=None, quiet: bool = False) -> dict:
-    """Run the whole job; returns {summary, validation, bench, report}.  Raises on bad input (one line)."""
+def run_pipeline(config=None, bench_runs: int = 200, validate_batch_sizes=None, **settings) -> dict:
+    """Run the whole job; returns {summary, validation, bench, report}.  Raises on bad input (one line).
+
+    ``config`` is a :class:`subgrad.config.TrainConfig` (default: its defaults with ``out="runs/main"``);
+    ``settings`` are TrainConfig fields applied over it (``run_pipeline(data=..., model="resnet20")``).
+    """
+    import dataclasses
+
+    from subgrad.config import TrainConfig
     from subgrad.data import DataError, load_cifar10
     from subgrad.export.bench import bench, render_table
     from subgrad.export.exporter import export_run
     from subgrad.export.validate import BATCH_SIZES, validate
     from subgrad.runs import atomic_write_text
-    from subgrad.train import TrainConfig, train
+    from subgrad.train import train
 
+    config = dataclasses.replace(config or TrainConfig(out="runs/main"), **settings)
+    data, quiet = config.data, config.quiet
     try:  # fail before training when the data is missing or unreadable
         load_cifar10(data)
     except DataError as exc:
         raise DataError(str(exc) if "--data" in str(exc) else f"--data {data}: {exc}") from None
-    run = pathlib.Path(out)
-    _log(quiet, f"[1/4] training {model} with {optimizer} into {run}")
-    summary = train(TrainConfig(model=model, optimizer=optimizer, data=data, out=str(run), device=device, seed=seed,
-                                steps=steps, epochs=epochs, quiet=quiet))
+    run = pathlib.Path(config.out)
+    _log(quiet, f"[1/4] training {config.model} with {config.optimizer} into {run}")
+    summary = train(config)
     _log(quiet, "[2/4] exporting to ONNX")
     onnx_path = export_run(run, run / "model.onnx")
     _log(quiet, "[3/4] validating PyTorch vs onnxruntime on the test set")

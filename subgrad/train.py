@@ -27,102 +27,18 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .config import (COMMON_DEFAULTS, DEFAULTS, FO_OPTIMIZERS, OPTIMIZERS, SCHEDULES,  # noqa: F401 (re-exported:
+                     ZO_OPTIMIZERS, TrainConfig, defaults_for)  # settings live in subgrad/config.py)
 from .data import DeviceLoader, load_cifar10
 from .distributed import Communicator, from_environment, shutdown, weights_hash
-from .models import MODELS, build_model
+from .models import build_model
 from .runs import (CHECKPOINT_FORMAT, atomic_save, atomic_write, atomic_write_text, checkpoints, latest_checkpoint,
                    load_checkpoint)
-
-ZO_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")
-FO_OPTIMIZERS = ("sgd", "adamw")
-OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
-SCHEDULES = ("cosine", "onecycle", "constant")
-
-#: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
-#: when a flag is not given; README.md states the accuracy each reaches and how long it took.
-DEFAULTS = {
-    ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
-    ("lenet", "zo-sgd"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, blocks="module", scale_by_block_size=True,
-                              clip=0.2, steps=1200, schedule="cosine", augment=False),
-    # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes;
-    # Rademacher directions: 34.3% vs 33.9% gaussian (new direction map), and 5x cheaper to generate on CPU
-    ("lenet", "zo-adam"): dict(batch_size=512, lr=2e-3, eps=1e-3, q=4, estimator="forward", steps=2400,
-                               schedule="cosine", augment=False, distribution="rademacher"),
-    ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
-                             augment=False),
-    ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30,
-                              schedule="onecycle"),
-    ("resnet20", "adamw"): dict(batch_size=128, lr=2e-3, weight_decay=5e-4, epochs=30, schedule="onecycle"),
-    ("resnet20", "zo-sgd"): dict(batch_size=256, lr=5e-3, eps=1e-3, q=1, momentum=0.9, steps=6000,
-                                 schedule="cosine", augment=False),
-    ("resnet20", "zo-adam"): dict(batch_size=256, lr=5e-4, eps=1e-3, q=1, steps=6000, schedule="cosine",
-                                  augment=False),
-    ("resnet20", "hizoo"): dict(batch_size=256, lr=5e-3, eps=1e-2, q=1, steps=4000, schedule="cosine",
-                                augment=False),
-}
-
-
-@dataclass
-class TrainConfig:
-    """All settings of a run.  ``None`` means "the default for this model/optimizer" (DEFAULTS)."""
-    model: str = "lenet"
-    optimizer: str = "sgd"
-    data: str = "./data"
-    out: str = "runs/run"
-    device: str = "auto"
-    seed: int = 0
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    eps: float | None = None
-    q: int | None = None
-    estimator: str | None = None
-    distribution: str | None = None
-    blocks: str | int | None = None
-    clip: float | None = None
-    scale_by_block_size: bool | None = None
-    augment: bool | None = None
-    amp: bool = False
-    eval_every: int | None = None  # steps; default: once per epoch (first-order) or 10 times per run (ZO)
-    checkpoint_every: int | None = None  # steps; default: with every evaluation
-    quiet: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def resolved(self) -> "TrainConfig":
-        if self.model not in MODELS:
-            raise ValueError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        cfg = dataclasses.replace(self)
-        for key, value in DEFAULTS[(self.model, self.optimizer)].items():
-            if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
-                setattr(cfg, key, value)
-        for key, value in dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, augment=True, estimator="central",
-                               distribution="gaussian", scale_by_block_size=False).items():
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, value)
-        if cfg.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-        for name in ("batch_size", "q"):
-            if int(getattr(cfg, name)) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.lr is None or not cfg.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-        if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
-            raise ValueError("--steps must be >= 1 and --epochs > 0")
-        return cfg
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -143,8 +59,9 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
         return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    blocks = None if cfg.blocks == "none" else cfg.blocks  # "none" overrides a blockwise default
-    common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=blocks, clip=cfg.clip or None,
+    blocks = None if cfg.blocks == "none" else cfg.blocks  # the optimizers' None: one block, the whole model
+    clip = None if cfg.clip == "off" else cfg.clip
+    common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=blocks, clip=clip,
                   weight_decay=cfg.weight_decay, seed=cfg.seed, scale_by_block_size=cfg.scale_by_block_size)
     if cfg.optimizer == "zo-sgd":
         return optim.ZOSGD(named, estimator=cfg.estimator, momentum=cfg.momentum, **common)

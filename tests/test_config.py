@@ -1,0 +1,112 @@
+"""subgrad/config.py: one TrainConfig, its defaults table, and the flags generated from it."""
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from subgrad import cli
+from subgrad.config import (COMMON_DEFAULTS, DEFAULTS, MODEL_NAMES, OPTIMIZERS, TrainConfig, config_from_args,
+                            defaults_for)
+from subgrad.models import MODELS
+
+LAUNCHER_FLAGS = {"resume", "nproc", "max_restarts"}  # train flags that are not training settings
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _subcommand(name: str, model: str = "lenet", optimizer: str = "sgd") -> argparse.ArgumentParser:
+    parser = cli.build_parser(model, optimizer)
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def _dests(parser: argparse.ArgumentParser) -> set:
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
+
+def test_every_field_is_a_train_flag_and_every_setting_flag_a_field():
+    dests = _dests(_subcommand("train"))
+    assert dests - LAUNCHER_FLAGS == FIELDS, (f"flags without a field: {dests - LAUNCHER_FLAGS - FIELDS}; "
+                                              f"fields without a flag: {FIELDS - dests}")
+
+
+def test_run_takes_every_training_setting_too():
+    assert _dests(_subcommand("run")) - {"bench_runs"} == FIELDS
+
+
+def test_one_default_per_setting_for_every_pair():
+    assert set(MODEL_NAMES) == set(MODELS), "config.MODEL_NAMES must name subgrad.models.MODELS"
+    assert set(DEFAULTS) == {(m, o) for m in MODEL_NAMES for o in OPTIMIZERS}
+    for pair, row in DEFAULTS.items():
+        assert set(row) <= FIELDS, f"{pair}: not settings: {set(row) - FIELDS}"
+        resolved = TrainConfig(model=pair[0], optimizer=pair[1]).resolved()
+        missing = [f for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every"}
+                   if getattr(resolved, f) is None]
+        assert not missing, f"{pair}: no default for {missing}"
+        assert (resolved.epochs is None) != (resolved.steps is None), f"{pair}: one training length"
+        for key, value in {**COMMON_DEFAULTS, **row}.items():
+            assert getattr(resolved, key) == value, f"{pair}.{key}: {getattr(resolved, key)} != {value}"
+
+
+def test_explicit_values_win_over_the_table():
+    cfg = TrainConfig(model="lenet", optimizer="zo-adam", distribution="gaussian", lr=1e-4, steps=7).resolved()
+    assert (cfg.distribution, cfg.lr, cfg.steps, cfg.epochs) == ("gaussian", 1e-4, 7, None)
+    assert TrainConfig(model="lenet", optimizer="sgd", steps=3).resolved().epochs is None  # steps replace epochs
+
+
+def test_help_shows_the_default_of_the_chosen_pair():
+    def help_of(model, optimizer, flag):
+        parser = _subcommand("train", model, optimizer)
+        return next(a.help for a in parser._actions if flag in a.option_strings)
+
+    assert "(default: 0.005 for resnet20/zo-sgd)" in help_of("resnet20", "zo-sgd", "--lr")
+    assert "(default: 0.05 for lenet/sgd)" in help_of("lenet", "sgd", "--lr")
+    assert "(default: off for lenet/zo-adam)" in help_of("lenet", "zo-adam", "--clip")
+    assert "(default: 0.2 for lenet/zo-sgd)" in help_of("lenet", "zo-sgd", "--clip")
+
+
+@pytest.mark.parametrize("value, expected", [("off", "off"), ("0", "off"), ("0.2", 0.2)])
+def test_clip_flag_says_off(value, expected):
+    args = cli.build_parser().parse_args(["train", "--clip", value])
+    assert config_from_args(args).clip == expected
+
+
+@pytest.mark.parametrize("argv", [["train", "--clip", "none"], ["train", "--blocks", "layer"],
+                                  ["train", "--epochs", "1", "--steps", "2"]])
+def test_bad_flags_exit_2_with_one_line(argv, capsys):
+    assert pytest.raises(SystemExit, cli.build_parser().parse_args, argv).value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings, message", [(dict(clip=-1.0), "--clip"), (dict(blocks=0), "--blocks"),
+                                               (dict(lr=0.0), "--lr"), (dict(q=0), "--q"),
+                                               (dict(schedule="step"), "--schedule"), (dict(model="vgg"), "--model")])
+def test_resolved_refuses_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(optimizer="zo-sgd", **settings).resolved()
+
+
+def test_run_folder_written_before_config_py_still_loads(tmp_path):
+    """config.json of older runs: an "extra" field, clip 0 or null for off, extra keys of the record."""
+    old = dict(model="lenet", optimizer="zo-sgd", clip=0, blocks="module", extra={}, steps_total=10, mean=[0.5] * 3,
+               model_config={}, world_size=1)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = TrainConfig.from_record(json.loads((tmp_path / "config.json").read_text())).resolved()
+    assert (cfg.clip, cfg.blocks) == ("off", "module")
+    # null was how a pair without a clip default stored "off" (zo-adam); None now means that pair's default
+    assert TrainConfig.from_record(dict(old, optimizer="zo-adam", clip=None)).resolved().clip == "off"
+
+
+def test_make_optimizer_maps_off_and_none():
+    from subgrad.models import build_model
+    from subgrad.train import make_optimizer
+
+    model = build_model("lenet")
+    opt = make_optimizer(TrainConfig(model="lenet", optimizer="zo-adam").resolved(), model)
+    assert opt.clip is None and opt.blocks is None  # the optimizers' spelling of "off" and "one block"
+    opt = make_optimizer(TrainConfig(model="lenet", optimizer="zo-sgd").resolved(), model)
+    assert opt.clip == 0.2 and opt.blocks == "module"
+
+
+def test_defaults_for_is_the_table():
+    assert defaults_for("lenet", "zo-sgd")["clip"] == DEFAULTS[("lenet", "zo-sgd")]["clip"]
+    assert defaults_for("lenet", "sgd")["clip"] == COMMON_DEFAULTS["clip"] == "off"
