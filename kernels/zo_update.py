@@ -317,3 +317,19 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
                         block_starts, offset, rademacher, master, num_directions, hessian, curvature,
                         hessian_smoothing, hessian_min)
     return x
+
+
+def zo_estimate_(out: torch.Tensor, seed: int, c, *, num_directions: int = 1, block_starts: torch.Tensor | None = None,
+                 offset: int = 0, distribution: str = "gaussian", backend: str | None = None) -> torch.Tensor:
+    """Materialise the gradient estimate ``out = sum_k c[k, b] z_k`` into a float32 buffer (ZOAdam feeds it
+    to :func:`adamw_step_`); ``c``, ``block_starts``, ``offset`` and the directions as in :func:`zo_update_`.
+
+    One :func:`zo_update_` pass over the zeroed buffer with ``lr = 1`` and ``-c``: ``0 - 1 * sum_k (-c_k) z_k``
+    is ``sum_k c_k z_k`` bit for bit (negation commutes with IEEE rounding), so no extra kernel is compiled.
+    Returns ``out``.
+    """
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 (the estimate is accumulated in fp32), got {out.dtype}")
+    out.zero_()
+    return zo_update_(out, seed, -c, 1.0, num_directions=num_directions, block_starts=block_starts, offset=offset,
+                      distribution=distribution, backend=backend)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, SIZES, assert_bitwise_equal
-from subgrad.kernels import make_block_starts, philox_normal, philox_rademacher, zo_update_
+from subgrad.kernels import make_block_starts, philox_normal, philox_rademacher, zo_estimate_, zo_update_
 
 REL_TOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
@@ -153,6 +153,27 @@ def test_several_directions_in_one_pass(n, blocked, device):
         g = g + c_k * philox_normal(40 + k, n, device=device).double()
     expected = w - 0.1 * g
     assert torch.allclose(out["triton"].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_zo_estimate_materialises_the_sum(n, distribution, device):
+    """zo_estimate_ writes sum_k c[k, b] z_k: kernel = twin bit for bit, and equal to the float64 sum
+    within float32 accumulation (3 terms: 4 float32 roundings of values |c z| <= 10)."""
+    q, gen = 3, torch.Generator().manual_seed(n)
+    sizes = _blocks(n)
+    c = torch.randn(q * len(sizes), generator=gen).to(device)
+    kw = dict(num_directions=q, block_starts=make_block_starts(sizes, device), offset=5, distribution=distribution)
+    out = {b: zo_estimate_(torch.full((n,), 7.0, device=device), 9, c, backend=b, **kw) for b in ("triton", "torch")}
+    assert_bitwise_equal(out["triton"], out["torch"], f"n={n} {distribution}")
+    make = philox_rademacher if distribution == "rademacher" else philox_normal
+    per_element = [torch.repeat_interleave(c[k * len(sizes):(k + 1) * len(sizes)].double(),
+                                           torch.tensor(sizes, device=device)) for k in range(q)]
+    expected = sum(per_element[k] * make(9 + k, n, offset=5, device=device).double() for k in range(q))
+    worst = (out["torch"].double() - expected).abs().max().item()
+    assert worst <= 4 * 2**-24 * 10 * q, f"max |estimate - float64 sum| = {worst}"
+    with pytest.raises(ValueError, match="float32"):
+        zo_estimate_(torch.zeros(n, dtype=torch.bfloat16, device=device), 9, c, **kw)
 
 
 def test_hessian_preconditioning_reference(device):

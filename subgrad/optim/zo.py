@@ -24,9 +24,11 @@ A non-finite loss on either side skips the update, restores the weights, counts 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +49,23 @@ def step_seed(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) & _SEED_MASK
 
 
+class PendingRestore(NamedTuple):
+    """The perturbation a sequential estimate leaves in the weights, ``w0 + level * z(seed)`` on every
+    block, for the update kernel (or a skipped step) to take back."""
+    seed: int
+    level: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What one step's estimation hands to its update; nothing of it is left on the optimizer."""
+    c: torch.Tensor  # [q, blocks] float64 directional-derivative estimates (finite differences)
+    loss: torch.Tensor  # the loss the step reports
+    losses: torch.Tensor  # every float64 loss the step evaluated (the finite check reads these)
+    curvature: torch.Tensor | None = None  # [q, blocks] |L+ + L- - 2 L0| / (2 eps^2), when L0 was evaluated
+    pending: PendingRestore | None = None
+
+
 def _check(name: str, ok: bool, expected: str, value) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
@@ -54,6 +73,9 @@ def _check(name: str, ok: bool, expected: str, value) -> None:
 
 class ZOOptimizer(FlatOptimizer):
     """Shared machinery: packing, directions, estimation, skipping and state.  Subclasses apply the update."""
+
+    #: central differences also evaluate the unperturbed loss L0 (HiZOO: second differences)
+    needs_base_loss = False
 
     def __init__(self, params, defaults: dict, *, eps: float, q: int, estimator: str, distribution: str, blocks,
                  clip: float | None, seed: int, backend: str | None, master_weights: bool | None,
@@ -89,8 +111,6 @@ class ZOOptimizer(FlatOptimizer):
         self._flats = []
         self._warned_skip = False
         self.last_estimate: torch.Tensor | None = None
-        self._needs_base = False  # HiZOO also evaluates the unperturbed loss for second differences
-        self._curvature: torch.Tensor | None = None
         #: Callable averaging a step's float64 loss vector over data-parallel ranks (None: one process).
         self.loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -190,8 +210,8 @@ class ZOOptimizer(FlatOptimizer):
             loss = torch.tensor(float(loss), dtype=torch.float64)
         return loss.detach().reshape(()).to(torch.float64)
 
-    def _estimate_sequential(self, closure, seed0: int):
-        """Finite differences by in-place perturbation.  Returns (c [q, blocks], loss, losses, pending restore).
+    def _estimate_sequential(self, closure, seed0: int) -> Estimate:
+        """Finite differences by in-place perturbation; the last perturbation stays in the weights (pending).
 
         Losses are collected in the batched path's order ([L0], then per direction and block L+ [, L-]) and
         turned into scalars by :meth:`_scalars`, so both paths share the arithmetic and the reduction hook.
@@ -199,7 +219,7 @@ class ZOOptimizer(FlatOptimizer):
         q, nb, eps = self.q, self.num_blocks, self.eps
         blocks = [None] if nb == 1 else list(range(nb))
         central = self.estimator == "central"
-        with_base = not central or self._needs_base
+        with_base = not central or self.needs_base_loss
         losses, pending = [self._evaluate(closure)] if with_base else [], None
         for k in range(q):
             seed = seed0 + k
@@ -212,14 +232,13 @@ class ZOOptimizer(FlatOptimizer):
                     level = -eps
                     losses.append(self._evaluate(closure))
                 if k == q - 1 and b is None:
-                    pending = (seed, level)  # the update kernel restores it (or _skip does)
+                    pending = PendingRestore(seed, level)  # the update kernel restores it (or a skip does)
                 else:
                     self._move_block(b, seed, level, 0.0)
-        c, loss, losses = self._scalars(torch.stack(losses), with_base)
-        return c, loss, losses, pending
+        return dataclasses.replace(self._scalars(torch.stack(losses), with_base), pending=pending)
 
-    def _scalars(self, losses: torch.Tensor, with_base: bool):
-        """(c [q, blocks], reported loss, losses) from the float64 losses of one step.
+    def _scalars(self, losses: torch.Tensor, with_base: bool) -> Estimate:
+        """The estimate from the float64 losses of one step ([L0], then per direction and block L+ [, L-]).
 
         ``loss_reduce`` (set by distributed training) first averages the vector over the ranks: each rank
         evaluated the same points on its own shard of the batch, so this one collective of 2q (+1) floats
@@ -227,17 +246,17 @@ class ZOOptimizer(FlatOptimizer):
         """
         if self.loss_reduce is not None:
             losses = self.loss_reduce(losses)
-        self._curvature = None
+        curvature = None
         if self.estimator == "central":
             pairs = losses[int(with_base):].reshape(-1, 2)
             c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), pairs.mean()
             if with_base:
                 loss = losses[0]
-                curv = (pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * self.eps * self.eps)
-                self._curvature = curv.reshape(self.q, self.num_blocks)
+                curvature = ((pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * self.eps * self.eps)
+                             ).reshape(self.q, self.num_blocks)
         else:
             c, loss = (losses[1:] - losses[0]) / self.eps, losses[0]
-        return c.reshape(self.q, self.num_blocks), loss, losses
+        return Estimate(c.reshape(self.q, self.num_blocks), loss, losses, curvature)
 
     def _points(self, seed0: int):
         """Direction-space perturbations of every point a step evaluates, as one [P, total] fp32 tensor."""
@@ -279,21 +298,20 @@ class ZOOptimizer(FlatOptimizer):
         return torch.cat([(seg.master if seg.master is not None else seg.data).to(torch.float32)
                           for seg in self._segments])
 
-    def _estimate_batched(self, functional_closure, seed0: int):
+    def _estimate_batched(self, functional_closure, seed0: int) -> Estimate:
         """All perturbed points in one vmap call; the weights are never perturbed in place."""
         base = self._base_rows()[None]
         rows = base + self._points(seed0)
-        with_base = self.estimator == "forward" or self._needs_base
+        with_base = self.estimator == "forward" or self.needs_base_loss
         if with_base:
             rows = torch.cat([base, rows])
         with torch.no_grad():
             losses = torch.func.vmap(functional_closure)(self._named_views(rows))
         losses = losses.detach().reshape(-1).to(torch.float64)
         self.forward_passes += losses.numel()
-        c, loss, losses = self._scalars(losses, with_base)
-        return c, loss, losses, None
+        return self._scalars(losses, with_base)
 
-    def _estimate_jvp(self, functional_closure, seed0: int):
+    def _estimate_jvp(self, functional_closure, seed0: int) -> Estimate:
         """Exact directional derivatives along the same directions (torch.func.jvp)."""
         base = self._base_rows()
         tangents = self._points(seed0) / self.eps  # one row per (k, block): z_k restricted to the block
@@ -310,7 +328,7 @@ class ZOOptimizer(FlatOptimizer):
         values = torch.cat([loss.detach().reshape(1).to(torch.float64), torch.stack(cs)])
         if self.loss_reduce is not None:  # [L0, derivatives]: averaged over ranks like the losses
             values = self.loss_reduce(values)
-        return values[1:].reshape(self.q, self.num_blocks), values[0], values[:1], None
+        return Estimate(values[1:].reshape(self.q, self.num_blocks), values[0], values[:1])
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
@@ -327,30 +345,32 @@ class ZOOptimizer(FlatOptimizer):
         seed0 = step_seed(self.seed, self.step_count)
         self.step_count += 1
         if self.estimator == "jvp":
-            c, loss, losses, pending = self._estimate_jvp(functional_closure, seed0)
+            estimate = self._estimate_jvp(functional_closure, seed0)
         elif functional_closure is not None:
-            c, loss, losses, pending = self._estimate_batched(functional_closure, seed0)
+            estimate = self._estimate_batched(functional_closure, seed0)
         else:
-            c, loss, losses, pending = self._estimate_sequential(closure, seed0)
-        if not bool(torch.isfinite(losses).all()):  # the step's one host synchronisation
-            if pending is not None:
-                self._move_block(None, pending[0], pending[1], 0.0)
+            estimate = self._estimate_sequential(closure, seed0)
+        if not bool(torch.isfinite(estimate.losses).all()):  # the step's one host synchronisation
+            if estimate.pending is not None:
+                self._move_block(None, estimate.pending.seed, estimate.pending.level, 0.0)
             self.skipped_steps += 1
             if not self._warned_skip:
                 warnings.warn(f"{type(self).__name__}: non-finite loss at step {self.step_count - 1}; update "
                               "skipped and weights restored (counted in optimizer.skipped_steps; warning once)",
                               RuntimeWarning, stacklevel=2)
                 self._warned_skip = True
-            return loss
-        self.last_estimate = c  # [q, blocks] finite-difference scalars (before clipping), on the loss device
+            return estimate.loss
+        c = self.last_estimate = estimate.c  # [q, blocks] scalars (before clipping), on the loss device
         if self.clip is not None:
             c = c.clamp(-self.clip, self.clip)
         if self.scale_by_block_size:
             c = c * self._block_scale.to(c.device)
-        self._update((c / self.q).to(torch.float32), seed0, pending)
-        return loss
+        self._update((c / self.q).to(torch.float32), seed0, estimate)
+        return estimate.loss
 
-    def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
+    def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
+        """Apply the step: ``c`` [q, blocks] float32 are the scalars after clipping, block scaling and 1/q;
+        ``estimate`` carries the pending restore and the curvature."""
         raise NotImplementedError
 
     @staticmethod
@@ -453,7 +473,8 @@ class ZOSGD(ZOOptimizer):
             seg.buffers["momentum_buffer"] = (torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
                                               if momentum != 0 else None)
 
-    def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
+    def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
+        pending = estimate.pending
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
             buf = seg.buffers["momentum_buffer"]
@@ -462,11 +483,13 @@ class ZOSGD(ZOOptimizer):
                                                                    device=seg.data.device)
             K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.q,
                          weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
-                         momentum_buffer=buf, restore_scale=-pending[1] if pending and seg.master is None else 0.0,
+                         momentum_buffer=buf,
+                         restore_scale=-pending.level if pending and seg.master is None else 0.0,
                          block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
-                         master=seg.master, backend=self.backend, **self._hessian_args(seg))
+                         master=seg.master, backend=self.backend, **self._hessian_args(seg, estimate))
 
-    def _hessian_args(self, seg: Segment) -> dict:
+    def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
+        """Extra zo_update_ arguments of a curvature-aware subclass (HiZOO)."""
         return {}
 
 
@@ -497,19 +520,17 @@ class ZOAdam(ZOOptimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 seg.buffers[key] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
 
-    def _update(self, c: torch.Tensor, seed0: int, pending) -> None:
-        if pending is not None:
-            self._move_block(None, pending[0], pending[1], 0.0)
-        estimate = None
+    def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
+        if estimate.pending is not None:
+            self._move_block(None, estimate.pending.seed, estimate.pending.level, 0.0)
+        scratch = None
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
-            if estimate is None or estimate.numel() < seg.numel:
-                estimate = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
-            g = estimate[:seg.numel].zero_()
-            # g = 0 - 1 * (sum_k (-c_k) z_k): the update kernel materialises the estimate exactly.
-            K.zo_update_(g, seed0, -self._segment_c(seg, c), 1.0, num_directions=self.q,
-                         block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
-                         backend=self.backend)
+            if scratch is None or scratch.numel() < seg.numel:
+                scratch = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
+            g = K.zo_estimate_(scratch[:seg.numel], seed0, self._segment_c(seg, c), num_directions=self.q,
+                               block_starts=seg.block_starts, offset=seg.dir_offset,
+                               distribution=self.distribution, backend=self.backend)
             weights = seg.master if seg.master is not None else seg.data
             beta1, beta2 = group["betas"]
             K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.step_count,
@@ -536,6 +557,8 @@ class HiZOO(ZOSGD):
     kappa carries noise of order 0.1-1, so prefer eps >= 1e-2 when the curvature should mean something.
     """
 
+    needs_base_loss = True
+
     def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, distribution: str = "gaussian",
                  blocks=None, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
                  clip: float | None = None, hessian_smoothing: float = 1e-3, hessian_min: float = 1e-4,
@@ -548,13 +571,12 @@ class HiZOO(ZOSGD):
                          momentum=momentum, weight_decay=weight_decay, l1=l1, clip=clip, seed=seed, backend=backend,
                          master_weights=master_weights, scale_by_block_size=scale_by_block_size)
         self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
-        self._needs_base = True
 
     def _init_state(self) -> None:
         super()._init_state()
         for seg in self._segments:
             seg.buffers["hessian"] = torch.ones(seg.numel, dtype=torch.float32, device=seg.data.device)
 
-    def _hessian_args(self, seg: Segment) -> dict:
-        return dict(hessian=seg.buffers["hessian"], curvature=self._segment_c(seg, self._curvature / self.q),
+    def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
+        return dict(hessian=seg.buffers["hessian"], curvature=self._segment_c(seg, estimate.curvature / self.q),
                     hessian_smoothing=self.hessian_smoothing, hessian_min=self.hessian_min)
