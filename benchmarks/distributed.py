@@ -43,6 +43,7 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
         opt.loss_reduce = comm.loss_reduce if comm.active else None
     else:
         opt = optim.SGD(params, lr=0.01, momentum=0.9)
+        opt.grad_reduce = comm.grad_reduce if comm.active else None
 
     def one_step():
         if optimizer == "zo-sgd":
@@ -50,7 +51,6 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
             return
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(model(x), y).backward()
-        comm.all_reduce_grads_(params)
         opt.step()
 
     one_step()  # warm-up (and Triton compilation on GPUs)

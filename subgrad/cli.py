@@ -52,25 +52,17 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
-    import pathlib
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
 
-    from .config import TrainConfig, config_from_args
-    from .train import train
+    from .config import config_from_args
+    from .train import resume_config, train
 
     if args.resume:
-        saved = pathlib.Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise ValueError(f"--resume {args.resume}: no config.json there; is it a run folder?")
-        config = TrainConfig.from_record(json.loads(saved.read_text()))
-        config.out = args.resume
-        if args.steps is not None or args.epochs is not None:
-            config.steps, config.epochs = args.steps, args.epochs
-        config.quiet = args.quiet or config.quiet
+        config = resume_config(args.resume, steps=args.steps, epochs=args.epochs, quiet=args.quiet)
     else:
         config = config_from_args(args)
     try:

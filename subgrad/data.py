@@ -238,6 +238,7 @@ class DeviceLoader:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self.order_seed, self.augment_seed = order_seed, augment_seed
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its order): drawn once per epoch
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -248,15 +249,20 @@ class DeviceLoader:
         return len(self.labels)
 
     def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_images, device=self.device)
-        gen = torch.Generator().manual_seed(_mix(self.order_seed, epoch))
-        return torch.randperm(self.num_images, generator=gen).to(self.device)
+        """The image order of ``epoch``, on the device.  Drawn on the host from ``(order_seed, epoch)`` so
+        it is the same on every device and rank, once per epoch (the last one is kept)."""
+        if self._order is None or self._order[0] != epoch:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(_mix(self.order_seed, epoch))
+                order = torch.randperm(self.num_images, generator=gen).to(self.device)
+            else:
+                order = torch.arange(self.num_images, device=self.device)
+            self._order = (epoch, order)
+        return self._order[1]
 
-    def batch(self, epoch: int, index: int, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``index`` of ``epoch`` (pass ``order`` from :meth:`order` to avoid recomputing it)."""
-        order = self.order(epoch) if order is None else order
-        idx = order[index * self.batch_size:(index + 1) * self.batch_size]
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of ``epoch``."""
+        idx = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         x = self.images[idx].float()
         if self.augment:
             x = self._augment(x, _mix(self.augment_seed, epoch, index))
@@ -264,9 +270,8 @@ class DeviceLoader:
 
     def epoch(self, epoch: int, start: int = 0):
         """Iterate over the batches of ``epoch`` from batch ``start`` (for resuming mid-epoch)."""
-        order = self.order(epoch)
         for index in range(start, len(self)):
-            yield self.batch(epoch, index, order)
+            yield self.batch(epoch, index)
 
     def _augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         n = x.shape[0]

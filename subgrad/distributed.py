@@ -3,7 +3,8 @@
 Every rank holds the whole uint8 dataset, draws the same global batch (same order and augmentation
 seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
 
-* first-order: one all-reduce of the flat gradient buffer (mean over ranks), then the fused update;
+* first-order: one all-reduce of the flat gradient buffer (mean over ranks; ``SGD/AdamW.grad_reduce``),
+  then the fused update;
 * zeroth-order: one all-reduce of the step's 2q (+1) float64 losses (:attr:`ZOOptimizer.loss_reduce`).
   Every rank regenerates every direction from the shared seed schedule and applies the same update,
   so replicas stay bit-identical without ever sending a weight.
@@ -72,9 +73,10 @@ class Communicator:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def all_reduce_grads_(self, params) -> None:
-        """Average the gradients over ranks (one collective), before the fused update."""
-        self._mean_of_many_([p.grad for p in params if p.grad is not None], "all_reduce")
+    def grad_reduce(self, grad: torch.Tensor) -> torch.Tensor:
+        """The first-order hook (:attr:`subgrad.optim.SGD.grad_reduce`): a flat gradient buffer averaged
+        over ranks in place, one collective, after the optimizer copied the gradients into it."""
+        return self.all_reduce_mean_(grad)
 
     def sync_buffers_(self, model: torch.nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks.

@@ -27,6 +27,7 @@ import platform
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,176 @@ def evaluate(model, loader: DeviceLoader, amp: bool, comm: Communicator | None =
     return loss / n, correct / n
 
 
+# -- setup ------------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """What one training process holds once set up (:func:`setup`); the loop reads it top to bottom."""
+    cfg: TrainConfig
+    out: pathlib.Path
+    comm: Communicator
+    device: torch.device
+    amp: bool  # bfloat16 autocast (CUDA only)
+    zo: bool  # zeroth-order optimizer: the step runs the closure itself
+    writes: bool  # this rank writes the run folder (rank 0)
+    quiet: bool
+    steps_per_epoch: int
+    total: int  # steps of the whole run
+    eval_every: int
+    checkpoint_every: int
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader  # this rank's share of the test set
+    train_eval: DeviceLoader  # this rank's share of every 5th training image (train accuracy)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: list  # each param group's lr before the schedule (and before a resume loads scheduled ones)
+    record: dict  # config.json: the resolved settings and what the run derived from the data
+    data_source: str  # where the images came from (summary.json)
+
+
+def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) -> Session:
+    """Device, data, model and optimizer of a run, seeded from ``cfg.seed``."""
+    device = torch.device(kind, comm.local_rank) if kind == "cuda" and comm.active else torch.device(kind)
+    if device.type == "cuda":
+        # Exact resume needs the same bits every run; cuDNN may otherwise pick autotuned or atomic-add
+        # convolution backward algorithms that differ from run to run.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if cfg.batch_size % comm.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
+                         f"({comm.world_size}): every rank trains on an equal shard of each batch")
+    data = load_cifar10(cfg.data)
+    mean, std = data.channel_stats()
+    steps_per_epoch = len(data.train_labels) // cfg.batch_size
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    zo = cfg.optimizer in ZO_OPTIMIZERS
+    eval_every = cfg.eval_every or (max(1, total // 10) if zo else steps_per_epoch)
+    train_loader = DeviceLoader(data.train_images, data.train_labels, mean, std, cfg.batch_size, device,
+                                augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
+                                augment_seed=cfg.seed + 1)
+    # evaluation: each rank its strided share; every 5th training image (10,000 of all classes; the archive
+    # is sorted by class) for train accuracy
+    r, w = comm.rank, comm.world_size
+    test_loader = DeviceLoader(data.test_images[r::w], data.test_labels[r::w], mean, std, 1000, device)
+    train_eval = DeviceLoader(data.train_images[::5][r::w], data.train_labels[::5][r::w], mean, std, 1000, device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = make_optimizer(cfg, model)
+    if comm.active and zo:
+        optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
+    elif comm.active:
+        optimizer.grad_reduce = comm.grad_reduce  # one all-reduce of each flat gradient buffer
+    record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
+                  classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
+    return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda", zo=zo,
+                   writes=comm.is_main, quiet=cfg.quiet or not comm.is_main, steps_per_epoch=steps_per_epoch,
+                   total=total, eval_every=eval_every, checkpoint_every=cfg.checkpoint_every or eval_every,
+                   train_loader=train_loader, test_loader=test_loader, train_eval=train_eval, model=model,
+                   optimizer=optimizer, base_lrs=[g["lr"] for g in optimizer.param_groups], record=record,
+                   data_source=str(data.source))
+
+
+def resume_config(run: str | pathlib.Path, steps: int | None = None, epochs: float | None = None,
+                  quiet: bool = False) -> TrainConfig:
+    """The config to continue the run in folder ``run`` (``subgrad train --resume RUN``); a new ``steps``
+    or ``epochs`` replaces the saved training length."""
+    saved = pathlib.Path(run) / "config.json"
+    if not saved.is_file():
+        raise ValueError(f"--resume {run}: no config.json there; is it a run folder?")
+    config = TrainConfig.from_record(json.loads(saved.read_text()))
+    config.out = str(run)
+    if steps is not None or epochs is not None:
+        config.steps, config.epochs = steps, epochs
+    config.quiet = quiet or config.quiet
+    return config
+
+
+def load_last_checkpoint(s: Session) -> tuple[int, float, list[dict]]:
+    """Restore model and optimizer from the run's last checkpoint: (step, train_seconds, metrics so far)."""
+    ckpt_path = latest_checkpoint(s.out)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg, w = s.cfg, s.comm.world_size
+    if ckpt["config"]["model"] != cfg.model or ckpt["config"]["optimizer"] != cfg.optimizer:
+        raise ValueError(f"checkpoint {ckpt_path} is a {ckpt['config']['model']}/{ckpt['config']['optimizer']} "
+                         f"run, not {cfg.model}/{cfg.optimizer}")
+    saved_world = ckpt.get("world_size", 1)
+    if saved_world != w:
+        raise ValueError(f"checkpoint {ckpt_path} was written by a {saved_world}-process run and this one has {w}; "
+                         f"resume with the same number of processes (--nproc {saved_world}), because the "
+                         "shard sums would round differently and the run would not be exact")
+    s.model.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    metrics = []
+    if (s.out / "metrics.jsonl").exists():
+        metrics = [m for m in map(json.loads, (s.out / "metrics.jsonl").read_text().splitlines())
+                   if m["step"] <= ckpt["step"]]
+    return ckpt["step"], ckpt["train_seconds"], metrics
+
+
+def checkpoint(s: Session, step: int, train_seconds: float) -> dict:
+    """The checkpoint format (``subgrad.runs.CHECKPOINT_FORMAT``): periodic checkpoints and model.pt alike."""
+    return dict(format=CHECKPOINT_FORMAT, model=s.model.state_dict(), optimizer=s.optimizer.state_dict(), step=step,
+                train_seconds=train_seconds, config=dataclasses.asdict(s.cfg), world_size=s.comm.world_size)
+
+
+def save_checkpoint(s: Session, step: int, train_seconds: float) -> pathlib.Path:
+    """checkpoints/step-NNNNNNN.pt (rank 0 only: replicas are identical); keeps the last three."""
+    path = s.out / "checkpoints" / f"step-{step:07d}.pt"
+    if s.writes:
+        atomic_save(checkpoint(s, step, train_seconds), path)
+        for old in checkpoints(s.out)[:-3]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+# -- one step, one evaluation -----------------------------------------------------------------------
+def train_step(s: Session, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> torch.Tensor:
+    """One optimizer step on this rank's shard of the global batch ``(x, y)``; returns the loss
+    (averaged over ranks for zeroth-order steps, this rank's for first-order ones)."""
+    x, y = s.comm.shard(x), s.comm.shard(y)
+    for group, base in zip(s.optimizer.param_groups, s.base_lrs):
+        group["lr"] = base * lr_scale
+    s.model.train()
+    if s.zo:
+        def closure():
+            with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+                return F.cross_entropy(s.model(x).float(), y)
+        return s.optimizer.step(closure)
+    s.optimizer.zero_grad(set_to_none=False)
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+        loss = F.cross_entropy(s.model(x).float(), y)
+    loss.backward()
+    s.optimizer.step()  # averages the flat gradient buffer over ranks first (grad_reduce, set in setup)
+    return loss
+
+
+def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torch.Tensor, loss_count: int) -> dict:
+    """Test and train accuracy now; one metrics row, appended to metrics.jsonl and printed."""
+    s.comm.sync_buffers_(s.model)  # BatchNorm statistics: one average per evaluation
+    test_loss, test_acc = evaluate(s.model, s.test_loader, s.amp, s.comm)
+    _, train_acc = evaluate(s.model, s.train_eval, s.amp, s.comm)
+    mean_loss = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=s.device)])
+    if not s.zo:  # zeroth-order losses are already averaged over ranks inside the step
+        s.comm.all_reduce_mean_(mean_loss)
+    fwd = s.optimizer.forward_passes if s.zo else step
+    row = dict(step=step, epoch=round(step / s.steps_per_epoch, 3),
+               train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()), test_loss=test_loss,
+               test_accuracy=test_acc, train_accuracy=train_acc, lr=s.optimizer.param_groups[0]["lr"],
+               train_seconds=round(train_seconds, 2),
+               images_per_second=step * s.cfg.batch_size / max(train_seconds, 1e-9), forward_passes=fwd)
+    if s.writes:
+        with open(s.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if not s.quiet:  # tqdm.write clears and redraws a live bar; without one it is a plain print
+        from tqdm import tqdm
+        tqdm.write(f"step {step:>7}  epoch {row['epoch']:>6.2f}  loss {row['train_loss']:.4f}  "
+                   f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
+                   f"{row['images_per_second']:.0f} img/s"
+                   + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if s.zo else "")
+                   + f"  {train_seconds:.0f} s", file=sys.stderr)
+    return row
+
+
 # -- the loop ---------------------------------------------------------------------------------------
 class _StopRequest:
     """SIGINT/SIGTERM handler: the first signal asks the loop to stop at the next step boundary (a
@@ -147,197 +318,88 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     (``--max-restarts``) resumes from the last complete checkpoint by itself.
     """
     cfg = config.resolved()
-    out = pathlib.Path(cfg.out)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = auto if cfg.device == "auto" else cfg.device
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     comm = from_environment(kind)
     try:
-        return _train(cfg, out, resume, comm, kind)
+        return _train(cfg, pathlib.Path(cfg.out), resume, comm, kind)
     finally:
         shutdown(comm)
 
 
 def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator, kind: str) -> dict:
-    device = torch.device(kind, comm.local_rank) if kind == "cuda" and comm.active else torch.device(kind)
-    amp = cfg.amp and device.type == "cuda"
-    if device.type == "cuda":
-        # Exact resume needs the same bits every run; cuDNN may otherwise pick autotuned or atomic-add
-        # convolution backward algorithms that differ from run to run.
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    if cfg.batch_size % comm.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
-                         f"({comm.world_size}): every rank trains on an equal shard of each batch")
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints(out):
         resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
-    writes = comm.is_main
-    quiet = cfg.quiet or not writes
     # Failure drill for tests and operators: SUBGRAD_FAIL_AT="RANK:STEP" makes that rank exit abruptly
     # before STEP on the first attempt (not after a torchrun restart), as a crashed GPU would.
     fail_rank, _, fail_step = os.environ.get("SUBGRAD_FAIL_AT", "").partition(":")
     fail_at = int(fail_step) if fail_step and int(fail_rank) == comm.rank and \
         int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 else None
 
-    data = load_cifar10(cfg.data)
-    mean, std = data.channel_stats()
-    steps_per_epoch = len(data.train_labels) // cfg.batch_size
-    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
-    zo = cfg.optimizer in ZO_OPTIMIZERS
-    eval_every = cfg.eval_every or (max(1, total // 10) if zo else steps_per_epoch)
-    checkpoint_every = cfg.checkpoint_every or eval_every
-    train_loader = DeviceLoader(data.train_images, data.train_labels, mean, std, cfg.batch_size, device,
-                                augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
-                                augment_seed=cfg.seed + 1)
-    # evaluation: each rank its strided share; every 5th training image (10,000 of all classes; the archive
-    # is sorted by class) for train accuracy
-    r, w = comm.rank, comm.world_size
-    test_loader = DeviceLoader(data.test_images[r::w], data.test_labels[r::w], mean, std, 1000, device)
-    train_eval = DeviceLoader(data.train_images[::5][r::w], data.train_labels[::5][r::w], mean, std, 1000, device)
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
-    optimizer = make_optimizer(cfg, model)
-    if zo and comm.active:
-        optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
-    params = [p for p in model.parameters() if p.requires_grad]
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled values
-    record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
-                  classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
-
-    start, train_seconds, metrics = 0, 0.0, []
-    if resume:
-        ckpt_path = latest_checkpoint(out)
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"]["model"] != cfg.model or ckpt["config"]["optimizer"] != cfg.optimizer:
-            raise ValueError(f"checkpoint {ckpt_path} is a {ckpt['config']['model']}/{ckpt['config']['optimizer']} "
-                             f"run, not {cfg.model}/{cfg.optimizer}")
-        saved_world = ckpt.get("world_size", 1)
-        if saved_world != w:
-            raise ValueError(f"checkpoint {ckpt_path} was written by a {saved_world}-process run and this one has {w}; "
-                             f"resume with the same number of processes (--nproc {saved_world}), because the "
-                             "shard sums would round differently and the run would not be exact")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, train_seconds = ckpt["step"], ckpt["train_seconds"]
-        if (out / "metrics.jsonl").exists():
-            lines = (out / "metrics.jsonl").read_text().splitlines()
-            metrics = [m for m in map(json.loads, lines) if m["step"] <= start]
-    elif writes:
-        out.mkdir(parents=True, exist_ok=True)
-    if writes:
+    s = setup(cfg, out, comm, kind)
+    start, train_seconds, metrics = load_last_checkpoint(s) if resume else (0, 0.0, [])
+    if s.writes:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(record, indent=1))
+        atomic_write_text(out / "config.json", json.dumps(s.record, indent=1))
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-
-    running = torch.zeros((), dtype=torch.float64, device=device)
-    running_count = 0
-    step_bytes = 0  # payload bytes of the training steps' collectives (evaluation not included)
-
-    def save(step: int) -> pathlib.Path:
-        path = out / "checkpoints" / f"step-{step:07d}.pt"
-        if not writes:  # replicas are identical; rank 0 speaks for all
-            return path
-        ckpt = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    train_seconds=train_seconds, config=dataclasses.asdict(cfg), world_size=w)
-        atomic_save(ckpt, path)
-        for old in checkpoints(out)[:-3]:  # keep the last three
-            old.unlink(missing_ok=True)
-        return path
 
     from tqdm import tqdm
     # A live bar only on a terminal: redirected to a file, its redraws would be almost all of the log, so
     # there the per-evaluation lines are the progress report.
-    bar = tqdm(total=total, initial=start, disable=quiet or not sys.stderr.isatty(), unit="step", dynamic_ncols=True,
-               file=sys.stderr, desc=f"{cfg.model}/{cfg.optimizer}" + (f" x{w}" if comm.active else ""))
-    if not quiet:
-        tqdm.write(f"{cfg.model}/{cfg.optimizer}: steps {start}..{total}, batch {cfg.batch_size}, "
-                   f"{steps_per_epoch} steps per epoch, evaluating every {eval_every} steps", file=sys.stderr)
+    bar = tqdm(total=s.total, initial=start, disable=s.quiet or not sys.stderr.isatty(), unit="step",
+               dynamic_ncols=True, file=sys.stderr, desc=f"{cfg.model}/{cfg.optimizer}"
+               + (f" x{comm.world_size}" if comm.active else ""))
+    if not s.quiet:
+        tqdm.write(f"{cfg.model}/{cfg.optimizer}: steps {start}..{s.total}, batch {cfg.batch_size}, "
+                   f"{s.steps_per_epoch} steps per epoch, evaluating every {s.eval_every} steps", file=sys.stderr)
     last_eval = metrics[-1] if metrics else None
-    step = start
-    interrupted = False
-    stop = _StopRequest()
+    loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=s.device), 0  # since the last evaluation
+    step_bytes = 0  # payload bytes of the training steps' collectives (evaluation not included)
+    step, interrupted, stop = start, False, _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}  # a scheduler's
     # SIGTERM checkpoints like Ctrl-C
     try:
         tick = time.perf_counter()
-        while step < total:
+        while step < s.total:
             if step == fail_at:
                 print(f"rank {comm.rank}: SUBGRAD_FAIL_AT drill, exiting at step {step}", file=sys.stderr)
                 os._exit(17)
-            epoch, index = divmod(step, steps_per_epoch)
-            x, y = train_loader.batch(epoch, index)
-            x, y = comm.shard(x), comm.shard(y)  # the same global batch on every rank; this rank's slice
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor(cfg.schedule, step, total)
-            model.train()
+            epoch, index = divmod(step, s.steps_per_epoch)
+            x, y = s.train_loader.batch(epoch, index)
             sent_before = comm.bytes_sent
-            if zo:
-                def closure():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        return F.cross_entropy(model(x).float(), y)
-                loss = optimizer.step(closure)  # already averaged over ranks
-            else:
-                optimizer.zero_grad(set_to_none=False)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-                comm.all_reduce_grads_(params)
-                optimizer.step()
+            loss = train_step(s, x, y, lr_factor(cfg.schedule, step, s.total))
             step_bytes += comm.bytes_sent - sent_before
-            running += loss.detach().double()
-            running_count += 1
+            loss_sum += loss.detach().double()
+            loss_count += 1
             step += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total:
-                if device.type == "cuda":
+            if step % s.eval_every == 0 or step == s.total:
+                if s.device.type == "cuda":
                     torch.cuda.synchronize()
                 train_seconds += time.perf_counter() - tick
-                comm.sync_buffers_(model)  # BatchNorm statistics: one average per evaluation
-                test_loss, test_acc = evaluate(model, test_loader, amp, comm)
-                _, train_acc = evaluate(model, train_eval, amp, comm)
-                mean_loss = torch.stack([running, torch.tensor(float(running_count), dtype=torch.float64,
-                                                                device=device)])
-                if not zo:  # zeroth-order losses are already averaged over ranks inside the step
-                    comm.all_reduce_mean_(mean_loss)
-                fwd = optimizer.forward_passes if zo else step
-                last_eval = dict(step=step, epoch=round(step / steps_per_epoch, 3),
-                                 train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()), test_loss=test_loss,
-                                 test_accuracy=test_acc, train_accuracy=train_acc,
-                                 lr=optimizer.param_groups[0]["lr"], train_seconds=round(train_seconds, 2),
-                                 images_per_second=step * cfg.batch_size / max(train_seconds, 1e-9),
-                                 forward_passes=fwd)
-                running.zero_()
-                running_count = 0
+                last_eval = evaluate_and_log(s, step, train_seconds, loss_sum, loss_count)
                 metrics.append(last_eval)
-                if writes:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(last_eval) + "\n")
-                if not quiet:  # tqdm.write clears and redraws a live bar; without one it is a plain print
-                    tqdm.write(f"step {step:>7}  epoch {last_eval['epoch']:>6.2f}  loss {last_eval['train_loss']:.4f}  "
-                               f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
-                               f"{last_eval['images_per_second']:.0f} img/s"
-                               + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if zo else "")
-                               + f"  {train_seconds:.0f} s", file=sys.stderr)
-                bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}", acc=f"{test_acc:.3f}")
-                if step % checkpoint_every == 0 or step == total:
-                    save(step)
+                loss_sum.zero_()
+                loss_count = 0
+                bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}", acc=f"{last_eval['test_accuracy']:.3f}")
+                if step % s.checkpoint_every == 0 or step == s.total:
+                    save_checkpoint(s, step, train_seconds)
                 tick = time.perf_counter()
-            if stop.requested and step < total:
+            if stop.requested and step < s.total:
                 raise _StopAtBoundary
     except _StopAtBoundary:
         interrupted = True
         train_seconds += time.perf_counter() - tick
-        path = save(step)
+        path = save_checkpoint(s, step, train_seconds)
         bar.close()
-        if writes:
+        if s.writes:
             print(f"interrupted at step {step}: checkpoint written to {path}; continue with "
                   f"`subgrad train --resume {out}`", file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = True
         bar.close()
-        if writes:
+        if s.writes:
             print(f"stopped at once during step {step + 1} (second signal): no checkpoint written; the last "
                   f"complete one in {out / 'checkpoints'} is intact", file=sys.stderr)
     finally:
@@ -346,27 +408,30 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
         bar.close()
     if interrupted:
         raise KeyboardInterrupt
+    return finish(s, step, start, train_seconds, metrics, last_eval, step_bytes)
 
-    comm.sync_buffers_(model)
-    hashes = comm.all_gather_strings(weights_hash(model))
+
+def finish(s: Session, step: int, start: int, train_seconds: float, metrics: list[dict], last_eval: dict,
+           step_bytes: int) -> dict:
+    """Check the replicas agree, write model.pt, summary.json and curves.png; return the summary."""
+    s.comm.sync_buffers_(s.model)
+    hashes = s.comm.all_gather_strings(weights_hash(s.model))
     if len(set(hashes)) != 1:
         raise RuntimeError(f"replicas diverged: weight hashes differ across ranks ({hashes}); this is a bug")
-    steps_run = max(1, step - start)
-    final = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 train_seconds=train_seconds, config=dataclasses.asdict(cfg), world_size=w)
+    cfg, device = s.cfg, s.device
     summary = dict(model=cfg.model, optimizer=cfg.optimizer, test_accuracy=last_eval["test_accuracy"],
                    train_accuracy=last_eval["train_accuracy"], test_loss=last_eval["test_loss"],
-                   train_seconds=round(train_seconds, 2), steps=step, epochs=round(step / steps_per_epoch, 3),
+                   train_seconds=round(train_seconds, 2), steps=step, epochs=round(step / s.steps_per_epoch, 3),
                    images_per_second=last_eval["images_per_second"], forward_passes=last_eval["forward_passes"],
                    device=str(device),
                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                   or platform.machine(), versions=versions(), data=str(data.source), world_size=w,
-                   bytes_communicated_per_step=step_bytes / steps_run, weights_sha256=hashes[0])
-    if writes:
-        atomic_save(final, out / "model.pt")
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-        plot_curves(metrics, out / "curves.png", f"{cfg.model} / {cfg.optimizer}")
-    if not quiet:
+                   or platform.machine(), versions=versions(), data=s.data_source, world_size=s.comm.world_size,
+                   bytes_communicated_per_step=step_bytes / max(1, step - start), weights_sha256=hashes[0])
+    if s.writes:
+        atomic_save(checkpoint(s, step, train_seconds), s.out / "model.pt")
+        atomic_write_text(s.out / "summary.json", json.dumps(summary, indent=1))
+        plot_curves(metrics, s.out / "curves.png", f"{cfg.model} / {cfg.optimizer}")
+    if not s.quiet:
         print(f"test accuracy {summary['test_accuracy']:.4f}, train accuracy {summary['train_accuracy']:.4f}, "
-              f"{summary['train_seconds']:.0f} s; run folder {out}", file=sys.stderr)
+              f"{summary['train_seconds']:.0f} s; run folder {s.out}", file=sys.stderr)
     return summary

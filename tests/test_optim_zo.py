@@ -73,19 +73,34 @@ def test_converges_on_a_convex_problem(kwargs):
     assert quadratic(x).item() - f_star < 1e-3
 
 
-def test_trains_lenet_on_real_cifar_images():
-    """Forward passes only: 200 steps on 320 real training images lower the loss below 2.29 (from 2.305)."""
+def _final_loss_on_real_images(cls, kw, shuffle_labels: bool) -> float:
+    """200 steps, forward passes only, on 320 real training images from loss 2.305; the loss on the true
+    labels at the end.  With ``shuffle_labels`` the optimizer trains on permuted labels: the control, a
+    random walk of the same step sizes that learns nothing about the true labels."""
     from cifar_subset import cifar_subset
     from subgrad.models import build_model
 
     x, y = cifar_subset()
+    targets = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))] if shuffle_labels else y
     torch.manual_seed(0)
     model = build_model("lenet")
-    opt = ZOSGD(model.parameters(), lr=2e-2, eps=1e-3)
+    opt = cls(model.parameters(), **kw)
     for _ in range(200):
-        opt.step(lambda: F.cross_entropy(model(x), y))
-    assert F.cross_entropy(model(x), y).item() < 2.29
-    assert opt.forward_passes == 400
+        opt.step(lambda: F.cross_entropy(model(x), targets))
+    assert opt.forward_passes == 200 * (3 if cls is HiZOO else 2)
+    return F.cross_entropy(model(x), y).item()
+
+
+@pytest.mark.parametrize("cls, kw, bound, gap", [(ZOSGD, dict(lr=2e-2, eps=1e-3), 2.285, 0.015),
+                                                 (ZOAdam, dict(lr=1e-3), 2.297, 0.006),
+                                                 (HiZOO, dict(lr=2e-2), 2.298, 0.005)], ids=["zosgd", "zoadam", "hizoo"])
+def test_trains_lenet_on_real_cifar_images(cls, kw, bound, gap):
+    """Below the bound, and ahead of the shuffled-label control by at least the gap (measured on the
+    2-core VM: ZOSGD 2.2727 vs control 2.3020, ZOAdam 2.2909 vs 2.3026, HiZOO 2.2933 vs 2.3029): an
+    optimizer whose estimate lost its sign or its scale cannot pass both."""
+    loss = _final_loss_on_real_images(cls, kw, shuffle_labels=False)
+    control = _final_loss_on_real_images(cls, kw, shuffle_labels=True)
+    assert loss < bound and control - loss >= gap, f"loss {loss:.4f} (bound {bound}), control {control:.4f}"
 
 
 def _tiny_net(dtype=torch.float32):
@@ -283,22 +298,6 @@ def test_others_converge_on_a_convex_problem(cls, kw):
     for _ in range(800):
         opt.step(lambda: quadratic(x))
     assert quadratic(x).item() - f_star < 1e-2
-
-
-@pytest.mark.parametrize("cls, kw, bound", [(ZOAdam, dict(lr=1e-3), 2.297), (HiZOO, dict(lr=2e-2), 2.30)],
-                         ids=["zoadam", "hizoo"])
-def test_others_train_lenet_on_real_cifar_images(cls, kw, bound):
-    """200 steps on 320 real images from loss 2.305 (measured: ZOAdam 2.2926, HiZOO 2.2961)."""
-    from cifar_subset import cifar_subset
-    from subgrad.models import build_model
-
-    x, y = cifar_subset()
-    torch.manual_seed(0)
-    model = build_model("lenet")
-    opt = cls(model.parameters(), **kw)
-    for _ in range(200):
-        opt.step(lambda: F.cross_entropy(model(x), y))
-    assert F.cross_entropy(model(x), y).item() < bound
 
 
 def test_hizoo_counts_three_forwards_and_updates_curvature():

@@ -15,6 +15,8 @@ real view (``torch.view_as_real``), as torch.optim does; its state tensors are c
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 
 import torch
@@ -67,6 +69,9 @@ class _FusedOptimizer(FlatOptimizer):
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
+        #: Callable averaging a flat gradient buffer over data-parallel ranks in place, after the gradients
+        #: are copied into it and before the update (set by distributed training; None: one process).
+        self.grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
         """The packed groups; repacked (state carried over) when the trainable parameters changed."""
@@ -132,13 +137,17 @@ class _FusedOptimizer(FlatOptimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (as torch.optim's)")
             histories = {self._history(p) for p in fg.params}
             if all(has_grad) and len(histories) == 1:
-                self._step_views(group, fg, bufs, fg.data, fg.grad_buffer(link=False), slice(None),
-                                 list(range(len(fg.params))))
+                grad = fg.grad_buffer(link=False)
+                if self.grad_reduce is not None:
+                    self.grad_reduce(grad)  # one collective over the whole flat buffer
+                self._step_views(group, fg, bufs, fg.data, grad, slice(None), list(range(len(fg.params))))
             else:  # torch.optim skips params without gradients: update the others one by one
                 for i, p in enumerate(fg.params):
                     if p.grad is not None:
                         off = fg.offsets[i]
                         grad = as_real(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+                        if self.grad_reduce is not None:  # reduce a copy: p.grad is never modified
+                            grad = self.grad_reduce(grad.clone())
                         where = slice(off, off + storage_numel(p))
                         self._step_views(group, fg, bufs, fg.data[where], grad.reshape(-1), where, [i])
         return loss
