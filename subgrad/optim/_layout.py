@@ -19,7 +19,14 @@ from ..kernels import make_block_starts
 
 
 class FlatOptimizer(torch.optim.Optimizer):
-    """Base of optimizers whose parameters live in :class:`FlatParams` buffers (``self._flats``)."""
+    """Base of both families (``SGD``/``AdamW`` and the zeroth-order ones): parameters packed into
+    :class:`FlatParams` buffers (``self._flats``), repacked when the trainable parameters change, and
+    per-parameter state kept as views into flat state buffers.  ``self.state[p][key]`` is always a view
+    of parameter ``p``'s part of its group's buffer ``key``, so torch.optim's ``state_dict`` layout works
+    as is and a repack carries every parameter's state over (:meth:`_adopt_state`)."""
+
+    #: state entries that live in flat buffers (other entries, such as AdamW's step, are per parameter)
+    _buffer_keys: tuple[str, ...] = ()
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; the flat buffers, step counters
@@ -30,6 +37,28 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _trainable(self) -> tuple:
         """Which parameters of each group are trainable now; a change since packing means repack."""
         return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
+
+    def _buffer_dtype(self, fg: FlatGroup) -> torch.dtype:
+        """dtype of the flat state buffers: the parameters' (torch.optim), float32 for zeroth-order state."""
+        return fg.data.dtype
+
+    def _flat_buffer(self, fg: FlatGroup, bufs: dict, key: str, fill: float = 0.0) -> torch.Tensor:
+        """The flat state buffer ``key`` of one packed group (``bufs``), made on first use."""
+        if bufs.get(key) is None:
+            bufs[key] = torch.full_like(fg.data, fill, dtype=self._buffer_dtype(fg))
+        return bufs[key]
+
+    def _adopt_state(self, packed) -> None:
+        """After packing (or loading): copy each parameter's state tensors into the flat buffers of its
+        ``(FlatGroup, buffers)`` pair in ``packed`` and point ``state[p]`` at views of them."""
+        for fg, bufs in packed:
+            for i, p in enumerate(fg.params):
+                st = self.state.get(p)
+                for key in self._buffer_keys if st else ():
+                    if isinstance(st.get(key), torch.Tensor):
+                        view = fg.view(self._flat_buffer(fg, bufs, key), i)
+                        view.copy_(st[key])
+                        st[key] = view
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -42,11 +71,15 @@ class Segment:
     group_index: int  # index into optimizer.param_groups
     flat: FlatGroup
     dir_offset: int  # position of element 0 in the direction space
-    master: torch.Tensor | None = None  # fp32 master copy (half-precision params)
     pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (start, stop, block id), local
     block_starts: torch.Tensor | None = None  # int64 [pieces] on the device, None for a single piece
     block_ids: torch.Tensor | None = None  # int64 [pieces] global block id of each piece
     buffers: dict[str, torch.Tensor | None] = field(default_factory=dict)  # optimizer state, flat fp32
+
+    @property
+    def master(self) -> torch.Tensor | None:
+        """fp32 master copy of half-precision parameters (a state buffer, saved with the others)."""
+        return self.buffers.get("master")
 
     @property
     def data(self) -> torch.Tensor:
@@ -73,8 +106,8 @@ def build_segments(param_groups, master_weights: bool | None) -> tuple[list[Flat
             if fg.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"zeroth-order optimizers support float32/bfloat16/float16 parameters, got {fg.dtype}")
             use_master = master_weights if master_weights is not None else fg.dtype != torch.float32
-            master = fg.data.to(torch.float32).clone() if use_master else None
-            segments.append(Segment(gi, fg, offset, master))
+            buffers = {"master": fg.data.to(torch.float32).clone()} if use_master else {}
+            segments.append(Segment(gi, fg, offset, buffers=buffers))
             offset += fg.numel
     if offset > 2**32:
         raise ValueError(f"{offset} parameters exceed the 2**32 elements one direction can index")

@@ -46,7 +46,6 @@ def _check_number(name: str, value, low: float, high: float | None = None, low_o
 class _FusedOptimizer(FlatOptimizer):
     """Packing and state plumbing shared by :class:`SGD` and :class:`AdamW`."""
 
-    _buffer_keys: tuple[str, ...] = ()  # flat state buffers, param dtype
     _sparse_ok = False  # sparse gradients (SGD takes them densified: the same numbers as torch's sparse path)
 
     def __init__(self, params, defaults: dict, backend: str | None):
@@ -84,39 +83,19 @@ class _FusedOptimizer(FlatOptimizer):
                     self._flats.append(flat)
                     self._packed += [(group, fg, {}) for fg in flat.groups]
             self._packed_for = self._trainable()
-            self._adopt_state()
+            self._adopt_state((fg, bufs) for _, fg, bufs in self._packed)
         for flat in self._flats:
             flat.check()
         return self._packed
 
-    def _adopt_state(self) -> None:
-        """Copy each parameter's state tensors into the flat state buffers and point ``state[p]`` at
-        views of them (after packing, and after ``load_state_dict``)."""
-        for _, fg, bufs in self._packed:
-            for i, p in enumerate(fg.params):
-                st = self.state.get(p)
-                for key in self._buffer_keys if st else ():
-                    if isinstance(st.get(key), torch.Tensor):
-                        view = self._view(fg, bufs, key, i)
-                        view.copy_(st[key])
-                        st[key] = view
-
-    @staticmethod
-    def _buffer(fg: FlatGroup, bufs: dict, key: str) -> torch.Tensor:
-        """The flat state buffer ``key`` of one packed group (param dtype, made on first use)."""
-        if key not in bufs:
-            bufs[key] = torch.zeros_like(fg.data)
-        return bufs[key]
-
     def _view(self, fg: FlatGroup, bufs: dict, key: str, i: int) -> torch.Tensor:
-        return fg.view(self._buffer(fg, bufs, key), i)
+        return fg.view(self._flat_buffer(fg, bufs, key), i)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
         tensors are copied into the flat buffers and ``state[p]`` points at views again."""
         super().load_state_dict(state_dict)
-        self._pack()
-        self._adopt_state()
+        self._adopt_state((fg, bufs) for _, fg, bufs in self._pack())
 
     # Under torch.compile the step runs eagerly (a graph break): it is already one fused kernel per flat
     # buffer, and tracing its host-side scalar preparation sent dynamo into endless recursion.  (The
@@ -188,7 +167,7 @@ class SGD(_FusedOptimizer):
     def _step_views(self, group, fg, bufs, param, grad, where, indices):
         momentum = group["momentum"]
         first = self._history(fg.params[indices[0]])
-        buf = self._buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
+        buf = self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
         K.sgd_step_(param, grad, buf, lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                     first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
@@ -228,10 +207,10 @@ class AdamW(_FusedOptimizer):
         first = fg.params[indices[0]]
         step = self._history(first) + 1
         beta1, beta2 = group["betas"]
-        vmax = self._buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
-        K.adamw_step_(param, grad, self._buffer(fg, bufs, "exp_avg")[where], self._buffer(fg, bufs, "exp_avg_sq")[where],
-                      vmax,
-                      step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+        vmax = self._flat_buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
+        K.adamw_step_(param, grad, self._flat_buffer(fg, bufs, "exp_avg")[where],
+                      self._flat_buffer(fg, bufs, "exp_avg_sq")[where], vmax, step=step, lr=float(group["lr"]),
+                      beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                       l1=group.get("l1", 0.0), backend=self.backend)
         for i in indices:

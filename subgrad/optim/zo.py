@@ -123,13 +123,9 @@ class ZOOptimizer(FlatOptimizer):
         return names
 
     def _pack(self) -> list[Segment]:
-        """The segments; rebuilt, with every parameter's state carried over, when the trainable
-        parameters changed (``add_param_group``, ``requires_grad`` toggled between steps)."""
-        carried = None
-        if self._segments is not None and self._packed_for != self._trainable():
-            carried = self._per_param_state()
-            self._segments = None
-        if self._segments is None:
+        """The segments; rebuilt when the trainable parameters changed (``add_param_group``,
+        ``requires_grad`` toggled between steps), every parameter's state carried over."""
+        if self._segments is None or self._packed_for != self._trainable():
             names = self._param_names()
             if self.blocks == "module" and any(n is None for n in names.values()):
                 raise ValueError("blocks='module' needs parameter names: pass model.named_parameters()")
@@ -148,32 +144,29 @@ class ZOOptimizer(FlatOptimizer):
             self._block_scale = (sizes.sum() + 2) / (sizes + 2)
             self._init_state()
             self._packed_for = self._trainable()
-            if carried:
-                self._restore_per_param_state(carried)
+            self._adopt_state((seg.flat, seg.buffers) for seg in self._segments)  # state from before a repack
+            for seg in self._segments:
+                self._bind_state(seg)
         for flat in self._flats:
             flat.check()
         return self._segments
 
-    def _per_param_state(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Each packed parameter's slice of every state buffer (and master copy), cloned."""
-        out = {}
-        for seg in self._segments:
-            for p, off in zip(seg.flat.params, seg.flat.offsets):
-                out[id(p)] = {k: buf[off:off + p.numel()].clone() for k, buf in self._state_buffers(seg).items()
-                              if buf is not None}
-        return out
+    def _buffer_dtype(self, fg) -> torch.dtype:
+        return torch.float32  # zeroth-order state (master, moments, curvature) is fp32 for every param dtype
 
-    def _restore_per_param_state(self, carried: dict[int, dict[str, torch.Tensor]]) -> None:
-        for seg in self._segments:
-            for p, off in zip(seg.flat.params, seg.flat.offsets):
-                for key, values in carried.get(id(p), {}).items():
-                    if key == "master":
-                        if seg.master is not None:
-                            seg.master[off:off + p.numel()].copy_(values)
-                        continue
-                    if seg.buffers.get(key) is None:  # made lazily: make it now
-                        seg.buffers[key] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
-                    seg.buffers[key][off:off + p.numel()].copy_(values)
+    def _bind_state(self, seg: Segment) -> None:
+        """``state[p][key]`` = a view of each of the segment's buffers, for each of its parameters."""
+        for i, p in enumerate(seg.flat.params):
+            for key, buf in seg.buffers.items():
+                if buf is not None:
+                    self.state[p][key] = seg.flat.view(buf, i)
+
+    def _segment_buffer(self, seg: Segment, key: str, fill: float = 0.0) -> torch.Tensor:
+        """A segment's state buffer ``key``, made (and bound into ``state``) on first use."""
+        if seg.buffers.get(key) is None:
+            self._flat_buffer(seg.flat, seg.buffers, key, fill)
+            self._bind_state(seg)
+        return seg.buffers[key]
 
     def _init_state(self) -> None:
         """Subclasses create their per-segment buffers (``seg.buffers``) here, after packing."""
@@ -379,32 +372,21 @@ class ZOOptimizer(FlatOptimizer):
         return c.to(seg.data.device)[:, seg.block_ids].reshape(-1)
 
     # -- state -------------------------------------------------------------------------------------
-    def _state_buffers(self, seg: Segment) -> dict[str, torch.Tensor]:
-        """Per-segment flat buffers that make up the optimizer state."""
-        return {**({"master": seg.master} if seg.master is not None else {}), **seg.buffers}
-
     def state_dict(self) -> dict:
-        """torch.optim layout (``state`` per parameter index, ``param_groups``) plus ``subgrad``: the seed,
-        the step counter and the settings, so a resumed run draws the same directions."""
+        """torch.optim's layout (``state`` per parameter index, ``param_groups``) plus ``subgrad``: the
+        seed, the step counter and the settings, so a resumed run draws the same directions."""
         self._pack()
-        per_param = self._per_param_state()
-        params = [p for g in self.param_groups for p in g["params"]]
-        index = {id(p): i for i, p in enumerate(params)}
-        state = {index[id(p)]: {k: v.view_as(p) for k, v in per_param[id(p)].items()}
-                 for p in params if per_param.get(id(p))}
-        groups = []
-        for g in self.param_groups:
-            saved = {k: v for k, v in g.items() if k != "params"}
-            saved["params"] = [index[id(p)] for p in g["params"]]
-            groups.append(saved)
-        meta = dict(kind=type(self).__name__, seed=self.seed, step=self.step_count, skipped=self.skipped_steps,
-                    forward_passes=self.forward_passes, eps=self.eps, q=self.q, estimator=self.estimator,
-                    distribution=self.distribution, blocks=self.blocks)
-        return {"state": state, "param_groups": groups, "subgrad": meta}
+        state_dict = super().state_dict()
+        state_dict["subgrad"] = dict(kind=type(self).__name__, seed=self.seed, step=self.step_count,
+                                     skipped=self.skipped_steps, forward_passes=self.forward_passes, eps=self.eps,
+                                     q=self.q, estimator=self.estimator, distribution=self.distribution,
+                                     blocks=self.blocks)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict` of the same optimizer class and settings; values are
-        copied into the flat buffers bit for bit (no dtype casts)."""
+        copied into the flat buffers bit for bit (no dtype casts: the state is fp32 for every param dtype,
+        where torch.optim would cast it to the parameter's)."""
         meta = state_dict.get("subgrad")
         if not isinstance(meta, dict) or meta.get("kind") != type(self).__name__:
             raise ValueError(f"not a {type(self).__name__} state_dict (missing or different 'subgrad' entry)")
@@ -416,17 +398,16 @@ class ZOOptimizer(FlatOptimizer):
         if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
                                                         for a, b in zip(groups, self.param_groups)):
             raise ValueError("state_dict has a different number of param groups or parameters than this optimizer")
-        segments = self._pack()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for seg in segments:
-            for p, off in zip(seg.flat.params, seg.flat.offsets):
+        for seg in self._pack():
+            for i, p in enumerate(seg.flat.params):
                 saved = state_dict["state"].get(index[id(p)], {})
-                for key, buf in self._state_buffers(seg).items():
+                for key, buf in seg.buffers.items():
                     if buf is None:
                         continue
                     if key not in saved:
                         raise ValueError(f"state_dict lacks {key!r} for parameter {index[id(p)]}")
-                    buf[off:off + p.numel()].copy_(saved[key].reshape(-1))
+                    seg.flat.view(buf, i).copy_(saved[key].reshape(self.state[p][key].shape))
         for group, saved in zip(self.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         self.seed, self.step_count = meta["seed"], meta["step"]
@@ -459,6 +440,8 @@ class ZOSGD(ZOOptimizer):
             small blocks (biases, the last layer) take proportionally larger steps at the same ``lr``.
     """
 
+    _buffer_keys = ("master", "momentum_buffer")
+
     def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, estimator: str = "central",
                  distribution: str = "gaussian", blocks=None, momentum: float = 0.0, weight_decay: float = 0.0,
                  l1: float = 0.0, clip: float | None = None, seed: int = 0, backend: str | None = None,
@@ -468,19 +451,17 @@ class ZOSGD(ZOOptimizer):
                          backend=backend, master_weights=master_weights, scale_by_block_size=scale_by_block_size)
 
     def _init_state(self) -> None:
-        for seg in self._segments:
-            momentum = self.param_groups[seg.group_index]["momentum"]
-            seg.buffers["momentum_buffer"] = (torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
-                                              if momentum != 0 else None)
+        for seg in self._segments:  # no momentum, no buffer (made at the first step that has momentum)
+            if self.param_groups[seg.group_index]["momentum"] != 0:
+                self._flat_buffer(seg.flat, seg.buffers, "momentum_buffer")
 
     def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
         pending = estimate.pending
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
-            buf = seg.buffers["momentum_buffer"]
+            buf = seg.buffers.get("momentum_buffer")
             if group["momentum"] != 0 and buf is None:  # momentum switched on after the first step
-                buf = seg.buffers["momentum_buffer"] = torch.zeros(seg.numel, dtype=torch.float32,
-                                                                   device=seg.data.device)
+                buf = self._segment_buffer(seg, "momentum_buffer")
             K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.q,
                          weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
                          momentum_buffer=buf,
@@ -502,6 +483,8 @@ class ZOAdam(ZOOptimizer):
     half-precision parameters; ZOSGD without momentum needs none.
     """
 
+    _buffer_keys = ("master", "exp_avg", "exp_avg_sq")
+
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, q: int = 1, estimator: str = "central",
                  distribution: str = "gaussian", blocks=None, betas: tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = None,
@@ -518,7 +501,7 @@ class ZOAdam(ZOOptimizer):
     def _init_state(self) -> None:
         for seg in self._segments:
             for key in ("exp_avg", "exp_avg_sq"):
-                seg.buffers[key] = torch.zeros(seg.numel, dtype=torch.float32, device=seg.data.device)
+                self._flat_buffer(seg.flat, seg.buffers, key)
 
     def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
         if estimate.pending is not None:
@@ -558,6 +541,7 @@ class HiZOO(ZOSGD):
     """
 
     needs_base_loss = True
+    _buffer_keys = ("master", "momentum_buffer", "hessian")
 
     def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, distribution: str = "gaussian",
                  blocks=None, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
@@ -575,7 +559,7 @@ class HiZOO(ZOSGD):
     def _init_state(self) -> None:
         super()._init_state()
         for seg in self._segments:
-            seg.buffers["hessian"] = torch.ones(seg.numel, dtype=torch.float32, device=seg.data.device)
+            self._flat_buffer(seg.flat, seg.buffers, "hessian", fill=1.0)  # h = 1: plain directions at first
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
         return dict(hessian=seg.buffers["hessian"], curvature=self._segment_c(seg, estimate.curvature / self.q),
