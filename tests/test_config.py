@@ -102,9 +102,9 @@ def test_make_optimizer_maps_off_and_none():
 
     model = build_model("lenet")
     opt = make_optimizer(TrainConfig(model="lenet", optimizer="zo-adam").resolved(), model)
-    assert opt.clip is None and opt.blocks is None  # the optimizers' spelling of "off" and "one block"
+    assert opt.settings.clip is None and opt.settings.blocks is None  # the optimizers' "off" and "one block"
     opt = make_optimizer(TrainConfig(model="lenet", optimizer="zo-sgd").resolved(), model)
-    assert opt.clip == 0.2 and opt.blocks == "module"
+    assert opt.settings.clip == 0.2 and opt.settings.blocks == "module"
 
 
 def test_defaults_for_is_the_table():

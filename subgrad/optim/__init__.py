@@ -8,8 +8,12 @@ ZOAdam         Adam moments on the ZO estimate              subgrad/optim/zo.py
 HiZOO          ZO-SGD preconditioned by diagonal curvature  subgrad/optim/zo.py
 SGD, AdamW     torch.optim semantics, fused kernels         subgrad/optim/first_order.py
 =============  ==========================================  =========================
+
+Both families share one base, ``FlatOptimizer`` (subgrad/optim/_layout.py): parameters packed into flat
+buffers, state as views into flat state buffers, repacked with state carried when parameters change.
+A zeroth-order optimizer's estimation settings are one frozen ``ZOSettings`` (``optimizer.settings``).
 """
 from .first_order import SGD, AdamW
-from .zo import HiZOO, ZOSGD, ZOAdam, ZOOptimizer, step_seed
+from .zo import HiZOO, ZOSGD, ZOAdam, ZOOptimizer, ZOSettings, step_seed
 
-__all__ = ["ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "SGD", "AdamW", "step_seed"]
+__all__ = ["ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "ZOSettings", "SGD", "AdamW", "step_seed"]

@@ -71,26 +71,45 @@ def _check(name: str, ok: bool, expected: str, value) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ZOSettings:
+    """How a zeroth-order optimizer estimates: one validated, immutable object (``optimizer.settings``)
+    that ZOSGD, ZOAdam and HiZOO build from their keyword arguments (documented on :class:`ZOSGD`)."""
+    eps: float = 1e-3
+    q: int = 1
+    estimator: str = "central"
+    distribution: str = "gaussian"
+    blocks: str | int | None = None
+    clip: float | None = None
+    seed: int = 0
+    backend: str | None = None
+    master_weights: bool | None = None
+    scale_by_block_size: bool = False
+
+    def __post_init__(self):
+        eps, q, blocks, clip, seed = self.eps, self.q, self.blocks, self.clip, self.seed
+        _check("eps", isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "a finite number > 0", eps)
+        _check("q", isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 2**16, "an int in [1, 65536]", q)
+        _check("estimator", self.estimator in ESTIMATORS, f"one of {ESTIMATORS}", self.estimator)
+        _check("distribution", self.distribution in K.philox.DISTRIBUTIONS, f"one of {K.philox.DISTRIBUTIONS}",
+               self.distribution)
+        _check("blocks", blocks in BLOCK_MODES or (isinstance(blocks, int) and not isinstance(blocks, bool)
+                                                   and blocks >= 1),
+               "None, 'tensor', 'module' or an int block size >= 1", blocks)
+        _check("clip", clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0", clip)
+        _check("seed", isinstance(seed, int) and 0 <= seed < 2**62, "an int in [0, 2**62)", seed)
+        _check("backend", self.backend in (None, *K.BACKENDS), f"None or one of {K.BACKENDS}", self.backend)
+        object.__setattr__(self, "eps", f32(eps))  # the kernels perturb by the float32 eps: divide by that one
+        object.__setattr__(self, "scale_by_block_size", bool(self.scale_by_block_size))
+
+
 class ZOOptimizer(FlatOptimizer):
     """Shared machinery: packing, directions, estimation, skipping and state.  Subclasses apply the update."""
 
     #: central differences also evaluate the unperturbed loss L0 (HiZOO: second differences)
     needs_base_loss = False
 
-    def __init__(self, params, defaults: dict, *, eps: float, q: int, estimator: str, distribution: str, blocks,
-                 clip: float | None, seed: int, backend: str | None, master_weights: bool | None,
-                 scale_by_block_size: bool = False):
-        _check("eps", isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "a finite number > 0", eps)
-        _check("q", isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 2**16, "an int in [1, 65536]", q)
-        _check("estimator", estimator in ESTIMATORS, f"one of {ESTIMATORS}", estimator)
-        _check("distribution", distribution in K.philox.DISTRIBUTIONS, f"one of {K.philox.DISTRIBUTIONS}",
-               distribution)
-        _check("blocks", blocks in BLOCK_MODES or (isinstance(blocks, int) and not isinstance(blocks, bool)
-                                                   and blocks >= 1),
-               "None, 'tensor', 'module' or an int block size >= 1", blocks)
-        _check("clip", clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0", clip)
-        _check("seed", isinstance(seed, int) and 0 <= seed < 2**62, "an int in [0, 2**62)", seed)
-        _check("backend", backend in (None, *K.BACKENDS), f"None or one of {K.BACKENDS}", backend)
+    def __init__(self, params, defaults: dict, settings: ZOSettings):
         for key in ("lr", "weight_decay", "l1", "momentum"):
             if key in defaults:
                 value = defaults[key]
@@ -99,10 +118,7 @@ class ZOOptimizer(FlatOptimizer):
         if defaults.get("momentum", 0) >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {defaults['momentum']}")
         super().__init__(params, defaults)
-        self.eps, self.q, self.estimator, self.distribution = f32(eps), q, estimator, distribution
-        self.blocks, self.clip, self.seed, self.backend = blocks, clip, seed, backend
-        self.master_weights = master_weights
-        self.scale_by_block_size = bool(scale_by_block_size)
+        self.settings = settings
         self.step_count = 0
         self.skipped_steps = 0
         self.forward_passes = 0
@@ -127,14 +143,14 @@ class ZOOptimizer(FlatOptimizer):
         ``requires_grad`` toggled between steps), every parameter's state carried over."""
         if self._segments is None or self._packed_for != self._trainable():
             names = self._param_names()
-            if self.blocks == "module" and any(n is None for n in names.values()):
+            if self.settings.blocks == "module" and any(n is None for n in names.values()):
                 raise ValueError("blocks='module' needs parameter names: pass model.named_parameters()")
             devices = {p.device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
                 raise ValueError(f"params are on several devices {sorted(map(str, devices))}; a zeroth-order "
                                  "step perturbs them with one direction, so move the model to one device")
-            self._flats, self._segments = build_segments(self.param_groups, self.master_weights)
-            ranges, self.num_blocks = block_ranges(self._segments, self.blocks, names)
+            self._flats, self._segments = build_segments(self.param_groups, self.settings.master_weights)
+            ranges, self.num_blocks = block_ranges(self._segments, self.settings.blocks, names)
             assign_blocks(self._segments, ranges)
             sizes = torch.zeros(self.num_blocks, dtype=torch.float64)
             for a, b, bid in ranges:
@@ -188,11 +204,11 @@ class ZOOptimizer(FlatOptimizer):
                 if seg.master is not None and to == 0.0:
                     x.copy_(seg.master[a:b])
                 elif seg.master is not None:
-                    K.perturb_(x, seed, to, self.backend, offset=seg.dir_offset + a,
-                               distribution=self.distribution, source=seg.master[a:b], precond=h)
+                    K.perturb_(x, seed, to, self.settings.backend, offset=seg.dir_offset + a,
+                               distribution=self.settings.distribution, source=seg.master[a:b], precond=h)
                 else:
-                    K.perturb_(x, seed, to - level, self.backend, offset=seg.dir_offset + a,
-                               distribution=self.distribution, precond=h)
+                    K.perturb_(x, seed, to - level, self.settings.backend, offset=seg.dir_offset + a,
+                               distribution=self.settings.distribution, precond=h)
 
     # -- estimation --------------------------------------------------------------------------------
     def _evaluate(self, closure) -> torch.Tensor:
@@ -209,9 +225,9 @@ class ZOOptimizer(FlatOptimizer):
         Losses are collected in the batched path's order ([L0], then per direction and block L+ [, L-]) and
         turned into scalars by :meth:`_scalars`, so both paths share the arithmetic and the reduction hook.
         """
-        q, nb, eps = self.q, self.num_blocks, self.eps
+        q, nb, eps = self.settings.q, self.num_blocks, self.settings.eps
         blocks = [None] if nb == 1 else list(range(nb))
-        central = self.estimator == "central"
+        central = self.settings.estimator == "central"
         with_base = not central or self.needs_base_loss
         losses, pending = [self._evaluate(closure)] if with_base else [], None
         for k in range(q):
@@ -240,16 +256,17 @@ class ZOOptimizer(FlatOptimizer):
         if self.loss_reduce is not None:
             losses = self.loss_reduce(losses)
         curvature = None
-        if self.estimator == "central":
+        if self.settings.estimator == "central":
             pairs = losses[int(with_base):].reshape(-1, 2)
-            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps), pairs.mean()
+            c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * self.settings.eps), pairs.mean()
             if with_base:
                 loss = losses[0]
-                curvature = ((pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * self.eps * self.eps)
-                             ).reshape(self.q, self.num_blocks)
+                eps = self.settings.eps
+                curvature = ((pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * eps * eps)
+                             ).reshape(self.settings.q, self.num_blocks)
         else:
-            c, loss = (losses[1:] - losses[0]) / self.eps, losses[0]
-        return Estimate(c.reshape(self.q, self.num_blocks), loss, losses, curvature)
+            c, loss = (losses[1:] - losses[0]) / self.settings.eps, losses[0]
+        return Estimate(c.reshape(self.settings.q, self.num_blocks), loss, losses, curvature)
 
     def _points(self, seed0: int):
         """Direction-space perturbations of every point a step evaluates, as one [P, total] fp32 tensor."""
@@ -257,7 +274,7 @@ class ZOOptimizer(FlatOptimizer):
         total = sum(s.numel for s in segs)
         device = segs[0].data.device
         ranges = [(seg.dir_offset + a, seg.dir_offset + b, bid) for seg in segs for a, b, bid in seg.pieces]
-        signs = (1.0, -1.0) if self.estimator == "central" else (1.0,)
+        signs = (1.0, -1.0) if self.settings.estimator == "central" else (1.0,)
         masks = torch.zeros(self.num_blocks, total, dtype=torch.bool, device=device)
         for a, e, bid in ranges:
             masks[bid, a:e] = True
@@ -265,14 +282,14 @@ class ZOOptimizer(FlatOptimizer):
         scale = (torch.cat([inv_sqrt_rn_torch(h) for h in hessians])
                  if all(h is not None for h in hessians) else None)
         rows = []
-        for k in range(self.q):
-            z = (K.philox_rademacher if self.distribution == "rademacher" else K.philox_normal)(
-                seed0 + k, total, device=device, backend=self.backend)
+        for k in range(self.settings.q):
+            z = (K.philox_rademacher if self.settings.distribution == "rademacher" else K.philox_normal)(
+                seed0 + k, total, device=device, backend=self.settings.backend)
             if scale is not None:
                 z = z * scale
             for mask in masks:
                 for sign in signs:
-                    rows.append(torch.where(mask, z * (sign * self.eps), 0.0))
+                    rows.append(torch.where(mask, z * (sign * self.settings.eps), 0.0))
         return torch.stack(rows)
 
     def _named_views(self, flat_rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -295,7 +312,7 @@ class ZOOptimizer(FlatOptimizer):
         """All perturbed points in one vmap call; the weights are never perturbed in place."""
         base = self._base_rows()[None]
         rows = base + self._points(seed0)
-        with_base = self.estimator == "forward" or self.needs_base_loss
+        with_base = self.settings.estimator == "forward" or self.needs_base_loss
         if with_base:
             rows = torch.cat([base, rows])
         with torch.no_grad():
@@ -307,7 +324,7 @@ class ZOOptimizer(FlatOptimizer):
     def _estimate_jvp(self, functional_closure, seed0: int) -> Estimate:
         """Exact directional derivatives along the same directions (torch.func.jvp)."""
         base = self._base_rows()
-        tangents = self._points(seed0) / self.eps  # one row per (k, block): z_k restricted to the block
+        tangents = self._points(seed0) / self.settings.eps  # one row per (k, block): z_k restricted to the block
 
         def loss_of(flat):
             return functional_closure({k: v[0] for k, v in self._named_views(flat[None]).items()})
@@ -321,7 +338,7 @@ class ZOOptimizer(FlatOptimizer):
         values = torch.cat([loss.detach().reshape(1).to(torch.float64), torch.stack(cs)])
         if self.loss_reduce is not None:  # [L0, derivatives]: averaged over ranks like the losses
             values = self.loss_reduce(values)
-        return Estimate(values[1:].reshape(self.q, self.num_blocks), values[0], values[:1])
+        return Estimate(values[1:].reshape(self.settings.q, self.num_blocks), values[0], values[:1])
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
@@ -332,12 +349,12 @@ class ZOOptimizer(FlatOptimizer):
         central differences, the unperturbed loss otherwise)."""
         if closure is None and functional_closure is None:
             raise ValueError("zeroth-order optimizers need closure() (or functional_closure) to evaluate the loss")
-        if self.estimator == "jvp" and functional_closure is None:
+        if self.settings.estimator == "jvp" and functional_closure is None:
             raise ValueError("estimator='jvp' needs functional_closure(params) for torch.func.jvp")
         self._pack()
-        seed0 = step_seed(self.seed, self.step_count)
+        seed0 = step_seed(self.settings.seed, self.step_count)
         self.step_count += 1
-        if self.estimator == "jvp":
+        if self.settings.estimator == "jvp":
             estimate = self._estimate_jvp(functional_closure, seed0)
         elif functional_closure is not None:
             estimate = self._estimate_batched(functional_closure, seed0)
@@ -354,11 +371,11 @@ class ZOOptimizer(FlatOptimizer):
                 self._warned_skip = True
             return estimate.loss
         c = self.last_estimate = estimate.c  # [q, blocks] scalars (before clipping), on the loss device
-        if self.clip is not None:
-            c = c.clamp(-self.clip, self.clip)
-        if self.scale_by_block_size:
+        if self.settings.clip is not None:
+            c = c.clamp(-self.settings.clip, self.settings.clip)
+        if self.settings.scale_by_block_size:
             c = c * self._block_scale.to(c.device)
-        self._update((c / self.q).to(torch.float32), seed0, estimate)
+        self._update((c / self.settings.q).to(torch.float32), seed0, estimate)
         return estimate.loss
 
     def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
@@ -377,10 +394,11 @@ class ZOOptimizer(FlatOptimizer):
         seed, the step counter and the settings, so a resumed run draws the same directions."""
         self._pack()
         state_dict = super().state_dict()
-        state_dict["subgrad"] = dict(kind=type(self).__name__, seed=self.seed, step=self.step_count,
-                                     skipped=self.skipped_steps, forward_passes=self.forward_passes, eps=self.eps,
-                                     q=self.q, estimator=self.estimator, distribution=self.distribution,
-                                     blocks=self.blocks)
+        settings = self.settings
+        state_dict["subgrad"] = dict(kind=type(self).__name__, seed=settings.seed, step=self.step_count,
+                                     skipped=self.skipped_steps, forward_passes=self.forward_passes, eps=settings.eps,
+                                     q=settings.q, estimator=settings.estimator, distribution=settings.distribution,
+                                     blocks=settings.blocks)
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -391,9 +409,9 @@ class ZOOptimizer(FlatOptimizer):
         if not isinstance(meta, dict) or meta.get("kind") != type(self).__name__:
             raise ValueError(f"not a {type(self).__name__} state_dict (missing or different 'subgrad' entry)")
         for key in ("eps", "q", "estimator", "distribution", "blocks"):
-            if meta[key] != getattr(self, key):
+            if meta[key] != getattr(self.settings, key):
                 raise ValueError(f"state_dict was saved with {key}={meta[key]!r} but this optimizer has "
-                                 f"{key}={getattr(self, key)!r}; construct it with the saved settings")
+                                 f"{key}={getattr(self.settings, key)!r}; construct it with the saved settings")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
                                                         for a, b in zip(groups, self.param_groups)):
@@ -410,7 +428,8 @@ class ZOOptimizer(FlatOptimizer):
                     seg.flat.view(buf, i).copy_(saved[key].reshape(self.state[p][key].shape))
         for group, saved in zip(self.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-        self.seed, self.step_count = meta["seed"], meta["step"]
+        self.settings = dataclasses.replace(self.settings, seed=meta["seed"])
+        self.step_count = meta["step"]
         self.skipped_steps, self.forward_passes = meta["skipped"], meta["forward_passes"]
 
 
@@ -446,9 +465,9 @@ class ZOSGD(ZOOptimizer):
                  distribution: str = "gaussian", blocks=None, momentum: float = 0.0, weight_decay: float = 0.0,
                  l1: float = 0.0, clip: float | None = None, seed: int = 0, backend: str | None = None,
                  master_weights: bool | None = None, scale_by_block_size: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1), eps=eps, q=q,
-                         estimator=estimator, distribution=distribution, blocks=blocks, clip=clip, seed=seed,
-                         backend=backend, master_weights=master_weights, scale_by_block_size=scale_by_block_size)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
+                         ZOSettings(eps, q, estimator, distribution, blocks, clip, seed, backend, master_weights,
+                                    scale_by_block_size))
 
     def _init_state(self) -> None:
         for seg in self._segments:  # no momentum, no buffer (made at the first step that has momentum)
@@ -462,12 +481,12 @@ class ZOSGD(ZOOptimizer):
             buf = seg.buffers.get("momentum_buffer")
             if group["momentum"] != 0 and buf is None:  # momentum switched on after the first step
                 buf = self._segment_buffer(seg, "momentum_buffer")
-            K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.q,
+            K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.settings.q,
                          weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
                          momentum_buffer=buf,
                          restore_scale=-pending.level if pending and seg.master is None else 0.0,
-                         block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.distribution,
-                         master=seg.master, backend=self.backend, **self._hessian_args(seg, estimate))
+                         block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.settings.distribution,
+                         master=seg.master, backend=self.settings.backend, **self._hessian_args(seg, estimate))
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
         """Extra zo_update_ arguments of a curvature-aware subclass (HiZOO)."""
@@ -494,9 +513,8 @@ class ZOAdam(ZOOptimizer):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         _check("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
-                         eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks, clip=clip,
-                         seed=seed, backend=backend, master_weights=master_weights,
-                         scale_by_block_size=scale_by_block_size)
+                         ZOSettings(eps, q, estimator, distribution, blocks, clip, seed, backend, master_weights,
+                                    scale_by_block_size))
 
     def _init_state(self) -> None:
         for seg in self._segments:
@@ -511,14 +529,14 @@ class ZOAdam(ZOOptimizer):
             group = self.param_groups[seg.group_index]
             if scratch is None or scratch.numel() < seg.numel:
                 scratch = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
-            g = K.zo_estimate_(scratch[:seg.numel], seed0, self._segment_c(seg, c), num_directions=self.q,
+            g = K.zo_estimate_(scratch[:seg.numel], seed0, self._segment_c(seg, c), num_directions=self.settings.q,
                                block_starts=seg.block_starts, offset=seg.dir_offset,
-                               distribution=self.distribution, backend=self.backend)
+                               distribution=self.settings.distribution, backend=self.settings.backend)
             weights = seg.master if seg.master is not None else seg.data
             beta1, beta2 = group["betas"]
             K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.step_count,
                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adam_eps"],
-                          weight_decay=group["weight_decay"], l1=group["l1"], backend=self.backend)
+                          weight_decay=group["weight_decay"], l1=group["l1"], backend=self.settings.backend)
             if seg.master is not None:
                 seg.data.copy_(seg.master)
 
@@ -551,9 +569,9 @@ class HiZOO(ZOSGD):
         _check("hessian_smoothing", isinstance(hessian_smoothing, (int, float)) and 0 <= hessian_smoothing <= 1,
                "a number in [0, 1]", hessian_smoothing)
         _check("hessian_min", isinstance(hessian_min, (int, float)) and hessian_min > 0, "a number > 0", hessian_min)
-        super().__init__(params, lr, eps=eps, q=q, estimator="central", distribution=distribution, blocks=blocks,
-                         momentum=momentum, weight_decay=weight_decay, l1=l1, clip=clip, seed=seed, backend=backend,
-                         master_weights=master_weights, scale_by_block_size=scale_by_block_size)
+        ZOOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
+                             ZOSettings(eps, q, "central", distribution, blocks, clip, seed, backend, master_weights,
+                                        scale_by_block_size))
         self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
 
     def _init_state(self) -> None:
@@ -562,5 +580,6 @@ class HiZOO(ZOSGD):
             self._flat_buffer(seg.flat, seg.buffers, "hessian", fill=1.0)  # h = 1: plain directions at first
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
-        return dict(hessian=seg.buffers["hessian"], curvature=self._segment_c(seg, estimate.curvature / self.q),
+        return dict(hessian=seg.buffers["hessian"],
+                    curvature=self._segment_c(seg, estimate.curvature / self.settings.q),
                     hessian_smoothing=self.hessian_smoothing, hessian_min=self.hessian_min)
