@@ -144,8 +144,8 @@ def zo_update_kernel(
     tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
-def zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
-                    block_starts, offset, rademacher, master, num_directions=1, hessian=None, curvature=None,
+def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buffer, restore_scale, block_starts,
+                    offset, rademacher, master, num_directions=1, hessian=None, curvature=None,
                     hessian_smoothing=0.0, hessian_min=0.0) -> None:
     """Torch twin of :func:`zo_update_kernel`, in cache-sized chunks like the other twins."""
     flat = x.view(-1)
@@ -313,9 +313,11 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
                 RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size, num_warps=t.num_warps,
                 enable_fp_fusion=False)
     else:
-        zo_update_torch(x, seed, c, lr, weight_decay, l1, momentum, momentum_buffer, restore_scale,
-                        block_starts, offset, rademacher, master, num_directions, hessian, curvature,
-                        hessian_smoothing, hessian_min)
+        zo_update_torch(x, seed, c, lr, weight_decay=weight_decay, l1=l1, momentum=momentum,
+                        momentum_buffer=momentum_buffer, restore_scale=restore_scale, block_starts=block_starts,
+                        offset=offset, rademacher=rademacher, master=master, num_directions=num_directions,
+                        hessian=hessian, curvature=curvature, hessian_smoothing=hessian_smoothing,
+                        hessian_min=hessian_min)
     return x
 
 

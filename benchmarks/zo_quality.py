@@ -1,0 +1,100 @@
+"""Forward-only training quality: LeNet test accuracy against forward passes and against seconds.
+
+    python benchmarks/zo_quality.py --data ../shared/data/cifar10-jpeg.tar.gz
+    python benchmarks/zo_quality.py --data ... --optimizers zo-adam sgd --points 8
+
+Every forward-only optimizer at its `subgrad train` defaults (zo-sgd, zo-adam, hizoo), with backprop SGD
+at its defaults as the reference, on the full CIFAR-10 archive.  Each run evaluates at ``--points``
+evenly spaced steps; the test accuracy there is plotted against the forward passes spent so far and
+against training seconds (evaluation time excluded).  A backprop step counts one forward pass (its
+backward is not counted: the seconds axis shows what it costs).  Writes
+results/zo-quality-<device>.json and .png (issue 14's yardstick).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import tempfile
+
+import torch
+
+from subgrad.config import ZO_OPTIMIZERS, TrainConfig
+from subgrad.data import load_cifar10
+from subgrad.train import train, versions
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def run_curve(optimizer: str, data: str, device: str, points: int, train_images: int) -> dict:
+    """One training run at the optimizer's defaults; its evaluations as a curve."""
+    cfg = TrainConfig(model="lenet", optimizer=optimizer, data=data, device=device, quiet=True).resolved()
+    total = cfg.steps if cfg.steps is not None else round(cfg.epochs * (train_images // cfg.batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(cfg, out=tmp, eval_every=max(1, total // points))
+        summary = train(cfg)
+        metrics = [json.loads(line) for line in (pathlib.Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    curve = [dict(step=m["step"], forward_passes=m["forward_passes"], train_seconds=m["train_seconds"],
+                  test_accuracy=m["test_accuracy"], train_loss=m["train_loss"]) for m in metrics]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "quiet")}
+    return dict(settings=settings, curve=curve, test_accuracy=summary["test_accuracy"],
+                train_seconds=summary["train_seconds"], forward_passes=summary["forward_passes"])
+
+
+def plot(runs: dict, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_passes, by_seconds) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, run in runs.items():
+        style = dict(marker="o", markersize=3, linestyle="--" if name not in ZO_OPTIMIZERS else "-",
+                     label=f"{name} ({run['test_accuracy']:.1%})" + ("" if name in ZO_OPTIMIZERS else ", backprop"))
+        by_passes.plot([p["forward_passes"] for p in run["curve"]], [p["test_accuracy"] for p in run["curve"]], **style)
+        by_seconds.plot([p["train_seconds"] for p in run["curve"]], [p["test_accuracy"] for p in run["curve"]], **style)
+    by_passes.set_xscale("log")
+    by_passes.set_xlabel("forward passes of one batch (log)")
+    by_seconds.set_xlabel("training seconds")
+    for ax in (by_passes, by_seconds):
+        ax.set_ylabel("test accuracy")
+        ax.axhline(0.1, color="grey", linewidth=0.8)  # chance
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="CIFAR-10 (any layout subgrad train accepts)")
+    parser.add_argument("--optimizers", nargs="+", default=[*ZO_OPTIMIZERS, "sgd"])
+    parser.add_argument("--points", type=int, default=12, help="evaluations per run")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    train_images = len(load_cifar10(args.data).train_labels)
+    runs = {}
+    for optimizer in args.optimizers:
+        runs[optimizer] = run = run_curve(optimizer, args.data, device, args.points, train_images)
+        print(f"{optimizer:<8} test accuracy {run['test_accuracy']:.4f}  {run['forward_passes']:>6} forward passes  "
+              f"{run['train_seconds']:.0f} s", flush=True)
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, " \
+                                                                     f"{torch.get_num_threads()} threads"
+    report = dict(date=datetime.date.today().isoformat(), device=device, machine=machine, versions=versions(),
+                  model="lenet", data=str(args.data), runs=runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"zo-quality-{device}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(runs, stem.with_suffix(".png"), f"LeNet on CIFAR-10, forward-only optimizers at their defaults ({machine})")
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
