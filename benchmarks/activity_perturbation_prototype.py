@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import time
 
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--seconds", type=float, default=200.0, help="training time budget")
+    parser.add_argument("--steps", type=int, help="stop after this many steps instead, lr on a cosine schedule")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eps", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -120,11 +122,17 @@ def main(argv=None) -> int:
         correct = sum((net.predict(x).argmax(1) == y).sum().item() for x, y in test.epoch(0))
         return correct / test.num_images
 
+    def more() -> bool:
+        return step < args.steps if args.steps else seconds < args.seconds
+
     curve, step, seconds = [], 0, 0.0
-    while seconds < args.seconds:
+    while more():
         tick = time.perf_counter()
-        until = min(args.seconds, seconds + args.eval_every)
-        while seconds + (time.perf_counter() - tick) < until:
+        until = seconds + args.eval_every if args.steps else min(args.seconds, seconds + args.eval_every)
+        while seconds + (time.perf_counter() - tick) < until and (not args.steps or step < args.steps):
+            if args.steps:
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
             local_step(net, *train.batch(*divmod(step, len(train))), args.eps)
             opt.step()
             step += 1
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
                           test_accuracy=test_accuracy()))
         print(curve[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "activity-prototype-cpu.json"
+    out = RESULTS / ("activity-prototype-cpu" + (f"-{args.steps}-steps" if args.steps else "") + ".json")
     out.write_text(json.dumps(dict(settings=vars(args), curve=curve), indent=1))
     print(f"wrote {out}")
     return 0
