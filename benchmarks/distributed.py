@@ -43,7 +43,7 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
         opt.loss_reduce = comm.loss_reduce if comm.active else None
     else:
         opt = optim.SGD(params, lr=0.01, momentum=0.9)
-        opt.grad_reduce = comm.grad_reduce if comm.active else None
+        opt.grad_reduce = comm.all_reduce_mean_ if comm.active else None
 
     def one_step():
         if optimizer == "zo-sgd":

@@ -3,7 +3,7 @@
 Every rank holds the whole uint8 dataset, draws the same global batch (same order and augmentation
 seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
 
-* first-order: one all-reduce of the flat gradient buffer (mean over ranks; ``SGD/AdamW.grad_reduce``),
+* first-order: one all-reduce of the flat gradient buffer (``all_reduce_mean_`` as ``SGD/AdamW.grad_reduce``),
   then the fused update;
 * zeroth-order: one all-reduce of the step's 2q (+1) float64 losses (:attr:`ZOOptimizer.loss_reduce`).
   Every rank regenerates every direction from the shared seed schedule and applies the same update,
@@ -72,11 +72,6 @@ class Communicator:
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
-
-    def grad_reduce(self, grad: torch.Tensor) -> torch.Tensor:
-        """The first-order hook (:attr:`subgrad.optim.SGD.grad_reduce`): a flat gradient buffer averaged
-        over ranks in place, one collective, after the optimizer copied the gradients into it."""
-        return self.all_reduce_mean_(grad)
 
     def sync_buffers_(self, model: torch.nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks.

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .config import (COMMON_DEFAULTS, DEFAULTS, FO_OPTIMIZERS, OPTIMIZERS, SCHEDULES,  # noqa: F401 (re-exported:
-                     ZO_OPTIMIZERS, TrainConfig, defaults_for)  # settings live in subgrad/config.py)
+from .config import (DEFAULTS, FO_OPTIMIZERS, OPTIMIZERS, SCHEDULES,  # noqa: F401 (names train.py had before
+                     ZO_OPTIMIZERS, TrainConfig)  # config.py: re-exported for existing imports)
 from .data import DeviceLoader, load_cifar10
 from .distributed import Communicator, from_environment, shutdown, weights_hash
 from .models import build_model
@@ -180,7 +180,7 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
     if comm.active and zo:
         optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
     elif comm.active:
-        optimizer.grad_reduce = comm.grad_reduce  # one all-reduce of each flat gradient buffer
+        optimizer.grad_reduce = comm.all_reduce_mean_  # one all-reduce of each flat gradient buffer
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
                   classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
     return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda", zo=zo,

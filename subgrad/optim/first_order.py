@@ -15,9 +15,8 @@ real view (``torch.view_as_real``), as torch.optim does; its state tensors are c
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
+from collections.abc import Callable
 
 import torch
 

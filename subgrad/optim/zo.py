@@ -425,7 +425,8 @@ class ZOOptimizer(FlatOptimizer):
                         continue
                     if key not in saved:
                         raise ValueError(f"state_dict lacks {key!r} for parameter {index[id(p)]}")
-                    seg.flat.view(buf, i).copy_(saved[key].reshape(self.state[p][key].shape))
+                    view = seg.flat.view(buf, i)
+                    view.copy_(saved[key].reshape(view.shape))
         for group, saved in zip(self.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         self.settings = dataclasses.replace(self.settings, seed=meta["seed"])
@@ -466,8 +467,9 @@ class ZOSGD(ZOOptimizer):
                  l1: float = 0.0, clip: float | None = None, seed: int = 0, backend: str | None = None,
                  master_weights: bool | None = None, scale_by_block_size: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
-                         ZOSettings(eps, q, estimator, distribution, blocks, clip, seed, backend, master_weights,
-                                    scale_by_block_size))
+                         ZOSettings(eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks,
+                                    clip=clip, seed=seed, backend=backend, master_weights=master_weights,
+                                    scale_by_block_size=scale_by_block_size))
 
     def _init_state(self) -> None:
         for seg in self._segments:  # no momentum, no buffer (made at the first step that has momentum)
@@ -513,8 +515,9 @@ class ZOAdam(ZOOptimizer):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         _check("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
-                         ZOSettings(eps, q, estimator, distribution, blocks, clip, seed, backend, master_weights,
-                                    scale_by_block_size))
+                         ZOSettings(eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks,
+                                    clip=clip, seed=seed, backend=backend, master_weights=master_weights,
+                                    scale_by_block_size=scale_by_block_size))
 
     def _init_state(self) -> None:
         for seg in self._segments:
@@ -570,8 +573,9 @@ class HiZOO(ZOSGD):
                "a number in [0, 1]", hessian_smoothing)
         _check("hessian_min", isinstance(hessian_min, (int, float)) and hessian_min > 0, "a number > 0", hessian_min)
         ZOOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
-                             ZOSettings(eps, q, "central", distribution, blocks, clip, seed, backend, master_weights,
-                                        scale_by_block_size))
+                             ZOSettings(eps=eps, q=q, estimator="central", distribution=distribution, blocks=blocks,
+                                        clip=clip, seed=seed, backend=backend, master_weights=master_weights,
+                                        scale_by_block_size=scale_by_block_size))
         self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
 
     def _init_state(self) -> None:
