@@ -3,8 +3,11 @@
     python benchmarks/zo_quality.py --data ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/zo_quality.py --data ... --optimizers zo-adam sgd --points 8
 
-Every forward-only optimizer at its `subgrad train` defaults (zo-sgd, zo-adam, hizoo), with backprop SGD
-at its defaults as the reference, on the full CIFAR-10 archive.  Each run evaluates at ``--points``
+Every forward-only optimizer at its `subgrad train` defaults (zo, zo-sgd, zo-adam, hizoo), with backprop
+SGD at its defaults as the reference, on the full CIFAR-10 archive.  With ``--optimizers`` only those are
+run, and the other runs of an existing JSON at ``--out`` are kept (each run records its own date), so
+a method can be added to the same figure; compare seconds only between runs of one invocation (the
+machines are noisy).  Each run evaluates at ``--points``
 evenly spaced steps; the test accuracy there is plotted against the forward passes spent so far and
 against training seconds (evaluation time excluded).  A backprop step counts one forward pass (its
 backward is not counted: the seconds axis shows what it costs).  Writes
@@ -40,7 +43,8 @@ def run_curve(optimizer: str, data: str, device: str, points: int, train_images:
     curve = [dict(step=m["step"], forward_passes=m["forward_passes"], train_seconds=m["train_seconds"],
                   test_accuracy=m["test_accuracy"], train_loss=m["train_loss"]) for m in metrics]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "quiet")}
-    return dict(settings=settings, curve=curve, test_accuracy=summary["test_accuracy"],
+    return dict(date=datetime.date.today().isoformat(), settings=settings, curve=curve,
+                test_accuracy=summary["test_accuracy"],
                 train_seconds=summary["train_seconds"], forward_passes=summary["forward_passes"])
 
 
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     train_images = len(load_cifar10(args.data).train_labels)
-    runs = {}
+    stem = args.out / f"zo-quality-{device}"
+    runs = json.loads(stem.with_suffix(".json").read_text())["runs"] if stem.with_suffix(".json").exists() else {}
     for optimizer in args.optimizers:
         runs[optimizer] = run = run_curve(optimizer, args.data, device, args.points, train_images)
         print(f"{optimizer:<8} test accuracy {run['test_accuracy']:.4f}  {run['forward_passes']:>6} forward passes  "
@@ -89,7 +94,6 @@ def main(argv=None) -> int:
     report = dict(date=datetime.date.today().isoformat(), device=device, machine=machine, versions=versions(),
                   model="lenet", data=str(args.data), runs=runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"zo-quality-{device}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(runs, stem.with_suffix(".png"), f"LeNet on CIFAR-10, forward-only optimizers at their defaults ({machine})")
     print(f"wrote {stem}.json and {stem}.png")

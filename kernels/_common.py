@@ -118,10 +118,10 @@ def sqrt_rn_torch(x: torch.Tensor) -> torch.Tensor:
 TWIN_CHUNK = 1 << 16
 
 
-def chunks(n: int):
-    """``(start, stop)`` slices of ``range(n)`` of at most :data:`TWIN_CHUNK` elements."""
-    for start in range(0, n, TWIN_CHUNK):
-        yield start, min(n, start + TWIN_CHUNK)
+def chunks(n: int, size: int = TWIN_CHUNK):
+    """``(start, stop)`` slices of ``range(n)`` of at most ``size`` elements."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
 
 
 def grid(n: int) -> tuple[int]:

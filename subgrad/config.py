@@ -12,15 +12,22 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MODEL_NAMES = ("lenet", "resnet20")  # subgrad.models.MODELS, named here so the CLI needs no torch import
-ZO_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")
+ESTIMATOR_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")  # shared-direction estimates from a loss closure
+ZO_OPTIMIZERS = ("zo",) + ESTIMATOR_OPTIMIZERS  # forward-only; "zo" is the recommended method (ActivityZO)
 FO_OPTIMIZERS = ("sgd", "adamw")
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
+#: Settings an optimizer has no use for: giving one is an error, not silently ignored.
+UNUSED_SETTINGS = {"zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size")}
 SCHEDULES = ("cosine", "onecycle", "constant")
 BLOCK_MODES = ("none", "tensor", "module")  # or a block size in elements
 
 #: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
 #: when a flag is not given; README.md states the accuracy each reaches and how long it took.
 DEFAULTS = {
+    # activity perturbation with local losses (subgrad.optim.ActivityZO); settings chosen on a 5,000-image
+    # validation split of the training set (--validation 5000), see README
+    ("lenet", "zo"): dict(batch_size=128, lr=2e-3, eps=1e-2, q=1, steps=7000, schedule="cosine", augment=False),
+    ("resnet20", "zo"): dict(batch_size=128, lr=2e-3, eps=1e-2, q=1, steps=5000, schedule="cosine", augment=False),
     ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
@@ -72,7 +79,7 @@ def _setting(help: str, *, group: str | None = None, exclusive: str | None = Non
     return dict(help=help, group=group, exclusive=exclusive, argparse=argparse_kwargs)
 
 
-ZO_GROUP = "zeroth-order (zo-sgd, zo-adam, hizoo)"
+ZO_GROUP = "zeroth-order (eps, q: every forward-only optimizer; the others: zo-sgd, zo-adam, hizoo)"
 
 
 @dataclass
@@ -99,7 +106,8 @@ class TrainConfig:
     momentum: float | None = field(default=None, metadata=_setting("momentum (sgd, zo-sgd, hizoo)", type=float))
     weight_decay: float | None = field(default=None, metadata=_setting("L2 / decoupled weight decay", type=float))
     eps: float | None = field(default=None, metadata=_setting("perturbation size", group=ZO_GROUP, type=float))
-    q: int | None = field(default=None, metadata=_setting("directions per step", group=ZO_GROUP, type=int))
+    q: int | None = field(default=None, metadata=_setting("directions per step (zo: per perturbed layer)",
+                                                                      group=ZO_GROUP, type=int))
     estimator: str | None = field(default=None, metadata=_setting(
         "finite differences: central (2 forwards per direction) or forward (1, plus a shared base loss)",
         group=ZO_GROUP, choices=("central", "forward")))
@@ -114,6 +122,9 @@ class TrainConfig:
         "scale each block's step by (d + 2) / (d_block + 2)", group=ZO_GROUP, action=argparse.BooleanOptionalAction))
     augment: bool | None = field(default=None, metadata=_setting("random crop + flip",
                                                                  action=argparse.BooleanOptionalAction))
+    validation: int = field(default=0, metadata=_setting(
+        "hold out this many training images for validation (the same seeded subset for every --seed): "
+        "metrics gain val_loss and val_accuracy; choose settings on them, not on the test set", type=int))
     amp: bool = field(default=False, metadata=_setting("bfloat16 autocast on CUDA", action="store_true"))
     eval_every: int | None = field(default=None, metadata=_setting(
         "steps between evaluations (default: once per epoch first-order, 10 per run zeroth-order)", type=int))
@@ -128,6 +139,12 @@ class TrainConfig:
             raise ValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in UNUSED_SETTINGS.get(self.optimizer, ()):
+            if getattr(self, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to --optimizer {self.optimizer}; "
+                                 "leave it out")
+        if self.optimizer == "zo" and self.amp:
+            raise ValueError("--amp is not supported with --optimizer zo (its step runs in float32); leave it out")
         cfg = dataclasses.replace(self)
         for key, value in defaults_for(self.model, self.optimizer).items():
             if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
@@ -137,15 +154,17 @@ class TrainConfig:
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
         for name in ("batch_size", "q"):
-            if int(getattr(cfg, name)) < 1:
+            if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
         if cfg.lr is None or not cfg.lr > 0:
             raise ValueError(f"--lr must be > 0, got {cfg.lr}")
         if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
             raise ValueError("--steps must be >= 1 and --epochs > 0")
-        if cfg.clip != "off" and not (isinstance(cfg.clip, (int, float)) and cfg.clip > 0):
+        if cfg.clip not in ("off", None) and not (isinstance(cfg.clip, (int, float)) and cfg.clip > 0):
             raise ValueError(f"--clip must be a positive number or 'off', got {cfg.clip!r}")
-        if not (cfg.blocks in BLOCK_MODES or isinstance(cfg.blocks, int) and cfg.blocks >= 1):
+        if not (isinstance(cfg.validation, int) and 0 <= cfg.validation < 50000):
+            raise ValueError(f"--validation must be a number of training images in [0, 50000), got {cfg.validation!r}")
+        if not (cfg.blocks is None or cfg.blocks in BLOCK_MODES or isinstance(cfg.blocks, int) and cfg.blocks >= 1):
             raise ValueError(f"--blocks must be one of {BLOCK_MODES} or a block size >= 1, got {cfg.blocks!r}")
         return cfg
 
@@ -157,8 +176,10 @@ class TrainConfig:
 
 
 def defaults_for(model: str, optimizer: str) -> dict:
-    """Every default setting of the pair: its DEFAULTS row over COMMON_DEFAULTS."""
-    return {**COMMON_DEFAULTS, **DEFAULTS[(model, optimizer)]}
+    """Every default setting of the pair: its DEFAULTS row over COMMON_DEFAULTS (less the settings the
+    optimizer has no use for, which stay None)."""
+    unused = UNUSED_SETTINGS.get(optimizer, ())
+    return {k: v for k, v in {**COMMON_DEFAULTS, **DEFAULTS[(model, optimizer)]}.items() if k not in unused}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, model: str = "lenet", optimizer: str = "sgd",

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +57,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     from . import optim
 
     named = list(model.named_parameters())
+    if cfg.optimizer == "zo":
+        return optim.ActivityZO(model, lr=cfg.lr, eps=cfg.eps, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed)
     if cfg.optimizer == "sgd":
         return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -131,7 +134,9 @@ class Session:
     comm: Communicator
     device: torch.device
     amp: bool  # bfloat16 autocast (CUDA only)
-    zo: bool  # zeroth-order optimizer: the step runs the closure itself
+    zo: bool  # forward-only optimizer (evaluated 10 times per run by default; counts forward passes)
+    step_kind: str  # "backprop", "closure" (zo-sgd, zo-adam, hizoo: the step runs a loss closure) or
+    # "blocks" (zo: the optimizer runs the model block by block on the batch)
     writes: bool  # this rank writes the run folder (rank 0)
     quiet: bool
     steps_per_epoch: int
@@ -141,6 +146,7 @@ class Session:
     train_loader: DeviceLoader
     test_loader: DeviceLoader  # this rank's share of the test set
     train_eval: DeviceLoader  # this rank's share of every 5th training image (train accuracy)
+    val_loader: DeviceLoader | None  # this rank's share of the held-out training images (--validation)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     base_lrs: list  # each param group's lr before the schedule (and before a resume loads scheduled ones)
@@ -160,35 +166,58 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                          f"({comm.world_size}): every rank trains on an equal shard of each batch")
     data = load_cifar10(cfg.data)
-    mean, std = data.channel_stats()
-    steps_per_epoch = len(data.train_labels) // cfg.batch_size
+    mean, std = data.channel_stats()  # of the whole training set, held-out images included
+    train_images, train_labels, val_images, val_labels = validation_split(data.train_images, data.train_labels,
+                                                                          cfg.validation)
+    steps_per_epoch = len(train_labels) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     zo = cfg.optimizer in ZO_OPTIMIZERS
+    step_kind = "blocks" if cfg.optimizer == "zo" else "closure" if zo else "backprop"
     eval_every = cfg.eval_every or (max(1, total // 10) if zo else steps_per_epoch)
-    train_loader = DeviceLoader(data.train_images, data.train_labels, mean, std, cfg.batch_size, device,
+    train_loader = DeviceLoader(train_images, train_labels, mean, std, cfg.batch_size, device,
                                 augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
                                 augment_seed=cfg.seed + 1)
     # evaluation: each rank its strided share; every 5th training image (10,000 of all classes; the archive
     # is sorted by class) for train accuracy
     r, w = comm.rank, comm.world_size
     test_loader = DeviceLoader(data.test_images[r::w], data.test_labels[r::w], mean, std, 1000, device)
-    train_eval = DeviceLoader(data.train_images[::5][r::w], data.train_labels[::5][r::w], mean, std, 1000, device)
+    train_eval = DeviceLoader(train_images[::5][r::w], train_labels[::5][r::w], mean, std, 1000, device)
+    val_loader = (DeviceLoader(val_images[r::w], val_labels[r::w], mean, std, 1000, device)
+                  if cfg.validation else None)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
-    if comm.active and zo:
+    if comm.active and step_kind == "closure":
         optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
     elif comm.active:
         optimizer.grad_reduce = comm.all_reduce_mean_  # one all-reduce of each flat gradient buffer
+    if step_kind == "blocks":
+        optimizer.shard = (comm.rank, comm.world_size)  # each rank's directions: its place in the global batch
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
                   classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
     return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda", zo=zo,
-                   writes=comm.is_main, quiet=cfg.quiet or not comm.is_main, steps_per_epoch=steps_per_epoch,
-                   total=total, eval_every=eval_every, checkpoint_every=cfg.checkpoint_every or eval_every,
-                   train_loader=train_loader, test_loader=test_loader, train_eval=train_eval, model=model,
+                   step_kind=step_kind, writes=comm.is_main, quiet=cfg.quiet or not comm.is_main,
+                   steps_per_epoch=steps_per_epoch, total=total, eval_every=eval_every,
+                   checkpoint_every=cfg.checkpoint_every or eval_every, train_loader=train_loader,
+                   test_loader=test_loader, train_eval=train_eval, val_loader=val_loader, model=model,
                    optimizer=optimizer, base_lrs=[g["lr"] for g in optimizer.param_groups], record=record,
                    data_source=str(data.source))
+
+
+#: The held-out subset is drawn from this seed, not from --seed, so runs with different seeds are
+#: compared on the same validation images.
+VALIDATION_SEED = 20260101
+
+
+def validation_split(images, labels, count: int):
+    """(train images, train labels, validation images, validation labels): ``count`` training images
+    drawn at random (seeded by VALIDATION_SEED) held out; both parts keep the archive's order."""
+    if not count:
+        return images, labels, images[:0], labels[:0]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VALIDATION_SEED)).numpy()
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    return images[kept], labels[kept], images[held], labels[held]
 
 
 def resume_config(run: str | pathlib.Path, steps: int | None = None, epochs: float | None = None,
@@ -247,12 +276,14 @@ def save_checkpoint(s: Session, step: int, train_seconds: float) -> pathlib.Path
 # -- one step, one evaluation -----------------------------------------------------------------------
 def train_step(s: Session, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> torch.Tensor:
     """One optimizer step on this rank's shard of the global batch ``(x, y)``; returns the loss
-    (averaged over ranks for zeroth-order steps, this rank's for first-order ones)."""
+    (averaged over ranks for closure steps, this rank's for the others)."""
     x, y = s.comm.shard(x), s.comm.shard(y)
     for group, base in zip(s.optimizer.param_groups, s.base_lrs):
         group["lr"] = base * lr_scale
     s.model.train()
-    if s.zo:
+    if s.step_kind == "blocks":
+        return s.optimizer.step(x, y)
+    if s.step_kind == "closure":
         def closure():
             with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
                 return F.cross_entropy(s.model(x).float(), y)
@@ -271,7 +302,7 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
     test_loss, test_acc = evaluate(s.model, s.test_loader, s.amp, s.comm)
     _, train_acc = evaluate(s.model, s.train_eval, s.amp, s.comm)
     mean_loss = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=s.device)])
-    if not s.zo:  # zeroth-order losses are already averaged over ranks inside the step
+    if s.step_kind != "closure":  # a closure step's losses are already averaged over ranks inside the step
         s.comm.all_reduce_mean_(mean_loss)
     fwd = s.optimizer.forward_passes if s.zo else step
     row = dict(step=step, epoch=round(step / s.steps_per_epoch, 3),
@@ -279,6 +310,8 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
                test_accuracy=test_acc, train_accuracy=train_acc, lr=s.optimizer.param_groups[0]["lr"],
                train_seconds=round(train_seconds, 2),
                images_per_second=step * s.cfg.batch_size / max(train_seconds, 1e-9), forward_passes=fwd)
+    if s.val_loader is not None:
+        row["val_loss"], row["val_accuracy"] = evaluate(s.model, s.val_loader, s.amp, s.comm)
     if s.writes:
         with open(s.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -286,7 +319,8 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
         from tqdm import tqdm
         tqdm.write(f"step {step:>7}  epoch {row['epoch']:>6.2f}  loss {row['train_loss']:.4f}  "
                    f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
-                   f"{row['images_per_second']:.0f} img/s"
+                   + (f"val acc {row['val_accuracy']:.4f}  " if "val_accuracy" in row else "")
+                   + f"{row['images_per_second']:.0f} img/s"
                    + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if s.zo else "")
                    + f"  {train_seconds:.0f} s", file=sys.stderr)
     return row
@@ -427,6 +461,9 @@ def finish(s: Session, step: int, start: int, train_seconds: float, metrics: lis
                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                    or platform.machine(), versions=versions(), data=s.data_source, world_size=s.comm.world_size,
                    bytes_communicated_per_step=step_bytes / max(1, step - start), weights_sha256=hashes[0])
+    if "val_accuracy" in last_eval:
+        summary.update(val_accuracy=last_eval["val_accuracy"], val_loss=last_eval["val_loss"],
+                       validation_images=cfg.validation)
     if s.writes:
         atomic_save(checkpoint(s, step, train_seconds), s.out / "model.pt")
         atomic_write_text(s.out / "summary.json", json.dumps(summary, indent=1))

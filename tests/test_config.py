@@ -3,11 +3,12 @@ import argparse
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from subgrad import cli
-from subgrad.config import (COMMON_DEFAULTS, DEFAULTS, MODEL_NAMES, OPTIMIZERS, TrainConfig, config_from_args,
-                            defaults_for)
+from subgrad.config import (COMMON_DEFAULTS, DEFAULTS, MODEL_NAMES, OPTIMIZERS, UNUSED_SETTINGS, TrainConfig,
+                            config_from_args, defaults_for)
 from subgrad.models import MODELS
 
 LAUNCHER_FLAGS = {"resume", "nproc", "max_restarts"}  # train flags that are not training settings
@@ -39,12 +40,15 @@ def test_one_default_per_setting_for_every_pair():
     for pair, row in DEFAULTS.items():
         assert set(row) <= FIELDS, f"{pair}: not settings: {set(row) - FIELDS}"
         resolved = TrainConfig(model=pair[0], optimizer=pair[1]).resolved()
-        missing = [f for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every"}
+        unused = set(UNUSED_SETTINGS.get(pair[1], ()))
+        missing = [f for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every"} - unused
                    if getattr(resolved, f) is None]
         assert not missing, f"{pair}: no default for {missing}"
+        assert all(getattr(resolved, f) is None for f in unused), f"{pair}: an unused setting got a value"
         assert (resolved.epochs is None) != (resolved.steps is None), f"{pair}: one training length"
         for key, value in {**COMMON_DEFAULTS, **row}.items():
-            assert getattr(resolved, key) == value, f"{pair}.{key}: {getattr(resolved, key)} != {value}"
+            if key not in unused:
+                assert getattr(resolved, key) == value, f"{pair}.{key}: {getattr(resolved, key)} != {value}"
 
 
 def test_explicit_values_win_over_the_table():
@@ -110,3 +114,28 @@ def test_make_optimizer_maps_off_and_none():
 def test_defaults_for_is_the_table():
     assert defaults_for("lenet", "zo-sgd")["clip"] == DEFAULTS[("lenet", "zo-sgd")]["clip"]
     assert defaults_for("lenet", "sgd")["clip"] == COMMON_DEFAULTS["clip"] == "off"
+
+
+@pytest.mark.parametrize("settings, flag", [(dict(estimator="forward"), "--estimator"), (dict(momentum=0.9), "--momentum"),
+                                            (dict(distribution="gaussian"), "--distribution"),
+                                            (dict(blocks="module"), "--blocks"), (dict(clip=0.1), "--clip"),
+                                            (dict(amp=True), "--amp"), (dict(validation=-1), "--validation")])
+def test_zo_refuses_settings_it_has_no_use_for(settings, flag):
+    """`--optimizer zo` never accepts and ignores: a setting of the shared-direction estimators is an error."""
+    with pytest.raises(ValueError, match=flag):
+        TrainConfig(optimizer="zo", **settings).resolved()
+
+
+def test_zo_defaults_and_validation_split():
+    from subgrad.train import VALIDATION_SEED, validation_split
+
+    cfg = TrainConfig(model="lenet", optimizer="zo").resolved()
+    assert (cfg.estimator, cfg.clip, cfg.momentum, cfg.distribution) == (None, None, None, None)
+    assert cfg.eps == DEFAULTS[("lenet", "zo")]["eps"] and cfg.validation == 0
+    images, labels = np.arange(100 * 2).reshape(100, 2), np.arange(100)
+    train_x, train_y, val_x, val_y = validation_split(images, labels, 30)
+    assert len(val_y) == 30 and len(train_y) == 70 and not set(val_y) & set(train_y)
+    assert (train_x[:, 1] // 2 == train_y).all() and (val_x[:, 1] // 2 == val_y).all()  # images follow labels
+    assert list(val_y) == sorted(val_y)  # archive order kept
+    assert VALIDATION_SEED and validation_split(images, labels, 30)[3].tolist() == val_y.tolist()  # fixed split
+    assert len(validation_split(images, labels, 0)[2]) == 0

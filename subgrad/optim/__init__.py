@@ -6,6 +6,8 @@ class          what                                        file
 ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo.py
 ZOAdam         Adam moments on the ZO estimate              subgrad/optim/zo.py
 HiZOO          ZO-SGD preconditioned by diagonal curvature  subgrad/optim/zo.py
+ActivityZO     per-example activity perturbation, local     subgrad/optim/activity.py
+               losses (``--optimizer zo``)
 SGD, AdamW     torch.optim semantics, fused kernels         subgrad/optim/first_order.py
 =============  ==========================================  =========================
 
@@ -13,7 +15,8 @@ Both families share one base, ``FlatOptimizer`` (subgrad/optim/_layout.py): para
 buffers, state as views into flat state buffers, repacked with state carried when parameters change.
 A zeroth-order optimizer's estimation settings are one frozen ``ZOSettings`` (``optimizer.settings``).
 """
+from .activity import ActivityZO
 from .first_order import SGD, AdamW
 from .zo import HiZOO, ZOSGD, ZOAdam, ZOOptimizer, ZOSettings, step_seed
 
-__all__ = ["ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "ZOSettings", "SGD", "AdamW", "step_seed"]
+__all__ = ["ActivityZO", "ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "ZOSettings", "SGD", "AdamW", "step_seed"]

@@ -1,0 +1,204 @@
+"""ActivityZO: forward-only training by per-example activity perturbation with local losses.
+
+``subgrad train --optimizer zo``.  After Ren, Kornblith, Liao and Hinton (2022), "Scaling forward
+gradient with local losses".  The model is cut into blocks (:mod:`subgrad.local`), each trained on its
+own loss: cross-entropy of a training-only linear head on the block's output (the last block: the model's
+own output).  At step ``t``, with autograd off, for each block in order (its input is the previous
+block's output, so no signal crosses blocks)::
+
+    clean pass     x_j, z_j = input and output of site j (a conv/linear layer), L_i = local loss of example i
+    for site j:    u_j = r_j * active_j             r_j: one Rademacher sign per unit of every example, from
+                                                    Philox seed s_t + j (units a ReLU switches off: 0)
+                   d_i = (L_i(tail_j(z_j + eps u_j)) - L_i) / eps      one perturbed pass of the block's tail
+                   g_j = d[:, None] * u_j / n       estimates d(mean L)/dz_j, one scalar per example
+                   grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
+    for the head:  the same with a perturbation of its logits
+    then one fused AdamW step (subgrad.optim.AdamW: a Triton kernel, one launch per flat buffer; the
+    bit-identical torch twin on CPU) over the model's layers and the heads.
+
+Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
+activities rather than weights divides it further by the layer's fan-in; the local losses keep each
+estimate to one block.  A step is one clean forward pass and one perturbed pass of every block's tail
+(counted as 2 forward passes, as issue 14 counts them; a ResNet-20 basic block reruns 1.5 blocks).
+
+Memory beyond inference: a block's activations (its sites' inputs and outputs, one direction tensor and
+one perturbed tail at a time) for one batch, the heads (LeNet: 6,870 parameters; ResNet-20: 53,390),
+a gradient buffer and Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
+
+Data parallel: each rank estimates on its shard with its own directions (Philox offset by its position in
+the global batch) and the flat gradient buffer is averaged over ranks (``grad_reduce``, as for
+first-order SGD).  That is one model-size all-reduce per step, not scalars only: the weight gradient
+``g^T x`` needs every example's block input, which only the rank that ran the example holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels as K
+from ..local import local_blocks, make_heads, untrained_parameters
+from .first_order import AdamW
+from .zo import step_seed
+
+
+@dataclass(frozen=True)
+class ActivitySettings:
+    """What shapes the estimate (fixed for a run; saved with the state and checked on load)."""
+    eps: float = 1e-2
+    q: int = 1
+    head_pool: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.q, int) and self.q >= 1):
+            raise ValueError(f"q must be an int >= 1, got {self.q!r}")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        if not (isinstance(self.head_pool, int) and self.head_pool >= 1):
+            raise ValueError(f"head_pool must be an int >= 1, got {self.head_pool!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**62):
+            raise ValueError(f"seed must be an int in [0, 2**62), got {self.seed!r}")
+
+
+def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    """Set ``layer``'s gradients from the estimated gradient ``g`` of its output and its input ``x``:
+    the layer's own weight-gradient product (a forward-type product, no autograd graph)."""
+    if isinstance(layer, nn.Conv2d):
+        layer.weight.grad = torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, layer.stride, layer.padding,
+                                                        layer.dilation, layer.groups)
+        if layer.bias is not None:
+            layer.bias.grad = g.sum((0, 2, 3))
+    else:
+        layer.weight.grad = g.T @ x
+        if layer.bias is not None:
+            layer.bias.grad = g.sum(0)
+
+
+class ActivityZO:
+    """Forward-only training of a LeNet or ResNet-20 by per-example activity perturbation with local
+    losses (see the module docstring for the estimate).
+
+    Unlike a ``torch.optim`` optimizer it runs the model itself, block by block:
+    ``loss = opt.step(inputs, targets)`` returns the mean loss of the model's output on the batch.
+
+    Args:
+        model: a :class:`subgrad.models.LeNet` or :class:`~subgrad.models.ResNet20` (in train mode when
+            stepping; BatchNorm scale and shift are not trained by this method).
+        lr, betas, weight_decay: of the AdamW update (decoupled weight decay).
+        eps: activity perturbation size (finite-difference step on each unit's output).
+        head_pool: the heads of convolutional blocks see the output average-pooled to head_pool x head_pool.
+        seed: names the run's sequence of directions.
+        backend: kernel backend of the update (None: Triton on CUDA, the twin elsewhere).
+        example: a batch of inputs (only its shape and device matter) to size the heads; default: one
+            CIFAR-sized image on the model's device.
+    """
+
+    #: forward passes per step, counted as issue 14 counts them (a perturbed pass is one forward pass)
+    passes_per_step = 2
+
+    def __init__(self, model: nn.Module, lr: float = 2e-3, eps: float = 1e-2, q: int = 1,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, head_pool: int = 4,
+                 seed: int = 0, backend: str | None = None, example: torch.Tensor | None = None):
+        self.settings = ActivitySettings(eps=eps, q=q, head_pool=head_pool, seed=seed)
+        self.model = model
+        self.blocks = local_blocks(model, head_pool)
+        device = next(model.parameters()).device
+        if example is None:
+            example = torch.zeros(1, 3, 32, 32, device=device)
+        self.heads = make_heads(self.blocks, example)  # training only: saved with the optimizer, never exported
+        self.untrained = untrained_parameters(model, self.blocks)
+        trained = [p for b in self.blocks for m in b.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                   for p in m.parameters(recurse=False)]
+        self.adamw = AdamW(trained + list(self.heads.parameters()), lr=lr, betas=betas, weight_decay=weight_decay,
+                           backend=backend)
+        self.step_count = 0
+        #: (rank, world size) of data-parallel training: each rank's directions start at its shard's place
+        #: in the global batch (set by training; one process: (0, 1))
+        self.shard = (0, 1)
+
+    # torch.optim-like surface used by training: lr schedules and data-parallel averaging
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups
+
+    @property
+    def grad_reduce(self):
+        return self.adamw.grad_reduce
+
+    @grad_reduce.setter
+    def grad_reduce(self, fn) -> None:
+        self.adamw.grad_reduce = fn
+
+    @property
+    def forward_passes(self) -> int:
+        return self.passes_per_step * self.step_count
+
+    def _directions(self, seed: int, like: torch.Tensor) -> torch.Tensor:
+        """Rademacher signs shaped like ``like`` (this rank's shard of the global batch), from ``seed``."""
+        rank, _ = self.shard
+        return K.philox_rademacher(seed, like.numel(), offset=rank * like.numel(), device=like.device,
+                                   backend=self.adamw.backend).view_as(like)
+
+    def _difference(self, logits: torch.Tensor, y: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """Per-example forward difference of the local loss."""
+        return (F.cross_entropy(logits, y, reduction="none") - clean) / self.settings.eps
+
+    @torch.no_grad()
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One step on the batch ``(inputs, targets)``; returns the mean loss of the model's output."""
+        eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
+        seed, site = step_seed(self.settings.seed, self.step_count), 0
+        h, heads = inputs, iter(self.heads)
+        for block in self.blocks:
+            clean = block.run(h)
+            features = block.head_features(clean.out)
+            head = next(heads) if features is not None else None
+            logits = head(features) if head is not None else clean.out
+            loss = F.cross_entropy(logits, targets, reduction="none")  # per example
+            for j, rec in enumerate(clean.sites):
+                g = None
+                for _ in range(q):
+                    u = self._directions(seed + site, rec.z)
+                    site += 1
+                    if rec.active is not None:  # a unit the ReLU switched off cannot move the loss: no noise there
+                        u = u * rec.active
+                    out = clean.tail(j, rec.z + eps * u)
+                    perturbed = head(block.head_features(out)) if head is not None else out
+                    d = self._difference(perturbed, targets, loss)
+                    term = d.view(-1, *[1] * (u.dim() - 1)) * u
+                    g = term if g is None else g + term
+                _weight_grad(rec.layer, rec.x, g / (q * n))
+            if head is not None:  # the head, from a perturbation of its logits
+                v = self._directions(seed + site, logits)
+                site += 1
+                d = self._difference(logits + eps * v, targets, loss)
+                _weight_grad(head, features, d[:, None] * v / n)
+            h = clean.out
+        self.adamw.step()  # one fused kernel per flat buffer (model layers and heads), grad_reduce first
+        self.step_count += 1
+        return loss.mean()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        """AdamW's state, the heads, the step counter and the settings (so a resume draws the same directions)."""
+        return dict(adamw=self.adamw.state_dict(), heads=self.heads.state_dict(),
+                    subgrad=dict(kind=type(self).__name__, step=self.step_count,
+                                 settings=dataclasses.asdict(self.settings)))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        meta = state_dict.get("subgrad", {})
+        if meta.get("kind") != type(self).__name__:
+            raise ValueError(f"optimizer state is from {meta.get('kind')!r}, not {type(self).__name__}")
+        saved = ActivitySettings(**meta["settings"])
+        if saved != self.settings:
+            raise ValueError(f"optimizer state was saved with {saved}, this optimizer has {self.settings}; "
+                             "resume with the run's own settings")
+        self.heads.load_state_dict(state_dict["heads"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.step_count = int(meta["step"])
