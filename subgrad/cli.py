@@ -70,7 +70,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     if args.quiet and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: summary[k] for k in ("test_accuracy", "train_accuracy", "train_seconds")}))
+        print(json.dumps({k: summary[k] for k in ("test_accuracy", "train_accuracy", "val_accuracy", "train_seconds")
+                          if k in summary}))
     return 0
 
 

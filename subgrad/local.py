@@ -22,7 +22,7 @@ Everything here is forward computation; nothing needs autograd.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -49,7 +49,6 @@ class BlockPass:
     out: torch.Tensor
     sites: list[SiteRecord]
     tail: Callable[[int, torch.Tensor], torch.Tensor]
-    context: dict = field(default_factory=dict)
 
 
 def _bn(bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
@@ -152,7 +151,8 @@ class ClassifierBlock(LocalBlock):
 
     def run(self, h):
         x = F.adaptive_avg_pool2d(h, 1).flatten(1)
-        return BlockPass(self.fc(x), [SiteRecord(self.fc, x, self.fc(x), None)], lambda j, zp: zp)
+        z = self.fc(x)
+        return BlockPass(z, [SiteRecord(self.fc, x, z, None)], lambda j, zp: zp)
 
 
 def local_blocks(model: nn.Module, head_pool: int = 4) -> list[LocalBlock]:

@@ -56,6 +56,8 @@ def test_tails_recompute_the_block_output(name):
 
 def test_heads_and_untrained_parameters():
     lenet, resnet = build_model("lenet"), build_model("resnet20")
+    ActivityZO(lenet).step(*_batch(2))
+    assert set(lenet.state_dict()) == set(build_model("lenet").state_dict())  # heads never enter the model
     heads = make_heads(local_blocks(lenet), torch.zeros(1, 3, 32, 32))
     assert [(h.in_features, h.out_features) for h in heads] == [(96, 10), (400, 10), (120, 10), (84, 10)]
     assert sum(p.numel() for p in heads.parameters()) == 7040
@@ -190,3 +192,7 @@ def test_bad_settings_are_refused():
         ActivityZO(model, eps=0.0)
     with pytest.raises(ValueError, match="LeNet and ResNet20"):
         ActivityZO(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="q must be"):
+        ActivityZO(model, q=0)
+    with pytest.raises(ValueError, match="training mode"):
+        ActivityZO(model.eval()).step(*_batch(2))

@@ -7,10 +7,12 @@ own output).  At step ``t``, with autograd off, for each block in order (its inp
 block's output, so no signal crosses blocks)::
 
     clean pass     x_j, z_j = input and output of site j (a conv/linear layer), L_i = local loss of example i
-    for site j:    u_j = r_j * active_j             r_j: one Rademacher sign per unit of every example, from
-                                                    Philox seed s_t + j (units a ReLU switches off: 0)
-                   d_i = (L_i(tail_j(z_j + eps u_j)) - L_i) / eps      one perturbed pass of the block's tail
-                   g_j = d[:, None] * u_j / n       estimates d(mean L)/dz_j, one scalar per example
+    for site j, q times (k):
+                   u = r * active_j                 r: one Rademacher sign per unit of every example, from
+                                                    its own Philox seed s_t + (site, k) (units a ReLU
+                                                    switches off: 0)
+                   d_i = (L_i(tail_j(z_j + eps u)) - L_i) / eps      one perturbed pass of the block's tail
+                   g_j = mean over k of d[:, None] * u / n           estimates d(mean L)/dz_j
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
     for the head:  the same with a perturbation of its logits
     then one fused AdamW step (subgrad.optim.AdamW: a Triton kernel, one launch per flat buffer; the
@@ -18,11 +20,12 @@ block's output, so no signal crosses blocks)::
 
 Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
 activities rather than weights divides it further by the layer's fan-in; the local losses keep each
-estimate to one block.  A step is one clean forward pass and one perturbed pass of every block's tail
-(counted as 2 forward passes, as issue 14 counts them; a ResNet-20 basic block reruns 1.5 blocks).
+estimate to one block.  A step is one clean forward pass and q perturbed passes of every block's tails
+(counted as 1 + q forward passes, as issue 14 counts them; a ResNet-20 basic block's tails rerun 1.5
+blocks).
 
 Memory beyond inference: a block's activations (its sites' inputs and outputs, one direction tensor and
-one perturbed tail at a time) for one batch, the heads (LeNet: 6,870 parameters; ResNet-20: 53,390),
+one perturbed tail at a time) for one batch, the heads (LeNet: 7,040 parameters; ResNet-20: 56,420),
 a gradient buffer and Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
 
 Data parallel: each rank estimates on its shard with its own directions (Philox offset by its position in
@@ -97,9 +100,6 @@ class ActivityZO:
             CIFAR-sized image on the model's device.
     """
 
-    #: forward passes per step, counted as issue 14 counts them (a perturbed pass is one forward pass)
-    passes_per_step = 2
-
     def __init__(self, model: nn.Module, lr: float = 2e-3, eps: float = 1e-2, q: int = 1,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, head_pool: int = 4,
                  seed: int = 0, backend: str | None = None, example: torch.Tensor | None = None):
@@ -135,7 +135,9 @@ class ActivityZO:
 
     @property
     def forward_passes(self) -> int:
-        return self.passes_per_step * self.step_count
+        """Forward passes so far, counted as issue 14 counts them: per step one clean pass and q perturbed
+        ones (a perturbed pass reruns each block's tails: one forward pass)."""
+        return (1 + self.settings.q) * self.step_count
 
     def _directions(self, seed: int, like: torch.Tensor) -> torch.Tensor:
         """Rademacher signs shaped like ``like`` (this rank's shard of the global batch), from ``seed``."""
@@ -150,6 +152,8 @@ class ActivityZO:
     @torch.no_grad()
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One step on the batch ``(inputs, targets)``; returns the mean loss of the model's output."""
+        if not self.model.training:  # BatchNorm: the clean pass would use running statistics, the tails batch ones
+            raise ValueError("ActivityZO.step needs the model in training mode; call model.train() first")
         eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
         seed, site = step_seed(self.settings.seed, self.step_count), 0
         h, heads = inputs, iter(self.heads)
