@@ -134,9 +134,8 @@ class Session:
     comm: Communicator
     device: torch.device
     amp: bool  # bfloat16 autocast (CUDA only)
-    zo: bool  # forward-only optimizer (evaluated 10 times per run by default; counts forward passes)
-    step_kind: str  # "backprop", "closure" (zo-sgd, zo-adam, hizoo: the step runs a loss closure) or
-    # "blocks" (zo: the optimizer runs the model block by block on the batch)
+    step_kind: str  # "backprop"; "closure" (zo-sgd, zo-adam, hizoo: the step runs a loss closure); "blocks"
+    # (zo: the optimizer runs the model block by block on the batch).  The last two are forward-only.
     writes: bool  # this rank writes the run folder (rank 0)
     quiet: bool
     steps_per_epoch: int
@@ -171,9 +170,8 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
                                                                           cfg.validation)
     steps_per_epoch = len(train_labels) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
-    zo = cfg.optimizer in ZO_OPTIMIZERS
-    step_kind = "blocks" if cfg.optimizer == "zo" else "closure" if zo else "backprop"
-    eval_every = cfg.eval_every or (max(1, total // 10) if zo else steps_per_epoch)
+    step_kind = "blocks" if cfg.optimizer == "zo" else "closure" if cfg.optimizer in ZO_OPTIMIZERS else "backprop"
+    eval_every = cfg.eval_every or (max(1, total // 10) if step_kind != "backprop" else steps_per_epoch)
     train_loader = DeviceLoader(train_images, train_labels, mean, std, cfg.batch_size, device,
                                 augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
                                 augment_seed=cfg.seed + 1)
@@ -196,7 +194,7 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
         optimizer.shard = (comm.rank, comm.world_size)  # each rank's directions: its place in the global batch
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
                   classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
-    return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda", zo=zo,
+    return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda",
                    step_kind=step_kind, writes=comm.is_main, quiet=cfg.quiet or not comm.is_main,
                    steps_per_epoch=steps_per_epoch, total=total, eval_every=eval_every,
                    checkpoint_every=cfg.checkpoint_every or eval_every, train_loader=train_loader,
@@ -304,7 +302,8 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
     mean_loss = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=s.device)])
     if s.step_kind != "closure":  # a closure step's losses are already averaged over ranks inside the step
         s.comm.all_reduce_mean_(mean_loss)
-    fwd = s.optimizer.forward_passes if s.zo else step
+    forward_only = s.step_kind != "backprop"
+    fwd = s.optimizer.forward_passes if forward_only else step
     row = dict(step=step, epoch=round(step / s.steps_per_epoch, 3),
                train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()), test_loss=test_loss,
                test_accuracy=test_acc, train_accuracy=train_acc, lr=s.optimizer.param_groups[0]["lr"],
@@ -321,7 +320,7 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
                    f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
                    + (f"val acc {row['val_accuracy']:.4f}  " if "val_accuracy" in row else "")
                    + f"{row['images_per_second']:.0f} img/s"
-                   + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if s.zo else "")
+                   + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if forward_only else "")
                    + f"  {train_seconds:.0f} s", file=sys.stderr)
     return row
 
