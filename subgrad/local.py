@@ -35,7 +35,9 @@ from .models import BasicBlock, LeNet, ResNet20
 @dataclass
 class SiteRecord:
     """What the clean pass leaves for one site: the layer, its input and output, and which output units
-    can change the loss (``active``: False where a ReLU right after switches the unit off)."""
+    can change the loss (``active``: False where a ReLU right after switches the unit off, or a max-pool
+    takes another unit of its window; such a unit's true gradient is 0, so perturbing it would only add
+    noise to the layer's gradient estimate)."""
     layer: nn.Conv2d | nn.Linear
     x: torch.Tensor
     z: torch.Tensor
@@ -49,6 +51,11 @@ class BlockPass:
     out: torch.Tensor
     sites: list[SiteRecord]
     tail: Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _upsample2(m: torch.Tensor) -> torch.Tensor:
+    """Each value of a 2x2-pooled map repeated over its window (the window's maximum, at every position)."""
+    return m.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
 def _bn(bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
@@ -83,7 +90,11 @@ class LeNetBlock(LocalBlock):
 
     def run(self, h):
         z = self.layer(h)
-        active = z > 0 if self.kind != "logits" else None
+        active = None
+        if self.kind in ("conv", "conv-flatten"):  # ReLU then 2x2 max-pool: only a window's positive maximum
+            active = (z > 0) & (z == _upsample2(F.max_pool2d(z, 2)))  # moves the output
+        elif self.kind == "relu":
+            active = z > 0
         return BlockPass(self.after(z), [SiteRecord(self.layer, h, z, active)], lambda j, zp: self.after(zp))
 
     def head_features(self, out):

@@ -71,8 +71,8 @@ def test_activity_perturbation_run_beats_chance(tmp_path):
     _run(["--model", "lenet", "--optimizer", "zo", "--data", real_archive(), "--out", run, "--steps", 200,
           "--schedule", "constant", "--validation", 5000, "--quiet"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    # chance is 0.10; measured test 0.1893, validation 0.186 on the 2-core VM
-    assert summary["test_accuracy"] >= 0.17 and summary["val_accuracy"] >= 0.17, summary
+    # chance is 0.10; measured test 0.2141, validation 0.2102 on the 2-core VM
+    assert summary["test_accuracy"] >= 0.19 and summary["val_accuracy"] >= 0.19, summary
     assert summary["forward_passes"] == 200 * 2 and summary["validation_images"] == 5000
     config = json.loads((run / "config.json").read_text())
     assert config["validation"] == 5000 and config["estimator"] is None  # settings zo has no use for stay unset

@@ -9,8 +9,8 @@ block's output, so no signal crosses blocks)::
     clean pass     x_j, z_j = input and output of site j (a conv/linear layer), L_i = local loss of example i
     for site j, q times (k):
                    u = r * active_j                 r: one Rademacher sign per unit of every example, from
-                                                    its own Philox seed s_t + (site, k) (units a ReLU
-                                                    switches off: 0)
+                                                    its own Philox seed s_t + (site, k) (0 on units a
+                                                    ReLU switches off or a max-pool passes over)
                    d_i = (L_i(tail_j(z_j + eps u)) - L_i) / eps      one perturbed pass of the block's tail
                    g_j = mean over k of d[:, None] * u / n           estimates d(mean L)/dz_j
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
@@ -168,7 +168,7 @@ class ActivityZO:
                 for _ in range(q):
                     u = self._directions(seed + site, rec.z)
                     site += 1
-                    if rec.active is not None:  # a unit the ReLU switched off cannot move the loss: no noise there
+                    if rec.active is not None:  # a unit that cannot move the loss gets no noise
                         u = u * rec.active
                     out = clean.tail(j, rec.z + eps * u)
                     perturbed = head(block.head_features(out)) if head is not None else out
