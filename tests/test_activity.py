@@ -196,3 +196,19 @@ def test_bad_settings_are_refused():
         ActivityZO(model, q=0)
     with pytest.raises(ValueError, match="training mode"):
         ActivityZO(model.eval()).step(*_batch(2))
+
+
+def test_non_finite_estimate_skips_the_update():
+    """A NaN input makes every loss difference NaN: no update, the step counted as skipped, one warning."""
+    torch.manual_seed(0)
+    model = build_model("lenet").train()
+    opt = ActivityZO(model, lr=1e-3)
+    x, y = _batch(4)
+    x[0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step(x, y)
+    assert opt.skipped_steps == 1 and opt.step_count == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.step(*_batch(4))  # a finite batch updates again
+    assert opt.skipped_steps == 1 and not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -36,6 +36,7 @@ first-order SGD).  That is one model-size all-reduce per step, not scalars only:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,7 @@ class ActivityZO:
         self.adamw = AdamW(trained + list(self.heads.parameters()), lr=lr, betas=betas, weight_decay=weight_decay,
                            backend=backend)
         self.step_count = 0
+        self.skipped_steps = 0  # steps whose estimate was not finite (no update; the weights are never perturbed)
         #: (rank, world size) of data-parallel training: each rank's directions start at its shard's place
         #: in the global batch (set by training; one process: (0, 1))
         self.shard = (0, 1)
@@ -157,6 +159,7 @@ class ActivityZO:
         eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
         seed, site = step_seed(self.settings.seed, self.step_count), 0
         h, heads = inputs, iter(self.heads)
+        finite = torch.ones((), dtype=torch.bool, device=inputs.device)
         for block in self.blocks:
             clean = block.run(h)
             features = block.head_features(clean.out)
@@ -173,6 +176,7 @@ class ActivityZO:
                     out = clean.tail(j, rec.z + eps * u)
                     perturbed = head(block.head_features(out)) if head is not None else out
                     d = self._difference(perturbed, targets, loss)
+                    finite &= torch.isfinite(d).all()
                     term = d.view(-1, *[1] * (u.dim() - 1)) * u
                     g = term if g is None else g + term
                 _weight_grad(rec.layer, rec.x, g / (q * n))
@@ -182,8 +186,14 @@ class ActivityZO:
                 d = self._difference(logits + eps * v, targets, loss)
                 _weight_grad(head, features, d[:, None] * v / n)
             h = clean.out
-        self.adamw.step()  # one fused kernel per flat buffer (model layers and heads), grad_reduce first
         self.step_count += 1
+        if not finite.item():  # one host sync per step: a NaN/inf estimate must not reach Adam's moments
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                warnings.warn("ActivityZO: a loss difference was not finite; the update was skipped "
+                              "(counted in optimizer.skipped_steps)", RuntimeWarning, stacklevel=2)
+            return loss.mean()
+        self.adamw.step()  # one fused kernel per flat buffer (model layers and heads), grad_reduce first
         return loss.mean()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
