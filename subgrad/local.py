@@ -58,6 +58,11 @@ def _upsample2(m: torch.Tensor) -> torch.Tensor:
     return m.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
+def _pooled(out: torch.Tensor, pool: int) -> torch.Tensor:
+    """Head features of a convolutional block: its output average-pooled to pool x pool, flattened."""
+    return torch.flatten(F.adaptive_avg_pool2d(out, pool), 1)
+
+
 def _bn(bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
     """Training-mode BatchNorm of a perturbed pass: batch statistics, running statistics untouched."""
     return F.batch_norm(z, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
@@ -100,9 +105,7 @@ class LeNetBlock(LocalBlock):
     def head_features(self, out):
         if self.kind == "logits":
             return None
-        if self.head_pool and out.dim() == 4:
-            out = F.adaptive_avg_pool2d(out, self.head_pool)
-        return torch.flatten(out, 1)
+        return _pooled(out, self.head_pool) if self.head_pool and out.dim() == 4 else torch.flatten(out, 1)
 
 
 class StemBlock(LocalBlock):
@@ -118,7 +121,7 @@ class StemBlock(LocalBlock):
         return BlockPass(out, [SiteRecord(self.conv, h, z, out > 0)], lambda j, zp: F.relu(_bn(self.bn, zp)))
 
     def head_features(self, out):
-        return torch.flatten(F.adaptive_avg_pool2d(out, self.head_pool), 1)
+        return _pooled(out, self.head_pool)
 
 
 class ResidualBlock(LocalBlock):
@@ -128,18 +131,12 @@ class ResidualBlock(LocalBlock):
         super().__init__()
         self.block, self.head_pool = block, head_pool
 
-    def shortcut(self, h):
-        b = self.block
-        if b.stride != 1 or b.pad:
-            return F.pad(h[:, :, ::b.stride, ::b.stride], (0, 0, 0, 0, b.pad // 2, b.pad - b.pad // 2))
-        return h
-
     def run(self, h):
         b = self.block
         z1 = b.conv1(h)
         x2 = F.relu(b.bn1(z1))
         z2 = b.conv2(x2)
-        short = self.shortcut(h)
+        short = b.shortcut(h)
         out = F.relu(b.bn2(z2) + short)
 
         def tail(j, zp):
@@ -150,7 +147,7 @@ class ResidualBlock(LocalBlock):
         return BlockPass(out, [SiteRecord(b.conv1, h, z1, x2 > 0), SiteRecord(b.conv2, x2, z2, out > 0)], tail)
 
     def head_features(self, out):
-        return torch.flatten(F.adaptive_avg_pool2d(out, self.head_pool), 1)
+        return _pooled(out, self.head_pool)
 
 
 class ClassifierBlock(LocalBlock):
@@ -197,8 +194,13 @@ def make_heads(blocks: list[LocalBlock], example: torch.Tensor) -> nn.ModuleList
     return nn.ModuleList(nn.Linear(w, h.shape[1], device=example.device) for w in widths)
 
 
+def trained_parameters(blocks: list[LocalBlock]) -> list[nn.Parameter]:
+    """The parameters the sites train: every convolution's and linear layer's, in block order."""
+    return [p for b in blocks for m in b.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            for p in m.parameters(recurse=False)]
+
+
 def untrained_parameters(model: nn.Module, blocks: list[LocalBlock]) -> list[str]:
     """Names of the model's parameters no site trains (BatchNorm scale and shift)."""
-    trained = {id(p) for b in blocks for m in b.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-               for p in m.parameters(recurse=False)}
+    trained = {id(p) for p in trained_parameters(blocks)}
     return [name for name, p in model.named_parameters() if id(p) not in trained]

@@ -44,10 +44,13 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x
+        return F.relu(out + self.shortcut(x))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """Option A: the input, subsampled and zero-padded to the block's channels where they change."""
         if self.stride != 1 or self.pad:
-            shortcut = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + shortcut)
+            return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
 
 
 class ResNet20(nn.Module):

@@ -213,6 +213,8 @@ def validation_split(images, labels, count: int):
     drawn at random (seeded by VALIDATION_SEED) held out; both parts keep the archive's order."""
     if not count:
         return images, labels, images[:0], labels[:0]
+    if count >= len(labels):
+        raise ValueError(f"--validation {count} leaves no training images: the training set has {len(labels)}")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VALIDATION_SEED)).numpy()
     held, kept = np.sort(order[:count]), np.sort(order[count:])
     return images[kept], labels[kept], images[held], labels[held]

@@ -139,3 +139,5 @@ def test_zo_defaults_and_validation_split():
     assert list(val_y) == sorted(val_y)  # archive order kept
     assert VALIDATION_SEED and validation_split(images, labels, 30)[3].tolist() == val_y.tolist()  # fixed split
     assert len(validation_split(images, labels, 0)[2]) == 0
+    with pytest.raises(ValueError, match="leaves no training images"):
+        validation_split(images, labels, 100)

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels as K
-from ..local import local_blocks, make_heads, untrained_parameters
+from ..local import local_blocks, make_heads, trained_parameters
 from .first_order import AdamW
 from .zo import step_seed
 
@@ -111,11 +111,8 @@ class ActivityZO:
         if example is None:
             example = torch.zeros(1, 3, 32, 32, device=device)
         self.heads = make_heads(self.blocks, example)  # training only: saved with the optimizer, never exported
-        self.untrained = untrained_parameters(model, self.blocks)
-        trained = [p for b in self.blocks for m in b.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-                   for p in m.parameters(recurse=False)]
-        self.adamw = AdamW(trained + list(self.heads.parameters()), lr=lr, betas=betas, weight_decay=weight_decay,
-                           backend=backend)
+        self.adamw = AdamW(trained_parameters(self.blocks) + list(self.heads.parameters()), lr=lr, betas=betas,
+                           weight_decay=weight_decay, backend=backend)
         self.step_count = 0
         self.skipped_steps = 0  # steps whose estimate was not finite (no update; the weights are never perturbed)
         #: (rank, world size) of data-parallel training: each rank's directions start at its shard's place
@@ -184,6 +181,7 @@ class ActivityZO:
                 v = self._directions(seed + site, logits)
                 site += 1
                 d = self._difference(logits + eps * v, targets, loss)
+                finite &= torch.isfinite(d).all()
                 _weight_grad(head, features, d[:, None] * v / n)
             h = clean.out
         self.step_count += 1
