@@ -1,14 +1,22 @@
 """Data-parallel steps/s and communicated bytes per step: 1 vs N processes (torchrun), CPU or GPU.
 
-    python benchmarks/distributed.py --nproc 2                 # lenet and resnet20, sgd and zo-sgd
+    python benchmarks/distributed.py --nproc 2                 # lenet and resnet20: sgd, zo-sgd, zo
     python benchmarks/distributed.py --worker ...              # (internal: what each rank runs)
 
 Each configuration runs ``--steps`` optimizer steps on a fixed random global batch (the data path is not
-what is measured), first in one process, then under torchrun with N processes (each takes its shard).
-Bytes are the payload this rank hands to collectives (``subgrad.distributed.Communicator``): the flat
-gradient for first-order, the step's 2q float64 losses for zeroth-order.  Scaling efficiency =
+what is measured), first in one process, then under torchrun with N processes (each takes its shard; for
+zo each runs the clean pass on the whole batch and the perturbed tails of its shard).  Bytes are the
+payload this rank hands to collectives (``subgrad.distributed.Communicator``): the flat gradient for
+first-order, the step's 2q float64 losses for zo-sgd, its shard's per-example float32 loss differences
+(one per site and head) for zo.  Scaling efficiency =
 (steps/s with N processes) / (N x steps/s with 1 process) at the same global batch: 1.0 is perfect
 scaling, 1/N means no gain.  Writes results/distributed-<device>.json.
+
+zo divides only its perturbed passes among ranks (each rank runs the clean pass and the weight products
+for the whole batch, which is what keeps its traffic to per-example scalars).  What that split can buy,
+apart from this machine's core count and the collectives, is measured in one process with one thread:
+the time of a 1-rank step against the time of one rank's share of an N-rank step (the gather replaced by a
+copy of its own values; same shapes, same work): ``zo_share`` rows, ``speedup_bound`` = the ratio.
 """
 from __future__ import annotations
 
@@ -35,10 +43,17 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
     torch.manual_seed(0)
     model = build_model(model_name).to(dev)
     gen = torch.Generator().manual_seed(1)
-    x = comm.shard(torch.randn(batch, 3, 32, 32, generator=gen)).to(dev)
-    y = comm.shard(torch.randint(0, 10, (batch,), generator=gen)).to(dev)
+    x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    if optimizer != "zo":  # zo: every rank gets the global batch and runs its share of the perturbed passes
+        x, y = comm.shard(x), comm.shard(y)
+    x, y = x.to(dev), y.to(dev)
     params = [p for p in model.parameters()]
-    if optimizer == "zo-sgd":
+    if optimizer == "zo":
+        torch.manual_seed(1)  # the training-only heads: the same on every rank
+        opt = optim.ActivityZO(model, lr=1e-3, example=x[:1])
+        if comm.active:
+            opt.shard, opt.gather_examples = (comm.rank, comm.world_size), comm.all_gather_examples
+    elif optimizer == "zo-sgd":
         opt = optim.ZOSGD(model.named_parameters(), lr=1e-3, eps=1e-3, q=1)
         opt.loss_reduce = comm.loss_reduce if comm.active else None
     else:
@@ -46,6 +61,9 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
         opt.grad_reduce = comm.all_reduce_mean_ if comm.active else None
 
     def one_step():
+        if optimizer == "zo":
+            opt.step(x, y)
+            return
         if optimizer == "zo-sgd":
             opt.step(lambda: F.cross_entropy(model(x), y))
             return
@@ -65,12 +83,45 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
     seconds = time.perf_counter() - start
     step_bytes = comm.bytes_sent - sent0
     comm.sync_buffers_(model)  # BatchNorm running statistics (resnet20): averaged once, as training does
-    hashes = comm.all_gather_strings(weights_hash(model))
+    hashes = comm.all_gather_strings(weights_hash(model) + (weights_hash(opt.heads) if optimizer == "zo" else ""))
     result = dict(model=model_name, optimizer=optimizer, world_size=comm.world_size, steps=steps, batch=batch,
                   steps_per_second=steps / seconds, bytes_per_step=step_bytes / steps,
                   replicas_identical=len(set(hashes)) == 1, parameters=sum(p.numel() for p in params))
     shutdown(comm)
     return result
+
+
+def zo_share(model_name: str, batch: int, world: int, steps: int, device: str) -> dict:
+    """Seconds per zo step of one process vs of one rank's share of a ``world``-rank step (one thread,
+    interleaved, best of ``steps``): how much of the step the split of the perturbed passes removes."""
+    from subgrad import optim
+    from subgrad.models import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one rank, one core (or one GPU): the split's effect without contention
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
+    opts = {}
+    for w in (1, world):
+        torch.manual_seed(0)
+        opt = optim.ActivityZO(build_model(model_name).to(dev), lr=1e-3, example=x[:1])
+        if w > 1:
+            opt.shard, opt.gather_examples = (0, w), lambda d, w=w: d.repeat(1, w)
+        opts[w] = opt
+    best = {w: float("inf") for w in opts}
+    for _ in range(steps + 1):  # the first round warms up
+        for w, opt in opts.items():
+            start = time.perf_counter()
+            opt.step(x, y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            best[w] = min(best[w], time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return dict(model=model_name, optimizer="zo_share", world_size=world, batch=batch,
+                seconds_one_process=best[1], seconds_one_rank_share=best[world],
+                speedup_bound=best[1] / best[world])
 
 
 def run(model_name, optimizer, steps, batch, device, nproc) -> dict:
@@ -92,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--model", default="lenet")
-    parser.add_argument("--optimizer", default="zo-sgd")
+    parser.add_argument("--optimizer", default="zo-sgd", help="(--worker only) sgd, zo-sgd or zo")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +162,7 @@ def main() -> None:
     rows = []
     print(f"{'model':<10}{'optimizer':<9}{'procs':>6}{'steps/s':>10}{'bytes/step':>13}{'efficiency':>12}{'replicas':>10}")
     for model_name in ("lenet", "resnet20"):
-        for optimizer in ("sgd", "zo-sgd"):
+        for optimizer in ("sgd", "zo-sgd", "zo"):
             single = run(model_name, optimizer, args.steps, args.batch, args.device, 1)
             multi = run(model_name, optimizer, args.steps, args.batch, args.device, args.nproc)
             multi["scaling_efficiency"] = multi["steps_per_second"] / single["steps_per_second"] / args.nproc
@@ -120,6 +171,12 @@ def main() -> None:
                 print(f"{model_name:<10}{optimizer:<9}{r['world_size']:>6}{r['steps_per_second']:>10.2f}"
                       f"{r['bytes_per_step']:>13.0f}{eff:>12}{'same' if r['replicas_identical'] else 'DIFFER':>10}")
                 rows.append(r)
+    print(f"\nzo, one thread: a 1-process step vs one rank's share of a {args.nproc}-rank step (best of {args.steps})")
+    for model_name in ("lenet", "resnet20"):
+        r = zo_share(model_name, args.batch, args.nproc, args.steps, args.device)
+        print(f"{model_name:<10} {r['seconds_one_process'] * 1e3:9.1f} ms {r['seconds_one_rank_share'] * 1e3:9.1f} ms"
+              f"   speedup bound {r['speedup_bound']:.2f}x")
+        rows.append(r)
     name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     report = dict(device=args.device, device_name=name, cpu_count=os.cpu_count(), nproc=args.nproc, steps=args.steps,
                   global_batch=args.batch, date=datetime.date.today().isoformat(), torch=torch.__version__,

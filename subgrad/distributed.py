@@ -8,6 +8,9 @@ seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
 * zeroth-order: one all-reduce of the step's 2q (+1) float64 losses (:attr:`ZOOptimizer.loss_reduce`).
   Every rank regenerates every direction from the shared seed schedule and applies the same update,
   so replicas stay bit-identical without ever sending a weight.
+* ``zo`` (activity perturbation): every rank runs the clean pass on the whole global batch and the
+  perturbed tails for its shard; one all-gather per block of the per-example loss differences
+  (``all_gather_examples``); every rank forms the same gradients and update.
 
 :class:`Communicator` wraps the collectives and counts the payload bytes each one sends, which is how
 tests and ``benchmarks/distributed.py`` show that zeroth-order traffic does not grow with the model.
@@ -85,6 +88,17 @@ class Communicator:
     def loss_reduce(self, losses: torch.Tensor) -> torch.Tensor:
         """The zeroth-order hook: a step's loss vector averaged over ranks (a new tensor)."""
         return self.all_reduce_mean_(losses.clone())
+
+    def all_gather_examples(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape on every rank) concatenated along the last dimension in rank
+        order: each rank's per-example values for its shard -> the global batch's."""
+        if not self.active:
+            return tensor
+        tensor = tensor.contiguous()
+        self._count("all_gather", tensor)
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=-1)
 
     def all_gather_strings(self, value: str) -> list[str]:
         if not self.active:

@@ -4,7 +4,9 @@
 A *block* maps its input ``h`` to its output ``a``; the next block starts from ``a``, so no training
 signal crosses blocks.  Each block owns one or more *sites*: the output ``z = layer(x)`` of a
 convolution or linear layer, where the optimizer perturbs activities.  For each site a block can rerun
-its *tail*, the rest of the block from a changed ``z`` (``x`` and everything before stay as they were).
+its *tail*, the rest of the block from a changed ``z`` (``x`` and everything before stay as they were),
+for any contiguous rows of the batch: a tail treats every example on its own (BatchNorm in a tail uses the
+clean pass's batch statistics), so data-parallel ranks can each run their share of the rows.
 A block's loss is cross-entropy of its *head*: a training-only linear classifier on its (average-pooled)
 output, or the model's own output for the last block.  Heads live in the optimizer, never in the model,
 so a trained model exports exactly as it would from backprop.
@@ -15,8 +17,9 @@ Cuts (the models of :mod:`subgrad.models`, unchanged):
   fc1 -> ReLU, fc2 -> ReLU, fc3 (the classifier).
 * ``resnet20``: the stem (conv, BN, ReLU), each of the 9 basic blocks (sites conv1 and conv2; the tail of
   conv1 runs through conv2), and the pooled classifier fc.  BatchNorm scale and shift are not trained by
-  this method (they stay at 1 and 0; see :func:`untrained_parameters`); the tails normalise with batch
-  statistics without touching the running statistics, which the clean pass updates once per step.
+  this method (they stay at 1 and 0; see :func:`untrained_parameters`); the tails normalise with the clean
+  pass's batch statistics, held fixed, and never touch the running statistics, which the clean pass
+  updates once per step.
 
 Everything here is forward computation; nothing needs autograd.
 """
@@ -46,11 +49,16 @@ class SiteRecord:
 
 @dataclass
 class BlockPass:
-    """A block's clean pass: its output, its sites, and ``tail(j, z)``: the output with site j's output
-    replaced by ``z`` (the batch-statistics normalisation of the tails never updates running statistics)."""
+    """A block's clean pass: its output, its sites, and ``tail(j, z, rows)``: rows ``rows`` (a slice of the
+    batch) of the output with site j's output replaced by ``z`` (which holds those rows only).  A tail is
+    per example: ``tail(j, z[rows], rows) == tail(j, z, ALL)[rows]``."""
     out: torch.Tensor
     sites: list[SiteRecord]
-    tail: Callable[[int, torch.Tensor], torch.Tensor]
+    tail: Callable[[int, torch.Tensor, slice], torch.Tensor]
+
+
+#: every row of the batch
+ALL = slice(None)
 
 
 def _upsample2(m: torch.Tensor) -> torch.Tensor:
@@ -63,9 +71,16 @@ def _pooled(out: torch.Tensor, pool: int) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(out, pool), 1)
 
 
-def _bn(bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-    """Training-mode BatchNorm of a perturbed pass: batch statistics, running statistics untouched."""
-    return F.batch_norm(z, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+def _batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of a clean pass's batch: what training-mode BatchNorm uses."""
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def _bn(bn: nn.BatchNorm2d, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """BatchNorm of a perturbed tail with the clean batch's statistics ``stats``, held fixed: each example's
+    tail depends on that example alone (so ranks can split the rows), and running statistics are untouched."""
+    return F.batch_norm(z, stats[0], stats[1], bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 class LocalBlock(nn.Module):
@@ -100,7 +115,7 @@ class LeNetBlock(LocalBlock):
             active = (z > 0) & (z == _upsample2(F.max_pool2d(z, 2)))  # moves the output
         elif self.kind == "relu":
             active = z > 0
-        return BlockPass(self.after(z), [SiteRecord(self.layer, h, z, active)], lambda j, zp: self.after(zp))
+        return BlockPass(self.after(z), [SiteRecord(self.layer, h, z, active)], lambda j, zp, rows: self.after(zp))
 
     def head_features(self, out):
         if self.kind == "logits":
@@ -118,7 +133,9 @@ class StemBlock(LocalBlock):
     def run(self, h):
         z = self.conv(h)
         out = F.relu(self.bn(z))  # the module: updates the running statistics, once per step
-        return BlockPass(out, [SiteRecord(self.conv, h, z, out > 0)], lambda j, zp: F.relu(_bn(self.bn, zp)))
+        stats = _batch_stats(z)
+        return BlockPass(out, [SiteRecord(self.conv, h, z, out > 0)],
+                         lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats)))
 
     def head_features(self, out):
         return _pooled(out, self.head_pool)
@@ -138,11 +155,12 @@ class ResidualBlock(LocalBlock):
         z2 = b.conv2(x2)
         short = b.shortcut(h)
         out = F.relu(b.bn2(z2) + short)
+        stats1, stats2 = _batch_stats(z1), _batch_stats(z2)
 
-        def tail(j, zp):
+        def tail(j, zp, rows):
             if j == 0:
-                zp = b.conv2(F.relu(_bn(b.bn1, zp)))
-            return F.relu(_bn(b.bn2, zp) + short)
+                zp = b.conv2(F.relu(_bn(b.bn1, zp, stats1)))
+            return F.relu(_bn(b.bn2, zp, stats2) + short[rows])
 
         return BlockPass(out, [SiteRecord(b.conv1, h, z1, x2 > 0), SiteRecord(b.conv2, x2, z2, out > 0)], tail)
 
@@ -160,7 +178,7 @@ class ClassifierBlock(LocalBlock):
     def run(self, h):
         x = F.adaptive_avg_pool2d(h, 1).flatten(1)
         z = self.fc(x)
-        return BlockPass(z, [SiteRecord(self.fc, x, z, None)], lambda j, zp: zp)
+        return BlockPass(z, [SiteRecord(self.fc, x, z, None)], lambda j, zp, rows: zp)
 
 
 def local_blocks(model: nn.Module, head_pool: int = 4) -> list[LocalBlock]:

@@ -14,7 +14,8 @@ from a checkpoint ends bit-identical to an uninterrupted one on the same device.
 
 Under ``torchrun`` (or ``subgrad train --nproc N``) the same loop runs data-parallel: every rank draws
 the same global batch and trains on its shard; gradients (first-order) or the step's losses
-(zeroth-order) are averaged over ranks (``subgrad.distributed``); only rank 0 writes the run folder.
+(zeroth-order) are averaged over ranks, or for ``zo`` the per-example loss differences of each rank's
+share of the perturbed passes are gathered (``subgrad.distributed``); only rank 0 writes the run folder.
 """
 from __future__ import annotations
 
@@ -188,10 +189,10 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
     optimizer = make_optimizer(cfg, model)
     if comm.active and step_kind == "closure":
         optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
+    elif comm.active and step_kind == "blocks":  # per block, one all-gather of per-example loss differences
+        optimizer.shard, optimizer.gather_examples = (comm.rank, comm.world_size), comm.all_gather_examples
     elif comm.active:
         optimizer.grad_reduce = comm.all_reduce_mean_  # one all-reduce of each flat gradient buffer
-    if step_kind == "blocks":
-        optimizer.shard = (comm.rank, comm.world_size)  # each rank's directions: its place in the global batch
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
                   classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
     return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda",
@@ -275,14 +276,14 @@ def save_checkpoint(s: Session, step: int, train_seconds: float) -> pathlib.Path
 
 # -- one step, one evaluation -----------------------------------------------------------------------
 def train_step(s: Session, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> torch.Tensor:
-    """One optimizer step on this rank's shard of the global batch ``(x, y)``; returns the loss
-    (averaged over ranks for closure steps, this rank's for the others)."""
-    x, y = s.comm.shard(x), s.comm.shard(y)
+    """One optimizer step on the global batch ``(x, y)``; returns the loss: of the global batch for
+    forward-only steps, of this rank's shard for backprop (averaged over ranks when logged)."""
     for group, base in zip(s.optimizer.param_groups, s.base_lrs):
         group["lr"] = base * lr_scale
     s.model.train()
-    if s.step_kind == "blocks":
+    if s.step_kind == "blocks":  # every rank's clean pass sees the whole batch; the optimizer splits the tails
         return s.optimizer.step(x, y)
+    x, y = s.comm.shard(x), s.comm.shard(y)
     if s.step_kind == "closure":
         def closure():
             with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
@@ -302,7 +303,7 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
     test_loss, test_acc = evaluate(s.model, s.test_loader, s.amp, s.comm)
     _, train_acc = evaluate(s.model, s.train_eval, s.amp, s.comm)
     mean_loss = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=s.device)])
-    if s.step_kind != "closure":  # a closure step's losses are already averaged over ranks inside the step
+    if s.step_kind == "backprop":  # forward-only steps return the global batch's loss already
         s.comm.all_reduce_mean_(mean_loss)
     forward_only = s.step_kind != "backprop"
     fwd = s.optimizer.forward_passes if forward_only else step

@@ -9,7 +9,8 @@
   3.9e-4 per step, 2e-3 over 4 steps (measured: 6.6e-5).
 * Replicas: the run itself gathers every rank's weight hash and fails if they differ; the summary's
   hash must equal the hash of the saved weights.
-* Zeroth-order bytes per step do not depend on the model (lenet vs resnet20); first-order bytes do.
+* Zeroth-order bytes per step do not depend on the model size (lenet vs resnet20); first-order bytes do;
+  zo's are per example and per site of the block cut.
 * A rank that dies: clear message, last checkpoint intact; with --max-restarts the job resumes from it
   and ends bit-identical to an uninterrupted 2-rank run.
 """
@@ -63,8 +64,8 @@ def test_two_ranks_equal_one_rank(tmp_path, optimizer, atol):
     assert summary["weights_sha256"] == weights_hash(model)
     if optimizer == "zo-sgd":  # lenet default: 5 module blocks x 2 central-difference losses x float64
         assert summary["bytes_communicated_per_step"] == 5 * 2 * 8
-    elif optimizer == "zo":  # the flat float32 gradient of the model and the four training-only heads
-        assert summary["bytes_communicated_per_step"] == 4 * (sum(v.numel() for v in b.values()) + 7040)
+    elif optimizer == "zo":  # per example of this rank's 32: a float32 loss difference per site (5) and head (4)
+        assert summary["bytes_communicated_per_step"] == 4 * 32 * (5 + 4)
     else:  # the flat float32 gradient
         assert summary["bytes_communicated_per_step"] == 4 * sum(v.numel() for v in b.values())
     # resuming with another world size is refused with the reason
@@ -89,6 +90,11 @@ def test_zeroth_order_traffic_is_independent_of_model_size():
     assert lenet["replicas_identical"] and resnet["replicas_identical"]
     first_order = _bytes_per_step("lenet", "sgd")
     assert first_order["bytes_per_step"] == 4 * lenet["parameters"] and first_order["replicas_identical"]
+    # zo: per example of the rank's 4, a float32 loss difference per site and head (lenet 5 + 4, resnet20
+    # 20 + 10): set by the depth of the block cut, not by the parameter count
+    lenet, resnet = _bytes_per_step("lenet", "zo"), _bytes_per_step("resnet20", "zo")
+    assert (lenet["bytes_per_step"], resnet["bytes_per_step"]) == (4 * 4 * 9, 4 * 4 * 30), (lenet, resnet)
+    assert lenet["replicas_identical"] and resnet["replicas_identical"]
 
 
 def test_dead_rank_leaves_checkpoint_and_restart_resumes_exactly(tmp_path):

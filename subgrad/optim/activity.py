@@ -24,14 +24,19 @@ estimate to one block.  A step is one clean forward pass and q perturbed passes 
 (counted as 1 + q forward passes, as issue 14 counts them; a ResNet-20 basic block's tails rerun 1.5
 blocks).
 
-Memory beyond inference: a block's activations (its sites' inputs and outputs, one direction tensor and
-one perturbed tail at a time) for one batch, the heads (LeNet: 7,040 parameters; ResNet-20: 56,420),
-a gradient buffer and Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
+Memory beyond inference: a block's activations for one batch (its sites' inputs and outputs, and their q
+directions each, kept until the block's loss differences are gathered; one perturbed tail at a time),
+the heads (LeNet: 7,040 parameters; ResNet-20: 56,420), a gradient buffer and Adam's two moments
+(3 x 4 bytes per trained parameter, model and heads).
 
-Data parallel: each rank estimates on its shard with its own directions (Philox offset by its position in
-the global batch) and the flat gradient buffer is averaged over ranks (``grad_reduce``, as for
-first-order SGD).  That is one model-size all-reduce per step, not scalars only: the weight gradient
-``g^T x`` needs every example's block input, which only the rank that ran the example holds.
+Data parallel, scalars only: every rank runs the clean pass of every block on the whole global batch
+(so BatchNorm sees the global batch, as one process would), draws every example's directions, and runs
+the perturbed tails for its own contiguous share of the examples only.  Per block, one all-gather of the
+per-example loss differences d (``n x (sites x q + 1)`` float32 values: per example and per site, never
+per weight) gives every rank all of them; each rank then forms the same weight gradients ``g^T x`` from its
+own clean activations and applies the same update, so replicas stay bit-identical without a weight or a
+gradient on the wire.  The price: the clean pass and the products are not divided among ranks, only the
+tails are (measured in benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -115,22 +120,16 @@ class ActivityZO:
                            weight_decay=weight_decay, backend=backend)
         self.step_count = 0
         self.skipped_steps = 0  # steps whose estimate was not finite (no update; the weights are never perturbed)
-        #: (rank, world size) of data-parallel training: each rank's directions start at its shard's place
-        #: in the global batch (set by training; one process: (0, 1))
+        #: data parallel (set by training): (rank, world size), and the collective that concatenates every
+        #: rank's per-example values along the last dimension in rank order
+        #: (:meth:`subgrad.distributed.Communicator.all_gather_examples`).  One process: (0, 1) and None.
         self.shard = (0, 1)
+        self.gather_examples = None
 
-    # torch.optim-like surface used by training: lr schedules and data-parallel averaging
+    # torch.optim-like surface used by training: lr schedules
     @property
     def param_groups(self) -> list[dict]:
         return self.adamw.param_groups
-
-    @property
-    def grad_reduce(self):
-        return self.adamw.grad_reduce
-
-    @grad_reduce.setter
-    def grad_reduce(self, fn) -> None:
-        self.adamw.grad_reduce = fn
 
     @property
     def forward_passes(self) -> int:
@@ -139,10 +138,15 @@ class ActivityZO:
         return (1 + self.settings.q) * self.step_count
 
     def _directions(self, seed: int, like: torch.Tensor) -> torch.Tensor:
-        """Rademacher signs shaped like ``like`` (this rank's shard of the global batch), from ``seed``."""
-        rank, _ = self.shard
-        return K.philox_rademacher(seed, like.numel(), offset=rank * like.numel(), device=like.device,
-                                   backend=self.adamw.backend).view_as(like)
+        """Rademacher signs shaped like ``like`` (the global batch), from ``seed``."""
+        return K.philox_rademacher(seed, like.numel(), device=like.device, backend=self.adamw.backend).view_as(like)
+
+    def _rows(self, n: int) -> slice:
+        """This rank's contiguous share of a batch of ``n`` examples (the perturbed tails it runs)."""
+        rank, world = self.shard
+        if n % world:
+            raise ValueError(f"the batch ({n}) must divide evenly among the {world} data-parallel ranks")
+        return slice(rank * n // world, (rank + 1) * n // world)
 
     def _difference(self, logits: torch.Tensor, y: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """Per-example forward difference of the local loss."""
@@ -150,10 +154,11 @@ class ActivityZO:
 
     @torch.no_grad()
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One step on the batch ``(inputs, targets)``; returns the mean loss of the model's output."""
+        """One step on the (global) batch ``(inputs, targets)``; returns the mean loss of the model's output."""
         if not self.model.training:  # BatchNorm: the clean pass would use running statistics, the tails batch ones
             raise ValueError("ActivityZO.step needs the model in training mode; call model.train() first")
         eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
+        rows = self._rows(n)
         seed, site = step_seed(self.settings.seed, self.step_count), 0
         h, heads = inputs, iter(self.heads)
         finite = torch.ones((), dtype=torch.bool, device=inputs.device)
@@ -163,26 +168,39 @@ class ActivityZO:
             head = next(heads) if features is not None else None
             logits = head(features) if head is not None else clean.out
             loss = F.cross_entropy(logits, targets, reduction="none")  # per example
+            # 1. this rank's rows of every perturbed pass: d (per example) for each site and direction
+            directions, diffs = [], []
             for j, rec in enumerate(clean.sites):
-                g = None
                 for _ in range(q):
                     u = self._directions(seed + site, rec.z)
                     site += 1
                     if rec.active is not None:  # a unit that cannot move the loss gets no noise
                         u = u * rec.active
-                    out = clean.tail(j, rec.z + eps * u)
+                    out = clean.tail(j, rec.z[rows] + eps * u[rows], rows)
                     perturbed = head(block.head_features(out)) if head is not None else out
-                    d = self._difference(perturbed, targets, loss)
-                    finite &= torch.isfinite(d).all()
-                    term = d.view(-1, *[1] * (u.dim() - 1)) * u
-                    g = term if g is None else g + term
-                _weight_grad(rec.layer, rec.x, g / (q * n))
+                    directions.append(u)
+                    diffs.append(self._difference(perturbed, targets[rows], loss[rows]))
             if head is not None:  # the head, from a perturbation of its logits
                 v = self._directions(seed + site, logits)
                 site += 1
-                d = self._difference(logits + eps * v, targets, loss)
-                finite &= torch.isfinite(d).all()
-                _weight_grad(head, features, d[:, None] * v / n)
+                directions.append(v)
+                diffs.append(self._difference(logits[rows] + eps * v[rows], targets[rows], loss[rows]))
+            # 2. every rank's d: the only data-parallel traffic (per example and site, never per weight)
+            d = torch.stack(diffs)
+            if self.gather_examples is not None:
+                d = self.gather_examples(d)
+            finite &= torch.isfinite(d).all()
+            # 3. the same gradients on every rank, from the clean activations of the whole batch
+            def estimate(k):  # d_i * u_i for direction k
+                return d[k].view(-1, *[1] * (directions[k].dim() - 1)) * directions[k]
+
+            for j, rec in enumerate(clean.sites):
+                g = estimate(j * q)
+                for k in range(j * q + 1, (j + 1) * q):
+                    g = g + estimate(k)
+                _weight_grad(rec.layer, rec.x, g / (q * n))
+            if head is not None:
+                _weight_grad(head, features, estimate(len(directions) - 1) / n)
             h = clean.out
         self.step_count += 1
         if not finite.item():  # one host sync per step: a NaN/inf estimate must not reach Adam's moments
@@ -191,7 +209,7 @@ class ActivityZO:
                 warnings.warn("ActivityZO: a loss difference was not finite; the update was skipped "
                               "(counted in optimizer.skipped_steps)", RuntimeWarning, stacklevel=2)
             return loss.mean()
-        self.adamw.step()  # one fused kernel per flat buffer (model layers and heads), grad_reduce first
+        self.adamw.step()  # one fused kernel per flat buffer (model layers and heads)
         return loss.mean()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
