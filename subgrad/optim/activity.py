@@ -73,6 +73,11 @@ class ActivitySettings:
             raise ValueError(f"seed must be an int in [0, 2**62), got {self.seed!r}")
 
 
+def _scaled(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``d_i * u_i``: each example's direction times its loss difference (d: one value per example)."""
+    return d.view(-1, *[1] * (u.dim() - 1)) * u
+
+
 def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     """Set ``layer``'s gradients from the estimated gradient ``g`` of its output and its input ``x``:
     the layer's own weight-gradient product (a forward-type product, no autograd graph)."""
@@ -191,16 +196,13 @@ class ActivityZO:
                 d = self.gather_examples(d)
             finite &= torch.isfinite(d).all()
             # 3. the same gradients on every rank, from the clean activations of the whole batch
-            def estimate(k):  # d_i * u_i for direction k
-                return d[k].view(-1, *[1] * (directions[k].dim() - 1)) * directions[k]
-
             for j, rec in enumerate(clean.sites):
-                g = estimate(j * q)
+                g = _scaled(d[j * q], directions[j * q])
                 for k in range(j * q + 1, (j + 1) * q):
-                    g = g + estimate(k)
+                    g = g + _scaled(d[k], directions[k])
                 _weight_grad(rec.layer, rec.x, g / (q * n))
             if head is not None:
-                _weight_grad(head, features, estimate(len(directions) - 1) / n)
+                _weight_grad(head, features, _scaled(d[-1], directions[-1]) / n)
             h = clean.out
         self.step_count += 1
         if not finite.item():  # one host sync per step: a NaN/inf estimate must not reach Adam's moments
