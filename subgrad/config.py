@@ -26,7 +26,8 @@ BLOCK_MODES = ("none", "tensor", "module")  # or a block size in elements
 DEFAULTS = {
     # activity perturbation with local losses (subgrad.optim.ActivityZO); settings chosen on a 5,000-image
     # validation split of the training set (--validation 5000; lenet: full runs, resnet20: lr from three
-    # 300-step runs); lenet 7,000 steps ~ 170 s on the 2-core VM, resnet20 7,500 ~ 54 min; benchmarks/README.md
+    # 300-step runs); lenet 7,000 steps ~ 170 s on the 2-core VM, resnet20 7,500 ~ 54 min (65 min on a
+    # slower day); benchmarks/README.md
     ("lenet", "zo"): dict(batch_size=128, lr=2e-3, eps=1e-2, q=1, steps=7000, schedule="cosine", augment=False),
     ("resnet20", "zo"): dict(batch_size=128, lr=2e-3, eps=1e-2, q=1, steps=7500, schedule="cosine", augment=False),
     ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
