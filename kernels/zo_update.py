@@ -122,7 +122,8 @@ def zo_update_kernel(
         w = w + (restore_scale - lr * c_last) * z
         for k in range(last):
             z_k = direction_tile(seed + k, group, BLOCK_SIZE, RADEMACHER)
-            term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, False, False)
+            term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR,
+                                      False)  # (a scalar c means q = 1: this loop never runs then)
             w = w - lr * term
         tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
         return
