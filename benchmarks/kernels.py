@@ -46,14 +46,17 @@ def split_sizes(n: int, parts: int = 64) -> list[int]:
 
 
 def timer(device: torch.device, repeats: int):
-    """Median seconds per call of fn()."""
+    """Median seconds per call of fn(), after as many warm-up calls (on CPU the first tens of calls of a
+    fresh process page in heap memory: the perturb_ twin at 1e5 elements took 2.0 ms with ~360 page
+    faults per call for about 15 calls, then 1.0 ms with none)."""
     if device.type == "cuda":
         import triton.testing
 
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
 
     def cpu_time(fn):
-        fn()
+        for _ in range(repeats):  # warm-up: the first calls of a process page in the allocator's heap
+            fn()
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -62,6 +65,28 @@ def timer(device: torch.device, repeats: int):
         return statistics.median(samples)
 
     return cpu_time
+
+
+def paired_timer(device: torch.device, repeats: int):
+    """(median seconds of a(), median seconds of b()).  On CPU the calls alternate, so a slow spell of
+    this shared VM hits both sides of a ratio alike (timed in separate blocks, the same ratio moved by
+    up to 1.5x between runs); on CUDA two do_bench runs."""
+    single = timer(device, repeats)
+    if device.type == "cuda":
+        return lambda a, b: (single(a), single(b))
+
+    def paired(a, b):
+        for _ in range(repeats):  # warm-up, as in timer()
+            a(), b()
+        samples = ([], [])
+        for _ in range(repeats):
+            for fn, times in zip((a, b), samples):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+        return statistics.median(samples[0]), statistics.median(samples[1])
+
+    return paired
 
 
 def torch_optim_kwargs(cls, device):
@@ -73,7 +98,7 @@ def torch_optim_kwargs(cls, device):
         return {"foreach": True}, "foreach"
 
 
-def bench_size(n: int, device: torch.device, measure) -> list[dict]:
+def bench_size(n: int, device: torch.device, measure, measure_pair) -> list[dict]:
     flat = torch.randn(n, device=device)
     tensors = list(torch.split(torch.randn(n, device=device), split_sizes(n)))
     tensors = [t.clone() for t in tensors]
@@ -93,11 +118,14 @@ def bench_size(n: int, device: torch.device, measure) -> list[dict]:
             t.add_(z, alpha=EPS)
 
     row("perturb", measure(lambda: K.perturb_(flat, 1, EPS)), measure(mezo_perturb), "per-tensor torch.normal + add_")
-    # issue 11's CPU yardstick: one flat x.add_(torch.randn(n), alpha=eps), both distributions against it
-    randn_add = measure(lambda: flat.add_(torch.randn(n, device=device), alpha=EPS))
-    row("perturb", measure(lambda: K.perturb_(flat, 1, EPS)), randn_add, "x.add_(torch.randn(n), alpha=eps)")
-    row("perturb_rademacher", measure(lambda: K.perturb_(flat, 1, EPS, distribution="rademacher")), randn_add,
-        "x.add_(torch.randn(n), alpha=eps)")
+    # issue 11's CPU yardstick: one flat x.add_(torch.randn(n), alpha=eps), both distributions against it,
+    # each timed interleaved with its own baseline calls
+    def randn_add():
+        flat.add_(torch.randn(n, device=device), alpha=EPS)
+
+    row("perturb", *measure_pair(lambda: K.perturb_(flat, 1, EPS), randn_add), "x.add_(torch.randn(n), alpha=eps)")
+    ours, baseline = measure_pair(lambda: K.perturb_(flat, 1, EPS, distribution="rademacher"), randn_add)
+    row("perturb_rademacher", ours, baseline, "x.add_(torch.randn(n), alpha=eps)")
 
     def mezo_update():
         torch.manual_seed(1)
@@ -141,12 +169,12 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in (args.sizes or ([1e4, 1e5, 1e6, 1e7, 1e8] if device.type == "cuda" else [1e4, 1e5, 1e6]))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     backend = "triton" if device.type == "cuda" else "torch twin"
-    measure = timer(device, args.repeats)
+    measure, measure_pair = timer(device, args.repeats), paired_timer(device, args.repeats)
 
     rows = []
     for n in sizes:
         try:
-            rows += bench_size(n, device, measure)
+            rows += bench_size(n, device, measure, measure_pair)
         except torch.OutOfMemoryError:
             print(f"skipping n={n}: out of memory", file=sys.stderr)
             break

@@ -38,7 +38,7 @@ BACKENDS = ("triton", "torch")
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
 
-#: Elements of one direction are addressed with 32-bit indices (Philox counters are element // 4 or
+#: Elements of one direction are addressed with 32-bit indices (Philox counters are element // 8 or
 #: element // 128, see philox.py); ``offset + n`` must therefore stay within 2**32 elements per seed.
 MAX_DIRECTION_ELEMENTS = 2**32
 

@@ -14,7 +14,8 @@ import triton.language as tl
 from ._common import (check_contiguous, check_direction_range, check_float_dtype,
                       check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to,
                       split_seed)
-from .philox import direction_tile, is_rademacher, iter_direction_chunks, philox_seed, tile_launch, tile_positions
+from .philox import (direction_tile, is_rademacher, iter_direction_chunks, philox_seed, tile_launch, tile_positions,
+                     twin_chunk)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group"])
@@ -31,8 +32,8 @@ def perturb_kernel(
     HAS_SOURCE: tl.constexpr,  # read the fp32 master copy instead of x
     HAS_PRECOND: tl.constexpr,  # scale the direction by 1 / sqrt(precond)
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
-    GROUP: tl.constexpr,  # elements per group: 4 (normal: one Philox call) or 4096 (Rademacher: 32 calls)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
+    GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
+    BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """x[i] = cast((source[i] if HAS_SOURCE else x[i]) + scale * z_seed[offset + i]), in fp32."""
@@ -53,11 +54,15 @@ def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rad
                   source: torch.Tensor | None = None, precond: torch.Tensor | None = None) -> None:
     """Torch twin of :func:`perturb_kernel` (same operations in the same order)."""
     flat, src = x.view(-1), (source.view(-1) if source is not None else x.view(-1))
-    for start, stop, z in iter_direction_chunks(seed, offset, flat.numel(), x.device, rademacher):
+    for start, stop, z in iter_direction_chunks(seed, offset, flat.numel(), x.device, rademacher,
+                                                twin_chunk(rademacher)):
         if precond is not None:
             z = z * inv_sqrt_rn_torch(precond.view(-1)[start:stop])
-        w = src[start:stop].to(torch.float32)
-        flat[start:stop] = (w + z * scale).to(x.dtype)
+        z *= scale  # z is this chunk's own tensor
+        if source is None and x.dtype == torch.float32:
+            flat[start:stop] += z  # w + scale z, rounded once, without a temporary
+        else:
+            flat[start:stop] = (src[start:stop].to(torch.float32) + z).to(x.dtype)
 
 
 def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = None, *, offset: int = 0,

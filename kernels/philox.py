@@ -11,16 +11,24 @@ Random123's published known-answer vectors), so the words are identical on every
 
 The direction map (one Philox call feeds a whole group of neighbouring elements; no word is wasted):
 
-* **Normal**: groups of 4.  Element ``e = 4 g + j`` comes from call ``g``.  Each word gives a 24-bit
-  uniform: radius uniforms ``u0, u2 = ((w >> 8) | 1) 2**-24`` in (0, 1) (never 0, so no floor is
-  needed), angles ``a1, a3 = (w >> 8) 2**-24`` in [0, 1), both exact in float32; radii
-  ``r0 = sqrt(-2 ln u0)``, ``r1 = sqrt(-2 ln u2)`` (at most 5.77), and both outputs of each pair:
+* **Normal**: groups of 1024 elements from 128 calls, eight normals per call, two per 32-bit word ``w``
+  (a Box-Muller pair of 15-bit draws and two sign bits).  Element ``e = 1024 G + 512 h + 4 g + 2 i + s``
+  is output ``s`` of word ``2 h + i`` of call ``128 G + g``: read as a ``[256, 4]`` tile, call ``g`` feeds
+  rows ``g`` and ``128 + g``, the two rows one GPU thread owns in Triton's 4-wide float32 layout, so a
+  thread draws one call for its 8 elements.  A word's pair is
 
-      z[4g] = r0 cos(2 pi a1),  z[4g+1] = r0 sin(2 pi a1),  z[4g+2] = r1 cos(2 pi a3),  z[4g+3] = r1 sin(2 pi a3)
+      u = v 2**-16,  v = 2 (bits 16..30 of w) + 1            (odd, so 0 < u < 1)
+      y = (2 (bits 0..14 of w, signed) + 1) 2**-15             (odd grid, symmetric in (-1, 1))
+      r = sqrt(-2 ln u),  theta = pi/4 (1 + y)                 (a uniform angle in (0, pi/2))
+      z[.., s=0] = +-r cos(theta)   (sign: bit 31),   z[.., s=1] = +-r sin(theta)   (sign: bit 15)
 
-  so four normals cost one Philox call, two logs, two roots and two sin/cos pairs that share one
-  argument reduction.  Cosine and sine of one angle are exactly uncorrelated and independent for
-  Box-Muller (tested, with the other neighbour pairs and seed vs seed + 1).
+  The sign bits pick the quadrant, so the angle is uniform on the circle (2**17 angles) and every pair
+  is a Box-Muller pair of two independent normals, as exact Box-Muller as 15-bit draws allow: |z| <= 4.71
+  (sqrt(32 ln 2), the smallest u; a true normal exceeds it with probability 2.5e-6 per element) and the
+  radius takes 32768 values.  For a random search direction neither is visible (tests/test_philox.py:
+  moments, kurtosis and a Kolmogorov-Smirnov test on 2**20 draws).  What it buys: one Philox call per 8
+  normals instead of 4 (Philox is the integer pipe's largest cost), and a log and root per pair with no
+  division.
 * **Rademacher**: groups of 4096 elements from 32 calls.  Element ``e = 4096 G + 128 b + 4 l + k`` is ``-1``
   if bit ``b`` of word ``w_k`` of call ``32 G + l`` is set, else ``+1``: all 128 bits of a call are signs.
   Read as a ``[32, 128]`` tile (row ``b``, column ``4 l + k``), call ``l`` feeds one 4-wide column strip, so
@@ -30,12 +38,16 @@ The direction map (one Philox call feeds a whole group of neighbouring elements;
 This map is not ``tl.randn``'s (one call per element, three words discarded); it replaced it in issue 11
 because direction generation, not memory, bounded every zeroth-order kernel (benchmarks/README.md).
 
-Bit-identical normals.  ln, cos and sin are evaluated by :func:`log_f32` / :func:`sincos_2pi`: integer
-ops and fixed sequences of IEEE float32 additions, multiplications and one correctly rounded division, with no
+Bit-identical normals.  ln, cos and sin are near-minimax float32 polynomials (:func:`half_radius`,
+:func:`normal_pair`): integer ops, fixed sequences of IEEE float32 additions and multiplications with no
 FMA contraction (kernels launch with ``enable_fp_fusion=False``) and ``tl.sqrt_rn`` for the root.  IEEE
 754 fixes the result of each of those operations, so **normal directions are bit-identical across the
 Triton kernel, the torch twin, CPU and GPU**, not merely close.  Against float64 Box-Muller of the same
-uniforms they are within max(4 float32 ulp, 5e-7) (tested in ``tests/test_philox.py``).
+15-bit draws they are within 1.2e-6 (2 float32 ulp at the largest radius; tested in ``tests/test_philox.py``).
+
+History: until 2026-11-29 a normal used 24-bit draws, four normals per call, with a division in the log
+(|z| <= 5.77, within 4 ulp of exact Box-Muller); the new map took ``perturb_`` bf16 from an fp32 master
+from 72 to 53 SASS instructions per element (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -58,31 +70,28 @@ PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUNDS = 10
 
-TWO_M24: tl.constexpr = tl.constexpr(2.0**-24)  # uniforms are 24-bit: k * 2**-24, exact in float32
-SQRT2: tl.constexpr = tl.constexpr(f32(math.sqrt(2.0)))
-LN2_HI: tl.constexpr = tl.constexpr(f32(6.9313812256e-01))  # 0x3f317180: e * LN2_HI is exact for |e| < 128
-LN2_LO: tl.constexpr = tl.constexpr(f32(math.log(2.0) - f32(6.9313812256e-01)))
-# ln(1+f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716:  2s + s * s^2 (2/3 + s^2 (2/5 + s^2 2/7)); the next
-# term, 2 s^9 / 9, is below 3e-8 (the whole normal stays within the tested 4-ulp / 5e-7 bound)
-LOG_C3: tl.constexpr = tl.constexpr(f32(2.0 / 3.0))
-LOG_C5: tl.constexpr = tl.constexpr(f32(2.0 / 5.0))
-LOG_C7: tl.constexpr = tl.constexpr(f32(2.0 / 7.0))
-# Taylor coefficients of cos(2 pi x) and sin(2 pi x) in t = x^2, for |x| <= 1/8 (|2 pi x| <= pi/4), to
-# x^8 and x^9: truncation error (pi/4)^10 / 10! = 2.5e-8 and (pi/4)^11 / 11! = 1.8e-9, under an ulp of 0.7.
-COS_C = [f32((-1) ** j * (2 * math.pi) ** (2 * j) / math.factorial(2 * j)) for j in range(5)]
-SIN_C = [f32((-1) ** j * (2 * math.pi) ** (2 * j + 1) / math.factorial(2 * j + 1)) for j in range(5)]
-COS_C1: tl.constexpr = tl.constexpr(COS_C[1])
-COS_C2: tl.constexpr = tl.constexpr(COS_C[2])
-COS_C3: tl.constexpr = tl.constexpr(COS_C[3])
-COS_C4: tl.constexpr = tl.constexpr(COS_C[4])
-SIN_C0: tl.constexpr = tl.constexpr(SIN_C[0])
-SIN_C1: tl.constexpr = tl.constexpr(SIN_C[1])
-SIN_C2: tl.constexpr = tl.constexpr(SIN_C[2])
-SIN_C3: tl.constexpr = tl.constexpr(SIN_C[3])
-SIN_C4: tl.constexpr = tl.constexpr(SIN_C[4])
+TWO_M31: tl.constexpr = tl.constexpr(2.0**-31)  # angle integers are multiples of 2**16 below 2**31
+SQRT_HALF_BITS: tl.constexpr = tl.constexpr(0x3F3504F3)  # float32 bits of sqrt(1/2): the log's range split
+LN2: tl.constexpr = tl.constexpr(f32(math.log(2.0)))
+# Near-minimax polynomials, fitted in float64 (Lawson iteration on 20,000 Chebyshev points) and rounded to
+# float32.  Only their values matter for the bits, so kernel and twin share these numbers.
+#   ln(1 + f) = f + f^2 (L0 + f (L1 + ... + f L5)) on f in [sqrt(1/2) - 1, sqrt(2) - 1]: relative error 1.3e-6
+LOG_C = [f32(c) for c in (-0.5000084638595581, 0.33319219946861267, -0.24919074773788452, 0.20449185371398926,
+                          -0.18587474524974823, 0.11948983371257782)]
+#   cos(pi y / 4) = 1 + t (C1 + t (C2 + t C3)), t = y^2, |y| < 1: absolute error 3.2e-8
+COS_C = [f32(c) for c in (-0.3084245026111603, 0.01585039682686329, -0.0003191600553691387)]
+#   sin(pi y / 4) = y (S0 + t (S1 + t (S2 + t S3))): relative error 2.4e-9
+SIN_C = [f32(c) for c in (0.7853981852531433, -0.08074543625116348, 0.002490007085725665, -3.59545047103893e-05)]
+LOG_C0, LOG_C1, LOG_C2, LOG_C3, LOG_C4, LOG_C5 = (tl.constexpr(c) for c in LOG_C)
+COS_C1, COS_C2, COS_C3 = (tl.constexpr(c) for c in COS_C)
+SIN_C0, SIN_C1, SIN_C2, SIN_C3 = (tl.constexpr(c) for c in SIN_C)
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
-NORMAL_GROUP = 4  # elements per Philox call in a normal direction (two Box-Muller pairs)
+NORMAL_CALLS = 128  # Philox calls per normal group, 8 normals each (four Box-Muller pairs)
+NORMAL_GROUP = 8 * NORMAL_CALLS  # elements per normal group: a [256, 4] tile, one kernel program
+assert NORMAL_GROUP == BLOCK_SIZE
+NORMAL_CALLS_TL: tl.constexpr = tl.constexpr(NORMAL_CALLS)
+NORMAL_GROUP_TL: tl.constexpr = tl.constexpr(NORMAL_GROUP)
 RADEMACHER_CALLS = 32  # Philox calls per Rademacher group: one per 4-wide column strip of the tile
 RADEMACHER_GROUP = 128 * RADEMACHER_CALLS  # elements per Rademacher group: a [32 bits, 128 columns] tile
 RADEMACHER_CALLS_TL: tl.constexpr = tl.constexpr(RADEMACHER_CALLS)
@@ -95,8 +104,8 @@ def is_rademacher(distribution: str) -> bool:
 
 
 def group_size(rademacher: bool) -> int:
-    """Elements of a direction in one group: one Philox call (normal) or one [32, 128] tile of 32 calls
-    (Rademacher).  Kernels tile whole groups; an offset inside a group is masked off."""
+    """Elements of a direction in one group: a [256, 4] tile of 128 Philox calls (normal) or a [32, 128]
+    tile of 32 calls (Rademacher).  A kernel program is one group; an offset inside a group is masked off."""
     return RADEMACHER_GROUP if rademacher else NORMAL_GROUP
 
 
@@ -106,7 +115,7 @@ class TileLaunch(NamedTuple):
     first_group: int  # offset // GROUP: the group holding element ``offset``
     lead: int  # offset % GROUP: elements of the first group before the buffer starts (masked off)
     group: int  # GROUP: elements per group
-    block_size: int  # BLOCK_SIZE: elements per program, whole groups
+    block_size: int  # BLOCK_SIZE: elements per program (one group)
     num_warps: int
     wide: bool  # element indices need 64 bits
 
@@ -114,14 +123,14 @@ class TileLaunch(NamedTuple):
 def tile_launch(offset: int, n: int, rademacher: bool) -> TileLaunch:
     """Launch shape of a kernel that walks ``n`` elements starting at element ``offset`` of a direction.
 
-    Programs cover whole groups: program ``p`` starts at group ``first_group + p * BLOCK_SIZE // GROUP``,
-    and the buffer starts ``lead`` elements into the first group.  A normal program is 1024 elements
-    (256 Philox calls) on 4 warps; a Rademacher program is one group, 4096 elements, on 8 warps, so a
-    thread handles 16 elements, all from one Philox call (4 warps would halve the calls per element
-    but double the registers per thread: 132 instead of 72 for zo_update_).
+    A program is one group: program ``p`` handles group ``first_group + p``, and the buffer starts ``lead``
+    elements into the first group.  A normal program is 1024 elements (128 Philox calls) on 4 warps, 8
+    elements and one call per thread; a Rademacher program is 4096 elements on 8 warps, so a thread
+    handles 16 elements, all from one Philox call (4 warps would halve the calls per element but double
+    the registers per thread: 132 instead of 72 for zo_update_).
     """
     group = group_size(rademacher)
-    block = RADEMACHER_GROUP if rademacher else BLOCK_SIZE
+    block = group
     first_group, lead = divmod(offset, group)
     programs = max(1, math.ceil((n + lead) / block))
     return TileLaunch((programs,), first_group, lead, group, block, 8 if rademacher else NUM_WARPS,
@@ -138,51 +147,34 @@ def philox_seed(seed_lo, seed_hi):
 
 
 @triton.jit
-def radius_uniform(bits):
-    """uint32 -> float32 u in (0, 1): the top 24 bits with the lowest forced to 1, times 2**-24 (exact).
-    Never 0 or 1, so ln u is finite and negative without a floor."""
-    return ((bits >> 8) | 1).to(tl.float32) * TWO_M24
+def half_radius(w):
+    """r = sqrt(-ln u) of the radius uniform u = v 2**-16, v = bits 16..30 of ``w`` as an odd integer in
+    [1, 65535] (exact in float32; never 0 or 1 after halving, so the log is finite and negative).
+
+    ln v = k ln 2 + ln m with m in [sqrt(1/2), sqrt(2)): the exponent split is done on the float bits of
+    v (subtracting sqrt(1/2)'s bits moves the exponent boundary there), so ln m = ln(1 + f) with f = m - 1
+    exact; -ln u = (16 - k) ln 2 - ln(1 + f) keeps full relative accuracy as u -> 1 (k = 16)."""
+    v = ((w >> 15) & 0xFFFE) | 1
+    bits = v.to(tl.int32).to(tl.float32).to(tl.int32, bitcast=True)
+    k = (bits - SQRT_HALF_BITS) >> 23
+    f = (bits - (k << 23)).to(tl.float32, bitcast=True) - 1.0
+    p = f * (f * (LOG_C0 + f * (LOG_C1 + f * (LOG_C2 + f * (LOG_C3 + f * (LOG_C4 + f * LOG_C5))))))
+    return tl.sqrt_rn((16 - k).to(tl.float32) * LN2 - (f + p))
 
 
 @triton.jit
-def log_f32(u):
-    """Natural log of a positive normal float32 from IEEE add/mul/div only (measured <= 2.6 ulp on the
-    radius uniforms)."""
-    bits = u.to(tl.int32, bitcast=True)
-    e = (bits >> 23) - 127
-    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # mantissa in [1, 2)
-    big = m > SQRT2
-    m = tl.where(big, m * 0.5, m)  # now m in [sqrt(2)/2, sqrt(2)]
-    e = tl.where(big, e + 1, e)
-    f = m - 1.0  # exact (Sterbenz)
-    s = tl.math.div_rn(f, f + 2.0)
-    s2 = s * s
-    p = s2 * (LOG_C3 + s2 * (LOG_C5 + s2 * LOG_C7))
-    log1p_f = (s + s) + s * p
-    ef = e.to(tl.float32)
-    return ef * LN2_HI + (ef * LN2_LO + log1p_f)
-
-
-@triton.jit
-def sincos_2pi(bits):
-    """(cos(2 pi u), sin(2 pi u)) of the angle u = (bits >> 8) * 2**-24 in [0, 1), from integer ops and
-    IEEE float32 add/mul only: the quarter-turn reduction is done on the 24-bit integer (exact), then
-    Taylor polynomials of cos and sin on |2 pi x| <= pi/4 (abs. error < 1e-7)."""
-    a = (bits >> 8) + (1 << 21)  # u + 1/8, in units of 2**-24
-    q = (a >> 22) & 3  # nearest quarter turn (4 == 0)
-    x = ((a & 0x3FFFFF).to(tl.int32) - (1 << 21)).to(tl.float32) * TWO_M24  # u - quarter, in [-1/8, 1/8)
-    t = x * x
-    c = 1.0 + t * (COS_C1 + t * (COS_C2 + t * (COS_C3 + t * COS_C4)))
-    s = x * (SIN_C0 + t * (SIN_C1 + t * (SIN_C2 + t * (SIN_C3 + t * SIN_C4))))
-    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
-    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
-    return cos, sin
-
-
-@triton.jit
-def box_muller_radius(bits):
-    """sqrt(-2 ln u), u = radius_uniform(bits): at most sqrt(48 ln 2) = 5.77."""
-    return tl.sqrt_rn(-2.0 * log_f32(radius_uniform(bits)))
+def normal_pair(w):
+    """The two normals of one Philox word (module docstring): radius r = sqrt(-ln u) from bits 16..30, angle
+    pi/4 + pi/4 y with y from bits 0..14 on an odd symmetric grid in (-1, 1), quadrant from the sign bits
+    31 and 15.  cos(pi/4 + a) = (cos a - sin a) / sqrt(2), and the 1/sqrt(2) is the radius's halving."""
+    r = half_radius(w)
+    y = ((w << 17) | (1 << 16)).to(tl.int32, bitcast=True).to(tl.float32) * TWO_M31
+    t = y * y
+    c = 1.0 + t * (COS_C1 + t * (COS_C2 + t * COS_C3))
+    s = y * (SIN_C0 + t * (SIN_C1 + t * (SIN_C2 + t * SIN_C3)))
+    z0 = (r * (c - s)).to(tl.uint32, bitcast=True) ^ (w & 0x80000000)
+    z1 = (r * (c + s)).to(tl.uint32, bitcast=True) ^ ((w << 16) & 0x80000000)
+    return z0.to(tl.float32, bitcast=True), z1.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -190,7 +182,7 @@ def direction_tile(seed, first_group, BLOCK_SIZE: tl.constexpr, RADEMACHER: tl.c
     """This program's ``BLOCK_SIZE`` elements of direction ``seed`` from group ``first_group`` on, as a
     float32 tile shaped like :func:`tile_positions`'s (see the module docstring for the map):
 
-    * normal: ``[BLOCK_SIZE // 4, 4]``, row r = Philox call ``first_group + r`` (four normals);
+    * normal: ``[256, 4]``, one group: rows g and 128 + g = call ``128 first_group + g`` (eight normals);
     * Rademacher: ``[32, 128]``, one group: column strip l = call ``32 first_group + l``, row b = bit b.
     """
     if RADEMACHER:
@@ -204,27 +196,32 @@ def direction_tile(seed, first_group, BLOCK_SIZE: tl.constexpr, RADEMACHER: tl.c
         sign_bit = ((words[None, :] >> bit) & 1) << 31
         z = (sign_bit | 0x3F800000).to(tl.float32, bitcast=True)  # -1.0 if the bit is set, else +1.0
     else:
-        ROWS: tl.constexpr = BLOCK_SIZE // 4
-        w0, w1, w2, w3 = tl.randint4x(seed, (first_group + tl.arange(0, ROWS)).to(tl.uint32))
-        r0 = box_muller_radius(w0)
-        c0, s0 = sincos_2pi(w1)
-        r1 = box_muller_radius(w2)
-        c1, s1 = sincos_2pi(w3)
-        # join, not a broadcast-and-select: the four outputs of a call land in one thread, whatever
-        # layout the compiler picks for the tile (with a select, Triton 3.6 replicated each row's Philox
-        # call across the threads of the row)
-        # (join stacks along a new last axis, so join(join(a, c), join(b, d)) flattens to a, b, c, d)
-        z = tl.reshape(tl.join(tl.join(r0 * c0, r1 * c1), tl.join(r0 * s0, r1 * s1)), [ROWS, 4])
+        # One group: 128 calls, a [256, 4] tile whose row h * 128 + g holds words 2h, 2h + 1 of call g.  With
+        # 4 warps a thread owns rows t and t + 128 (the layout Triton gives 4-wide float32 loads), so each
+        # thread draws one call for its 8 elements and no value moves between threads.
+        tl.static_assert(BLOCK_SIZE == NORMAL_GROUP_TL)
+        CALLS: tl.constexpr = NORMAL_CALLS_TL
+        w0, w1, w2, w3 = tl.randint4x(seed, (first_group * CALLS + tl.arange(0, CALLS)).to(tl.uint32))
+        a0, b0 = normal_pair(w0)
+        a1, b1 = normal_pair(w1)
+        a2, b2 = normal_pair(w2)
+        a3, b3 = normal_pair(w3)
+        # join, not a broadcast-and-select, keeps a call's outputs in one thread (with a select, Triton 3.6
+        # replicated each row's Philox call across the threads of the row).  join stacks along a new last
+        # axis, so join(join(a, c), join(b, d)) flattens to a, b, c, d.
+        low = tl.join(tl.join(a0, a1), tl.join(b0, b1))  # [call, 4]: a0 b0 a1 b1
+        high = tl.join(tl.join(a2, a3), tl.join(b2, b3))
+        z = tl.reshape(tl.permute(tl.join(low, high), (3, 0, 1, 2)), [2 * CALLS, 4])  # [half, call, 4]
     return z
 
 
 @triton.jit
 def tile_positions(first_group, lead, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
-    """For this program: the buffer index of each element of its tile (``[BLOCK_SIZE // 4, 4]`` for
-    normal directions, GROUP = 4; ``[32, 128]`` for Rademacher ones, GROUP = BLOCK_SIZE = 4096), and the
+    """For this program: the buffer index of each element of its tile (``[256, 4]`` for normal
+    directions, GROUP = BLOCK_SIZE = 1024; ``[32, 128]`` for Rademacher ones, GROUP = BLOCK_SIZE = 4096), and the
     tile's first group (see ``tile_launch``).  Indices < 0 are the lead, masked off.  Indices are int64
     only when a buffer needs them (WIDE): int32 index math is half the instructions."""
-    COLS: tl.constexpr = 4 if GROUP == 4 else 128  # a normal group is one row; a Rademacher group 32 rows
+    COLS: tl.constexpr = 4 if GROUP == NORMAL_GROUP_TL else 128  # rows of a normal / Rademacher tile
     ROWS: tl.constexpr = BLOCK_SIZE // COLS
     if WIDE:
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -243,8 +240,8 @@ def philox_direction_kernel(
     first_group,  # offset // GROUP: the Philox group holding element `offset`
     lead,  # offset % GROUP: elements of the first group before out[0]
     RADEMACHER: tl.constexpr,  # False: N(0, 1); True: ±1
-    GROUP: tl.constexpr,  # elements per group: 4 (normal: one Philox call) or 4096 (Rademacher: 32 calls)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
+    GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
+    BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """out[i] = z_seed[offset + i]."""
@@ -278,64 +275,82 @@ def philox_bits_kernel(
 _MASK32 = 0xFFFFFFFF
 
 
-def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` held in
-    int64.  The 64-bit product may pass 2**63; torch's int64 multiply wraps modulo 2**64 on CPU and
-    CUDA, so its bit pattern is still the exact product (guarded by the known-answer tests)."""
-    p = b * a
-    return (p >> 32) & _MASK32, p & _MASK32
-
-
 def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None) -> tuple[torch.Tensor, ...]:
     """Philox4x32-10 of the counter block ``(c0, c1, c2, c3)`` (uint32 values held in int64; omitted
     words are 0) under the key ``(seed mod 2**32, seed >> 32)``.  With only ``c0`` this is Triton's
-    ``randint4x(seed, c0)`` for 32-bit counters.  Returns four int64 tensors of uint32 values."""
+    ``randint4x(seed, c0)`` for 32-bit counters.  Returns four int64 tensors of uint32 values.
+
+    A round is ``c0, c1, c2, c3 = hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)``.  The 64-bit
+    products of two uint32 values may pass 2**63: torch's int64 multiply wraps modulo 2**64 on CPU and
+    CUDA, so the bit pattern is still the exact product (guarded by the known-answer tests).  The low
+    words are kept as whole products: only their low 32 bits reach the next round's XOR, whose one mask
+    clears everything above, so no round masks them separately (the twin's CPU time is these ops)."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     zeros = torch.zeros_like(c0)
     c1, c2, c3 = (zeros if c is None else c for c in (c1, c2, c3))
     for _ in range(PHILOX_ROUNDS):
-        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        product_b, product_a = c2 * PHILOX_ROUND_B, c0 * PHILOX_ROUND_A
+        c0 = product_b >> 32
+        c0 ^= c1
+        c0 ^= k0
+        c0 &= _MASK32
+        c2 = product_a >> 32
+        c2 ^= c3
+        c2 ^= k1
+        c2 &= _MASK32
+        c1, c3 = product_b, product_a
         k0 = (k0 + PHILOX_KEY_A) & _MASK32
         k1 = (k1 + PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    return c0, c1 & _MASK32, c2, c3 & _MASK32
 
 
-def radius_uniform_torch(bits: torch.Tensor) -> torch.Tensor:
-    return ((bits >> 8) | 1).to(torch.float32) * TWO_M24.value
+_SIGN = -(2**31)  # int32 with only the sign bit set
 
 
-def log_f32_torch(u: torch.Tensor) -> torch.Tensor:
-    bits = u.view(torch.int32)
-    e = (bits >> 23) - 127
-    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)
-    big = m > SQRT2.value
-    m = torch.where(big, m * 0.5, m)
-    e = torch.where(big, e + 1, e)
-    f = m - 1.0
-    s = f / (f + 2.0)
-    s2 = s * s
-    p = s2 * (LOG_C3.value + s2 * (LOG_C5.value + s2 * LOG_C7.value))
-    log1p_f = (s + s) + s * p
-    ef = e.to(torch.float32)
-    return ef * LN2_HI.value + (ef * LN2_LO.value + log1p_f)
+def _horner_(x: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
+    """c0 + x (c1 + x (... + x c_n)) in float32, innermost first, as the kernels write it (a new tensor,
+    updated in place: the twin's CPU time is op count and allocations)."""
+    acc = x * coefficients[-1]
+    for c in reversed(coefficients[1:-1]):
+        acc += c
+        acc *= x
+    acc += coefficients[0]
+    return acc
 
 
-def sincos_2pi_torch(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a = (bits >> 8) + (1 << 21)
-    q = (a >> 22) & 3
-    x = ((a & 0x3FFFFF) - (1 << 21)).to(torch.float32) * TWO_M24.value
-    t = x * x
-    c = 1.0 + t * (COS_C[1] + t * (COS_C[2] + t * (COS_C[3] + t * COS_C[4])))
-    s = x * (SIN_C[0] + t * (SIN_C[1] + t * (SIN_C[2] + t * (SIN_C[3] + t * SIN_C[4]))))
-    cos = torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))
-    sin = torch.where(q == 0, s, torch.where(q == 1, c, torch.where(q == 2, -s, -c)))
-    return cos, sin
-
-
-def box_muller_radius_torch(bits: torch.Tensor) -> torch.Tensor:
-    return sqrt_rn_torch(-2.0 * log_f32_torch(radius_uniform_torch(bits)))
+def normal_pair_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of :func:`normal_pair` (with :func:`half_radius` inline), on int32 words (uint32 bit patterns):
+    the same integer and IEEE float32 operations in the same order."""
+    v = (w >> 15) & 0xFFFE  # the mask also clears the sign bits an arithmetic int32 shift brings in
+    v |= 1
+    bits = v.to(torch.float32).view(torch.int32)
+    k = bits - SQRT_HALF_BITS.value
+    k >>= 23
+    f = (bits - (k << 23)).view(torch.float32)
+    f -= 1.0
+    log1p_f = _horner_(f, LOG_C)  # ln(1 + f) = f + f (f (L0 + f (L1 + ...)))
+    log1p_f *= f
+    log1p_f *= f
+    log1p_f += f
+    k = (16 - k).to(torch.float32)
+    k *= LN2.value
+    r = sqrt_rn_torch(k - log1p_f)
+    y = (w << 17) | (1 << 16)
+    y = y.to(torch.float32)
+    y *= TWO_M31.value
+    t = y * y
+    cos = _horner_(t, [1.0, *COS_C])
+    sin = _horner_(t, SIN_C)
+    sin *= y
+    z0 = cos - sin
+    z0 *= r
+    z1 = cos + sin  # cos + sin = sin + cos: IEEE addition commutes
+    z1 *= r
+    z0 = z0.view(torch.int32)
+    z0 ^= w & _SIGN
+    z1 = z1.view(torch.int32)
+    z1 ^= (w << 16) & _SIGN
+    return z0.view(torch.float32), z1.view(torch.float32)
 
 
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)  # one row per bit
@@ -345,7 +360,7 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
     """Torch twin of :func:`direction_tile`: elements ``start .. start+n-1`` of direction ``seed``."""
     group = group_size(rademacher)
     first, stop = start // group, -(-(start + n) // group)
-    calls_per_group = RADEMACHER_CALLS if rademacher else 1
+    calls_per_group = RADEMACHER_CALLS if rademacher else NORMAL_CALLS
     w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first * calls_per_group, stop * calls_per_group,
                                                          dtype=torch.int64, device=device))
     if rademacher:
@@ -353,10 +368,12 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
         bits = (words >> _BIT_SHIFTS.to(device)) & 1  # [groups, 32 bits, 128 columns]: e = 4096 G + 128 b + 4 l + k
         z = (1 - 2 * bits).to(torch.float32).reshape(-1)
     else:
-        r0, r1 = box_muller_radius_torch(w0), box_muller_radius_torch(w2)
-        c0, s0 = sincos_2pi_torch(w1)
-        c1, s1 = sincos_2pi_torch(w3)
-        z = torch.stack((r0 * c0, r0 * s0, r1 * c1, r1 * s1), dim=1).reshape(-1)
+        words = torch.stack((w0, w1, w2, w3), dim=1).to(torch.int32)  # [calls, word]; uint32 bits, wrapped
+        z0, z1 = normal_pair_torch(words)
+        groups = stop - first
+        z = torch.empty((groups, 2, NORMAL_CALLS, 2, 2), dtype=torch.float32, device=device)  # [G, h, g, i, s]
+        halves = [t.view(groups, NORMAL_CALLS, 2, 2).transpose(1, 2) for t in (z0, z1)]  # word 2 h + i of call g
+        z = torch.stack(halves, dim=4, out=z).view(-1)  # element 1024 G + 512 h + 4 g + 2 i + s
     skip = start - first * group
     return z[skip:skip + n]
 
@@ -366,6 +383,18 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
 #: elements halve the time of a 2M-element direction (6.7 vs 14.3 ms on the 2-core VM).  perturb_ keeps
 #: TWIN_CHUNK, which is as fast or faster there at 1e5 and 1e6 elements.
 RADEMACHER_DIRECTION_CHUNK = 1 << 18
+
+
+#: Chunk of a normal direction in every twin (perturb_, zo_update_, philox_normal).  A chunk of TWIN_CHUNK
+#: elements holds only 8K Philox calls, so torch's per-op overhead is most of the twin's time; at 256K
+#: elements (32K calls, ~1 MB int64 temporaries) ``perturb_`` takes about 2/3 of the time at 1e5-1e7
+#: elements (2-core VM, /tmp-free measurement in benchmarks/README.md).
+NORMAL_DIRECTION_CHUNK = 1 << 18
+
+
+def twin_chunk(rademacher: bool) -> int:
+    """Elements per chunk for a twin that regenerates a direction (see the two constants above)."""
+    return TWIN_CHUNK if rademacher else NORMAL_DIRECTION_CHUNK
 
 
 def iter_direction_chunks(seed: int, offset: int, n: int, device, rademacher: bool, size: int = TWIN_CHUNK):
@@ -392,7 +421,7 @@ def _direction(seed: int, n: int, offset: int, device, backend: str | None, rade
                                             num_warps=t.num_warps,
                                             enable_fp_fusion=False)
     else:
-        size = RADEMACHER_DIRECTION_CHUNK if rademacher else TWIN_CHUNK
+        size = RADEMACHER_DIRECTION_CHUNK if rademacher else NORMAL_DIRECTION_CHUNK
         for start, stop, z in iter_direction_chunks(seed, offset, n, device, rademacher, size):
             out[start:stop] = z
     return out

@@ -45,7 +45,8 @@ import triton.language as tl
 
 from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_same_layout, chunks, f32,
                       inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to, sign, split_seed)
-from .philox import direction_tile, direction_torch, is_rademacher, philox_seed, tile_launch, tile_positions
+from .philox import (direction_tile, direction_torch, is_rademacher, philox_seed, tile_launch, tile_positions,
+                     twin_chunk)
 
 
 @triton.jit
@@ -98,8 +99,8 @@ def zo_update_kernel(
     HAS_MOMENTUM: tl.constexpr,  # update a momentum buffer
     HAS_HESSIAN: tl.constexpr,  # precondition by 1 / sqrt(h) and update h
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
-    GROUP: tl.constexpr,  # elements per group: 4 (normal: one Philox call) or 4096 (Rademacher: 32 calls)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of GROUP)
+    GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
+    BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
     FOLD: tl.constexpr,  # one block, no master, momentum, decay, L1 or curvature: w = x + (rs - lr c) z
 ):
@@ -171,7 +172,7 @@ def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buff
         c = torch.tensor([c], dtype=torch.float32, device=x.device)  # fp32 arithmetic, as in the kernel
     flat = x.view(-1)
     num_blocks = 1 if block_starts is None else block_starts.numel()
-    for start, stop in chunks(flat.numel()):
+    for start, stop in chunks(flat.numel(), twin_chunk(rademacher)):
         if block_starts is not None:
             block = torch.searchsorted(block_starts, torch.arange(start, stop, device=x.device), right=True) - 1
         last = num_directions - 1

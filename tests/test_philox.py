@@ -2,7 +2,6 @@
 statistics and independence."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -66,26 +65,44 @@ def test_rademacher_map_uses_every_bit(device):
                              expected[3000:8000], f"{backend}, offset 3000")
 
 
-def _exact_box_muller(seed: int, n: int) -> torch.Tensor:
-    """The normal map of philox.py (four normals per Philox call) evaluated in float64 from the same
-    float32 uniforms."""
-    w = P.philox4x32_torch(seed, torch.arange(-(-n // 4), dtype=torch.int64))
-    r0, r1 = (torch.sqrt(-2.0 * torch.log(((b >> 8) | 1).double() * 2.0**-24)) for b in (w[0], w[2]))
-    a1, a3 = (2.0 * math.pi * (b >> 8).double() * 2.0**-24 for b in (w[1], w[3]))
-    return torch.stack([r0 * torch.cos(a1), r0 * torch.sin(a1), r1 * torch.cos(a3), r1 * torch.sin(a3)],
-                       dim=1).reshape(-1)[:n]
+def _exact_box_muller(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal pair of each Philox word (philox.py's map) evaluated in float64 from the same draws."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    r = torch.sqrt(-2.0 * torch.log((((w >> 15) & 0xFFFE) | 1).double() * 2.0**-16))
+    y = (2 * (((w & 0x7FFF) ^ 0x4000) - 0x4000) + 1).double() * 2.0**-15  # bits 0..14 as a signed integer
+    theta = math.pi / 4 * (1 + y)
+    sign0 = 1 - 2 * ((w >> 31) & 1).double()
+    sign1 = 1 - 2 * ((w >> 15) & 1).double()
+    return sign0 * r * torch.cos(theta), sign1 * r * torch.sin(theta)
+
+
+def test_normal_map_is_the_documented_one():
+    """Element 1024 G + 512 h + 4 g + 2 i + s is output s of word 2 h + i of call 128 G + g."""
+    n = 3 * 1024
+    words = P.philox4x32_torch(12, torch.arange(3 * 128, dtype=torch.int64))
+    e = torch.arange(n)
+    call, h, i, s = 128 * (e // 1024) + (e % 512) // 4, (e % 1024) // 512, (e % 4) // 2, e % 2
+    word = torch.stack(words, dim=1)[call, 2 * h + i]
+    z0, z1 = _exact_box_muller(word)
+    expected = torch.where(s == 0, z0, z1)
+    z = philox_normal(12, n, backend="torch").double()
+    assert (z - expected).abs().max().item() < 1.2e-6
 
 
 def test_normal_accuracy_bound():
-    """Stated bound: |z - exact| <= max(4 ulp(z), 5e-7) against float64 Box-Muller of the same uniforms."""
-    n = 1 << 20
-    z = philox_normal(2024, n, backend="torch").double()
-    exact = _exact_box_muller(2024, n)
-    ulp = torch.from_numpy(np.spacing(np.abs(exact.float().numpy())).astype(np.float64))
-    err = (z - exact).abs()
-    bound = torch.maximum(4 * ulp, torch.full_like(ulp, 5e-7))
-    worst = int(torch.argmax(err / bound))
-    assert bool((err <= bound).all()), f"worst element {worst}: z={z[worst]} exact={exact[worst]} err={err[worst]}"
+    """Stated bound: |z - exact| <= 1.2e-6 against float64 Box-Muller of the same draws, over every radius
+    draw (with the extreme angles), every angle draw, and 2**20 random words."""
+    radius = torch.arange(1 << 15, dtype=torch.int64)[:, None] << 16
+    angle = torch.arange(1 << 16, dtype=torch.int64)[:, None]
+    words = torch.cat([(radius | torch.tensor([0, 0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xBFFF])).reshape(-1),
+                       (angle | (torch.tensor([0, 1, 2**14, 2**15 - 1]) << 16)).reshape(-1),
+                       torch.randint(0, 2**32, (1 << 20,), generator=torch.Generator().manual_seed(0))])
+    for got, exact in zip(P.normal_pair_torch(words.to(torch.int32)), _exact_box_muller(words)):
+        err = (got.double() - exact).abs()
+        worst = int(torch.argmax(err))
+        assert err[worst].item() <= 1.2e-6, f"word {hex(words[worst])}: z={got[worst]} exact={exact[worst]}"
+    largest = torch.cat(P.normal_pair_torch(words.to(torch.int32))).abs().max().item()
+    assert largest <= math.sqrt(32 * math.log(2)) + 1.2e-6, largest
 
 
 #: positions within a Rademacher group (4096 G + 128 b + 4 l + k) that share call l = 3 (bits b of words k),
@@ -93,17 +110,22 @@ def test_normal_accuracy_bound():
 RADEMACHER_POSITIONS = [128 * b + 4 * 3 + k for b, k in ((0, 0), (0, 1), (0, 3), (1, 0), (2, 2), (31, 3))] + [11, 16]
 
 
-@pytest.mark.parametrize("make, group", [(philox_normal, 4), (philox_rademacher, 4096)], ids=["normal", "rademacher"])
+#: the eight positions within a normal group fed by call g = 5 (4 g + j and 512 + 4 g + j), and two neighbours
+NORMAL_POSITIONS = [20, 21, 22, 23, 532, 533, 534, 535, 19, 24]
+
+
+@pytest.mark.parametrize("make, group", [(philox_normal, 1024), (philox_rademacher, 4096)],
+                         ids=["normal", "rademacher"])
 def test_outputs_of_one_philox_call_are_uncorrelated(make, group):
-    """Neighbouring elements now share a Philox call: every pair of positions within a call (and the
-    squares of normals, which would expose a shared Box-Muller radius or angle) is uncorrelated."""
-    groups = 1 << 16 if group == 4 else 1 << 12
+    """Neighbouring elements share a Philox call: every pair of positions within a call (and the squares
+    of normals, which would expose a shared Box-Muller radius or angle) is uncorrelated."""
+    groups = 1 << 12
     z = make(5, groups * group, backend="torch").double().view(groups, group)
-    positions = range(group) if group == 4 else RADEMACHER_POSITIONS
+    positions = NORMAL_POSITIONS if make is philox_normal else RADEMACHER_POSITIONS
     for i in positions:
         for j in positions:
             if i < j:
-                for f, what in ((lambda t: t, "z"), (lambda t: t * t, "z^2"))[:2 if group == 4 else 1]:
+                for f, what in ((lambda t: t, "z"), (lambda t: t * t, "z^2"))[:2 if make is philox_normal else 1]:
                     corr = torch.corrcoef(torch.stack([f(z[:, i]), f(z[:, j])]))[0, 1].item()
                     assert abs(corr) < 5 / math.sqrt(groups), f"positions {i}, {j} of a group: corr({what}) = {corr}"
 
