@@ -56,12 +56,14 @@ def test_first_order_run_beats_chance_and_writes_the_run_folder(tmp_path):
 
 def test_zeroth_order_run_beats_chance(tmp_path):
     run = tmp_path / "zo"
-    _run(["--model", "lenet", "--optimizer", "zo-sgd", "--data", real_archive(), "--out", run, "--steps", 200,
+    _run(["--model", "lenet", "--optimizer", "zo-sgd", "--data", real_archive(), "--out", run, "--steps", 400,
           "--schedule", "constant", "--quiet"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    # chance (and an untrained LeNet) is 0.10; measured 0.1702 on the 2-core VM, before and after issue 13
-    assert summary["test_accuracy"] >= 0.16, summary
-    assert summary["forward_passes"] == 200 * 5 * 2  # steps x module blocks x (plus, minus)
+    # chance (and an untrained LeNet) is 0.10.  400 steps, not 200: at 200 the run is still leaving its early
+    # plateau and the result depends on the direction seeds (15-bit normal map, seeds 0 / 1 / 2: 13.1% /
+    # 17.3% / 16.6%); at 400 steps seed 0 reaches 24.8% (2-core VM, 2026-11-29)
+    assert summary["test_accuracy"] >= 0.18, summary
+    assert summary["forward_passes"] == 400 * 5 * 2  # steps x module blocks x (plus, minus)
 
 
 def test_activity_perturbation_run_beats_chance(tmp_path):
