@@ -18,6 +18,9 @@ Why the twins give the *same bits* as the kernels
 * ``torch.sqrt`` on CPU float32 is not correctly rounded; the twins use :func:`sqrt_rn_torch`.
 * CUDA torch divides by a CPU scalar (a Python float or 0-dim CPU tensor) as multiplication by its
   reciprocal; twins divide only by tensors on their own device.
+* On CPU the normal-direction twin runs compiled by ``torch.compile`` (philox.py, ``normal_pairs``): Inductor
+  builds C++ with ``-ffp-contract=off`` and without unsafe math, and the compiled program must reproduce the
+  eager twin bit for bit on a probe before it is used; otherwise the eager twin runs.
 The kernels are memory bound, so giving up FMA costs nothing measurable (see ``benchmarks/kernels.py``).
 """
 from __future__ import annotations

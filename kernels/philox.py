@@ -45,6 +45,10 @@ FMA contraction (kernels launch with ``enable_fp_fusion=False``) and ``tl.sqrt_r
 Triton kernel, the torch twin, CPU and GPU**, not merely close.  Against float64 Box-Muller of the same
 15-bit draws they are within 1.2e-6 (2 float32 ulp at the largest radius; tested in ``tests/test_philox.py``).
 
+Twin speed.  On CPU, :func:`normal_pairs` runs the normal twin through ``torch.compile`` (one fused C++ loop
+instead of ~160 torch ops; same bits, checked on a probe before first use, eager fallback); see the comment
+above ``COMPILED_MIN_CALLS``.
+
 History: until 2026-11-29 a normal used 24-bit draws, four normals per call, with a division in the log
 (|z| <= 5.77, within 4 ulp of exact Box-Muller); the new map took ``perturb_`` bf16 from an fp32 master
 from 72 to 53 SASS instructions per element (benchmarks/README.md).
@@ -52,6 +56,9 @@ from 72 to 53 SASS instructions per element (benchmarks/README.md).
 from __future__ import annotations
 
 import math
+import os
+import threading
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -275,20 +282,31 @@ def philox_bits_kernel(
 _MASK32 = 0xFFFFFFFF
 
 
-def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None) -> tuple[torch.Tensor, ...]:
+def round_keys(seed: int) -> list[tuple[int, int]]:
+    """The ten (k0, k1) round keys of Philox4x32-10 under the key ``(seed mod 2**32, seed >> 32)``."""
+    k0, k1, keys = seed & _MASK32, (seed >> 32) & _MASK32, []
+    for _ in range(PHILOX_ROUNDS):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + PHILOX_KEY_A) & _MASK32, (k1 + PHILOX_KEY_B) & _MASK32
+    return keys
+
+
+def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None, keys=None) -> tuple[torch.Tensor, ...]:
     """Philox4x32-10 of the counter block ``(c0, c1, c2, c3)`` (uint32 values held in int64; omitted
     words are 0) under the key ``(seed mod 2**32, seed >> 32)``.  With only ``c0`` this is Triton's
     ``randint4x(seed, c0)`` for 32-bit counters.  Returns four int64 tensors of uint32 values.
+    ``keys``: the round keys if already known (a ``[10, 2]`` int64 tensor in the compiled twin, so that
+    a new seed is new data, not a new program); ``seed`` is then unused.
 
     A round is ``c0, c1, c2, c3 = hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)``.  The 64-bit
     products of two uint32 values may pass 2**63: torch's int64 multiply wraps modulo 2**64 on CPU and
     CUDA, so the bit pattern is still the exact product (guarded by the known-answer tests).  The low
     words are kept as whole products: only their low 32 bits reach the next round's XOR, whose one mask
     clears everything above, so no round masks them separately (the twin's CPU time is these ops)."""
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    keys = round_keys(seed) if keys is None else keys
     zeros = torch.zeros_like(c0)
     c1, c2, c3 = (zeros if c is None else c for c in (c1, c2, c3))
-    for _ in range(PHILOX_ROUNDS):
+    for k0, k1 in keys:
         product_b, product_a = c2 * PHILOX_ROUND_B, c0 * PHILOX_ROUND_A
         c0 = product_b >> 32
         c0 ^= c1
@@ -299,8 +317,6 @@ def philox4x32_torch(seed: int, c0: torch.Tensor, c1=None, c2=None, c3=None) -> 
         c2 ^= k1
         c2 &= _MASK32
         c1, c3 = product_b, product_a
-        k0 = (k0 + PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + PHILOX_KEY_B) & _MASK32
     return c0, c1 & _MASK32, c2, c3 & _MASK32
 
 
@@ -353,6 +369,64 @@ def normal_pair_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return z0.view(torch.float32), z1.view(torch.float32)
 
 
+def normal_pairs_torch(counters: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two outputs ``[calls, 4]`` of every word of the Philox calls ``counters`` (the twin's work)."""
+    words = torch.stack(philox4x32_torch(0, counters, keys=keys), dim=1).to(torch.int32)  # uint32 bits, wrapped
+    return normal_pair_torch(words)
+
+
+#: The compiled twin.  On CPU, ``normal_pairs_torch`` runs through ``torch.compile`` (Inductor's C++ backend:
+#: one fused loop instead of ~160 elementwise ops; C++ is built with -ffp-contract=off and no unsafe math,
+#: so each IEEE operation still rounds once, in the same order).  Calls are padded to a power of two
+#: (>= COMPILED_MIN_CALLS) so that a few programs serve every size, and the round keys are a tensor, so a
+#: new seed is not a new program.  Before first use the compiled program must reproduce the eager twin bit
+#: for bit on a probe; otherwise, or without a working compiler, or with SUBGRAD_COMPILE_TWIN=0, the eager
+#: twin runs (one warning says why).
+COMPILED_MIN_CALLS = 1 << 12
+_COMPILED: dict = {}
+_COMPILED_LOCK = threading.Lock()  # torch.compile is not thread-safe: one compile, and one call at a time
+
+
+def _compiled_normal_pairs():
+    """The compiled ``normal_pairs_torch``, or None (decided once per process)."""
+    with _COMPILED_LOCK:
+        return _compile_once()
+
+
+def _compile_once():
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = None
+        if os.environ.get("SUBGRAD_COMPILE_TWIN", "1") != "0":
+            try:
+                fn = torch.compile(normal_pairs_torch, dynamic=False)
+                probe = torch.arange(7 * COMPILED_MIN_CALLS, 8 * COMPILED_MIN_CALLS, dtype=torch.int64)
+                keys = round_keys(2**40 + 12345)
+                got, want = fn(probe, torch.tensor(keys)), normal_pairs_torch(probe, keys)
+                if all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(got, want)):
+                    _COMPILED["fn"] = fn
+                else:
+                    warnings.warn("subgrad: the compiled CPU twin differs from the eager twin on its probe; "
+                                  "using the eager twin (same bits, slower)")
+            except Exception as error:  # no compiler, unsupported platform, ...: the eager twin is always right
+                warnings.warn(f"subgrad: torch.compile of the CPU twin failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); using the eager twin")
+    return _COMPILED["fn"]
+
+
+def normal_pairs(seed: int, first_call: int, calls: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normal_pairs_torch`` of calls ``first_call .. first_call + calls - 1``: compiled on CPU for runs
+    of at least COMPILED_MIN_CALLS calls, eager otherwise (same bits either way)."""
+    fn = _compiled_normal_pairs() if torch.device(device).type == "cpu" and calls >= COMPILED_MIN_CALLS else None
+    if fn is None:
+        return normal_pairs_torch(torch.arange(first_call, first_call + calls, dtype=torch.int64, device=device),
+                                  round_keys(seed))
+    padded = 1 << (calls - 1).bit_length()
+    counters = torch.arange(first_call, first_call + padded, dtype=torch.int64)  # padding calls are dropped
+    with _COMPILED_LOCK:
+        z0, z1 = fn(counters, torch.tensor(round_keys(seed)))
+    return z0[:calls], z1[:calls]
+
+
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)  # one row per bit
 
 
@@ -360,17 +434,15 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
     """Torch twin of :func:`direction_tile`: elements ``start .. start+n-1`` of direction ``seed``."""
     group = group_size(rademacher)
     first, stop = start // group, -(-(start + n) // group)
-    calls_per_group = RADEMACHER_CALLS if rademacher else NORMAL_CALLS
-    w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first * calls_per_group, stop * calls_per_group,
-                                                         dtype=torch.int64, device=device))
     if rademacher:
+        w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first * RADEMACHER_CALLS, stop * RADEMACHER_CALLS,
+                                                             dtype=torch.int64, device=device))
         words = torch.stack((w0, w1, w2, w3), dim=1).view(-1, 1, RADEMACHER_CALLS * 4)  # [groups, 1, 4 l + k]
         bits = (words >> _BIT_SHIFTS.to(device)) & 1  # [groups, 32 bits, 128 columns]: e = 4096 G + 128 b + 4 l + k
         z = (1 - 2 * bits).to(torch.float32).reshape(-1)
     else:
-        words = torch.stack((w0, w1, w2, w3), dim=1).to(torch.int32)  # [calls, word]; uint32 bits, wrapped
-        z0, z1 = normal_pair_torch(words)
         groups = stop - first
+        z0, z1 = normal_pairs(seed, first * NORMAL_CALLS, groups * NORMAL_CALLS, device)  # [calls, word]
         z = torch.empty((groups, 2, NORMAL_CALLS, 2, 2), dtype=torch.float32, device=device)  # [G, h, g, i, s]
         halves = [t.view(groups, NORMAL_CALLS, 2, 2).transpose(1, 2) for t in (z0, z1)]  # word 2 h + i of call g
         z = torch.stack(halves, dim=4, out=z).view(-1)  # element 1024 G + 512 h + 4 g + 2 i + s

@@ -1,6 +1,8 @@
 """Philox directions: Triton kernel vs torch twin (bit-identical), known answers, the direction map, accuracy,
 statistics and independence."""
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -187,3 +189,45 @@ def test_environment_selects_backend(monkeypatch, device):
 
 def test_zero_length(device):
     assert philox_normal(1, 0, device=device, backend="triton").numel() == 0
+
+
+# -- the compiled CPU twin ----------------------------------------------------------------------------
+@pytest.mark.parametrize("seed, offset, n", [(3, 0, 1 << 15), (2**61 + 5, 777, 100_000), (9, 4096 * 1024 + 5, 70001)])
+def test_compiled_twin_matches_eager_twin(seed, offset, n, monkeypatch):
+    """On CPU, runs of >= COMPILED_MIN_CALLS calls go through torch.compile: bit for bit the eager twin
+    (which the Triton tests above pin to the kernel)."""
+    if P._compiled_normal_pairs() is None:
+        assert not os.environ.get("CI"), "CI must exercise the compiled twin (torch.compile failed there)"
+        pytest.skip("torch.compile is unavailable on this machine; the eager twin runs instead")
+    assert -(-(offset % 1024 + n) // 1024) * 128 >= P.COMPILED_MIN_CALLS  # the compiled path is taken
+    compiled = P.direction_torch(seed, offset, n, "cpu", False)
+    monkeypatch.setitem(P._COMPILED, "fn", None)
+    assert_bitwise_equal(compiled, P.direction_torch(seed, offset, n, "cpu", False), "compiled vs eager twin")
+
+
+def _compile_wrongly(fn, **kwargs):
+    return lambda counters, keys: tuple(t + 1 for t in fn(counters, keys))
+
+
+def _compile_without_compiler(fn, **kwargs):
+    raise RuntimeError("no C++ compiler found")
+
+
+@pytest.mark.parametrize("compile_, env, message", [
+    (_compile_wrongly, "1", "differs from the eager twin"),
+    (_compile_without_compiler, "1", "failed \\(RuntimeError: no C\\+\\+ compiler found\\)"),
+    (_compile_wrongly, "0", None),  # switched off: not even tried
+], ids=["differs", "no-compiler", "switched-off"])
+def test_compiled_twin_falls_back_to_the_eager_twin(compile_, env, message, monkeypatch, recwarn):
+    monkeypatch.setattr(P, "_COMPILED", {})
+    monkeypatch.setattr(P.torch, "compile", compile_)
+    monkeypatch.setenv("SUBGRAD_COMPILE_TWIN", env)
+    assert P._compiled_normal_pairs() is None
+    warned = [str(w.message) for w in recwarn if "subgrad" in str(w.message)]
+    if message is None:
+        assert not warned
+    else:
+        assert len(warned) == 1 and re.search(message, warned[0]), warned
+    # the eager twin runs, and gives the kernel's bits
+    assert_bitwise_equal(P.direction_torch(4, 0, 1 << 15, "cpu", False), philox_normal(4, 1 << 15, backend="triton"),
+                         "fallback twin vs kernel")
