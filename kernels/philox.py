@@ -377,11 +377,11 @@ def normal_pairs_torch(counters: torch.Tensor, keys) -> tuple[torch.Tensor, torc
 
 #: The compiled twin.  On CPU, ``normal_pairs_torch`` runs through ``torch.compile`` (Inductor's C++ backend:
 #: one fused loop instead of ~160 elementwise ops; C++ is built with -ffp-contract=off and no unsafe math,
-#: so each IEEE operation still rounds once, in the same order).  Calls are padded to a power of two
-#: (>= COMPILED_MIN_CALLS) so that a few programs serve every size, and the round keys are a tensor, so a
-#: new seed is not a new program.  Before first use the compiled program must reproduce the eager twin bit
-#: for bit on a probe; otherwise, or without a working compiler, or with SUBGRAD_COMPILE_TWIN=0, the eager
-#: twin runs (one warning says why).
+#: so each IEEE operation still rounds once, in the same order).  One program with a dynamic number of
+#: calls serves every size (static sizes ran ~1.5x faster but meant a program per size, or padding), and
+#: the round keys are a tensor, so a new seed is not a new program.  Before first use the program must
+#: reproduce the eager twin bit for bit on a probe; otherwise, or without a working compiler, or with
+#: SUBGRAD_COMPILE_TWIN=0, the eager twin runs (one warning says why).
 COMPILED_MIN_CALLS = 1 << 12
 _COMPILED: dict = {}
 _COMPILED_LOCK = threading.Lock()  # torch.compile is not thread-safe: one compile, and one call at a time
@@ -398,7 +398,7 @@ def _compile_once():
         _COMPILED["fn"] = None
         if os.environ.get("SUBGRAD_COMPILE_TWIN", "1") != "0":
             try:
-                fn = torch.compile(normal_pairs_torch, dynamic=False)
+                fn = torch.compile(normal_pairs_torch, dynamic=True)
                 probe = torch.arange(7 * COMPILED_MIN_CALLS, 8 * COMPILED_MIN_CALLS, dtype=torch.int64)
                 keys = round_keys(2**40 + 12345)
                 got, want = fn(probe, torch.tensor(keys)), normal_pairs_torch(probe, keys)
@@ -420,11 +420,9 @@ def normal_pairs(seed: int, first_call: int, calls: int, device) -> tuple[torch.
     if fn is None:
         return normal_pairs_torch(torch.arange(first_call, first_call + calls, dtype=torch.int64, device=device),
                                   round_keys(seed))
-    padded = 1 << (calls - 1).bit_length()
-    counters = torch.arange(first_call, first_call + padded, dtype=torch.int64)  # padding calls are dropped
+    counters = torch.arange(first_call, first_call + calls, dtype=torch.int64)
     with _COMPILED_LOCK:
-        z0, z1 = fn(counters, torch.tensor(round_keys(seed)))
-    return z0[:calls], z1[:calls]
+        return fn(counters, torch.tensor(round_keys(seed)))
 
 
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)  # one row per bit
