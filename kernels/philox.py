@@ -413,6 +413,12 @@ def _compile_once():
     return _COMPILED["fn"]
 
 
+def prepare_cpu_twin() -> bool:
+    """Build (or load from torch's compile cache) the compiled CPU twin now rather than inside the first
+    step that needs it.  True if it will be used; False if the eager twin runs (a warning said why)."""
+    return _compiled_normal_pairs() is not None
+
+
 def normal_pairs(seed: int, first_call: int, calls: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``normal_pairs_torch`` of calls ``first_call .. first_call + calls - 1``: compiled on CPU for runs
     of at least COMPILED_MIN_CALLS calls, eager otherwise (same bits either way)."""

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .config import (DEFAULTS, FO_OPTIMIZERS, OPTIMIZERS, SCHEDULES,  # noqa: F401 (names train.py had before
-                     ZO_OPTIMIZERS, TrainConfig)  # config.py: re-exported for existing imports)
+from .config import (DEFAULTS, ESTIMATOR_OPTIMIZERS, FO_OPTIMIZERS, OPTIMIZERS,  # noqa: F401 (names train.py
+                     SCHEDULES, ZO_OPTIMIZERS, TrainConfig)  # had before config.py: re-exported for existing imports)
 from .data import DeviceLoader, load_cifar10
 from .distributed import Communicator, from_environment, shutdown, weights_hash
+from .kernels import prepare_cpu_twin
 from .models import build_model
 from .runs import (CHECKPOINT_FORMAT, atomic_save, atomic_write, atomic_write_text, checkpoints, latest_checkpoint,
                    load_checkpoint)
@@ -187,6 +188,12 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
+    if device.type == "cpu" and cfg.optimizer in ESTIMATOR_OPTIMIZERS and cfg.distribution == "gaussian":
+        # compile the CPU twin of normal directions before the clock starts, not inside the first step
+        if not (cfg.quiet or not comm.is_main):
+            print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
+                  "on a machine, cached after)", file=sys.stderr, flush=True)
+        prepare_cpu_twin()
     if comm.active and step_kind == "closure":
         optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
     elif comm.active and step_kind == "blocks":  # per block, one all-gather of per-example loss differences
