@@ -55,6 +55,7 @@ from 72 to 53 SASS instructions per element (benchmarks/README.md).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -397,6 +398,10 @@ def _compile_once():
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = None
         if os.environ.get("SUBGRAD_COMPILE_TWIN", "1") != "0":
+            # torch's C++ builder logs a CUDA_HOME warning on CUDA builds of torch without a GPU: not ours
+            cpp_log = logging.getLogger("torch.utils.cpp_extension")
+            level = cpp_log.level
+            cpp_log.setLevel(logging.ERROR)
             try:
                 fn = torch.compile(normal_pairs_torch, dynamic=True)
                 probe = torch.arange(7 * COMPILED_MIN_CALLS, 8 * COMPILED_MIN_CALLS, dtype=torch.int64)
@@ -410,6 +415,8 @@ def _compile_once():
             except Exception as error:  # no compiler, unsupported platform, ...: the eager twin is always right
                 warnings.warn(f"subgrad: torch.compile of the CPU twin failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); using the eager twin")
+            finally:
+                cpp_log.setLevel(level)
     return _COMPILED["fn"]
 
 

@@ -188,12 +188,6 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
-    if device.type == "cpu" and cfg.optimizer in ESTIMATOR_OPTIMIZERS and cfg.distribution == "gaussian":
-        # compile the CPU twin of normal directions before the clock starts, not inside the first step
-        if not (cfg.quiet or not comm.is_main):
-            print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
-                  "on a machine, cached after)", file=sys.stderr, flush=True)
-        prepare_cpu_twin()
     if comm.active and step_kind == "closure":
         optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
     elif comm.active and step_kind == "blocks":  # per block, one all-gather of per-example loss differences
@@ -382,6 +376,12 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
 
     s = setup(cfg, out, comm, kind)
     start, train_seconds, metrics = load_last_checkpoint(s) if resume else (0, 0.0, [])
+    if s.device.type == "cpu" and cfg.optimizer in ESTIMATOR_OPTIMIZERS and cfg.distribution == "gaussian":
+        # compile the CPU twin of normal directions before the clock starts, not inside the first step
+        if not s.quiet:
+            print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
+                  "on a machine, cached after)", file=sys.stderr, flush=True)
+        prepare_cpu_twin()
     if s.writes:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(s.record, indent=1))
