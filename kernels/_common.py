@@ -76,6 +76,24 @@ def f32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", float(value)))[0]
 
 
+def device_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor | None:
+    """A hyperparameter that a kernel reads from memory: a 1-element tensor as float32 on ``like``'s device
+    (the kernel loads it, so no host read and a replayed launch sees its current value); None for a
+    number, which travels as a launch argument."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.numel() != 1 or not value.is_floating_point() or value.device != like.device:
+        raise ValueError(f"a tensor {name} must be one floating-point value on {like.device}, got "
+                         f"{value.dtype} {tuple(value.shape)} on {value.device}")
+    return value.reshape(1).to(torch.float32)
+
+
+def host_scalar(value) -> float:
+    """What a twin computes with: the float32 value of a number or of a 1-element tensor (read on the
+    host: twins run on the CPU, where that is no synchronisation)."""
+    return f32(float(value.reshape(())) if isinstance(value, torch.Tensor) else value)
+
+
 def split_seed(seed: int) -> tuple[int, int]:
     """Check a seed and split it into the (lo, hi) 31-bit halves that kernels take."""
     if isinstance(seed, bool) or not isinstance(seed, int):

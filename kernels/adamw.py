@@ -9,10 +9,20 @@
     w = w - step_size * m / (sqrt(v_hat) / sqrt(bias_correction2) + eps)
     step_size = lr / bias_correction1,   bias_correction_k = 1 - beta_k ** step
 
-The bias corrections are computed on the host from the (host) step counter, as ``torch.optim`` does
-without ``capturable``, so a step never synchronises with the device.  Parameters, gradients and the
-moments may be float32, bfloat16 or float16; arithmetic is float32.  float64 buffers are updated by
-the torch twin in float64 (as torch.optim does), on any device.
+Where the per-step scalars come from:
+
+* host (``step`` an int, ``lr`` a number): ``decay``, ``step_size`` and ``sqrt(bias_correction2)`` are computed
+  in float64 on the host and rounded once to float32, as ``torch.optim`` does without ``capturable``;
+* device (``step`` or ``lr`` a tensor, as ``capturable=True`` keeps them): every program computes them in
+  float64 from the float32 ``lr`` and ``weight_decay``, the betas to 48 bits (two float32 halves,
+  :func:`split_f64`) and the step it reads, with ``beta ** step`` by repeated squaring (:func:`power`, IEEE
+  multiplications the twin repeats exactly), so the launch takes no per-step host value and replays (CUDA
+  graphs).  The two paths agree to about one float32 rounding of each scalar.
+
+An optional ``gate`` (a bool on the device) makes the step a no-op where it is False: every store is
+masked off, so a skipped step is decided on the device.  Parameters, gradients and the moments may be
+float32, bfloat16 or float16; arithmetic is float32.  float64 buffers are updated by the torch twin in
+float64 (as torch.optim does), on any device.
 """
 from __future__ import annotations
 
@@ -23,17 +33,67 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      f32, float64_twin, grid, resolve_backend, round_to, sign, sqrt_rn_torch)
+                      device_scalar, f32, float64_twin, grid, host_scalar, resolve_backend, round_to, sign,
+                      sqrt_rn_torch)
+
+
+#: ``beta ** step`` by squaring covers steps below 2**STEP_BITS (a float32 step count stops at 2**24).
+STEP_BITS = 24
 
 
 @triton.jit
+def power(base, exponent):
+    """``base ** exponent`` in float64 for an int32 ``exponent`` in [0, 2**STEP_BITS), by repeated squaring:
+    a fixed sequence of IEEE multiplications, repeated exactly by :func:`power_torch`."""
+    result = tl.full([], 1.0, tl.float64)
+    for i in tl.static_range(STEP_BITS):
+        result = tl.where(((exponent >> i) & 1) != 0, result * base, result)
+        base = base * base
+    return result
+
+
+def power_torch(base: float, exponent: int) -> float:
+    """Twin of :func:`power` (Python floats are IEEE float64)."""
+    result = 1.0
+    for i in range(STEP_BITS):
+        if (exponent >> i) & 1:
+            result = result * base
+        base = base * base
+    return result
+
+
+def split_f64(value: float) -> tuple[float, float]:
+    """``value`` as two float32 numbers whose float64 sum keeps 48 bits of it: 1 - beta2 ** step cancels
+    (beta2 = 0.999 loses three digits), so a float32 beta would put 1e-5 relative error into the step."""
+    high = f32(value)
+    return high, f32(value - high)
+
+
+def device_scalars(lr: float, step: int, weight_decay: float, beta1: float, beta2: float) -> dict:
+    """The twin of the kernel's DEVICE_SCALARS block: the same float64 operations on the same inputs."""
+    bias_correction1 = 1.0 - power_torch(sum(split_f64(beta1)), step)
+    bias_correction2 = 1.0 - power_torch(sum(split_f64(beta2)), step)
+    return dict(step_size=f32(lr / bias_correction1), bias_correction2_sqrt=f32(math.sqrt(bias_correction2)),
+                decay=f32(1.0 - lr * weight_decay))
+
+
+@triton.jit(do_not_specialize=["step"])
 def adamw_kernel(
     param_ptr,  # *float [n]: parameters, updated in place
     grad_ptr,  # *float [n]: gradients (read only)
     exp_avg_ptr,  # *float [n]: first moment m
     exp_avg_sq_ptr,  # *float [n]: second moment v
     max_exp_avg_sq_ptr,  # *float [n]: running max of v when AMSGRAD (else unused)
+    lr_ptr,  # *fp32 [1]: learning rate when LR_IN_MEMORY (else unused)
+    step_ptr,  # *fp32 [1]: the step count, this step included, when STEP_IN_MEMORY (else unused)
+    gate_ptr,  # *bool [1]: when HAS_GATE, False leaves every buffer as it was (a skipped step)
     n,  # number of elements
+    lr,  # fp32 learning rate (DEVICE_SCALARS without LR_IN_MEMORY)
+    step,  # int32 step count (DEVICE_SCALARS without STEP_IN_MEMORY)
+    weight_decay,  # fp32 decoupled weight decay (DEVICE_SCALARS)
+    beta1,  # fp32 beta1 rounded (DEVICE_SCALARS); beta1 = beta1 + beta1_low to 48 bits
+    beta1_low,  # fp32 beta1 - beta1 rounded (DEVICE_SCALARS)
+    beta2_low,  # fp32 beta2 - beta2 rounded (DEVICE_SCALARS)
     decay,  # fp32 (1 - lr * weight_decay)
     one_minus_beta1,  # fp32 (1 - beta1)
     beta2,  # fp32 beta2
@@ -45,10 +105,28 @@ def adamw_kernel(
     MAXIMIZE: tl.constexpr,  # ascend instead of descend
     AMSGRAD: tl.constexpr,  # use the running max of v
     HAS_L1: tl.constexpr,  # l1 != 0
+    DEVICE_SCALARS: tl.constexpr,  # compute decay, step_size and bias_correction2_sqrt here (module docstring)
+    LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr
+    STEP_IN_MEMORY: tl.constexpr,  # read the step from step_ptr
+    HAS_GATE: tl.constexpr,  # read the apply flag from gate_ptr
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
     pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = pos < n
+    if HAS_GATE:
+        mask = mask & (tl.load(gate_ptr) != 0)  # a closed gate: no element is stored
+    if DEVICE_SCALARS:
+        if LR_IN_MEMORY:
+            lr = tl.load(lr_ptr)
+        if STEP_IN_MEMORY:
+            step = tl.load(step_ptr).to(tl.int32)
+        lr64 = tl.cast(lr, tl.float64)
+        bias_correction1 = 1.0 - power(tl.cast(beta1, tl.float64) + tl.cast(beta1_low, tl.float64), step)
+        bias_correction2 = 1.0 - power(tl.cast(beta2, tl.float64) + tl.cast(beta2_low, tl.float64), step)
+        # float64 division and root are IEEE round-to-nearest on every target (no approximate forms exist)
+        step_size = (lr64 / bias_correction1).to(tl.float32)
+        bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+        decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
     w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + pos, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + pos, mask=mask).to(tl.float32)
@@ -106,12 +184,16 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
 
 
 def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                max_exp_avg_sq: torch.Tensor | None = None, *, step: int, lr: float, beta1: float = 0.9,
-                beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-                maximize: bool = False, l1: float = 0.0, backend: str | None = None) -> torch.Tensor:
+                max_exp_avg_sq: torch.Tensor | None = None, *, step: int | torch.Tensor, lr: float | torch.Tensor,
+                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
+                amsgrad: bool = False, maximize: bool = False, l1: float = 0.0, gate: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
     """One fused AdamW step on a contiguous buffer; ``step`` counts from 1 and includes this step.
 
-    Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.  Returns ``param``.
+    ``step`` and ``lr`` are numbers (host scalars) or 1-element tensors on the device that the kernel reads
+    (device scalars; see the module docstring).  ``gate``: an optional bool on the device; False skips the
+    step on the device.  Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.
+    Returns ``param``.
     """
     check_contiguous("param", param)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -122,28 +204,51 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         check_same_layout("max_exp_avg_sq", max_exp_avg_sq, param, "param")
         if max_exp_avg_sq.dtype != exp_avg_sq.dtype:
             raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
-    if step < 1:
+    if not isinstance(step, torch.Tensor) and step < 1:
         raise ValueError(f"step counts from 1 (this step included), got {step}")
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
+    if gate is not None and (gate.dtype != torch.bool or gate.numel() != 1 or gate.device != param.device):
+        raise ValueError(f"gate must be one bool on {param.device}, got {gate.dtype} {tuple(gate.shape)} "
+                         f"on {gate.device}")
+    on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
     if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
+        if gate is not None and not bool(gate.reshape(())):
+            return param
+        lr, step = float(host_scalar(lr) if on_device else lr), int(host_scalar(step)) if on_device else step
+        bias_correction1 = 1.0 - beta1 ** step
+        bias_correction2 = 1.0 - beta2 ** step
         adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
                     float(beta2), 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), float(eps),
                     float(l1), maximize, amsgrad, compute=torch.float64)
         return param
     check_float_dtype("param", param)
-    # Host-side scalars in float64, rounded once to float32 (torch.optim computes them the same way).
-    scalars = dict(decay=f32(1.0 - lr * weight_decay), one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
-                   one_minus_beta2=f32(1.0 - beta2), step_size=f32(lr / bias_correction1),
-                   bias_correction2_sqrt=f32(math.sqrt(bias_correction2)), eps=f32(eps), l1=f32(l1))
-    if resolve_backend(backend, param, grad) == "triton":
+    lr_tensor, step_tensor = device_scalar("lr", lr, param), device_scalar("step", step, param)
+    constants = dict(one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
+                     eps=f32(eps), l1=f32(l1))
+    triton_backend = resolve_backend(backend, param, grad) == "triton"
+    if not on_device:  # host scalars in float64, rounded once to float32 (as torch.optim computes them)
+        per_step = dict(decay=f32(1.0 - lr * weight_decay), step_size=f32(lr / (1.0 - beta1 ** step)),
+                        bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2 ** step)))
+    elif triton_backend:  # every program computes them from what it reads
+        per_step = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=0.0)
+    else:
+        per_step = device_scalars(host_scalar(lr), int(host_scalar(step)), f32(weight_decay), beta1, beta2)
+    if triton_backend:
         n = param.numel()
         if n:
             adamw_kernel[grid(n)](param, grad, exp_avg, exp_avg_sq,
-                                  max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq, n, **scalars,
-                                  MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, BLOCK_SIZE=BLOCK_SIZE,
+                                  max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
+                                  lr_tensor if lr_tensor is not None else param,
+                                  step_tensor if step_tensor is not None else param,
+                                  gate if gate is not None else param, n,
+                                  f32(lr) if on_device and lr_tensor is None else 0.0,
+                                  int(step) if on_device and step_tensor is None else 0,
+                                  f32(weight_decay), f32(beta1), split_f64(beta1)[1], split_f64(beta2)[1],
+                                  **per_step, **constants,
+                                  MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, DEVICE_SCALARS=on_device,
+                                  LR_IN_MEMORY=lr_tensor is not None, STEP_IN_MEMORY=step_tensor is not None,
+                                  HAS_GATE=gate is not None, BLOCK_SIZE=BLOCK_SIZE,
                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
-    else:
+    elif gate is None or bool(gate.reshape(())):
         adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,
-                    **scalars)
+                    **per_step, **constants)
     return param

@@ -12,25 +12,27 @@ import triton
 import triton.language as tl
 
 from ._common import (check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to,
-                      split_seed)
-from .philox import (direction_tile, is_rademacher, iter_direction_chunks, philox_seed, tile_launch, tile_positions,
-                     twin_chunk)
+                      check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to)
+from .philox import (direction_tile, is_rademacher, iter_direction_chunks, kernel_seed, seed_args, seed_value,
+                     tile_launch, tile_positions, twin_chunk)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "seed_index", "first_group"])
 def perturb_kernel(
     x_ptr,  # *fp32/bf16/fp16 [n]: buffer to perturb, updated in place
     source_ptr,  # *fp32 [n]: master copy read instead of x when HAS_SOURCE (else unused)
     precond_ptr,  # *fp32 [n]: curvature h > 0 when HAS_PRECOND: the direction becomes z / sqrt(h)
+    seed_ptr,  # *int64 [1]: the direction's seed when SEED_IN_MEMORY (else unused)
     n,  # number of elements
-    seed_lo,  # low 31 bits of the direction's seed
-    seed_hi,  # seed >> 31
+    seed_lo,  # low 31 bits of a host seed
+    seed_hi,  # seed >> 31 of a host seed
+    seed_index,  # added to the seed (direction k of a step)
     first_group,  # offset // GROUP: Philox group of x[0] (offset = index of x[0] within the direction)
     lead,  # offset % GROUP: position of x[0] within its group (0 keeps loads 16-byte aligned)
     scale,  # fp32 step along the direction (runtime: changing it never recompiles)
     HAS_SOURCE: tl.constexpr,  # read the fp32 master copy instead of x
     HAS_PRECOND: tl.constexpr,  # scale the direction by 1 / sqrt(precond)
+    SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
     GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
     BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
@@ -43,7 +45,8 @@ def perturb_kernel(
         w = tl.load(source_ptr + pos, mask=mask)
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE, RADEMACHER)
+    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, BLOCK_SIZE,
+                       RADEMACHER)
     if HAS_PRECOND:
         z = z * inv_sqrt_rn(tl.load(precond_ptr + pos, mask=mask, other=1.0))
     w = w + scale * z
@@ -65,14 +68,16 @@ def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rad
             flat[start:stop] = (src[start:stop].to(torch.float32) + z).to(x.dtype)
 
 
-def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = None, *, offset: int = 0,
+def perturb_(x: torch.Tensor, seed: int | torch.Tensor, scale: float, backend: str | None = None, *, offset: int = 0,
              distribution: str = "gaussian", source: torch.Tensor | None = None,
-             precond: torch.Tensor | None = None) -> torch.Tensor:
-    """In place ``x += scale * z(seed)``, ``z`` indexed by element position in ``x`` (plus ``offset``).
+             precond: torch.Tensor | None = None, seed_index: int = 0) -> torch.Tensor:
+    """In place ``x += scale * z(seed + seed_index)``, ``z`` indexed by element position in ``x`` (plus ``offset``).
 
     Args:
         x: contiguous float32/bfloat16/float16 tensor, updated in place (arithmetic in float32).
-        seed: names the direction, in [0, 2**62).
+        seed: names the direction: an int in [0, 2**62), or a 1-element int64 tensor on ``x``'s device,
+            read by the kernel (so a replayed launch, as in a CUDA graph, uses the current step's seed).
+        seed_index: added to the seed (direction k of a step is ``seed + k``).
         scale: step along the direction (for example +eps, then -2 eps).
         backend: "triton", "torch" or None (auto: Triton for CUDA tensors; ``SUBGRAD_BACKEND`` overrides).
         offset: index of ``x[0]`` within the direction, so several buffers can share one direction.
@@ -85,7 +90,7 @@ def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = Non
     check_float_dtype("x", x)
     check_contiguous("x", x)
     rademacher = is_rademacher(distribution)
-    seed_lo, seed_hi = split_seed(seed)
+    s = seed_args(seed, seed_index, 1, x)
     check_direction_range(offset, x.numel())
     if source is not None:
         check_same_layout("source", source, x)
@@ -102,10 +107,11 @@ def perturb_(x: torch.Tensor, seed: int, scale: float, backend: str | None = Non
         if n:
             t = tile_launch(offset, n, rademacher)
             perturb_kernel[t.grid](x, source if source is not None else x, precond if precond is not None else x,
-                                   n, seed_lo, seed_hi, t.first_group, t.lead, scale,
-                                   HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
+                                   s.tensor if s.tensor is not None else x, n, s.lo, s.hi, s.index, t.first_group,
+                                   t.lead, scale, HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
+                                   SEED_IN_MEMORY=s.tensor is not None,
                                    RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size,
                                    num_warps=t.num_warps, enable_fp_fusion=False)
     else:
-        perturb_torch(x, seed, scale, offset, rademacher, source, precond)
+        perturb_torch(x, seed_value(seed, seed_index), scale, offset, rademacher, source, precond)
     return x

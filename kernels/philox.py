@@ -128,6 +128,37 @@ class TileLaunch(NamedTuple):
     wide: bool  # element indices need 64 bits
 
 
+class SeedArgs(NamedTuple):
+    """How a launch receives its seed (see :func:`kernel_seed`): from memory, or as host halves."""
+    tensor: torch.Tensor | None  # int64 [1] on the kernel's device holding the seed (SEED_IN_MEMORY), else None
+    lo: int  # low 31 bits of a host seed (0 with a tensor)
+    hi: int  # seed >> 31 of a host seed (0 with a tensor)
+    index: int  # added to the seed in the kernel (direction k of a step: seed + k)
+
+
+def seed_args(seed: int | torch.Tensor, seed_index: int, count: int, like: torch.Tensor) -> SeedArgs:
+    """Check a seed for a launch that uses seeds ``seed + seed_index .. + count - 1``.
+
+    ``seed`` is an int in [0, 2**62) or a 1-element int64 tensor on ``like``'s device (its value is the
+    producer's promise, :func:`subgrad.kernels.next_step_seed_` keeps it below 2**61: reading it here would
+    synchronise with the device)."""
+    if isinstance(seed_index, bool) or not isinstance(seed_index, int) or not 0 <= seed_index < 2**31:
+        raise ValueError(f"seed_index must be an int in [0, 2**31), got {seed_index!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
+            raise ValueError(f"a tensor seed must be one int64 value on {like.device} (got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}); or pass an int")
+        return SeedArgs(seed, 0, 0, seed_index)
+    split_seed(seed + seed_index + count - 1)
+    lo, hi = split_seed(seed + seed_index)
+    return SeedArgs(None, lo, hi, 0)
+
+
+def seed_value(seed: int | torch.Tensor, seed_index: int = 0) -> int:
+    """The seed a twin uses: ``seed + seed_index`` (a tensor seed is read; on CPU that is no sync)."""
+    return (int(seed.reshape(())) if isinstance(seed, torch.Tensor) else seed) + seed_index
+
+
 def tile_launch(offset: int, n: int, rademacher: bool) -> TileLaunch:
     """Launch shape of a kernel that walks ``n`` elements starting at element ``offset`` of a direction.
 
@@ -152,6 +183,17 @@ def tile_launch(offset: int, n: int, rademacher: bool) -> TileLaunch:
 def philox_seed(seed_lo, seed_hi):
     """Rebuild the 62-bit seed from its two non-negative int32 halves (see ``split_seed``)."""
     return (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
+
+
+@triton.jit
+def kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY: tl.constexpr):
+    """A launch's direction seed, ``seed + seed_index``: the seed read from device memory (a replayed
+    launch, as in a CUDA graph, sees the current step's seed) or rebuilt from its host halves."""
+    if SEED_IN_MEMORY:
+        seed = tl.load(seed_ptr).to(tl.uint64)
+    else:
+        seed = philox_seed(seed_lo, seed_hi)
+    return seed + seed_index
 
 
 @triton.jit
@@ -239,14 +281,17 @@ def tile_positions(first_group, lead, GROUP: tl.constexpr, BLOCK_SIZE: tl.conste
     return pos, first_group + tl.program_id(0) * (BLOCK_SIZE // GROUP)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "seed_index", "first_group"])
 def philox_direction_kernel(
     out_ptr,  # *fp32 [n]: receives z[offset : offset + n]
+    seed_ptr,  # *int64 [1]: the seed when SEED_IN_MEMORY (else unused)
     n,  # number of elements to write
-    seed_lo,  # low 31 bits of the seed
-    seed_hi,  # seed >> 31
+    seed_lo,  # low 31 bits of a host seed
+    seed_hi,  # seed >> 31 of a host seed
+    seed_index,  # added to the seed (kernel_seed)
     first_group,  # offset // GROUP: the Philox group holding element `offset`
     lead,  # offset % GROUP: elements of the first group before out[0]
+    SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
     RADEMACHER: tl.constexpr,  # False: N(0, 1); True: ±1
     GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
     BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
@@ -254,7 +299,8 @@ def philox_direction_kernel(
 ):
     """out[i] = z_seed[offset + i]."""
     pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)
-    z = direction_tile(philox_seed(seed_lo, seed_hi), group, BLOCK_SIZE, RADEMACHER)
+    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, BLOCK_SIZE,
+                       RADEMACHER)
     tl.store(out_ptr + pos, z, mask=(pos >= 0) & (pos < n))
 
 
@@ -489,41 +535,48 @@ def iter_direction_chunks(seed: int, offset: int, n: int, device, rademacher: bo
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-def _direction(seed: int, n: int, offset: int, device, backend: str | None, rademacher: bool) -> torch.Tensor:
+def _direction(seed, n: int, offset: int, device, backend: str | None, rademacher: bool,
+               seed_index: int) -> torch.Tensor:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    seed_lo, seed_hi = split_seed(seed)
     check_direction_range(offset, n)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    out = torch.empty(n, dtype=torch.float32, device=device)
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    out = torch.empty(n, dtype=torch.float32, device=torch.device(device))
+    s = seed_args(seed, seed_index, 1, out)
     if resolve_backend(backend, out) == "triton":
         if n:
             t = tile_launch(offset, n, rademacher)
-            philox_direction_kernel[t.grid](out, n, seed_lo, seed_hi, t.first_group, t.lead, RADEMACHER=rademacher,
-                                            GROUP=t.group, BLOCK_SIZE=t.block_size, WIDE=t.wide,
-                                            num_warps=t.num_warps,
-                                            enable_fp_fusion=False)
+            philox_direction_kernel[t.grid](out, s.tensor if s.tensor is not None else out, n, s.lo, s.hi, s.index,
+                                            t.first_group, t.lead, SEED_IN_MEMORY=s.tensor is not None,
+                                            RADEMACHER=rademacher, GROUP=t.group, BLOCK_SIZE=t.block_size,
+                                            WIDE=t.wide, num_warps=t.num_warps, enable_fp_fusion=False)
     else:
         size = RADEMACHER_DIRECTION_CHUNK if rademacher else NORMAL_DIRECTION_CHUNK
-        for start, stop, z in iter_direction_chunks(seed, offset, n, device, rademacher, size):
+        for start, stop, z in iter_direction_chunks(seed_value(seed, seed_index), offset, n, out.device,
+                                                    rademacher, size):
             out[start:stop] = z
     return out
 
 
-def philox_normal(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
-    """Elements ``offset .. offset+n-1`` of the standard-normal direction named by ``seed`` (float32).
+def philox_normal(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *,
+                  seed_index: int = 0) -> torch.Tensor:
+    """Elements ``offset .. offset+n-1`` of the standard-normal direction named by ``seed + seed_index``
+    (float32).
 
-    Four normals per Philox call (both Box-Muller outputs of two pairs; map in the module docstring);
-    bit-identical across backends and devices.  ``seed`` in [0, 2**62), ``offset + n <= 2**32``.
+    Eight normals per Philox call (map in the module docstring); bit-identical across backends and
+    devices.  ``seed``: an int in [0, 2**62), or a 1-element int64 tensor on ``device`` that the kernel
+    reads (so a replayed launch draws the current step's direction); ``offset + n <= 2**32``.
     """
-    return _direction(seed, n, offset, device, backend, rademacher=False)
+    return _direction(seed, n, offset, device, backend, rademacher=False, seed_index=seed_index)
 
 
-def philox_rademacher(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
-    """Elements ``offset .. offset+n-1`` of the ±1 direction named by ``seed`` (float32): element
-    ``4096 G + 128 b + 4 l + k`` is ``-1`` where bit ``b`` of word ``k`` of Philox call ``32 G + l`` is set,
-    else ``+1``."""
-    return _direction(seed, n, offset, device, backend, rademacher=True)
+def philox_rademacher(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *,
+                      seed_index: int = 0) -> torch.Tensor:
+    """Elements ``offset .. offset+n-1`` of the ±1 direction named by ``seed + seed_index`` (float32;
+    ``seed`` as in :func:`philox_normal`): element ``4096 G + 128 b + 4 l + k`` is ``-1`` where bit ``b``
+    of word ``k`` of Philox call ``32 G + l`` is set, else ``+1``."""
+    return _direction(seed, n, offset, device, backend, rademacher=True, seed_index=seed_index)
 
 
 def philox_bits(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:

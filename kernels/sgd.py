@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      f32, float64_twin, grid, resolve_backend, round_to, sign)
+                      device_scalar, f32, float64_twin, grid, host_scalar, resolve_backend, round_to, sign)
 
 
 @triton.jit
@@ -26,8 +26,9 @@ def sgd_kernel(
     param_ptr,  # *float [n]: parameters, updated in place
     grad_ptr,  # *float [n]: gradients (read only)
     momentum_ptr,  # *float [n]: momentum buffer when HAS_MOMENTUM (else unused)
+    lr_ptr,  # *fp32 [1]: the learning rate when LR_IN_MEMORY (else unused)
     n,  # number of elements
-    lr,  # fp32 learning rate
+    lr,  # fp32 learning rate (unless LR_IN_MEMORY)
     weight_decay,  # fp32 L2 coefficient
     l1,  # fp32 L1 coefficient (subgradient l1 * sign(w))
     momentum,  # fp32 momentum factor
@@ -38,8 +39,11 @@ def sgd_kernel(
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0
     FIRST_STEP: tl.constexpr,  # momentum buffer is initialised to g (torch.optim semantics)
     NESTEROV: tl.constexpr,  # Nesterov momentum
+    LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr (a tensor lr: no host read, replayable launches)
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
+    if LR_IN_MEMORY:
+        lr = tl.load(lr_ptr)
     pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = pos < n
     w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
@@ -91,7 +95,8 @@ def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_
         param[a:b] = (w - g * lr).to(param.dtype)
 
 
-def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None = None, *, lr: float,
+def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None = None, *,
+              lr: float | torch.Tensor,
               weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
               maximize: bool = False, first_step: bool = False, l1: float = 0.0,
               backend: str | None = None) -> torch.Tensor:
@@ -99,7 +104,9 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
 
     ``l1`` adds the subgradient ``l1 * sign(w)`` (an extension; torch.optim has none).
     ``first_step`` says the momentum buffer is new (``torch.optim`` sets it to the gradient instead of
-    decaying it).  Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.
+    decaying it).  ``lr`` may be a 1-element tensor on the device, which the kernel reads (no host read;
+    a replayed launch uses its current value).  Hyperparameters are validated by the optimizer
+    (``subgrad.optim``), not here.
     Returns ``param``.
     """
     if nesterov and (momentum == 0.0 or dampening != 0.0):
@@ -111,21 +118,26 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
             raise ValueError("momentum != 0 needs a momentum_buffer like param")
         check_same_layout("momentum_buffer", momentum_buffer, param, "param")
     if float64_twin(backend, param, grad, momentum_buffer if momentum != 0.0 else None):
-        sgd_torch(param, grad, momentum_buffer, float(lr), float(weight_decay), float(l1), float(momentum),
+        lr = float(lr.reshape(())) if isinstance(lr, torch.Tensor) else float(lr)
+        sgd_torch(param, grad, momentum_buffer, lr, float(weight_decay), float(l1), float(momentum),
                   1.0 - dampening, maximize, first_step, nesterov, compute=torch.float64)
         return param
     check_float_dtype("param", param)
-    lr, weight_decay, l1, momentum = f32(lr), f32(weight_decay), f32(l1), f32(momentum)
+    lr_tensor = device_scalar("lr", lr, param)
+    weight_decay, l1, momentum = f32(weight_decay), f32(l1), f32(momentum)
     one_minus_dampening = f32(1.0 - dampening)
     if resolve_backend(backend, param, grad) == "triton":
         n = param.numel()
         if n:
-            sgd_kernel[grid(n)](param, grad, momentum_buffer if momentum_buffer is not None else param, n,
-                                lr, weight_decay, l1, momentum, one_minus_dampening,
+            sgd_kernel[grid(n)](param, grad, momentum_buffer if momentum_buffer is not None else param,
+                                lr_tensor if lr_tensor is not None else param, n,
+                                0.0 if lr_tensor is not None else f32(lr), weight_decay, l1, momentum,
+                                one_minus_dampening,
                                 MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
                                 HAS_MOMENTUM=momentum != 0.0, FIRST_STEP=first_step, NESTEROV=nesterov,
+                                LR_IN_MEMORY=lr_tensor is not None,
                                 BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
-        sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_minus_dampening, maximize,
-                  first_step, nesterov)
+        sgd_torch(param, grad, momentum_buffer, host_scalar(lr), weight_decay, l1, momentum, one_minus_dampening,
+                  maximize, first_step, nesterov)
     return param

@@ -43,10 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_same_layout, chunks, f32,
-                      inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to, sign, split_seed)
-from .philox import (direction_tile, direction_torch, is_rademacher, philox_seed, tile_launch, tile_positions,
-                     twin_chunk)
+from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_same_layout, chunks,
+                      device_scalar, f32, host_scalar, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to, sign)
+from .philox import (direction_tile, direction_torch, is_rademacher, kernel_seed, seed_args, seed_value, tile_launch,
+                     tile_positions, twin_chunk)
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def direction_terms(z, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C
     return c * z, kappa
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "first_group", "num_blocks", "num_directions"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "seed_index", "first_group", "num_blocks", "num_directions"])
 def zo_update_kernel(
     x_ptr,  # *fp32/bf16/fp16 [n]: weights seen by the model, updated in place
     master_ptr,  # *fp32 [n]: master weights when HAS_MASTER (else unused)
@@ -76,11 +76,15 @@ def zo_update_kernel(
     hessian_ptr,  # *fp32 [n]: curvature h when HAS_HESSIAN (updated in place)
     curvature_ptr,  # *fp32 [num_directions, num_blocks]: second-difference scalars kappa when HAS_HESSIAN
     block_starts_ptr,  # *int64 [num_blocks]: first element of each block, block_starts[0] == 0
+    seed_ptr,  # *int64 [1]: the first direction's seed when SEED_IN_MEMORY (else unused)
+    lr_ptr,  # *fp32 [1]: the learning rate when LR_IN_MEMORY (else unused)
+    gate_ptr,  # *bool [1]: when HAS_GATE, False restores x and leaves every buffer as it was (a skipped step)
     n,  # number of elements
     num_blocks,  # blocks per direction (length of block_starts)
     num_directions,  # q: directions seed, seed + 1, ..., seed + q - 1
-    seed_lo,  # low 31 bits of the first direction's seed
-    seed_hi,  # seed >> 31
+    seed_lo,  # low 31 bits of a host seed
+    seed_hi,  # seed >> 31 of a host seed
+    seed_index,  # added to the seed: direction k has seed + seed_index + k
     first_group,  # offset // GROUP: Philox group of x[0] (offset = index of x[0] within the directions)
     lead,  # offset % GROUP: position of x[0] within its group (0 keeps loads 16-byte aligned)
     c_scalar,  # fp32 finite-difference scalar when C_IS_SCALAR (q == 1, one block)
@@ -103,10 +107,18 @@ def zo_update_kernel(
     BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
     FOLD: tl.constexpr,  # one block, no master, momentum, decay, L1 or curvature: w = x + (rs - lr c) z
+    SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
+    LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr
+    HAS_GATE: tl.constexpr,  # read the apply flag from gate_ptr
 ):
     pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # this program's tile of indices
     mask = (pos >= 0) & (pos < n)
-    seed = philox_seed(seed_lo, seed_hi)
+    seed = kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY)
+    if LR_IN_MEMORY:
+        lr = tl.load(lr_ptr)
+    apply = True
+    if HAS_GATE:
+        apply = tl.load(gate_ptr) != 0
     # Largest b with block_starts[b] <= pos, by binary lifting over the (small, cached) table.
     b = tl.zeros_like(pos).to(tl.int32)
     for i in tl.static_range(SEARCH_STEPS):
@@ -120,11 +132,15 @@ def zo_update_kernel(
     if FOLD:  # restore and step along the last direction in one axpy, with a per-program coefficient
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
         c_last = c_scalar if C_IS_SCALAR else tl.load(c_ptr + last)  # one load per program, not per element
+        if HAS_GATE:  # a skipped step only restores (a select, so a NaN c never reaches w)
+            c_last = tl.where(apply, c_last, 0.0)
         w = w + (restore_scale - lr * c_last) * z
         for k in range(last):
             z_k = direction_tile(seed + k, group, BLOCK_SIZE, RADEMACHER)
             term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR,
                                       False)  # (a scalar c means q = 1: this loop never runs then)
+            if HAS_GATE:
+                term = tl.where(apply, term, 0.0)
             w = w - lr * term
         tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
         return
@@ -143,12 +159,13 @@ def zo_update_kernel(
         z = z * s  # the last direction as it was applied
         estimate = estimate * s
         h = tl.maximum(h * ((1.0 - hessian_smoothing) + hessian_smoothing * curvature), hessian_min)
-        tl.store(hessian_ptr + pos, h, mask=mask)
+        tl.store(hessian_ptr + pos, h, mask=mask & apply)
     if HAS_MASTER:
-        w = tl.load(master_ptr + pos, mask=mask)
+        restored = tl.load(master_ptr + pos, mask=mask)
     else:
-        w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-        w = w + restore_scale * z  # z is the last direction
+        restored = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
+        restored = restored + restore_scale * z  # z is the last direction
+    w = restored
     g = estimate
     if HAS_WEIGHT_DECAY:
         g = g + weight_decay * w
@@ -156,20 +173,25 @@ def zo_update_kernel(
         g = g + l1 * sign(w)
     if HAS_MOMENTUM:
         g = momentum * tl.load(momentum_ptr + pos, mask=mask).to(tl.float32) + g
-        tl.store(momentum_ptr + pos, round_to(g, momentum_ptr.dtype.element_ty), mask=mask)
+        tl.store(momentum_ptr + pos, round_to(g, momentum_ptr.dtype.element_ty), mask=mask & apply)
     w = w - lr * g
+    if HAS_GATE:
+        w = tl.where(apply, w, restored)
     if HAS_MASTER:
-        tl.store(master_ptr + pos, w, mask=mask)
+        tl.store(master_ptr + pos, w, mask=mask & apply)
     tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
 def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buffer, restore_scale, block_starts,
                     offset, rademacher, master, num_directions=1, hessian=None, curvature=None,
-                    hessian_smoothing=0.0, hessian_min=0.0) -> None:
-    """Torch twin of :func:`zo_update_kernel`, in cache-sized chunks like the other twins."""
+                    hessian_smoothing=0.0, hessian_min=0.0, apply=True) -> None:
+    """Torch twin of :func:`zo_update_kernel`, in cache-sized chunks like the other twins (``seed`` and ``lr``
+    as host numbers; ``apply=False`` is the kernel's closed gate: restore x, leave every buffer)."""
     fold = plain_update(block_starts, master, momentum_buffer, weight_decay, l1, hessian)
     if fold and isinstance(c, float):
         c = torch.tensor([c], dtype=torch.float32, device=x.device)  # fp32 arithmetic, as in the kernel
+    if fold and not apply:  # the kernel selects 0 for every c: the same sums with zeros
+        c = torch.zeros_like(c)
     flat = x.view(-1)
     num_blocks = 1 if block_starts is None else block_starts.numel()
     for start, stop in chunks(flat.numel(), twin_chunk(rademacher)):
@@ -205,12 +227,16 @@ def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buff
             s = inv_sqrt_rn_torch(h)
             z = z * s
             estimate = estimate * s
-            h.copy_(torch.clamp_min(h * ((1.0 - hessian_smoothing) + curv * hessian_smoothing), hessian_min))
+            if apply:
+                h.copy_(torch.clamp_min(h * ((1.0 - hessian_smoothing) + curv * hessian_smoothing), hessian_min))
         if master is not None:
             w = master.view(-1)[start:stop]
         else:
             w = flat[start:stop].to(torch.float32)
             w = w + z * restore_scale
+        if not apply:
+            flat[start:stop] = w.to(x.dtype)
+            continue
         g = estimate
         if weight_decay != 0.0:
             g = g + w * weight_decay
@@ -248,24 +274,25 @@ def make_block_starts(block_sizes, device=None) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int64, device=device)
 
 
-def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int = 1, weight_decay: float = 0.0,
-               l1: float = 0.0, momentum: float = 0.0, momentum_buffer: torch.Tensor | None = None,
-               restore_scale: float = 0.0, block_starts: torch.Tensor | None = None, offset: int = 0,
-               distribution: str = "gaussian", master: torch.Tensor | None = None,
-               hessian: torch.Tensor | None = None, curvature: torch.Tensor | None = None,
-               hessian_smoothing: float = 0.0, hessian_min: float = 1e-4,
-               backend: str | None = None) -> torch.Tensor:
+def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.Tensor, *, num_directions: int = 1,
+               weight_decay: float = 0.0, l1: float = 0.0, momentum: float = 0.0,
+               momentum_buffer: torch.Tensor | None = None, restore_scale: float = 0.0,
+               block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
+               master: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
+               curvature: torch.Tensor | None = None, hessian_smoothing: float = 0.0, hessian_min: float = 1e-4,
+               gate: torch.Tensor | None = None, seed_index: int = 0, backend: str | None = None) -> torch.Tensor:
     """Restore ``x`` and apply ``x -= lr * (sum_k c_k * z_k + weight_decay * x + l1 * sign(x))`` in one pass.
 
     Args:
         x: contiguous float32/bfloat16/float16 weights, updated in place.
-        seed, offset, distribution: the directions, as in :func:`perturb_`; direction ``k`` of the
-            step has seed ``seed + k``.
+        seed, offset, distribution, seed_index: the directions, as in :func:`perturb_`; direction ``k`` of
+            the step has seed ``seed + seed_index + k``.  A tensor seed is read by the kernel.
         c: finite-difference scalars: a float (one direction, one block); a float32 tensor with one
             value per direction; or ``num_directions * num_blocks`` values (direction-major) with
             ``block_starts``.  Tensors may stay on the device.  Averaging over directions (``1/q``) is
             the caller's choice, folded into ``c``.
-        lr, weight_decay, l1, momentum: step hyperparameters (runtime values; no recompiles).
+        lr: a number, or a 1-element float32 tensor on ``x``'s device that the kernel reads (no host read,
+            and a replayed launch uses its current value); weight_decay, l1, momentum: runtime numbers.
         num_directions: q, the number of directions combined in this step.
         momentum_buffer: tensor like ``x`` (any float dtype); required when ``momentum != 0``.
         restore_scale: ``x += restore_scale * z_last`` before the step (``+eps`` after a ``-eps``
@@ -275,6 +302,9 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
         hessian: float32 curvature ``h > 0`` like ``x`` (HiZOO): precondition by ``1/sqrt(h)`` and update h
             from ``curvature`` (same layout as a tensor ``c``) with ``hessian_smoothing`` (alpha) and floor
             ``hessian_min``.
+        gate: optional 1-element bool tensor on the device: where False the step is skipped on the device
+            (x restored, or rewritten from ``master``; momentum, curvature and master untouched; a NaN ``c``
+            never reaches them).
     Returns ``x``.
     """
     check_float_dtype("x", x)
@@ -282,13 +312,16 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
     rademacher = is_rademacher(distribution)
     if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
         raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
-    seed_lo, seed_hi = split_seed(seed)
-    split_seed(seed + num_directions - 1)
+    s = seed_args(seed, seed_index, num_directions, x)
     n = x.numel()
     check_direction_range(offset, n)
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("l1", l1), ("momentum", momentum)):
+    lr_tensor = device_scalar("lr", lr, x)
+    for name, value in (("lr", 0.0 if lr_tensor is not None else lr), ("weight_decay", weight_decay), ("l1", l1),
+                        ("momentum", momentum)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if gate is not None and (gate.dtype != torch.bool or gate.numel() != 1 or gate.device != x.device):
+        raise ValueError(f"gate must be one bool on {x.device}, got {gate.dtype} {tuple(gate.shape)} on {gate.device}")
     if momentum != 0.0 and momentum_buffer is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (a zero tensor like x)")
     if momentum_buffer is not None:
@@ -331,7 +364,7 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
             raise ValueError(f"hessian_smoothing must be in [0, 1] and hessian_min > 0, got "
                              f"{hessian_smoothing}, {hessian_min}")
         curvature = curvature.reshape(-1).to(device=x.device, dtype=torch.float32)
-    lr, weight_decay, l1, momentum, restore_scale = map(f32, (lr, weight_decay, l1, momentum, restore_scale))
+    weight_decay, l1, momentum, restore_scale = map(f32, (weight_decay, l1, momentum, restore_scale))
     hessian_smoothing, hessian_min = f32(hessian_smoothing), f32(hessian_min)
 
     tensors = [t for t in (x, master, momentum_buffer, hessian) if t is not None]
@@ -344,26 +377,32 @@ def zo_update_(x: torch.Tensor, seed: int, c, lr: float, *, num_directions: int 
                 x, master if master is not None else x, momentum_buffer if momentum_buffer is not None else x,
                 x if c_is_scalar else c, hessian if hessian is not None else x,
                 curvature if curvature is not None else x, block_starts if block_starts is not None else x,
-                n, num_blocks, num_directions, seed_lo, seed_hi, t.first_group, t.lead, c if c_is_scalar else 0.0,
-                lr, weight_decay, l1, momentum, restore_scale, hessian_smoothing, hessian_min,
+                s.tensor if s.tensor is not None else x, lr_tensor if lr_tensor is not None else x,
+                gate if gate is not None else x,
+                n, num_blocks, num_directions, s.lo, s.hi, s.index, t.first_group, t.lead,
+                c if c_is_scalar else 0.0, 0.0 if lr_tensor is not None else f32(lr), weight_decay, l1, momentum,
+                restore_scale, hessian_smoothing, hessian_min,
                 C_IS_SCALAR=c_is_scalar, SEARCH_STEPS=max(0, math.ceil(math.log2(num_blocks))),
                 HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
                 HAS_MASTER=master is not None, HAS_MOMENTUM=momentum_buffer is not None,
                 HAS_HESSIAN=hessian is not None,
                 FOLD=fold,
-                RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size, num_warps=t.num_warps,
-                enable_fp_fusion=False)
+                RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size,
+                SEED_IN_MEMORY=s.tensor is not None, LR_IN_MEMORY=lr_tensor is not None, HAS_GATE=gate is not None,
+                num_warps=t.num_warps, enable_fp_fusion=False)
     else:
-        zo_update_torch(x, seed, c, lr, weight_decay=weight_decay, l1=l1, momentum=momentum,
-                        momentum_buffer=momentum_buffer, restore_scale=restore_scale, block_starts=block_starts,
-                        offset=offset, rademacher=rademacher, master=master, num_directions=num_directions,
-                        hessian=hessian, curvature=curvature, hessian_smoothing=hessian_smoothing,
-                        hessian_min=hessian_min)
+        zo_update_torch(x, seed_value(seed, seed_index), c, host_scalar(lr), weight_decay=weight_decay, l1=l1,
+                        momentum=momentum, momentum_buffer=momentum_buffer, restore_scale=restore_scale,
+                        block_starts=block_starts, offset=offset, rademacher=rademacher, master=master,
+                        num_directions=num_directions, hessian=hessian, curvature=curvature,
+                        hessian_smoothing=hessian_smoothing, hessian_min=hessian_min,
+                        apply=True if gate is None else bool(gate.reshape(())))
     return x
 
 
-def zo_estimate_(out: torch.Tensor, seed: int, c, *, num_directions: int = 1, block_starts: torch.Tensor | None = None,
-                 offset: int = 0, distribution: str = "gaussian", backend: str | None = None) -> torch.Tensor:
+def zo_estimate_(out: torch.Tensor, seed: int | torch.Tensor, c, *, num_directions: int = 1,
+                 block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
+                 seed_index: int = 0, backend: str | None = None) -> torch.Tensor:
     """Materialise the gradient estimate ``out = sum_k c[k, b] z_k`` into a float32 buffer (ZOAdam feeds it
     to :func:`adamw_step_`); ``c``, ``block_starts``, ``offset`` and the directions as in :func:`zo_update_`.
 
@@ -375,4 +414,4 @@ def zo_estimate_(out: torch.Tensor, seed: int, c, *, num_directions: int = 1, bl
         raise ValueError(f"out must be float32 (the estimate is accumulated in fp32), got {out.dtype}")
     out.zero_()
     return zo_update_(out, seed, -c, 1.0, num_directions=num_directions, block_starts=block_starts, offset=offset,
-                      distribution=distribution, backend=backend)
+                      distribution=distribution, seed_index=seed_index, backend=backend)

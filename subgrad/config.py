@@ -52,7 +52,7 @@ DEFAULTS = {
                                 augment=False),
 }
 #: Settings a row of DEFAULTS leaves out take these (the same for every pair).
-COMMON_DEFAULTS = dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, estimator="central", distribution="gaussian",
+COMMON_DEFAULTS = dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, estimator="central",
                        blocks="none", clip="off", scale_by_block_size=False, augment=True)
 
 
@@ -114,7 +114,8 @@ class TrainConfig:
         "finite differences: central (2 forwards per direction) or forward (1, plus a shared base loss)",
         group=ZO_GROUP, choices=("central", "forward")))
     distribution: str | None = field(default=None, metadata=_setting(
-        "direction distribution", group=ZO_GROUP, choices=("gaussian", "rademacher")))
+        "direction distribution (default: rademacher when q > 1, else gaussian)", group=ZO_GROUP,
+        choices=("gaussian", "rademacher")))
     blocks: str | int | None = field(default=None, metadata=_setting(
         "blockwise estimation: none (the whole model), tensor, module, or a block size in elements",
         group=ZO_GROUP, type=_blocks))

@@ -376,7 +376,9 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
 
     s = setup(cfg, out, comm, kind)
     start, train_seconds, metrics = load_last_checkpoint(s) if resume else (0, 0.0, [])
-    if s.device.type == "cpu" and cfg.optimizer in ESTIMATOR_OPTIMIZERS and cfg.distribution == "gaussian":
+    from .optim import ZOOptimizer
+    normal_directions = isinstance(s.optimizer, ZOOptimizer) and s.optimizer.settings.distribution == "gaussian"
+    if s.device.type == "cpu" and normal_directions:
         # compile the CPU twin of normal directions before the clock starts, not inside the first step
         if not s.quiet:
             print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "

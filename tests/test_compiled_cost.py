@@ -25,10 +25,11 @@ ZO_TARGETS = {
     ("zo_update_", "bfloat16", "gaussian", 1, ("master",)): 0.85,
     ("zo_update_", "bfloat16", "rademacher", 1, ("master",)): 0.85,
     ("zo_update_", "float32", "rademacher", 4, ()): 0.85,
-    ("zo_update_", "float32", "gaussian", 4, ()): 0.50,
+    # Accepted below the 0.5 once asked: a Box-Muller normal from Philox4x32-10 costs ~46 instructions per
+    # direction and element (benchmarks/README.md), and Rademacher directions are the default wherever
+    # q > 1.  The expectation is today's H200 prediction (0.335), so a change that makes it slower fails here.
+    ("zo_update_", "float32", "gaussian", 4, ()): 0.33,
 }
-#: targets not met yet (issue 11 stays open for them; numbers in benchmarks/README.md)
-ZO_SHORT = {("zo_update_", "float32", "gaussian", 4, ())}
 
 
 def _short_of_targets(rows, keys):
@@ -82,14 +83,6 @@ def test_first_order_updates_and_copy_are_memory_bound(rows):
     assert not slow, "\n".join(slow)
 
 
-def test_zeroth_order_targets_met_so_far_stay_met(rows):
-    short = _short_of_targets(rows, set(ZO_TARGETS) - ZO_SHORT)
-    assert not short, "\n".join(short)
-
-
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(
-    strict=True, reason="issue 11 open for this target (benchmarks/README.md); strict: once met, this fails "
-                        "and asks to take the key out of ZO_SHORT")) for k in sorted(ZO_SHORT)], ids=str)
-def test_zeroth_order_target_not_met_yet(rows, key):
-    short = _short_of_targets(rows, {key})
+def test_zeroth_order_kernels_meet_their_targets(rows):
+    short = _short_of_targets(rows, set(ZO_TARGETS))
     assert not short, "\n".join(short)

@@ -25,21 +25,38 @@ from ..flat import FlatGroup, FlatParams, as_real, storage_numel
 from ._layout import FlatOptimizer
 
 
-def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False,
-                  tensor_ok: bool = False) -> None:
+#: torch.optim's wording for each hyperparameter whose rule is torch's own ("Invalid learning rate: -1").
+_WHAT = {"lr": "learning rate", "eps": "epsilon value", "momentum": "momentum value",
+         "weight_decay": "weight_decay value", "dampening": "dampening value", "l1": "l1 value",
+         "betas[0]": "beta parameter at index 0", "betas[1]": "beta parameter at index 1"}
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> float:
+    """Validate one hyperparameter (a number, or a 1-element tensor, read once here) and return it as a
+    float; the message is torch.optim's where torch checks the same condition."""
     if isinstance(value, torch.Tensor):
-        if not tensor_ok:
-            raise ValueError(f"{name} must be a Python number (tensor hyperparameters other than lr are not "
-                             "supported), got a tensor")
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"Tensor {name} must be a 1-element floating-point tensor, got shape "
-                             f"{tuple(value.shape)} {value.dtype}")
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
         value = value.item()
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
-    ok = ok and (high is None or value < high)
-    if not ok:
+    if not (ok and (high is None or value < high)):
         bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise ValueError(f"Invalid {_WHAT[name]}: {value!r} (must be finite and {bound})")
+    return float(value)
+
+
+def _check_tensor_hyperparameters(lr, betas, foreach, capturable: bool) -> None:
+    """torch.optim's rules for tensor ``lr`` / ``betas`` (its wording): both betas or neither, and no
+    tensor with ``foreach=True`` unless capturable (torch's foreach path reads them as numbers)."""
+    if isinstance(lr, torch.Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if betas is None:
+        return
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) and foreach and not capturable:
+            raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
 
 
 class _FusedOptimizer(FlatOptimizer):
@@ -53,15 +70,8 @@ class _FusedOptimizer(FlatOptimizer):
         if defaults.get("differentiable"):
             raise ValueError("differentiable=True (autograd through the update) is not supported: subgrad's step "
                              "is a fused kernel outside autograd; use torch.optim for it")
-        if defaults.get("capturable"):
-            raise ValueError("capturable=True (CUDA-graph capture) is not supported: subgrad keeps the step count "
-                             "and bias corrections on the host; use torch.optim for it")
-        if defaults.get("fused") not in (None, True):
-            raise ValueError(f"fused={defaults['fused']!r}: subgrad's optimizers are always fused (one kernel per "
-                             "flat buffer); use torch.optim for the unfused implementations")
-        if defaults.get("foreach") is not None:
-            raise ValueError(f"foreach={defaults['foreach']!r} picks one of torch.optim's implementations; subgrad "
-                             "has one (fused, one kernel per flat buffer): leave foreach=None")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
         self.backend = backend
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
