@@ -181,13 +181,17 @@ def test_one_launch_when_all_grads_present(monkeypatch):
     assert calls == [sum(p.numel() for p in model.parameters())] * 2
 
 
-@pytest.mark.parametrize("cls, kwargs, message", [
-    (SGD, dict(lr=-0.1), "lr must be a finite number >= 0"),
-    (SGD, dict(lr=0.1, momentum=-1), "momentum must be"),
-    (SGD, dict(lr=0.1, nesterov=True), "nesterov=True requires"),
-    (AdamW, dict(lr=0.1, eps=0.0), "eps must be a finite number > 0"),
-    (AdamW, dict(lr=0.1, betas=(0.9, 1.0)), "betas\\[1\\] must be"),
-    (AdamW, dict(lr=0.1, capturable=True), "not supported"),
+@pytest.mark.parametrize("cls, kwargs, message", [  # torch.optim's wording where torch checks the same
+    (SGD, dict(lr=-0.1), "Invalid learning rate: -0.1"),
+    (SGD, dict(lr=0.1, momentum=-1), "Invalid momentum value: -1"),
+    (SGD, dict(lr=0.1, nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
+    (SGD, dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
+    (AdamW, dict(lr=0.1, eps=0.0), "Invalid epsilon value: 0.0"),
+    (AdamW, dict(lr=0.1, betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+    (AdamW, dict(lr=0.1, weight_decay=-1), "Invalid weight_decay value: -1"),
+    (AdamW, dict(lr=torch.tensor(0.1), foreach=True), "lr as a Tensor is not supported for capturable=False"),
+    (AdamW, dict(lr=0.1, betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
+    (AdamW, dict(lr=0.1, differentiable=True), "differentiable=True .* is not supported"),
 ])
 def test_invalid_hyperparameters(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -323,13 +327,37 @@ def test_step_reads_gradients_without_replacing_them(ours, theirs, kw):
 
 
 @pytest.mark.parametrize("cls", [SGD, AdamW])
-def test_fused_and_foreach_flags_mean_what_torch_means(cls):
-    params = _net().parameters()
-    cls(params, lr=0.1, fused=True)  # it is fused
-    for kwargs, message in ((dict(fused=False), "always fused"), (dict(foreach=True), "leave foreach=None"),
-                            (dict(foreach=False), "leave foreach=None")):
-        with pytest.raises(ValueError, match=message):
-            cls(_net().parameters(), lr=0.1, **kwargs)
+def test_fused_and_foreach_flags_change_nothing(cls):
+    """foreach/fused choose among torch's implementations of one update: subgrad's one implementation
+    serves every choice, with the same bits; both True at once is refused with torch's error."""
+    kw = dict(lr=0.1, momentum=0.9) if cls is SGD else dict(lr=0.01)
+    results = []
+    for flags in (dict(), dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False)):
+        model = _net()
+        _train(model, cls(model.parameters(), **kw, **flags), 3)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        cls(_net().parameters(), lr=0.1, fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_params_on_meta_are_refused_like_torch_fused(cls):
+    """torch.optim's fused step raises on meta parameters with gradients, and steps (doing nothing) once
+    they have none (to_empty gives the module new parameters, the optimizer keeps the old ones)."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = cls(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
 
 
 def test_no_state_without_momentum_like_torch():
@@ -453,3 +481,40 @@ def test_zeroth_order_refuses_complex_parameters():
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="real parameters only"):
         ZOSGD([z], lr=0.1).step(lambda: z.abs().sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(lr=1e-2), dict(lr=3e-3, amsgrad=True, weight_decay=0.1, betas=(0.8, 0.99))])
+def test_capturable_adamw_matches_torch_and_keeps_step_on_the_device(kw, dtype):
+    """capturable=True: steps live with the parameters (float32 views of one vector per buffer), the bias
+    corrections are computed by the kernel (float64, from float32 lr and 48-bit betas): torch.optim's
+    trajectory within the suite's tolerances, a tensor lr changed between steps is seen, and the state
+    moves to and from torch.optim."""
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=4e-2, atol=4e-2)
+    ours_model, ref_model = _net(dtype), _net(dtype)
+    lr = torch.tensor(kw["lr"])
+    ours = AdamW(ours_model.parameters(), **dict(kw, lr=lr), capturable=True)
+    ref = torch.optim.AdamW(ref_model.parameters(), **kw)
+    for part in range(2):
+        _train(ours_model, ours, 3, dtype, start=3 * part)
+        _train(ref_model, ref, 3, dtype, start=3 * part)
+        lr.fill_(kw["lr"] / 2)  # the kernel reads the tensor: no rebuild, no host value
+        for g in ref.param_groups:
+            g["lr"] = kw["lr"] / 2
+    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, **tol)
+    steps = [ours.state[p]["step"] for p in ours_model.parameters()]
+    assert all(s.dtype == torch.float32 and s.device == p.device and float(s) == 6
+               for s, p in zip(steps, ours_model.parameters()))
+    moved = torch.optim.AdamW(_net(dtype).parameters(), **kw)
+    moved.load_state_dict(ours.state_dict())
+    assert [float(moved.state[p]["step"]) for p in moved.param_groups[0]["params"]] == [6.0] * 4
+
+
+def test_capturable_adamw_is_the_host_path_within_a_rounding():
+    a_model, b_model = _net(), _net()
+    a, b = AdamW(a_model.parameters(), lr=1e-2), AdamW(b_model.parameters(), lr=1e-2, capturable=True)
+    _train(a_model, a, 5)
+    _train(b_model, b, 5)
+    for x, y in zip(a_model.parameters(), b_model.parameters()):
+        torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-7)

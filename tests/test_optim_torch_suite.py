@@ -7,7 +7,7 @@ public data is read; the checks are this file's own:
 
 * trajectories: 5 steps of a small MLP, subgrad vs torch.optim, per dtype (tolerances below);
 * ``state_dict`` both ways: 3 steps, the state moved into the other library's optimizer, 2 more steps;
-* error inputs: the exception type torch raises (wording may differ), or torch's warning.
+* error inputs: the exception type and message torch raises (its ``error_regex``), or torch's warning.
 """
 import copy
 
@@ -121,8 +121,8 @@ def test_error_inputs_raise_what_torch_raises(theirs, j):
             opt.step()
 
     if issubclass(err.error_type, Warning):
-        with pytest.warns(err.error_type):
+        with pytest.warns(err.error_type, match=err.error_regex):
             build_and_step()
     else:
-        with pytest.raises(err.error_type):
+        with pytest.raises(err.error_type, match=err.error_regex):
             build_and_step()

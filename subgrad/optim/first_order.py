@@ -77,6 +77,9 @@ class _FusedOptimizer(FlatOptimizer):
         self._packed: list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]] | None = None  # + state buffers
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
+        #: steps each parameter has taken, counted on the host: which parameters can share a launch is
+        #: decided from these, never from state on the device (no host read of a device value per step)
+        self._steps_taken: dict[torch.Tensor, int] = {}
         #: Callable averaging a flat gradient buffer over data-parallel ranks in place, after the gradients
         #: are copied into it and before the update (set by distributed training; None: one process).
         self.grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -92,10 +95,14 @@ class _FusedOptimizer(FlatOptimizer):
                     self._flats.append(flat)
                     self._packed += [(group, fg, {}) for fg in flat.groups]
             self._packed_for = self._trainable()
-            self._adopt_state((fg, bufs) for _, fg, bufs in self._packed)
+            self._adopt(self._packed)
         for flat in self._flats:
             flat.check()
         return self._packed
+
+    def _adopt(self, packed) -> None:
+        """State tensors into the flat buffers (``_adopt_state``), plus what a subclass keeps per group."""
+        self._adopt_state((fg, bufs) for _, fg, bufs in packed)
 
     def _view(self, fg: FlatGroup, bufs: dict, key: str, i: int) -> torch.Tensor:
         return fg.view(self._flat_buffer(fg, bufs, key), i)
@@ -104,7 +111,8 @@ class _FusedOptimizer(FlatOptimizer):
         """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
         tensors are copied into the flat buffers and ``state[p]`` points at views again."""
         super().load_state_dict(state_dict)
-        self._adopt_state((fg, bufs) for _, fg, bufs in self._pack())
+        self._steps_taken = {}
+        self._adopt(self._pack())
 
     # Under torch.compile the step runs eagerly (a graph break): it is already one fused kernel per flat
     # buffer, and tracing its host-side scalar preparation sent dynamo into endless recursion.  (The
@@ -117,6 +125,20 @@ class _FusedOptimizer(FlatOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step(gate=None)
+        return loss
+
+    def _step(self, gate: torch.Tensor | None) -> None:
+        """The update of every parameter that has a gradient; a device bool ``gate`` that is False makes
+        it a no-op decided on the device (AdamW only: :class:`subgrad.optim.ActivityZO` skips that way)."""
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not with_grad:
+            return  # nothing to update (and nothing to pack), as in torch.optim
+        for p in with_grad:
+            if p.device.type not in ("cpu", "cuda"):  # torch.optim's fused check, and its wording
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   f"devices: ['cpu', 'cuda'] but {p.dtype} and {p.device.type} (subgrad's step is "
+                                   "always fused)")
         for group, fg, bufs in self._pack():
             has_grad = [p.grad is not None for p in fg.params]
             if not any(has_grad):
@@ -128,7 +150,8 @@ class _FusedOptimizer(FlatOptimizer):
                 grad = fg.grad_buffer(link=False)
                 if self.grad_reduce is not None:
                     self.grad_reduce(grad)  # one collective over the whole flat buffer
-                self._step_views(group, fg, bufs, fg.data, grad, slice(None), list(range(len(fg.params))))
+                indices = list(range(len(fg.params)))
+                self._step_views(group, fg, bufs, fg.data, grad, slice(None), indices, gate)
             else:  # torch.optim skips params without gradients: update the others one by one
                 for i, p in enumerate(fg.params):
                     if p.grad is not None:
@@ -137,47 +160,72 @@ class _FusedOptimizer(FlatOptimizer):
                         if self.grad_reduce is not None:  # reduce a copy: p.grad is never modified
                             grad = self.grad_reduce(grad.clone())
                         where = slice(off, off + storage_numel(p))
-                        self._step_views(group, fg, bufs, fg.data[where], grad.reshape(-1), where, [i])
-        return loss
+                        self._step_views(group, fg, bufs, fg.data[where], grad.reshape(-1), where, [i], gate)
+            for i, p in enumerate(fg.params):
+                if has_grad[i]:
+                    self._steps_taken[p] = self._steps_taken.get(p, 0) + 1
 
     def _history(self, p) -> object:
-        """What must agree for parameters to share one launch (first step or not, step count)."""
-        raise NotImplementedError
+        """What must agree for parameters to share one launch, known on the host (AdamW: steps taken)."""
+        return self._steps_taken.get(p, 0)
 
-    def _step_views(self, group, fg, bufs, param, grad, where: slice, indices: list[int]) -> None:
+    def _step_views(self, group, fg, bufs, param, grad, where: slice, indices: list[int], gate) -> None:
         """Update ``param`` (all of ``fg`` or one parameter's view, ``where`` in the flat buffers)."""
         raise NotImplementedError
 
 
+def _lr_for(group: dict, param: torch.Tensor):
+    """The group's lr as the kernel takes it: a tensor on the parameters' device is read by the kernel (no
+    host read; a replay sees its current value); a number, or a tensor elsewhere (read here: a CPU value,
+    no device synchronisation), travels as a launch argument."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.device != param.device:
+        return float(lr)
+    return lr
+
+
 class SGD(_FusedOptimizer):
-    """``torch.optim.SGD`` with a fused Triton update (torch twin on CPU).  Extra: ``l1`` adds the
-    subgradient ``l1 * sign(w)``; ``backend`` picks the kernel backend."""
+    """``torch.optim.SGD`` with a fused Triton update (torch twin on CPU).
+
+    Extras: ``l1`` adds the subgradient ``l1 * sign(w)``; ``backend`` picks the kernel backend.
+    ``foreach`` and ``fused`` are accepted and change nothing: they choose among torch.optim's
+    implementations of the same update, and subgrad's one fused implementation serves every choice
+    (its numbers are torch's within the tolerances in tests/test_optim_torch_suite.py).  ``capturable``
+    (torch's SGD has no such flag; accepted for symmetry with AdamW) changes nothing either: the step
+    never reads a device value on the host, and a tensor ``lr`` on the parameters' device is read by the
+    kernel, so a CUDA graph of the step uses its current value.
+    """
 
     _buffer_keys = ("momentum_buffer",)
     _sparse_ok = True
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
-                 differentiable: bool = False, fused=None, l1: float = 0.0, backend: str | None = None):
-        _check_number("lr", lr, 0.0, tensor_ok=True)  # a tensor lr is read at each step
+                 differentiable: bool = False, fused=None, capturable: bool = False, l1: float = 0.0,
+                 backend: str | None = None):
+        _check_tensor_hyperparameters(lr, None, foreach, capturable=True)  # SGD's foreach takes a tensor lr
+        _check_number("lr", lr, 0.0)
         _check_number("momentum", momentum, 0.0)
         _check_number("dampening", dampening, 0.0)
         _check_number("weight_decay", weight_decay, 0.0)
         _check_number("l1", l1, 0.0)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused, l1=l1)
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+                        capturable=capturable, l1=l1)
         super().__init__(params, defaults, backend)
 
     def _history(self, p):
-        return self.state.get(p, {}).get("momentum_buffer") is None
+        return self.state.get(p, {}).get("momentum_buffer") is None  # first step or not
 
-    def _step_views(self, group, fg, bufs, param, grad, where, indices):
+    def _step_views(self, group, fg, bufs, param, grad, where, indices, gate):
+        if gate is not None:
+            raise ValueError("SGD has no device gate (a skipped SGD step is the caller's decision)")
         momentum = group["momentum"]
-        first = self._history(fg.params[indices[0]])
+        first = self.state.get(fg.params[indices[0]], {}).get("momentum_buffer") is None
         buf = self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
-        K.sgd_step_(param, grad, buf, lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=momentum,
+        K.sgd_step_(param, grad, buf, lr=_lr_for(group, param), weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                     first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
         for i in indices:  # like torch.optim: no state at all without momentum
@@ -186,45 +234,73 @@ class SGD(_FusedOptimizer):
 
 
 class AdamW(_FusedOptimizer):
-    """``torch.optim.AdamW`` with a fused Triton update (torch twin on CPU).  Extra: ``l1`` adds the
-    subgradient ``l1 * sign(w)`` to the gradient; ``backend`` picks the kernel backend."""
+    """``torch.optim.AdamW`` with a fused Triton update (torch twin on CPU).
+
+    Extras: ``l1`` adds the subgradient ``l1 * sign(w)`` to the gradient; ``backend`` picks the kernel
+    backend.  ``foreach`` and ``fused`` are accepted and change nothing (see :class:`SGD`).
+
+    ``capturable=True`` has torch.optim's meaning: each parameter's ``step`` lives on its device (views of
+    one float32 vector per flat buffer, advanced by one op per step) and the kernel computes the bias
+    corrections from it and from the lr (a tensor lr on the device is read by the kernel), so the step
+    takes no host value that changes and can be captured in a CUDA graph.  Its scalars are computed in
+    float64 on the device (kernels/adamw.py), within a float32 rounding of the host path's.
+    """
 
     _buffer_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
                  capturable: bool = False, differentiable: bool = False, fused=None, l1: float = 0.0,
                  backend: str | None = None):
-        _check_number("lr", lr, 0.0, tensor_ok=True)  # a tensor lr is read at each step
-        _check_number("eps", eps, 0.0, low_open=True)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], 0.0, 1.0)
-        _check_number("betas[1]", betas[1], 0.0, 1.0)
+        _check_tensor_hyperparameters(lr, betas, foreach, capturable)
+        _check_number("lr", lr, 0.0)
+        _check_number("eps", eps, 0.0, low_open=True)
+        betas = (_check_number("betas[0]", betas[0], 0.0, 1.0), _check_number("betas[1]", betas[1], 0.0, 1.0))
         _check_number("weight_decay", weight_decay, 0.0)
         _check_number("l1", l1, 0.0)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=True, l1=l1)
         super().__init__(params, defaults, backend)
 
-    def _history(self, p):
-        step = self.state.get(p, {}).get("step")
-        return 0 if step is None else int(step)
+    def _adopt(self, packed) -> None:
+        """Moments into the flat buffers; each parameter's step into its group's step vector (CPU, or the
+        device when capturable, as torch.optim keeps it), counted on the host from the loaded values."""
+        super()._adopt(packed)
+        for group, fg, bufs in packed:
+            device = fg.data.device if group["capturable"] else torch.device("cpu")
+            if bufs.get("step") is None or bufs["step"].device != device:
+                bufs["step"] = torch.zeros(len(fg.params), dtype=torch.float32, device=device)
+            for i, p in enumerate(fg.params):
+                step = self.state.get(p, {}).get("step")
+                if step is None:
+                    continue
+                if p not in self._steps_taken:  # a loaded state (read once, here): the host count follows it
+                    self._steps_taken[p] = int(step)
+                view = bufs["step"][i]
+                if step is not view:
+                    view.copy_(torch.as_tensor(step, dtype=torch.float32))
+                    self.state[p]["step"] = view
 
-    def _step_views(self, group, fg, bufs, param, grad, where, indices):
-        first = fg.params[indices[0]]
-        step = self._history(first) + 1
+    def _step_views(self, group, fg, bufs, param, grad, where, indices, gate):
+        if gate is not None and not group["capturable"]:
+            raise ValueError("a gated AdamW step needs capturable=True (the step count then lives on the device)")
         beta1, beta2 = group["betas"]
+        steps = bufs["step"][indices[0]:indices[-1] + 1]  # these parameters' steps (all of them, or one)
+        steps.add_(gate if gate is not None else 1)
+        # capturable: read by the kernel; otherwise counted on the host, so no value is read back
+        step = steps[:1] if group["capturable"] else self._steps_taken.get(fg.params[indices[0]], 0) + 1
         vmax = self._flat_buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
         K.adamw_step_(param, grad, self._flat_buffer(fg, bufs, "exp_avg")[where],
-                      self._flat_buffer(fg, bufs, "exp_avg_sq")[where], vmax, step=step, lr=float(group["lr"]),
+                      self._flat_buffer(fg, bufs, "exp_avg_sq")[where], vmax, step=step, lr=_lr_for(group, param),
                       beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                      l1=group.get("l1", 0.0), backend=self.backend)
+                      l1=group.get("l1", 0.0), gate=gate, backend=self.backend)
         for i in indices:
             st = self.state[fg.params[i]]
-            st["step"] = torch.tensor(float(step), dtype=torch.float32)  # torch.optim keeps a CPU float tensor
+            st["step"] = bufs["step"][i]
             st["exp_avg"] = self._view(fg, bufs, "exp_avg", i)
             st["exp_avg_sq"] = self._view(fg, bufs, "exp_avg_sq", i)
             if group["amsgrad"]:
