@@ -12,7 +12,7 @@ philox_normal/_rad.    kernels/philox.py      tests/test_philox.py
 perturb_               kernels/perturb.py     tests/test_perturb.py
 zo_update_             kernels/zo_update.py   tests/test_zo_update.py
 zo_estimate_           kernels/zo_update.py   tests/test_zo_update.py
-next_step_seed_        kernels/step_seed.py   tests/test_step_seed.py
+next_step_seed_        kernels/seeds.py       tests/test_device_scalars.py
 sgd_step_              kernels/sgd.py         tests/test_first_order.py
 adamw_step_            kernels/adamw.py       tests/test_first_order.py
 =====================  =====================  ==========================
@@ -22,7 +22,7 @@ from .adamw import adamw_step_
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
 from .sgd import sgd_step_
-from .step_seed import next_step_seed_, step_seed
+from .seeds import next_step_seed_, step_seed
 from .zo_update import make_block_starts, zo_estimate_, zo_update_
 
 __all__ = ["BACKENDS", "resolve_backend", "philox_normal", "philox_rademacher", "philox_bits", "prepare_cpu_twin",

@@ -85,7 +85,7 @@ def adamw_kernel(
     exp_avg_sq_ptr,  # *float [n]: second moment v
     max_exp_avg_sq_ptr,  # *float [n]: running max of v when AMSGRAD (else unused)
     lr_ptr,  # *fp32 [1]: learning rate when LR_IN_MEMORY (else unused)
-    step_ptr,  # *fp32 [1]: the step count, this step included, when STEP_IN_MEMORY (else unused)
+    step_ptr,  # *fp32 or *int64 [1]: the step count, this step included, when STEP_IN_MEMORY (else unused)
     gate_ptr,  # *bool [1]: when HAS_GATE, False leaves every buffer as it was (a skipped step)
     n,  # number of elements
     lr,  # fp32 learning rate (DEVICE_SCALARS without LR_IN_MEMORY)
@@ -221,10 +221,18 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                     float(l1), maximize, amsgrad, compute=torch.float64)
         return param
     check_float_dtype("param", param)
-    lr_tensor, step_tensor = device_scalar("lr", lr, param), device_scalar("step", step, param)
+    lr_tensor = device_scalar("lr", lr, param)
+    step_tensor = None
+    if isinstance(step, torch.Tensor):  # a float32 count (torch.optim's capturable step) or an int64 counter
+        if step.numel() != 1 or step.dtype not in (torch.float32, torch.int64) or step.device != param.device:
+            raise ValueError(f"a tensor step must be one float32 or int64 value on {param.device}, got "
+                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
+        step_tensor = step.reshape(1)
     constants = dict(one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
                      eps=f32(eps), l1=f32(l1))
     triton_backend = resolve_backend(backend, param, grad) == "triton"
+    if not triton_backend and gate is not None and not bool(gate.reshape(())):
+        return param  # the twin of a closed gate (its step count may be 0: no scalars to compute)
     if not on_device:  # host scalars in float64, rounded once to float32 (as torch.optim computes them)
         per_step = dict(decay=f32(1.0 - lr * weight_decay), step_size=f32(lr / (1.0 - beta1 ** step)),
                         bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2 ** step)))
@@ -248,7 +256,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                                   LR_IN_MEMORY=lr_tensor is not None, STEP_IN_MEMORY=step_tensor is not None,
                                   HAS_GATE=gate is not None, BLOCK_SIZE=BLOCK_SIZE,
                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
-    elif gate is None or bool(gate.reshape(())):
+    else:
         adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,
                     **per_step, **constants)
     return param

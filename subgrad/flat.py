@@ -77,19 +77,28 @@ class FlatGroup:
         """
         if self.grad is None:
             self.grad = torch.zeros_like(self.data)
+        zeros, targets, sources, linked = [], [], [], []
         for i, (p, off) in enumerate(zip(self.params, self.offsets)):
             if not _aliases(p.grad, self.grad, off):
                 view = self.view(self.grad, i)
                 if p.grad is None:
-                    view.zero_()
+                    zeros.append(view)
                 elif p.grad.is_sparse:  # e.g. nn.Embedding(sparse=True): its rows, zeros elsewhere
                     if link:
                         raise ValueError("a sparse gradient cannot be linked into the dense flat gradient buffer")
                     view.copy_(p.grad.to_dense())
                 else:
-                    view.copy_(p.grad)
-                if link:
-                    p.grad = view
+                    targets.append(view)
+                    sources.append(p.grad)
+                linked.append((p, view))
+        # one multi-tensor launch each, not a copy per parameter
+        if zeros:
+            torch._foreach_zero_(zeros)
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        if link:
+            for p, view in linked:
+                p.grad = view
         return self.grad
 
 

@@ -201,9 +201,12 @@ class _ThreadGather:
 @pytest.mark.parametrize("name", ["lenet", "resnet20"])
 def test_data_parallel_exchanges_per_example_scalars_only(name):
     """Two ranks, each running the perturbed tails of half the batch and gathering the loss differences,
-    end with identical replicas equal to one process: bit for bit for LeNet (its tails are elementwise, and
-    the heads' products are per row), within 1e-5 for ResNet-20 (a tail's conv2 on a half batch may sum in
-    another order).  What crosses between ranks per step: n/2 x (sites + heads) float32 values each, for a
+    end with bit-identical replicas whose first gradient estimates equal one process's within 1e-3 of their
+    scale: a tail on half a batch may sum in another order (a conv, or a CPU BLAS that picks its kernel by
+    the number of rows: bit-identical on the AMD team VM, 1.9e-4 on an Intel one), and a last-bit change of
+    a float32 loss near 2 is 2.4e-7, which the forward difference divides by eps = 1e-2.  Weights are not
+    compared with the one process: Adam's first steps turn such a difference of a near-zero gradient into
+    a step of +-lr.  What crosses between ranks per step: n/2 x (sites + heads) float32 values each, for a
     LeNet (5 sites, 4 heads) and a ResNet-20 (20 sites, 10 heads) alike: per example, never per weight."""
     x, y = _batch(8)
     torch.manual_seed(0)
@@ -218,21 +221,23 @@ def test_data_parallel_exchanges_per_example_scalars_only(name):
         o = ActivityZO(model, lr=1e-3, seed=4)
         o.shard, o.gather_examples = (rank, 2), gather.for_rank(rank)
         opts.append(o)
-    for _ in range(2):
+    worst = 0.0
+    for step in range(2):
         opt.step(x, y)
         threads = [threading.Thread(target=o.step, args=(x, y)) for o in opts]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if step == 0:  # the first step's estimates, from the same weights
+            pairs = [(p.grad, r.grad) for p, r in zip(opt.adamw.param_groups[0]["params"],
+                                                      opts[0].adamw.param_groups[0]["params"])]
+            worst = max(((g - h).abs().max() / g.abs().max().clamp_min(1e-30)).item() for g, h in pairs)
     a, b = replicas
     assert all(torch.equal(p, r) for p, r in zip(a.state_dict().values(), b.state_dict().values()))
     assert all(torch.equal(p, r) for p, r in zip(opts[0].heads.parameters(), opts[1].heads.parameters()))
-    worst = max((p - r).abs().max().item() for p, r in zip(single.state_dict().values(), a.state_dict().values()))
-    print(f"{name}: 2 ranks vs 1 process, largest weight difference {worst:.3g}")
-    if name == "lenet":
-        assert worst == 0.0
-    assert worst <= 1e-5
+    print(f"{name}: 2 ranks vs 1 process, largest gradient difference {worst:.3g} of the gradient's scale")
+    assert worst <= 1e-3
     sites = {"lenet": 5, "resnet20": 20}[name]  # resnet20: stem, 2 per basic block, fc
     per_step = (8 // 2) * (sites + len(opt.heads)) * 4
     assert gather.sent == [2 * per_step] * 2, (gather.sent, per_step)
@@ -251,16 +256,17 @@ def test_bad_settings_are_refused():
 
 
 def test_non_finite_estimate_skips_the_update():
-    """A NaN input makes every loss difference NaN: no update, the step counted as skipped, one warning."""
+    """A NaN input makes every loss difference NaN: no update, the step counted as skipped, one warning
+    when the count is read."""
     torch.manual_seed(0)
     model = build_model("lenet").train()
     opt = ActivityZO(model, lr=1e-3)
     x, y = _batch(4)
     x[0, 0, 0, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match="not finite"):
-        opt.step(x, y)
-    assert opt.skipped_steps == 1 and opt.step_count == 1
+    opt.step(x, y)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):  # decided on the device, read when asked
+        assert opt.skipped_steps == 1 and opt.step_count == 1
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     opt.step(*_batch(4))  # a finite batch updates again
     assert opt.skipped_steps == 1 and not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

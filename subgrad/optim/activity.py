@@ -15,8 +15,12 @@ block's output, so no signal crosses blocks)::
                    g_j = mean over k of d[:, None] * u / n           estimates d(mean L)/dz_j
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
     for the head:  the same with a perturbation of its logits
-    then one fused AdamW step (subgrad.optim.AdamW: a Triton kernel, one launch per flat buffer; the
-    bit-identical torch twin on CPU) over the model's layers and the heads.
+    then one fused AdamW step (subgrad.optim.AdamW, capturable: a Triton kernel, one launch per flat
+    buffer; the bit-identical torch twin on CPU) over the model's layers and the heads.
+
+The step never reads a device value on the host: the directions' seed comes from a step counter on the
+device, and a non-finite loss difference closes the AdamW kernel's gate on the device (the step is
+counted in ``skipped_steps``, read when asked), so the whole step can be captured in a CUDA graph.
 
 Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
 activities rather than weights divides it further by the layer's fan-in; the local losses keep each
@@ -41,7 +45,6 @@ tails are (measured in benchmarks/README.md).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +53,8 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ..local import local_blocks, make_heads, trained_parameters
+from ._counters import StepCounters
 from .first_order import AdamW
-from .zo import step_seed
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,10 @@ class ActivityZO:
         if example is None:
             example = torch.zeros(1, 3, 32, 32, device=device)
         self.heads = make_heads(self.blocks, example)  # training only: saved with the optimizer, never exported
+        # capturable: the step count and bias corrections live on the device, where the skip gate acts
         self.adamw = AdamW(trained_parameters(self.blocks) + list(self.heads.parameters()), lr=lr, betas=betas,
-                           weight_decay=weight_decay, backend=backend)
-        self.step_count = 0
-        self.skipped_steps = 0  # steps whose estimate was not finite (no update; the weights are never perturbed)
+                           weight_decay=weight_decay, capturable=True, backend=backend)
+        self.counters = StepCounters(type(self).__name__).on(device)
         #: data parallel (set by training): (rank, world size), and the collective that concatenates every
         #: rank's per-example values along the last dimension in rank order
         #: (:meth:`subgrad.distributed.Communicator.all_gather_examples`).  One process: (0, 1) and None.
@@ -137,14 +140,27 @@ class ActivityZO:
         return self.adamw.param_groups
 
     @property
+    def step_count(self) -> int:
+        """Steps taken (read from the device counter)."""
+        return self.counters.steps_taken()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose estimate was not finite, so no update was applied (read from the device; warns the
+        first time any are seen).  The weights are never perturbed, so nothing needs restoring."""
+        return self.counters.skipped_steps()
+
+    @property
     def forward_passes(self) -> int:
         """Forward passes so far, counted as issue 14 counts them: per step one clean pass and q perturbed
         ones (a perturbed pass reruns each block's tails: one forward pass)."""
         return (1 + self.settings.q) * self.step_count
 
-    def _directions(self, seed: int, like: torch.Tensor) -> torch.Tensor:
-        """Rademacher signs shaped like ``like`` (the global batch), from ``seed``."""
-        return K.philox_rademacher(seed, like.numel(), device=like.device, backend=self.adamw.backend).view_as(like)
+    def _directions(self, seed: torch.Tensor, site: int, like: torch.Tensor) -> torch.Tensor:
+        """Rademacher signs shaped like ``like`` (the global batch), from seed ``seed + site`` (``seed`` on
+        the device)."""
+        return K.philox_rademacher(seed, like.numel(), device=like.device, backend=self.adamw.backend,
+                                   seed_index=site).view_as(like)
 
     def _rows(self, n: int) -> slice:
         """This rank's contiguous share of a batch of ``n`` examples (the perturbed tails it runs)."""
@@ -164,7 +180,7 @@ class ActivityZO:
             raise ValueError("ActivityZO.step needs the model in training mode; call model.train() first")
         eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
         rows = self._rows(n)
-        seed, site = step_seed(self.settings.seed, self.step_count), 0
+        seed, site = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend), 0
         h, heads = inputs, iter(self.heads)
         finite = torch.ones((), dtype=torch.bool, device=inputs.device)
         for block in self.blocks:
@@ -177,7 +193,7 @@ class ActivityZO:
             directions, diffs = [], []
             for j, rec in enumerate(clean.sites):
                 for _ in range(q):
-                    u = self._directions(seed + site, rec.z)
+                    u = self._directions(seed, site, rec.z)
                     site += 1
                     if rec.active is not None:  # a unit that cannot move the loss gets no noise
                         u = u * rec.active
@@ -186,7 +202,7 @@ class ActivityZO:
                     directions.append(u)
                     diffs.append(self._difference(perturbed, targets[rows], loss[rows]))
             if head is not None:  # the head, from a perturbation of its logits
-                v = self._directions(seed + site, logits)
+                v = self._directions(seed, site, logits)
                 site += 1
                 directions.append(v)
                 diffs.append(self._difference(logits[rows] + eps * v[rows], targets[rows], loss[rows]))
@@ -204,14 +220,10 @@ class ActivityZO:
             if head is not None:
                 _weight_grad(head, features, _scaled(d[-1], directions[-1]) / n)
             h = clean.out
-        self.step_count += 1
-        if not finite.item():  # one host sync per step: a NaN/inf estimate must not reach Adam's moments
-            self.skipped_steps += 1
-            if self.skipped_steps == 1:
-                warnings.warn("ActivityZO: a loss difference was not finite; the update was skipped "
-                              "(counted in optimizer.skipped_steps)", RuntimeWarning, stacklevel=2)
-            return loss.mean()
-        self.adamw.step()  # one fused kernel per flat buffer (model layers and heads)
+        self.counters.count_skip(finite)
+        # one fused kernel per flat buffer (model layers and heads); a NaN/inf estimate closes its gate on
+        # the device, so it never reaches Adam's moments
+        self.adamw._step(gate=finite.reshape(1))
         return loss.mean()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -220,7 +232,7 @@ class ActivityZO:
     def state_dict(self) -> dict:
         """AdamW's state, the heads, the step counter and the settings (so a resume draws the same directions)."""
         return dict(adamw=self.adamw.state_dict(), heads=self.heads.state_dict(),
-                    subgrad=dict(kind=type(self).__name__, step=self.step_count,
+                    subgrad=dict(kind=type(self).__name__, **dict(zip(("step", "skipped"), self.counters.values())),
                                  settings=dataclasses.asdict(self.settings)))
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -233,4 +245,4 @@ class ActivityZO:
                              "resume with the run's own settings")
         self.heads.load_state_dict(state_dict["heads"])
         self.adamw.load_state_dict(state_dict["adamw"])
-        self.step_count = int(meta["step"])
+        self.counters.load(int(meta["step"]), int(meta.get("skipped", 0)))

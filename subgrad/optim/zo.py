@@ -19,8 +19,12 @@ Every ``closure()`` call happens under ``torch.no_grad()``.  With ``functional_c
 function of a ``{name: tensor}`` dict, for example via ``torch.func.functional_call``), all perturbed
 points of a step are evaluated in one ``torch.func.vmap`` call instead of sequential forwards.
 
-A non-finite loss on either side skips the update, restores the weights, counts the skip in
-``optimizer.skipped_steps`` and warns once.  Reading that flag is the step's one host synchronisation.
+A step never reads a device value on the host.  Its direction seed comes from a step counter on the
+device (``StepCounters``), the finite-difference scalars stay on the device and the update kernels read
+them, the seed, a tensor ``lr`` and the skip decision through pointers, so the step's launches are the
+same at every step and the whole step can be captured in a CUDA graph.  A non-finite loss on either
+side skips the update on the device (the update kernel only restores the weights) and counts it;
+``optimizer.skipped_steps`` reads the count (and warns once) when asked.
 """
 from __future__ import annotations
 
@@ -33,8 +37,9 @@ from typing import NamedTuple
 import torch
 
 from .. import kernels as K
-from ..kernels import step_seed
+from ..kernels import step_seed  # noqa: F401 (subgrad.optim.step_seed)
 from ..kernels._common import f32, inv_sqrt_rn_torch
+from ._counters import StepCounters
 from ._layout import FlatOptimizer, Segment, assign_blocks, block_ranges, build_segments
 
 ESTIMATORS = ("central", "forward", "jvp")
@@ -48,9 +53,9 @@ def default_distribution(q: int) -> str:
 
 
 class PendingRestore(NamedTuple):
-    """The perturbation a sequential estimate leaves in the weights, ``w0 + level * z(seed)`` on every
-    block, for the update kernel (or a skipped step) to take back."""
-    seed: int
+    """The perturbation a sequential estimate leaves in the weights, ``w0 + level * z(seed + index)`` on
+    every block, for the update kernel to take back."""
+    index: int  # the direction: seed_index of the step's seed
     level: float
 
 
@@ -113,19 +118,21 @@ class ZOOptimizer(FlatOptimizer):
         for key in ("lr", "weight_decay", "l1", "momentum"):
             if key in defaults:
                 value = defaults[key]
+                if key == "lr" and isinstance(value, torch.Tensor):  # read by the kernels at every step
+                    _check(key, value.numel() == 1 and value.is_floating_point(), "a number or a 1-element "
+                           "floating-point tensor", value)
+                    value = float(value)
                 _check(key, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
                        "a finite number >= 0", value)
         if defaults.get("momentum", 0) >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {defaults['momentum']}")
         super().__init__(params, defaults)
         self.settings = settings
-        self.step_count = 0
-        self.skipped_steps = 0
-        self.forward_passes = 0
+        self.counters = StepCounters(type(self).__name__)
+        self._passes_counted = (0, 0)  # (forward passes, steps) up to the last repack or load
         self._segments: list[Segment] | None = None
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats = []
-        self._warned_skip = False
         self.last_estimate: torch.Tensor | None = None
         #: Callable averaging a step's float64 loss vector over data-parallel ranks (None: one process).
         self.loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -149,6 +156,8 @@ class ZOOptimizer(FlatOptimizer):
             if len(devices) > 1:
                 raise ValueError(f"params are on several devices {sorted(map(str, devices))}; a zeroth-order "
                                  "step perturbs them with one direction, so move the model to one device")
+            if self._segments is not None:  # passes so far were counted at the old number of blocks
+                self._passes_counted = (self.forward_passes, self.counters.steps_taken())
             self._flats, self._segments = build_segments(self.param_groups, self.settings.master_weights)
             ranges, self.num_blocks = block_ranges(self._segments, self.settings.blocks, names)
             assign_blocks(self._segments, ranges)
@@ -157,7 +166,9 @@ class ZOOptimizer(FlatOptimizer):
                 sizes[bid] += b - a
             # Step-size rule for blocks: the variance of a block's estimate grows with its size d_B, and the
             # stable step of ZO-SGD on it scales like 1 / (d_B + 2); relative to one block over all d.
-            self._block_scale = (sizes.sum() + 2) / (sizes + 2)
+            device = self._segments[0].data.device
+            self._block_scale = ((sizes.sum() + 2) / (sizes + 2)).to(device)
+            self.counters.on(device)
             self._init_state()
             self._packed_for = self._trainable()
             self._adopt_state((seg.flat, seg.buffers) for seg in self._segments)  # state from before a repack
@@ -188,8 +199,9 @@ class ZOOptimizer(FlatOptimizer):
         """Subclasses create their per-segment buffers (``seg.buffers``) here, after packing."""
 
     # -- perturbation helpers ----------------------------------------------------------------------
-    def _move_block(self, block: int | None, seed: int, level: float, to: float) -> None:
-        """Move one block (None: everything) from ``w0 + level z`` to ``w0 + to z``.
+    def _move_block(self, block: int | None, seed: torch.Tensor, index: int, level: float, to: float) -> None:
+        """Move one block (None: everything) from ``w0 + level z`` to ``w0 + to z``, ``z`` the direction of
+        seed ``seed + index`` (``seed`` on the device, read by the kernel).
 
         Segments with an fp32 master are rewritten from it (``to == 0`` is an exact copy); the others
         are shifted in place by ``(to - level) z``.
@@ -205,21 +217,21 @@ class ZOOptimizer(FlatOptimizer):
                     x.copy_(seg.master[a:b])
                 elif seg.master is not None:
                     K.perturb_(x, seed, to, self.settings.backend, offset=seg.dir_offset + a,
-                               distribution=self.settings.distribution, source=seg.master[a:b], precond=h)
+                               distribution=self.settings.distribution, source=seg.master[a:b], precond=h,
+                               seed_index=index)
                 else:
                     K.perturb_(x, seed, to - level, self.settings.backend, offset=seg.dir_offset + a,
-                               distribution=self.settings.distribution, precond=h)
+                               distribution=self.settings.distribution, precond=h, seed_index=index)
 
     # -- estimation --------------------------------------------------------------------------------
     def _evaluate(self, closure) -> torch.Tensor:
         with torch.no_grad():
             loss = closure()
-        self.forward_passes += 1
         if not isinstance(loss, torch.Tensor):
             loss = torch.tensor(float(loss), dtype=torch.float64)
         return loss.detach().reshape(()).to(torch.float64)
 
-    def _estimate_sequential(self, closure, seed0: int) -> Estimate:
+    def _estimate_sequential(self, closure, seed: torch.Tensor) -> Estimate:
         """Finite differences by in-place perturbation; the last perturbation stays in the weights (pending).
 
         Losses are collected in the batched path's order ([L0], then per direction and block L+ [, L-]) and
@@ -231,19 +243,18 @@ class ZOOptimizer(FlatOptimizer):
         with_base = not central or self.needs_base_loss
         losses, pending = [self._evaluate(closure)] if with_base else [], None
         for k in range(q):
-            seed = seed0 + k
             for b in blocks:
-                self._move_block(b, seed, 0.0, eps)
+                self._move_block(b, seed, k, 0.0, eps)
                 losses.append(self._evaluate(closure))
                 level = eps
                 if central:
-                    self._move_block(b, seed, eps, -eps)
+                    self._move_block(b, seed, k, eps, -eps)
                     level = -eps
                     losses.append(self._evaluate(closure))
                 if k == q - 1 and b is None:
-                    pending = PendingRestore(seed, level)  # the update kernel restores it (or a skip does)
+                    pending = PendingRestore(k, level)  # the update kernel restores it (skipped step or not)
                 else:
-                    self._move_block(b, seed, level, 0.0)
+                    self._move_block(b, seed, k, level, 0.0)
         return dataclasses.replace(self._scalars(torch.stack(losses), with_base), pending=pending)
 
     def _scalars(self, losses: torch.Tensor, with_base: bool) -> Estimate:
@@ -268,7 +279,7 @@ class ZOOptimizer(FlatOptimizer):
             c, loss = (losses[1:] - losses[0]) / self.settings.eps, losses[0]
         return Estimate(c.reshape(self.settings.q, self.num_blocks), loss, losses, curvature)
 
-    def _points(self, seed0: int):
+    def _points(self, seed: torch.Tensor):
         """Direction-space perturbations of every point a step evaluates, as one [P, total] fp32 tensor."""
         segs = self._segments
         total = sum(s.numel for s in segs)
@@ -284,7 +295,7 @@ class ZOOptimizer(FlatOptimizer):
         rows = []
         for k in range(self.settings.q):
             z = (K.philox_rademacher if self.settings.distribution == "rademacher" else K.philox_normal)(
-                seed0 + k, total, device=device, backend=self.settings.backend)
+                seed, total, device=device, backend=self.settings.backend, seed_index=k)
             if scale is not None:
                 z = z * scale
             for mask in masks:
@@ -308,23 +319,22 @@ class ZOOptimizer(FlatOptimizer):
         return torch.cat([(seg.master if seg.master is not None else seg.data).to(torch.float32)
                           for seg in self._segments])
 
-    def _estimate_batched(self, functional_closure, seed0: int) -> Estimate:
+    def _estimate_batched(self, functional_closure, seed: torch.Tensor) -> Estimate:
         """All perturbed points in one vmap call; the weights are never perturbed in place."""
         base = self._base_rows()[None]
-        rows = base + self._points(seed0)
+        rows = base + self._points(seed)
         with_base = self.settings.estimator == "forward" or self.needs_base_loss
         if with_base:
             rows = torch.cat([base, rows])
         with torch.no_grad():
             losses = torch.func.vmap(functional_closure)(self._named_views(rows))
         losses = losses.detach().reshape(-1).to(torch.float64)
-        self.forward_passes += losses.numel()
         return self._scalars(losses, with_base)
 
-    def _estimate_jvp(self, functional_closure, seed0: int) -> Estimate:
+    def _estimate_jvp(self, functional_closure, seed: torch.Tensor) -> Estimate:
         """Exact directional derivatives along the same directions (torch.func.jvp)."""
         base = self._base_rows()
-        tangents = self._points(seed0) / self.settings.eps  # one row per (k, block): z_k restricted to the block
+        tangents = self._points(seed) / self.settings.eps  # one row per (k, block): z_k restricted to the block
 
         def loss_of(flat):
             return functional_closure({k: v[0] for k, v in self._named_views(flat[None]).items()})
@@ -334,7 +344,6 @@ class ZOOptimizer(FlatOptimizer):
             for t in tangents:
                 loss, d = torch.func.jvp(loss_of, (base,), (t,))
                 cs.append(d.reshape(()).to(torch.float64))
-        self.forward_passes += len(cs)
         values = torch.cat([loss.detach().reshape(1).to(torch.float64), torch.stack(cs)])
         if self.loss_reduce is not None:  # [L0, derivatives]: averaged over ranks like the losses
             values = self.loss_reduce(values)
@@ -352,35 +361,53 @@ class ZOOptimizer(FlatOptimizer):
         if self.settings.estimator == "jvp" and functional_closure is None:
             raise ValueError("estimator='jvp' needs functional_closure(params) for torch.func.jvp")
         self._pack()
-        seed0 = step_seed(self.settings.seed, self.step_count)
-        self.step_count += 1
+        seed = self.counters.advance(self.settings.seed, self.settings.backend)
         if self.settings.estimator == "jvp":
-            estimate = self._estimate_jvp(functional_closure, seed0)
+            estimate = self._estimate_jvp(functional_closure, seed)
         elif functional_closure is not None:
-            estimate = self._estimate_batched(functional_closure, seed0)
+            estimate = self._estimate_batched(functional_closure, seed)
         else:
-            estimate = self._estimate_sequential(closure, seed0)
-        if not bool(torch.isfinite(estimate.losses).all()):  # the step's one host synchronisation
-            if estimate.pending is not None:
-                self._move_block(None, estimate.pending.seed, estimate.pending.level, 0.0)
-            self.skipped_steps += 1
-            if not self._warned_skip:
-                warnings.warn(f"{type(self).__name__}: non-finite loss at step {self.step_count - 1}; update "
-                              "skipped and weights restored (counted in optimizer.skipped_steps; warning once)",
-                              RuntimeWarning, stacklevel=2)
-                self._warned_skip = True
-            return estimate.loss
+            estimate = self._estimate_sequential(closure, seed)
+        finite = torch.isfinite(estimate.losses).all()  # decided on the device: the kernels read it
+        self.counters.count_skip(finite)
         c = self.last_estimate = estimate.c  # [q, blocks] scalars (before clipping), on the loss device
         if self.settings.clip is not None:
             c = c.clamp(-self.settings.clip, self.settings.clip)
         if self.settings.scale_by_block_size:
-            c = c * self._block_scale.to(c.device)
-        self._update((c / self.settings.q).to(torch.float32), seed0, estimate)
+            c = c * self._block_scale
+        self._update((c / self.settings.q).to(torch.float32), seed, estimate, finite.reshape(1))
         return estimate.loss
 
-    def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
-        """Apply the step: ``c`` [q, blocks] float32 are the scalars after clipping, block scaling and 1/q;
-        ``estimate`` carries the pending restore and the curvature."""
+    def _passes_per_step(self) -> int:
+        """Forward passes (closure calls, or jvp evaluations) one step makes at the current packing."""
+        directions = self.settings.q * self.num_blocks
+        if self.settings.estimator == "jvp":
+            return directions
+        central = self.settings.estimator == "central"
+        return int(not central or self.needs_base_loss) + directions * (2 if central else 1)
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken (read from the device counter)."""
+        return self.counters.steps_taken()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose losses were not all finite, so no update was applied (read from the device; warns
+        the first time any are seen)."""
+        return self.counters.skipped_steps()
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward passes so far (from the step counter: a step's count is fixed by the settings)."""
+        passes, steps = self._passes_counted
+        taken = self.step_count
+        return passes if taken == steps else passes + (taken - steps) * self._passes_per_step()
+
+    def _update(self, c: torch.Tensor, seed: torch.Tensor, estimate: Estimate, finite: torch.Tensor) -> None:
+        """Apply the step where ``finite`` (a device bool) holds, else only restore the weights: ``c``
+        [q, blocks] float32 are the scalars after clipping, block scaling and 1/q, ``seed`` the step's
+        first direction seed; ``estimate`` carries the pending restore and the curvature."""
         raise NotImplementedError
 
     @staticmethod
@@ -395,8 +422,9 @@ class ZOOptimizer(FlatOptimizer):
         self._pack()
         state_dict = super().state_dict()
         settings = self.settings
-        state_dict["subgrad"] = dict(kind=type(self).__name__, seed=settings.seed, step=self.step_count,
-                                     skipped=self.skipped_steps, forward_passes=self.forward_passes, eps=settings.eps,
+        steps, skipped = self.counters.values()
+        state_dict["subgrad"] = dict(kind=type(self).__name__, seed=settings.seed, step=steps,
+                                     skipped=skipped, forward_passes=self.forward_passes, eps=settings.eps,
                                      q=settings.q, estimator=settings.estimator, distribution=settings.distribution,
                                      blocks=settings.blocks)
         return state_dict
@@ -430,8 +458,8 @@ class ZOOptimizer(FlatOptimizer):
         for group, saved in zip(self.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         self.settings = dataclasses.replace(self.settings, seed=meta["seed"])
-        self.step_count = meta["step"]
-        self.skipped_steps, self.forward_passes = meta["skipped"], meta["forward_passes"]
+        self.counters.load(meta["step"], meta["skipped"])
+        self._passes_counted = (meta["forward_passes"], meta["step"])
 
 
 class ZOSGD(ZOOptimizer):
@@ -476,19 +504,20 @@ class ZOSGD(ZOOptimizer):
             if self.param_groups[seg.group_index]["momentum"] != 0:
                 self._flat_buffer(seg.flat, seg.buffers, "momentum_buffer")
 
-    def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
+    def _update(self, c: torch.Tensor, seed: torch.Tensor, estimate: Estimate, finite: torch.Tensor) -> None:
         pending = estimate.pending
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
             buf = seg.buffers.get("momentum_buffer")
             if group["momentum"] != 0 and buf is None:  # momentum switched on after the first step
                 buf = self._segment_buffer(seg, "momentum_buffer")
-            K.zo_update_(seg.data, seed0, self._segment_c(seg, c), group["lr"], num_directions=self.settings.q,
+            K.zo_update_(seg.data, seed, self._segment_c(seg, c), group["lr"], num_directions=self.settings.q,
                          weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
                          momentum_buffer=buf,
                          restore_scale=-pending.level if pending and seg.master is None else 0.0,
                          block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.settings.distribution,
-                         master=seg.master, backend=self.settings.backend, **self._hessian_args(seg, estimate))
+                         master=seg.master, gate=finite, backend=self.settings.backend,
+                         **self._hessian_args(seg, estimate))
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
         """Extra zo_update_ arguments of a curvature-aware subclass (HiZOO)."""
@@ -524,20 +553,20 @@ class ZOAdam(ZOOptimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 self._flat_buffer(seg.flat, seg.buffers, key)
 
-    def _update(self, c: torch.Tensor, seed0: int, estimate: Estimate) -> None:
+    def _update(self, c: torch.Tensor, seed: torch.Tensor, estimate: Estimate, finite: torch.Tensor) -> None:
         if estimate.pending is not None:
-            self._move_block(None, estimate.pending.seed, estimate.pending.level, 0.0)
+            self._move_block(None, seed, estimate.pending.index, estimate.pending.level, 0.0)
         scratch = None
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
             if scratch is None or scratch.numel() < seg.numel:
                 scratch = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
-            g = K.zo_estimate_(scratch[:seg.numel], seed0, self._segment_c(seg, c), num_directions=self.settings.q,
+            g = K.zo_estimate_(scratch[:seg.numel], seed, self._segment_c(seg, c), num_directions=self.settings.q,
                                block_starts=seg.block_starts, offset=seg.dir_offset,
                                distribution=self.settings.distribution, backend=self.settings.backend)
             weights = seg.master if seg.master is not None else seg.data
             beta1, beta2 = group["betas"]
-            K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.step_count,
+            K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.counters.steps,
                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adam_eps"],
                           weight_decay=group["weight_decay"], l1=group["l1"], backend=self.settings.backend)
             if seg.master is not None:
