@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
+
+from subgrad.capture import triton_launches
 from triton.compiler import ASTSource
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ OPTION_FLAGS = {"HAS_SOURCE": "source", "HAS_PRECOND": "precond", "HAS_MASTER": 
                 "HAS_MOMENTUM": "momentum", "HAS_HESSIAN": "hessian", "NESTEROV": "nesterov",
                 "FIRST_STEP": "first_step", "HAS_WEIGHT_DECAY": "weight_decay", "HAS_L1": "l1",
                 "MAXIMIZE": "maximize", "AMSGRAD": "amsgrad"}
-TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.bool: "i1",
                    torch.int32: "i32"}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -104,38 +106,6 @@ DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # --------------------------------------------------------------------------------------------------
 # 1. Which variants the optimizers launch: run them with the launches recorded, not executed
 # --------------------------------------------------------------------------------------------------
-class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
-
-    def __init__(self, fn, calls: list):
-        self.fn, self.calls = fn, calls
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.calls.append((self.fn, grid, args, kwargs))
-            out = dict(zip(self.fn.arg_names, args)).get("out_ptr")
-            if isinstance(out, torch.Tensor):  # materialised directions: zeros, not uninitialised memory,
-                out.zero_()  # so the losses stay finite and the step launches its update every time
-        return record
-
-
-@contextlib.contextmanager
-def recording_launches():
-    """Within the block every subgrad kernel launch is recorded in the yielded list, not run."""
-    from subgrad.kernels import adamw, perturb, philox, sgd, zo_update
-    calls, saved = [], []
-    for module, name in ((perturb, "perturb_kernel"), (zo_update, "zo_update_kernel"), (sgd, "sgd_kernel"),
-                         (adamw, "adamw_kernel"), (philox, "philox_direction_kernel")):
-        saved += [(module, name, getattr(module, name)), (module, "resolve_backend", module.resolve_backend)]
-        setattr(module, name, _Recorder(getattr(module, name), calls))
-        module.resolve_backend = lambda backend, *tensors: "triton"
-    try:
-        yield calls
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
-
-
 def optimizer_grid():
     """(label, dtype, factory(params) -> optimizer) for every optimizer configuration the library offers."""
     from subgrad.optim import SGD, ZOSGD, AdamW, HiZOO, ZOAdam
@@ -161,7 +131,11 @@ def optimizer_grid():
             ("sgd-nesterov", dtype, lambda p: SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)),
             ("adamw", dtype, lambda p: AdamW(p, lr=1e-3)),
             ("adamw-amsgrad", dtype, lambda p: AdamW(p, lr=1e-3, amsgrad=True)),
+            # what a CUDA-graph step launches: device step count and lr (bias corrections in the kernel)
+            ("adamw-capturable", dtype, lambda p: AdamW(p, lr=torch.tensor(1e-3), capturable=True)),
+            ("sgd-lr-tensor", dtype, lambda p: SGD(p, lr=torch.tensor(0.1), momentum=0.9)),
         ]
+        grid += [("zosgd-lr-tensor", dtype, lambda p: ZOSGD(p, lr=torch.tensor(1e-3), distribution="gaussian"))]
     return grid
 
 
@@ -177,7 +151,8 @@ def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
         model = model.to(device=device, dtype=dtype)
         opt = factory(model.named_parameters())
         zeroth_order = hasattr(opt, "forward_passes")
-        with recording_launches() as calls:
+        launches = []
+        with triton_launches(launches, run=False, force_triton=True):  # recorded, not run
             for _ in range(2):
                 if label.endswith("batched"):
                     opt.step(functional_closure=lambda p: torch.nn.functional.cross_entropy(
@@ -188,7 +163,7 @@ def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
                     opt.zero_grad()
                     torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
                     opt.step()
-        yield label, calls
+        yield label, [(x.call, x.grid, x.args, x.kwargs) for x in launches]
 
 
 def record_optimizer_launches() -> list:
@@ -246,6 +221,8 @@ def distinct_variants(launches: list) -> list[dict]:
     """Deduplicate recorded launches; keep which optimizer configurations launch each variant."""
     variants = {}
     for label, fn, _grid, args, kwargs in launches:
+        if fn.__name__ not in KERNEL_NAMES:  # next_step_seed_: one lane per step, no elements to cost
+            continue
         sig, constexprs, attrs, tensors = signature_of(fn, args, kwargs)
         values = dict(zip(fn.arg_names, args)) | kwargs
         ident = describe(fn, sig, constexprs, values)

@@ -39,6 +39,9 @@ from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype
 
 #: ``beta ** step`` by squaring covers steps below 2**STEP_BITS (a float32 step count stops at 2**24).
 STEP_BITS = 24
+#: elements per program of the device-scalars variant
+DEVICE_SCALARS_BLOCK = 4 * BLOCK_SIZE
+STEP_BITS_TL: tl.constexpr = tl.constexpr(STEP_BITS)
 
 
 @triton.jit
@@ -46,7 +49,7 @@ def power(base, exponent):
     """``base ** exponent`` in float64 for an int32 ``exponent`` in [0, 2**STEP_BITS), by repeated squaring:
     a fixed sequence of IEEE multiplications, repeated exactly by :func:`power_torch`."""
     result = tl.full([], 1.0, tl.float64)
-    for i in tl.static_range(STEP_BITS):
+    for i in tl.static_range(STEP_BITS_TL):
         result = tl.where(((exponent >> i) & 1) != 0, result * base, result)
         base = base * base
     return result
@@ -243,7 +246,10 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     if triton_backend:
         n = param.numel()
         if n:
-            adamw_kernel[grid(n)](param, grad, exp_avg, exp_avg_sq,
+            # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x
+            # the elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound)
+            block = DEVICE_SCALARS_BLOCK if on_device else BLOCK_SIZE
+            adamw_kernel[(triton.cdiv(n, block),)](param, grad, exp_avg, exp_avg_sq,
                                   max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
                                   lr_tensor if lr_tensor is not None else param,
                                   step_tensor if step_tensor is not None else param,
@@ -254,7 +260,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                                   **per_step, **constants,
                                   MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, DEVICE_SCALARS=on_device,
                                   LR_IN_MEMORY=lr_tensor is not None, STEP_IN_MEMORY=step_tensor is not None,
-                                  HAS_GATE=gate is not None, BLOCK_SIZE=BLOCK_SIZE,
+                                  HAS_GATE=gate is not None, BLOCK_SIZE=block,
                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,

@@ -304,19 +304,23 @@ def philox_direction_kernel(
     tl.store(out_ptr + pos, z, mask=(pos >= 0) & (pos < n))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "seed_index", "offset"])
 def philox_bits_kernel(
     out_ptr,  # *int32 [n, 4]: the four Philox words of each counter
+    seed_ptr,  # *int64 [1]: the seed when SEED_IN_MEMORY (else unused)
     n,  # number of counters
-    seed_lo,  # low 31 bits of the seed
-    seed_hi,  # seed >> 31
+    seed_lo,  # low 31 bits of a host seed
+    seed_hi,  # seed >> 31 of a host seed
+    seed_index,  # added to the seed (kernel_seed)
     offset,  # first counter
+    SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
     BLOCK_SIZE: tl.constexpr,  # counters per program
 ):
-    """The raw Philox4x32-10 words, so tests can compare random bits, not only directions."""
+    """The raw Philox4x32-10 words: random bits for tests, and for the trainer's augmentation draws."""
     pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = pos < n
-    b0, b1, b2, b3 = tl.randint4x(philox_seed(seed_lo, seed_hi), (pos + offset).to(tl.uint32))
+    seed = kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY)
+    b0, b1, b2, b3 = tl.randint4x(seed, (pos + offset).to(tl.uint32))
     tl.store(out_ptr + 4 * pos + 0, b0.to(tl.int32, bitcast=True), mask=mask)
     tl.store(out_ptr + 4 * pos + 1, b1.to(tl.int32, bitcast=True), mask=mask)
     tl.store(out_ptr + 4 * pos + 2, b2.to(tl.int32, bitcast=True), mask=mask)
@@ -579,17 +583,21 @@ def philox_rademacher(seed: int | torch.Tensor, n: int, offset: int = 0, device=
     return _direction(seed, n, offset, device, backend, rademacher=True, seed_index=seed_index)
 
 
-def philox_bits(seed: int, n: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
-    """The four raw Philox words per counter, as an int32 tensor ``[n, 4]`` (uint32 bit patterns)."""
-    seed_lo, seed_hi = split_seed(seed)
+def philox_bits(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *,
+                seed_index: int = 0) -> torch.Tensor:
+    """The four raw Philox words per counter, as an int32 tensor ``[n, 4]`` (uint32 bit patterns); ``seed``
+    as in :func:`philox_normal`."""
     check_direction_range(offset, n)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    out = torch.empty((n, 4), dtype=torch.int32, device=device)
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    out = torch.empty((n, 4), dtype=torch.int32, device=torch.device(device))
+    s = seed_args(seed, seed_index, 1, out)
     if resolve_backend(backend, out) == "triton":
         if n:
-            philox_bits_kernel[grid(n)](out, n, seed_lo, seed_hi, offset, BLOCK_SIZE=BLOCK_SIZE,
+            philox_bits_kernel[grid(n)](out, s.tensor if s.tensor is not None else out, n, s.lo, s.hi, s.index,
+                                        offset, SEED_IN_MEMORY=s.tensor is not None, BLOCK_SIZE=BLOCK_SIZE,
                                         num_warps=NUM_WARPS)
     else:
-        counters = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-        out.copy_(torch.stack(philox4x32_torch(seed, counters), dim=1).to(torch.int32))
+        counters = torch.arange(offset, offset + n, dtype=torch.int64, device=out.device)
+        out.copy_(torch.stack(philox4x32_torch(seed_value(seed, seed_index), counters), dim=1).to(torch.int32))
     return out

@@ -19,6 +19,7 @@ OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
 #: Settings an optimizer has no use for: giving one is an error, not silently ignored.
 UNUSED_SETTINGS = {"zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size")}
 SCHEDULES = ("cosine", "onecycle", "constant")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 BLOCK_MODES = ("none", "tensor", "module")  # or a block size in elements
 
 #: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
@@ -129,6 +130,9 @@ class TrainConfig:
         "hold out this many training images for validation (the same seeded subset for every --seed): "
         "metrics gain val_loss and val_accuracy; choose settings on them, not on the test set", type=int))
     amp: bool = field(default=False, metadata=_setting("bfloat16 autocast on CUDA", action="store_true"))
+    cuda_graph: str = field(default="auto", metadata=_setting(
+        "capture the training step in a CUDA graph and replay it: auto (on CUDA when the step is capturable, "
+        "else say why not), on (refuse to run uncaptured), off", choices=CUDA_GRAPH_MODES))
     eval_every: int | None = field(default=None, metadata=_setting(
         "steps between evaluations (default: once per epoch first-order, 10 per run zeroth-order)", type=int))
     checkpoint_every: int | None = field(default=None, metadata=_setting(
@@ -154,6 +158,8 @@ class TrainConfig:
                 setattr(cfg, key, value)
         if cfg.clip == 0:  # how run folders written before "off" spelled it
             cfg.clip = "off"
+        if cfg.cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"--cuda-graph must be one of {CUDA_GRAPH_MODES}, got {cfg.cuda_graph!r}")
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
         for name in ("batch_size", "q"):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kernels import next_step_seed_, philox_bits, step_seed
 from .runs import atomic_write
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -239,6 +240,8 @@ class DeviceLoader:
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self.order_seed, self.augment_seed = order_seed, augment_seed
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its order): drawn once per epoch
+        self._positions = torch.arange(batch_size, device=self.device)  # a batch's positions in the order
+        self._crop_offsets = torch.arange(32, device=self.device)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -261,25 +264,44 @@ class DeviceLoader:
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``index`` of ``epoch``."""
+        """Batch ``index`` of ``epoch``: the same images as :meth:`gather` at step ``epoch * len(self) + index``."""
         idx = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        x = self.images[idx].float()
+        seed = step_seed(self.augment_seed, epoch * len(self) + index) if self.augment else None
+        return self._prepare(idx, seed)
+
+    def gather(self, order: torch.Tensor, step: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of step ``step`` (an int64 ``[1]`` on the device, advanced by one) of the epoch whose image
+        order is ``order`` (:meth:`order`, on the device).  Every value is computed on the device (``seed``,
+        an int64 ``[1]``, receives the step's augmentation seed), so a CUDA graph can capture it."""
+        positions = torch.remainder(step, len(self)) * self.batch_size + self._positions
+        idx = order[positions]
         if self.augment:
-            x = self._augment(x, _mix(self.augment_seed, epoch, index))
-        return (x - self.mean) / self.std, self.labels[idx]
+            next_step_seed_(step, seed, self.augment_seed)  # seed = step_seed(augment_seed, step); step += 1
+        else:
+            step.add_(1)
+        return self._prepare(idx, seed if self.augment else None)
 
     def epoch(self, epoch: int, start: int = 0):
         """Iterate over the batches of ``epoch`` from batch ``start`` (for resuming mid-epoch)."""
         for index in range(start, len(self)):
             yield self.batch(epoch, index)
 
-    def _augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+    def _prepare(self, idx: torch.Tensor, seed) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[idx].float()
+        if seed is not None:
+            x = self._augment(x, seed)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+    def _augment(self, x: torch.Tensor, seed) -> torch.Tensor:
+        """Random 32x32 crops of the 4-pixel reflect-padded images and horizontal flips, drawn from the
+        Philox words of ``seed`` (an int, or an int64 device tensor): per image, words 0 and 1 give the
+        row and column shift (mod 9), bit 0 of word 2 the flip."""
         n = x.shape[0]
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        shifts = torch.randint(0, 9, (2, n), generator=gen, device=self.device)
-        flips = torch.rand(n, generator=gen, device=self.device) < 0.5
+        words = philox_bits(seed, n, device=self.device)
+        shifts = ((words[:, :2] & 0x7FFFFFFF) % 9).T.long()
+        flips = (words[:, 2] & 1) == 1
         padded = F.pad(x, (4, 4, 4, 4), mode="reflect")  # [n, 3, 40, 40]
-        ar = torch.arange(32, device=self.device)
+        ar = self._crop_offsets
         rows = (shifts[0][:, None] + ar)[:, None, :, None].expand(n, 3, 32, 40)
         x = padded.gather(2, rows)
         cols = (shifts[1][:, None] + ar)[:, None, None, :].expand(n, 3, 32, 32)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from . import __version__
 from .config import (DEFAULTS, ESTIMATOR_OPTIMIZERS, FO_OPTIMIZERS, OPTIMIZERS,  # noqa: F401 (names train.py
                      SCHEDULES, ZO_OPTIMIZERS, TrainConfig)  # had before config.py: re-exported for existing imports)
-from .data import DeviceLoader, load_cifar10
+from .data import Dataset, DeviceLoader, load_cifar10
+from .capture import CudaGraphStep
 from .distributed import Communicator, from_environment, shutdown, weights_hash
 from .kernels import prepare_cpu_twin
 from .models import build_model
@@ -64,7 +65,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     if cfg.optimizer == "sgd":
         return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # capturable: the step count lives on the device, so the trainer's step can be a CUDA graph
+        return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True)
     blocks = None if cfg.blocks == "none" else cfg.blocks  # the optimizers' None: one block, the whole model
     clip = None if cfg.clip == "off" else cfg.clip
     common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=blocks, clip=clip,
@@ -155,8 +157,9 @@ class Session:
     data_source: str  # where the images came from (summary.json)
 
 
-def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) -> Session:
-    """Device, data, model and optimizer of a run, seeded from ``cfg.seed``."""
+def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, data: Dataset | None = None) -> Session:
+    """Device, data (``cfg.data``, unless a loaded ``data`` is given), model and optimizer of a run, seeded
+    from ``cfg.seed``."""
     device = torch.device(kind, comm.local_rank) if kind == "cuda" and comm.active else torch.device(kind)
     if device.type == "cuda":
         # Exact resume needs the same bits every run; cuDNN may otherwise pick autotuned or atomic-add
@@ -166,7 +169,7 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str) ->
     if cfg.batch_size % comm.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                          f"({comm.world_size}): every rank trains on an equal shard of each batch")
-    data = load_cifar10(cfg.data)
+    data = data if data is not None else load_cifar10(cfg.data)
     mean, std = data.channel_stats()  # of the whole training set, held-out images included
     train_images, train_labels, val_images, val_labels = validation_split(data.train_images, data.train_labels,
                                                                           cfg.validation)
@@ -276,26 +279,70 @@ def save_checkpoint(s: Session, step: int, train_seconds: float) -> pathlib.Path
 
 
 # -- one step, one evaluation -----------------------------------------------------------------------
-def train_step(s: Session, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> torch.Tensor:
-    """One optimizer step on the global batch ``(x, y)``; returns the loss: of the global batch for
-    forward-only steps, of this rank's shard for backprop (averaged over ranks when logged)."""
-    for group, base in zip(s.optimizer.param_groups, s.base_lrs):
-        group["lr"] = base * lr_scale
-    s.model.train()
-    if s.step_kind == "blocks":  # every rank's clean pass sees the whole batch; the optimizer splits the tails
-        return s.optimizer.step(x, y)
-    x, y = s.comm.shard(x), s.comm.shard(y)
-    if s.step_kind == "closure":
-        def closure():
-            with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
-                return F.cross_entropy(s.model(x).float(), y)
-        return s.optimizer.step(closure)
-    s.optimizer.zero_grad(set_to_none=False)
-    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
-        loss = F.cross_entropy(s.model(x).float(), y)
-    loss.backward()
-    s.optimizer.step()  # averages the flat gradient buffer over ranks first (grad_reduce, set in setup)
-    return loss
+class TrainStep:
+    """One training step whose every input lives on the device, so that a CUDA graph can capture it.
+
+    Between steps the host writes only what changes on its own schedule: the epoch's image order (once
+    per epoch) and each param group's learning rate (one fill each), in :meth:`prepare`.  The step itself
+    gathers and augments its batch from the device step counter (:meth:`DeviceLoader.gather`), runs the
+    forward passes (and the backward pass, first-order) and the optimizer step, and adds its loss to
+    ``loss_sum``; it reads nothing back, so eager and graphed steps are the same launches.
+    """
+
+    def __init__(self, s: Session, start: int):
+        self.s = s
+        device = s.device
+        self.counter = torch.tensor([start], dtype=torch.int64, device=device)  # global step, advanced by gather
+        self.seed = torch.zeros(1, dtype=torch.int64, device=device)  # the step's augmentation seed
+        self.order = torch.empty(s.train_loader.num_images, dtype=torch.int64, device=device)
+        self.epoch: int | None = None
+        #: the loss summed over the steps since the last evaluation (read there, then zeroed)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.lrs = [torch.tensor(float(base), dtype=torch.float32, device=device) for base in s.base_lrs]
+        for group, lr in zip(s.optimizer.param_groups, self.lrs):
+            group["lr"] = lr  # read by the update kernels at every step
+
+    def prepare(self, step: int) -> None:
+        """Host writes before step ``step``: the epoch's order when a new epoch starts, and the lr."""
+        s = self.s
+        epoch = step // s.steps_per_epoch
+        if epoch != self.epoch:
+            self.order.copy_(s.train_loader.order(epoch))
+            self.epoch = epoch
+        factor = lr_factor(s.cfg.schedule, step, s.total)
+        for lr, base in zip(self.lrs, s.base_lrs):
+            lr.fill_(base * factor)
+
+    def __call__(self) -> None:
+        s = self.s
+        x, y = s.train_loader.gather(self.order, self.counter, self.seed)
+        s.model.train()
+        if s.step_kind == "blocks":  # every rank's clean pass sees the whole batch; the optimizer splits the tails
+            loss = s.optimizer.step(x, y)
+        else:
+            x, y = s.comm.shard(x), s.comm.shard(y)
+            autocast = dict(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.amp, cache_enabled=False)
+            if s.step_kind == "closure":
+                def closure():
+                    with torch.autocast(**autocast):
+                        return F.cross_entropy(s.model(x).float(), y)
+                loss = s.optimizer.step(closure)
+            else:
+                s.optimizer.zero_grad(set_to_none=False)
+                with torch.autocast(**autocast):
+                    loss = F.cross_entropy(s.model(x).float(), y)
+                loss.backward()
+                s.optimizer.step()  # averages the flat gradient buffer over ranks first (grad_reduce, set in setup)
+        self.loss_sum += loss.detach().double()
+
+
+def graph_refusal(s: Session) -> str | None:
+    """Why the training step cannot be a CUDA graph here, or None."""
+    if s.device.type != "cuda":
+        return f"training on {s.device.type}, not CUDA"
+    if s.comm.active:
+        return "data-parallel collectives (torchrun) are not captured"
+    return None
 
 
 def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torch.Tensor, loss_count: int) -> dict:
@@ -310,7 +357,7 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
     fwd = s.optimizer.forward_passes if forward_only else step
     row = dict(step=step, epoch=round(step / s.steps_per_epoch, 3),
                train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()), test_loss=test_loss,
-               test_accuracy=test_acc, train_accuracy=train_acc, lr=s.optimizer.param_groups[0]["lr"],
+               test_accuracy=test_acc, train_accuracy=train_acc, lr=float(s.optimizer.param_groups[0]["lr"]),
                train_seconds=round(train_seconds, 2),
                images_per_second=step * s.cfg.batch_size / max(train_seconds, 1e-9), forward_passes=fwd)
     if s.val_loader is not None:
@@ -384,6 +431,15 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
             print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
                   "on a machine, cached after)", file=sys.stderr, flush=True)
         prepare_cpu_twin()
+    refusal = graph_refusal(s)
+    if cfg.cuda_graph == "on" and refusal:
+        raise ValueError(f"--cuda-graph on: {refusal}; use --cuda-graph auto (capture where possible) or off")
+    train_step = TrainStep(s, start)
+    run_step = train_step
+    if cfg.cuda_graph != "off" and refusal is None:
+        run_step = CudaGraphStep(train_step)
+    elif cfg.cuda_graph == "auto" and s.device.type == "cuda" and not s.quiet:
+        print(f"--cuda-graph auto: steps run uncaptured ({refusal})", file=sys.stderr)
     if s.writes:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(s.record, indent=1))
@@ -399,7 +455,7 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
         tqdm.write(f"{cfg.model}/{cfg.optimizer}: steps {start}..{s.total}, batch {cfg.batch_size}, "
                    f"{s.steps_per_epoch} steps per epoch, evaluating every {s.eval_every} steps", file=sys.stderr)
     last_eval = metrics[-1] if metrics else None
-    loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=s.device), 0  # since the last evaluation
+    loss_count = 0  # steps since the last evaluation (their loss is summed on the device: train_step.loss_sum)
     step_bytes = 0  # payload bytes of the training steps' collectives (evaluation not included)
     step, interrupted, stop = start, False, _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}  # a scheduler's
@@ -410,12 +466,10 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
             if step == fail_at:
                 print(f"rank {comm.rank}: SUBGRAD_FAIL_AT drill, exiting at step {step}", file=sys.stderr)
                 os._exit(17)
-            epoch, index = divmod(step, s.steps_per_epoch)
-            x, y = s.train_loader.batch(epoch, index)
+            train_step.prepare(step)
             sent_before = comm.bytes_sent
-            loss = train_step(s, x, y, lr_factor(cfg.schedule, step, s.total))
+            run_step()
             step_bytes += comm.bytes_sent - sent_before
-            loss_sum += loss.detach().double()
             loss_count += 1
             step += 1
             bar.update(1)
@@ -423,9 +477,9 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
                 if s.device.type == "cuda":
                     torch.cuda.synchronize()
                 train_seconds += time.perf_counter() - tick
-                last_eval = evaluate_and_log(s, step, train_seconds, loss_sum, loss_count)
+                last_eval = evaluate_and_log(s, step, train_seconds, train_step.loss_sum, loss_count)
                 metrics.append(last_eval)
-                loss_sum.zero_()
+                train_step.loss_sum.zero_()
                 loss_count = 0
                 bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}", acc=f"{last_eval['test_accuracy']:.3f}")
                 if step % s.checkpoint_every == 0 or step == s.total:

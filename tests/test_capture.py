@@ -5,7 +5,9 @@ A non-capturable AdamW is the control: its host-side step count makes consecutiv
 LeNet, batch 4; the forward-only optimizers are in the slow tier (each step runs ~10 interpreted kernels
 over 62K weights: 10-30 s apiece)."""
 import copy
+import pathlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,63 @@ def test_a_host_read_is_counted():
     with SyncCounter() as syncs:
         _ = opt.step_count  # reads the device counter
     assert syncs.counts == {"aten::_local_scalar_dense": 1}
+
+
+# -- the trainer's step -------------------------------------------------------------------------------
+def _session(optimizer):
+    """A subgrad train session on 64 synthetic images (batch 4), single process, on the CPU."""
+    from subgrad.config import TrainConfig
+    from subgrad.data import Dataset
+    from subgrad.distributed import from_environment
+    from subgrad.train import setup
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(64) % 10
+    data = Dataset(images, labels, images[:8], labels[:8], tuple(f"c{i}" for i in range(10)), "synthetic")
+    cfg = TrainConfig(model="lenet", optimizer=optimizer, batch_size=4, steps=40, augment=True).resolved()
+    return setup(cfg, pathlib.Path("unused"), from_environment("cpu"), "cpu", data=data)
+
+
+@pytest.mark.parametrize("name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in OPTIMIZERS])
+def test_trainer_step_is_capturable(name, monkeypatch):
+    """subgrad train's step (batch gathered and augmented on the device, forward, backward where
+    first-order, optimizer step, loss summed on the device) on the GPU code path: what
+    ``--cuda-graph`` captures.  The host's writes between steps (lr, the epoch's order) stay outside."""
+    from subgrad.train import TrainStep
+
+    monkeypatch.setenv("SUBGRAD_BACKEND", "triton")
+    step = TrainStep(_session(name), 0)
+    for t in range(2):
+        step.prepare(t)
+        step()
+    twin = copy.deepcopy(step)
+    step.prepare(2)
+    persistent = tensors_in(step.s.model, step.s.optimizer, step.s.train_loader, step)  # alive before the step
+    with SyncCounter() as syncs:
+        first = record_step(step)
+    assert syncs.total == 0, f"train:{name}: host synchronisations in one step: {syncs.counts}"
+    step.prepare(3)
+    second = record_step(step)
+    assert first.signature(persistent) == second.signature(persistent), f"train:{name}: consecutive steps differ"
+    step.prepare(4)
+    first.replay()
+    for t in range(2, 5):
+        twin.prepare(t)
+        twin()
+    for a, b in zip(_state(step.s.model, step.s.optimizer) + [step.counter, step.loss_sum],
+                    _state(twin.s.model, twin.s.optimizer) + [twin.counter, twin.loss_sum]):
+        assert_bitwise_equal(a, b, f"train:{name}: replay vs ordinary step")
+
+
+def test_gathered_batches_are_the_indexed_ones():
+    """DeviceLoader.gather (device step counter) and DeviceLoader.batch (epoch, index) give the same batches."""
+    loader = _session("sgd").train_loader
+    counter, seed = torch.tensor([loader.__len__() * 2 + 3]), torch.zeros(1, dtype=torch.int64)
+    order = loader.order(2)
+    for index in (3, 4, 5):
+        x, y = loader.gather(order, counter, seed)
+        xb, yb = loader.batch(2, index)
+        assert torch.equal(x, xb) and torch.equal(y, yb)
+    assert int(counter) == len(loader) * 2 + 6

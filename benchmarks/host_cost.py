@@ -1,0 +1,151 @@
+"""Host cost of every optimizer step and of the trainer's step, measured without a GPU.
+
+    python benchmarks/host_cost.py [--json PATH] [--models lenet resnet20] [--repeats 10]
+
+What a GPU step costs besides its kernels is host work: Python, argument checks, ATen dispatch, Triton
+launches, and any wait for the device.  This measures it on the CPU, on the GPU code path (every subgrad
+op takes its Triton path; the Triton launches are recorded and stubbed, not run), so a change that adds
+host work shows here before a GPU sees it.  Per (model, step), each optimizer at its ``subgrad train``
+defaults (``make_optimizer``, tensor learning rates as the trainer sets them), forward passes at batch 2:
+
+* ``launches_per_step``: device launches: Triton kernels plus the ATen ops that compute (views and
+  allocations excluded), from :func:`subgrad.capture.record_step`;
+* ``syncs_per_step``: host synchronisations (:class:`subgrad.capture.SyncCounter`);
+* ``replayable``: two consecutive steps record the same launches on the same buffers
+  (:meth:`subgrad.capture.StepRecord.signature`), so a CUDA graph of one replays the next;
+* ``host_us_per_step``: median wall time of one step here with the Triton launches stubbed: Python,
+  dispatch and launch preparation, plus the CPU compute of the ATen ops at batch 2 (so an upper bound).
+
+``optimizer`` is ``sgd``, ``adamw``, ``zo-sgd``, ``zo-adam``, ``hizoo``, ``zo`` (the optimizer's step alone:
+gradients given, or its loss closure) or ``train:<optimizer>`` (the trainer's whole step, what
+``--cuda-graph`` captures).  Beside each row: the last measured GPU step time, where one exists
+(``benchmarks/results/gpu-*/optim-cuda-*.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from subgrad import __version__
+from subgrad.capture import SyncCounter, record_step, tensors_in, triton_launches
+from subgrad.config import OPTIMIZERS, TrainConfig
+from subgrad.data import Dataset
+from subgrad.distributed import from_environment
+from subgrad.train import TrainStep, setup
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+BATCH = 2
+#: the GPU benchmark's row for an optimizer's step (benchmarks/optim.py)
+GPU_ROWS = {"sgd": "sgd", "adamw": "adamw", "zo-sgd": "zo-sgd defaults", "zo-adam": "zo-adam defaults"}
+
+
+def synthetic_session(model: str, optimizer: str):
+    """A ``subgrad train`` session on 16 random images, batch 2, single process, CPU."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(16) % 10
+    data = Dataset(images, labels, images[:4], labels[:4], tuple(f"c{i}" for i in range(10)), "synthetic")
+    cfg = TrainConfig(model=model, optimizer=optimizer, batch_size=BATCH, steps=1000).resolved()
+    return setup(cfg, pathlib.Path("unused"), from_environment("cpu"), "cpu", data=data)
+
+
+def optimizer_step(s, x, y):
+    """The optimizer's own step on a fixed batch: given gradients, its loss closure, or ActivityZO's."""
+    if s.step_kind == "backprop":
+        torch.manual_seed(0)
+        for p in s.model.parameters():
+            p.grad = torch.randn_like(p)
+        return s.optimizer.step
+    if s.step_kind == "closure":
+        return lambda: s.optimizer.step(lambda: F.cross_entropy(s.model(x), y))
+    return lambda: s.optimizer.step(x, y)
+
+
+def measure(label: str, step, prepare, persistent_of, repeats: int) -> dict:
+    """Launch counts, syncs and replayability from recorded steps; host time with launches stubbed."""
+    with triton_launches([], run=False, force_triton=True):
+        for t in range(2):  # warm-up: lazy state, first-step branches
+            prepare(t)
+            step()
+    prepare(2)
+    persistent = persistent_of()
+    with SyncCounter() as syncs:
+        first = record_step(step, run=False, force_triton=True)
+    prepare(3)
+    second = record_step(step, run=False, force_triton=True)
+    samples = []
+    with triton_launches([], run=False, force_triton=True):
+        for t in range(repeats):
+            prepare(4 + t)
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+    counts = first.counts()
+    return dict(optimizer=label, launches_per_step=counts["triton"] + counts["aten"],
+                triton_launches_per_step=counts["triton"], aten_launches_per_step=counts["aten"],
+                syncs_per_step=syncs.total, syncs=syncs.counts,
+                replayable=first.signature(persistent) == second.signature(persistent),
+                host_us_per_step=round(statistics.median(samples) * 1e6, 1))
+
+
+def last_gpu_figures() -> tuple[dict, str | None]:
+    """{(model, step name): seconds} of the newest stored GPU optimizer benchmark, and its file."""
+    files = sorted(RESULTS.glob("gpu-*/optim-cuda-*.json"))
+    if not files:
+        return {}, None
+    rows = json.loads(files[-1].read_text())["rows"]
+    return {(r["model"], r["step"]): r["seconds"] for r in rows}, str(files[-1].relative_to(RESULTS.parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"], choices=["lenet", "resnet20"])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", type=pathlib.Path, help="write the results here")
+    args = parser.parse_args(argv)
+    gpu, gpu_file = last_gpu_figures()
+    steps = []
+    print(f"{'model':<9}{'step':<15}{'launches':>9}{'triton':>7}{'aten':>6}{'syncs':>6}{'replay':>7}{'host us':>10}"
+          f"{'GPU ms (last measured)':>24}")
+    for model in args.models:
+        for name in args.optimizers:
+            s = synthetic_session(model, name)
+            train_step = TrainStep(s, 0)  # tensor learning rates in the param groups, as in training
+            twin = copy.deepcopy(train_step)
+            x, y = s.train_loader.batch(0, 0)
+            rows = [measure(name, optimizer_step(s, x, y), lambda t: None,
+                            lambda: tensors_in(s.model, s.optimizer, x, y), args.repeats),
+                    measure(f"train:{name}", twin, twin.prepare,
+                            lambda: tensors_in(twin.s.model, twin.s.optimizer, twin.s.train_loader, twin), args.repeats)]
+            for row in rows:
+                row["model"] = model
+                seconds = gpu.get((model, GPU_ROWS.get(row["optimizer"])))
+                row["gpu_ms_last_measured"] = round(seconds * 1e3, 3) if seconds else None
+                steps.append(row)
+                print(f"{model:<9}{row['optimizer']:<15}{row['launches_per_step']:>9}{row['triton_launches_per_step']:>7}"
+                      f"{row['aten_launches_per_step']:>6}{row['syncs_per_step']:>6}{str(row['replayable']):>7}"
+                      f"{row['host_us_per_step']:>10.1f}{row['gpu_ms_last_measured'] or '':>24}", flush=True)
+    result = dict(steps=steps, batch=BATCH, repeats=args.repeats, gpu_figures=gpu_file,
+                  machine=platform.processor() or platform.machine(), python=sys.version.split()[0],
+                  torch=torch.__version__, subgrad=__version__, date=datetime.date.today().isoformat(),
+                  command="python benchmarks/host_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
