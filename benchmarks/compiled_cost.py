@@ -45,7 +45,6 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels; must happen before triton.jit runs
 
 import argparse
-import contextlib
 import json
 import pathlib
 import re

@@ -5,13 +5,14 @@
 # Stages, most valuable first, each under its own timeout and all under one deadline (GPU_CHECK_BUDGET
 # seconds, default 480), so a slow stage costs the later ones, never the device lease:
 #   1. install subgrad without downloading anything
-#   2. kernel benchmarks against their baselines, and the target check
-#   3. the compiled-code cost model for sm_90 with every variant replayed on the GPU: predicted beside
+#   2. optimizer steps eager and as CUDA graphs (optim.py), subgrad train vs torch loops (train.py --loops)
+#   3. kernel benchmarks against their baselines, and the target check
+#   4. the compiled-code cost model for sm_90 with every variant replayed on the GPU: predicted beside
 #      measured fraction of copy bandwidth (calibrates the model)
-#   4. the test suite on CUDA (real Triton compilation, kernels vs twins on the device), in parallel
-#   5. the self-check, 6. the optimizer-step benchmark, 7. the launch-shape sweep (launch_sweep.py),
-#   8. lenet training at the defaults (when the data is there), 9. ONNX export of that run, validation
-#      and `subgrad bench`, 10. data-parallel steps/s over all GPUs (skipped with a message on one GPU).
+#   5. the test suite on CUDA (real Triton compilation, kernels vs twins on the device), in parallel
+#   6. the self-check, 7. the launch-shape sweep (launch_sweep.py), 8. lenet training at the defaults
+#      (when the data is there), 9. ONNX export of that run, validation and `subgrad bench`,
+#      10. data-parallel steps/s over all GPUs (skipped with a message on one GPU).
 # With $OUT set (the device tool), everything is also packed into $OUT/gpu-check.tar.gz after every
 # stage, so a run stopped at its limit still returns what it finished.
 set -uo pipefail
@@ -62,6 +63,14 @@ if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/instal
   export PYTHONPATH="$stage_dir"
 fi
 
+# First what the CUDA-graph work promises: optimizer steps eager and graphed against torch.optim fused,
+# then subgrad train against plain and compiled torch loops (LeNet and ResNet-20 sgd defaults).
+stage optim-cuda 120 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS"
+if [ -f "$DATA" ]; then
+  stage train-loops-cuda 240 "$PY" benchmarks/train.py --data "$DATA" --device cuda --loops --skip-throughput \
+    --skip-defaults --out "$RESULTS"
+fi
+
 stage kernels-cuda 120 "$PY" benchmarks/kernels.py --device cuda --out "$RESULTS"
 "$PY" benchmarks/check_targets.py "$RESULTS"/kernels-cuda-*.json > "$RESULTS/targets-cuda.txt" 2>&1
 cat "$RESULTS/targets-cuda.txt"
@@ -79,8 +88,6 @@ stage pytest-cuda 200 env OMP_NUM_THREADS=2 "$PY" -m pytest -v -p no:cacheprovid
 grep -E "FAILED|ERROR" "$RESULTS/pytest-cuda.txt" | head -40
 
 stage selfcheck-cuda 45 "$PY" -m subgrad selfcheck --device cuda --n 10000019
-
-stage optim-cuda 90 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS"
 
 stage launch-sweep-cuda 100 "$PY" benchmarks/launch_sweep.py --json "$RESULTS/launch-sweep-cuda.json"
 

@@ -12,6 +12,10 @@ Rows, each timed in this run:
                                the optimizer's own share of a step = 1 - (forward passes x one
                                forward's time) / step time, i.e. what perturbation, update and
                                bookkeeping add to the forwards the estimate needs
+On CUDA also, each as a CUDA graph (subgrad.capture.CudaGraphStep) beside its eager form:
+  sgd / adamw eager, graphed   vs torch.optim fused eager, and fused (+ capturable) in a graph
+  zosgd q=1 graphed            vs its two forward passes in a graph (target: at most 1.25x)
+  zo-sgd / zo-adam defaults graphed   the optimizer's share with step and forwards graphed (target <= 10%)
 Peak memory (CUDA only: torch.cuda.max_memory_allocated) is reported relative to a forward-only
 inference pass of the same batch; on CPU it is not measured.  Writes JSON next to kernels.py's.
 """
@@ -113,6 +117,63 @@ def bench_model(name, device, batch, repeats):
         t_theirs = measure(theirs.step, device, repeats)
         add(ours_cls.__name__.lower(), measure(ours.step, device, repeats), baseline=t_theirs,
             baseline_name=f"torch.optim.{torch_cls.__name__}({how})")
+    if device.type == "cuda":
+        rows += graphed_rows(name, base, x, y, device, repeats)
+    return rows
+
+
+def per_call(fn, device, repeats, inner=20):
+    """Median seconds per call of ``fn`` over ``inner`` back-to-back calls (one sync per sample: a graph
+    replay is tens of microseconds, comparable to a synchronisation)."""
+    return measure(lambda: [fn() for _ in range(inner)], device, repeats) / inner
+
+
+def graphed_rows(name, base, x, y, device, repeats):
+    """CUDA only: each step eager and as a CUDA graph (subgrad.capture.CudaGraphStep), against torch.optim
+    fused eager and fused + capturable in a graph (eager against eager, graph against graph), and the
+    ZOSGD q = 1 central step against its two forward passes, both graphed."""
+    from subgrad.capture import CudaGraphStep
+    rows = []
+
+    def add(label, seconds, baseline_name=None, baseline=None, passes=None):
+        rows.append(dict(model=name, step=label, seconds=seconds, baseline=baseline_name, baseline_seconds=baseline,
+                         speedup=(baseline / seconds) if baseline else None, forward_passes=passes,
+                         peak_bytes=None, peak_vs_inference=None))
+
+    def graph(fn):
+        g = CudaGraphStep(fn)
+        for _ in range(g.warmup + 1):
+            g()
+        return g
+
+    configs = ((SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4), {}),
+               (AdamW, torch.optim.AdamW, dict(lr=1e-3), dict(capturable=True)))
+    for ours_cls, torch_cls, kw, capture_kw in configs:
+        models = [copy.deepcopy(base) for _ in range(4)]
+        for m in models:
+            F.cross_entropy(m(x), y).backward()
+        ours_eager = ours_cls(models[0].parameters(), **kw)
+        ours_graph = ours_cls(models[1].parameters(), **kw, **capture_kw)
+        theirs_eager = torch_cls(models[2].parameters(), **kw, fused=True)
+        theirs_graph = torch_cls(models[3].parameters(), **kw, fused=True, **capture_kw)
+        label = ours_cls.__name__.lower()
+        fused = f"torch.optim.{torch_cls.__name__}(fused)"
+        add(f"{label} eager", per_call(ours_eager.step, device, repeats), fused,
+            per_call(theirs_eager.step, device, repeats))
+        add(f"{label} graphed", per_call(graph(ours_graph.step), device, repeats), fused + " graphed",
+            per_call(graph(theirs_graph.step), device, repeats))
+
+    model = copy.deepcopy(base)
+    opt = ZOSGD(model.named_parameters(), lr=torch.tensor(1e-3, device=device), q=1)
+    closure = lambda: F.cross_entropy(model(x), y)
+
+    def two_forwards():
+        with torch.no_grad():
+            closure()
+            closure()
+    forwards = per_call(graph(two_forwards), device, repeats)
+    add("zosgd q=1 graphed", per_call(graph(lambda: opt.step(closure)), device, repeats),
+        "its 2 forwards, graphed", forwards, passes=2)
     return rows
 
 
@@ -146,6 +207,19 @@ def zo_default_shares(device, repeats, batch=512):
         rows.append(dict(model="lenet", step=f"{optimizer} defaults", seconds=step, forward_seconds=fwd,
                          forward_passes=passes, optimizer_share=1.0 - passes * fwd / step, baseline=None,
                          baseline_seconds=None, speedup=None, peak_bytes=None, peak_vs_inference=None))
+        if device.type == "cuda":  # the same share with both the step and the forwards as CUDA graphs
+            from subgrad.capture import CudaGraphStep
+            for g in opt.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+            graphs = [CudaGraphStep(lambda: opt.step(closure)), CudaGraphStep(forwards)]
+            for g in graphs:
+                for _ in range(g.warmup + 1):
+                    g()
+            step, fwd = (per_call(g, device, repeats) for g in graphs)
+            rows.append(dict(model="lenet", step=f"{optimizer} defaults graphed", seconds=step,
+                             forward_seconds=fwd / passes, forward_passes=passes, optimizer_share=1.0 - fwd / step,
+                             baseline=None, baseline_seconds=None, speedup=None, peak_bytes=None,
+                             peak_vs_inference=None))
     return rows
 
 

@@ -8,6 +8,10 @@
    images/s and seconds per epoch, measured in this run.
 2. Defaults: `subgrad train --model lenet --optimizer O` for every optimizer at its defaults:
    final test accuracy, train seconds, forward passes.
+3. With --loops (CUDA): `subgrad train --model M --optimizer sgd` at its defaults (a CUDA graph per
+   step) against a plain torch loop over the same device-resident batches (subgrad's DeviceLoader) with
+   torch.optim.SGD(fused=True), and against that loop's step under torch.compile(mode="reduce-overhead"),
+   for LeNet and ResNet-20, the same number of steps each: training seconds and test accuracy.
 Prints a table and writes results/train-<device>.json.
 """
 from __future__ import annotations
@@ -62,12 +66,72 @@ def torchvision_loop(data_path, epochs, batch, device):
     return dict(images_per_second=epochs * len(loader) * batch / seconds, seconds_per_epoch=seconds / epochs)
 
 
+def device_loop(data_path, model_name: str, device, compiled: bool) -> dict:
+    """A plain torch loop at the `subgrad train --optimizer sgd` defaults of ``model_name``: the same
+    device-resident batches, torch.optim.SGD(fused=True), the same onecycle schedule; the step compiled
+    with mode="reduce-overhead" (CUDA graphs under torch.compile) when ``compiled``."""
+    from subgrad.data import DeviceLoader
+    from subgrad.train import evaluate, lr_factor
+
+    cfg = TrainConfig(model=model_name, optimizer="sgd", data=data_path).resolved()
+    ds = load_cifar10(data_path)
+    mean, std = ds.channel_stats()
+    loader = DeviceLoader(ds.train_images, ds.train_labels, mean, std, cfg.batch_size, device, augment=True,
+                          shuffle=True, drop_last=True, order_seed=cfg.seed, augment_seed=cfg.seed + 1)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name).to(device)
+    lr = torch.tensor(cfg.lr, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=True)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    run = torch.compile(step, mode="reduce-overhead") if compiled else step
+    total = round(cfg.epochs * len(loader))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for t in range(total):
+        lr.fill_(cfg.lr * lr_factor(cfg.schedule, t, total))
+        run(*loader.batch(*divmod(t, len(loader))))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    test = DeviceLoader(ds.test_images, ds.test_labels, mean, std, 1000, device)
+    return dict(train_seconds=seconds, steps=total, test_accuracy=evaluate(model, test, False)[1])
+
+
+def loops(data_path, device) -> list[dict]:
+    rows = []
+    for model_name in ("lenet", "resnet20"):
+        with tempfile.TemporaryDirectory() as tmp:
+            s = train(TrainConfig(model=model_name, optimizer="sgd", data=data_path, out=f"{tmp}/r",
+                                  device=device.type, quiet=True))
+        row = dict(model=model_name, subgrad=dict(train_seconds=s["train_seconds"], steps=s["steps"],
+                                                  test_accuracy=s["test_accuracy"]),
+                   torch_loop=device_loop(data_path, model_name, device, compiled=False),
+                   torch_compile_reduce_overhead=device_loop(data_path, model_name, device, compiled=True))
+        for key in ("torch_loop", "torch_compile_reduce_overhead"):
+            row[f"speedup_vs_{key}"] = row[key]["train_seconds"] / row["subgrad"]["train_seconds"]
+        rows.append(row)
+        print(f"  {model_name:<9} sgd defaults, {s['steps']} steps: subgrad {s['train_seconds']:7.1f} s "
+              f"(acc {s['test_accuracy']:.4f}); torch loop {row['torch_loop']['train_seconds']:7.1f} s "
+              f"({row['speedup_vs_torch_loop']:.2f}x); torch.compile reduce-overhead "
+              f"{row['torch_compile_reduce_overhead']['train_seconds']:7.1f} s "
+              f"({row['speedup_vs_torch_compile_reduce_overhead']:.2f}x)")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the throughput comparison")
     parser.add_argument("--skip-defaults", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--loops", action="store_true", help="CUDA: subgrad train vs plain and compiled torch loops")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -76,18 +140,24 @@ def main(argv=None) -> int:
     result = dict(device=name, versions=versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), command=" ".join(["train.py"] + (argv or sys.argv[1:])))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        s = train(TrainConfig(model="lenet", optimizer="sgd", data=args.data, out=f"{tmp}/tp", device=device.type,
-                              epochs=args.epochs, lr=0.05, schedule="constant", quiet=True))
-        ours = dict(images_per_second=s["images_per_second"], seconds_per_epoch=s["train_seconds"] / args.epochs)
-    base = torchvision_loop(args.data, args.epochs, 128, device)
-    result["throughput"] = dict(subgrad=ours, torchvision_dataloader=base,
-                                speedup=ours["images_per_second"] / base["images_per_second"])
-    print(f"LeNet, batch 128, {args.epochs} epochs on {name}:")
-    print(f"  subgrad train (device loader, fused SGD): {ours['images_per_second']:8.0f} img/s  "
-          f"{ours['seconds_per_epoch']:6.1f} s/epoch")
-    print(f"  torch.optim.SGD + torchvision DataLoader: {base['images_per_second']:8.0f} img/s  "
-          f"{base['seconds_per_epoch']:6.1f} s/epoch   -> {result['throughput']['speedup']:.2f}x")
+    if args.loops:
+        if device.type != "cuda":
+            parser.error("--loops compares CUDA-graph training with torch's loops: it needs --device cuda")
+        print(f"subgrad train vs torch loops on {name}:")
+        result["loops"] = loops(args.data, device)
+    if not args.skip_throughput:
+        with tempfile.TemporaryDirectory() as tmp:
+            s = train(TrainConfig(model="lenet", optimizer="sgd", data=args.data, out=f"{tmp}/tp", device=device.type,
+                                  epochs=args.epochs, lr=0.05, schedule="constant", quiet=True))
+            ours = dict(images_per_second=s["images_per_second"], seconds_per_epoch=s["train_seconds"] / args.epochs)
+        base = torchvision_loop(args.data, args.epochs, 128, device)
+        result["throughput"] = dict(subgrad=ours, torchvision_dataloader=base,
+                                    speedup=ours["images_per_second"] / base["images_per_second"])
+        print(f"LeNet, batch 128, {args.epochs} epochs on {name}:")
+        print(f"  subgrad train (device loader, fused SGD): {ours['images_per_second']:8.0f} img/s  "
+              f"{ours['seconds_per_epoch']:6.1f} s/epoch")
+        print(f"  torch.optim.SGD + torchvision DataLoader: {base['images_per_second']:8.0f} img/s  "
+              f"{base['seconds_per_epoch']:6.1f} s/epoch   -> {result['throughput']['speedup']:.2f}x")
 
     if not args.skip_defaults:
         rows = []

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      device_scalar, f32, float64_twin, grid, host_scalar, resolve_backend, round_to, sign,
+                      device_scalar, f32, float64_twin, host_scalar, resolve_backend, round_to, sign,
                       sqrt_rn_torch)
 
 

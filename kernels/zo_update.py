@@ -59,7 +59,7 @@ def direction_terms(z, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C
     if C_IS_SCALAR:
         c = c_scalar
     else:
-        c = tl.load(c_ptr + k * num_blocks + b, mask=mask)
+        c = tl.load(c_ptr + k * num_blocks + b, mask=mask, other=0.0)
     if HAS_HESSIAN:
         kappa = tl.load(curvature_ptr + k * num_blocks + b, mask=mask) * (z * z)
     else:
@@ -137,10 +137,9 @@ def zo_update_kernel(
         w = w + (restore_scale - lr * c_last) * z
         for k in range(last):
             z_k = direction_tile(seed + k, group, BLOCK_SIZE, RADEMACHER)
-            term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR,
-                                      False)  # (a scalar c means q = 1: this loop never runs then)
-            if HAS_GATE:
-                term = tl.where(apply, term, 0.0)
+            # a closed gate loads c = 0 (the load's mask), so w only restores and a NaN c never reaches it
+            term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask & apply,
+                                      C_IS_SCALAR, False)  # (a scalar c means q = 1: this loop never runs then)
             w = w - lr * term
         tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
         return

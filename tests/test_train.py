@@ -157,11 +157,16 @@ def test_bad_flags_give_one_line_errors(tmp_path):
 
 def test_per_pair_defaults_and_explicit_flags():
     """`None` takes the model/optimizer default (zo-adam on lenet: Rademacher directions, forward
-    differences); an explicit value always wins; other pairs fall back to Gaussian central differences."""
-    from subgrad.train import TrainConfig
+    differences); an explicit value always wins; other pairs fall back to central differences, and to the
+    optimizers' own distribution rule (gaussian for q = 1, rademacher for q > 1)."""
+    from subgrad.train import TrainConfig, make_optimizer
     cfg = TrainConfig(model="lenet", optimizer="zo-adam").resolved()
     assert (cfg.distribution, cfg.estimator, cfg.q) == ("rademacher", "forward", 4)
     explicit = TrainConfig(model="lenet", optimizer="zo-adam", distribution="gaussian").resolved()
     assert explicit.distribution == "gaussian"
     cfg = TrainConfig(model="lenet", optimizer="zo-sgd").resolved()
-    assert (cfg.distribution, cfg.estimator) == ("gaussian", "central")
+    assert (cfg.distribution, cfg.estimator) == (None, "central")
+    from subgrad.models import build_model
+    assert make_optimizer(cfg, build_model("lenet")).settings.distribution == "gaussian"
+    cfg = TrainConfig(model="lenet", optimizer="zo-sgd", q=2).resolved()
+    assert make_optimizer(cfg, build_model("lenet")).settings.distribution == "rademacher"
