@@ -336,11 +336,11 @@ class TrainStep:
         self.loss_sum += loss.detach().double()
 
 
-def graph_refusal(s: Session) -> str | None:
-    """Why the training step cannot be a CUDA graph here, or None."""
-    if s.device.type != "cuda":
-        return f"training on {s.device.type}, not CUDA"
-    if s.comm.active:
+def graph_refusal(kind: str, comm: Communicator) -> str | None:
+    """Why the training step cannot be a CUDA graph on device ``kind`` with ``comm``, or None."""
+    if kind != "cuda":
+        return f"training on {kind}, not CUDA"
+    if comm.active:
         return "data-parallel collectives (torchrun) are not captured"
     return None
 
@@ -407,6 +407,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     comm = from_environment(kind)
     try:
+        if cfg.cuda_graph == "on" and graph_refusal(kind, comm):
+            raise ValueError(f"--cuda-graph on: {graph_refusal(kind, comm)}; use --cuda-graph auto (capture where "
+                             "possible) or off")
         return _train(cfg, pathlib.Path(cfg.out), resume, comm, kind)
     finally:
         shutdown(comm)
@@ -431,9 +434,7 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
             print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
                   "on a machine, cached after)", file=sys.stderr, flush=True)
         prepare_cpu_twin()
-    refusal = graph_refusal(s)
-    if cfg.cuda_graph == "on" and refusal:
-        raise ValueError(f"--cuda-graph on: {refusal}; use --cuda-graph auto (capture where possible) or off")
+    refusal = graph_refusal(kind, comm)
     train_step = TrainStep(s, start)
     run_step = train_step
     if cfg.cuda_graph != "off" and refusal is None:

@@ -187,3 +187,14 @@ def test_gathered_batches_are_the_indexed_ones():
         xb, yb = loader.batch(2, index)
         assert torch.equal(x, xb) and torch.equal(y, yb)
     assert int(counter) == len(loader) * 2 + 6
+
+
+def test_cuda_graph_on_without_cuda_is_refused_before_any_work(tmp_path):
+    from subgrad.config import TrainConfig
+    from subgrad.train import train
+    cfg = TrainConfig(model="lenet", optimizer="sgd", data=str(tmp_path / "no-data"), out=str(tmp_path / "r"),
+                      device="cpu", cuda_graph="on")
+    with pytest.raises(ValueError, match="--cuda-graph on: training on cpu, not CUDA"):
+        train(cfg)
+    with pytest.raises(ValueError, match="--cuda-graph must be one of"):
+        TrainConfig(cuda_graph="sometimes").resolved()
