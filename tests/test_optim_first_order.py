@@ -518,3 +518,16 @@ def test_capturable_adamw_is_the_host_path_within_a_rounding():
     _train(b_model, b, 5)
     for x, y in zip(a_model.parameters(), b_model.parameters()):
         torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-7)
+
+
+def test_capturable_is_kept_when_a_host_state_is_loaded():
+    """A state saved without capturable (torch.optim's or subgrad's) loads into a capturable AdamW, which
+    stays capturable, with its steps moved to the device vector."""
+    a_model, b_model = _net(), _net()
+    saved = torch.optim.AdamW(a_model.parameters(), lr=1e-2)
+    _train(a_model, saved, 2)
+    b = AdamW(b_model.parameters(), lr=1e-2, capturable=True)
+    b.load_state_dict(saved.state_dict())
+    assert all(g["capturable"] for g in b.param_groups)
+    _train(b_model, b, 1)
+    assert [float(b.state[p]["step"]) for p in b_model.parameters()] == [3.0] * 4

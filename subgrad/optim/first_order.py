@@ -110,7 +110,12 @@ class _FusedOptimizer(FlatOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim semantics (values cast to each parameter's dtype and device), then the loaded
         tensors are copied into the flat buffers and ``state[p]`` points at views again."""
+        capturable = [group.get("capturable", False) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, flag in zip(self.param_groups, capturable):
+            # where the step count lives is this optimizer's setting, not the saved state's: a graph captured
+            # from a capturable optimizer must not start passing host step counts after a resume
+            group["capturable"] = flag
         self._steps_taken = {}
         self._adopt(self._pack())
 
