@@ -122,6 +122,15 @@ def bench_model(name, device, batch, repeats):
     return rows
 
 
+def graphed(fn):
+    """``fn`` as a CUDA graph (subgrad.capture.CudaGraphStep), warmed up and captured."""
+    from subgrad.capture import CudaGraphStep
+    graph = CudaGraphStep(fn)
+    for _ in range(graph.warmup + 1):
+        graph()
+    return graph
+
+
 def per_call(fn, device, repeats, inner=20):
     """Median seconds per call of ``fn`` over ``inner`` back-to-back calls (one sync per sample: a graph
     replay is tens of microseconds, comparable to a synchronisation)."""
@@ -132,19 +141,12 @@ def graphed_rows(name, base, x, y, device, repeats):
     """CUDA only: each step eager and as a CUDA graph (subgrad.capture.CudaGraphStep), against torch.optim
     fused eager and fused + capturable in a graph (eager against eager, graph against graph), and the
     ZOSGD q = 1 central step against its two forward passes, both graphed."""
-    from subgrad.capture import CudaGraphStep
     rows = []
 
     def add(label, seconds, baseline_name=None, baseline=None, passes=None):
         rows.append(dict(model=name, step=label, seconds=seconds, baseline=baseline_name, baseline_seconds=baseline,
                          speedup=(baseline / seconds) if baseline else None, forward_passes=passes,
                          peak_bytes=None, peak_vs_inference=None))
-
-    def graph(fn):
-        g = CudaGraphStep(fn)
-        for _ in range(g.warmup + 1):
-            g()
-        return g
 
     configs = ((SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4), {}),
                (AdamW, torch.optim.AdamW, dict(lr=1e-3), dict(capturable=True)))
@@ -160,8 +162,8 @@ def graphed_rows(name, base, x, y, device, repeats):
         fused = f"torch.optim.{torch_cls.__name__}(fused)"
         add(f"{label} eager", per_call(ours_eager.step, device, repeats), fused,
             per_call(theirs_eager.step, device, repeats))
-        add(f"{label} graphed", per_call(graph(ours_graph.step), device, repeats), fused + " graphed",
-            per_call(graph(theirs_graph.step), device, repeats))
+        add(f"{label} graphed", per_call(graphed(ours_graph.step), device, repeats), fused + " graphed",
+            per_call(graphed(theirs_graph.step), device, repeats))
 
     model = copy.deepcopy(base)
     opt = ZOSGD(model.named_parameters(), lr=torch.tensor(1e-3, device=device), q=1)
@@ -171,8 +173,8 @@ def graphed_rows(name, base, x, y, device, repeats):
         with torch.no_grad():
             closure()
             closure()
-    forwards = per_call(graph(two_forwards), device, repeats)
-    add("zosgd q=1 graphed", per_call(graph(lambda: opt.step(closure)), device, repeats),
+    forwards = per_call(graphed(two_forwards), device, repeats)
+    add("zosgd q=1 graphed", per_call(graphed(lambda: opt.step(closure)), device, repeats),
         "its 2 forwards, graphed", forwards, passes=2)
     return rows
 
@@ -208,14 +210,9 @@ def zo_default_shares(device, repeats, batch=512):
                          forward_passes=passes, optimizer_share=1.0 - passes * fwd / step, baseline=None,
                          baseline_seconds=None, speedup=None, peak_bytes=None, peak_vs_inference=None))
         if device.type == "cuda":  # the same share with both the step and the forwards as CUDA graphs
-            from subgrad.capture import CudaGraphStep
             for g in opt.param_groups:
                 g["lr"] = torch.tensor(float(g["lr"]), device=device)
-            graphs = [CudaGraphStep(lambda: opt.step(closure)), CudaGraphStep(forwards)]
-            for g in graphs:
-                for _ in range(g.warmup + 1):
-                    g()
-            step, fwd = (per_call(g, device, repeats) for g in graphs)
+            step, fwd = (per_call(graphed(fn), device, repeats) for fn in (lambda: opt.step(closure), forwards))
             rows.append(dict(model="lenet", step=f"{optimizer} defaults graphed", seconds=step,
                              forward_seconds=fwd / passes, forward_passes=passes, optimizer_share=1.0 - fwd / step,
                              baseline=None, baseline_seconds=None, speedup=None, peak_bytes=None,

@@ -88,6 +88,18 @@ def device_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor | None:
     return value.reshape(1).to(torch.float32)
 
 
+def check_gate(gate: torch.Tensor | None, like: torch.Tensor) -> None:
+    """A skip gate is one bool on the kernel's device (None: no gate)."""
+    if gate is not None and (gate.dtype != torch.bool or gate.numel() != 1 or gate.device != like.device):
+        raise ValueError(f"gate must be one bool on {like.device}, got {gate.dtype} {tuple(gate.shape)} "
+                         f"on {gate.device}")
+
+
+def gate_open(gate: torch.Tensor | None) -> bool:
+    """What a twin reads of a gate (on the host: twins run on the CPU, where that is no synchronisation)."""
+    return gate is None or bool(gate.reshape(()))
+
+
 def host_scalar(value) -> float:
     """What a twin computes with: the float32 value of a number or of a 1-element tensor (read on the
     host: twins run on the CPU, where that is no synchronisation)."""

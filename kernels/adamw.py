@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
-                      device_scalar, f32, float64_twin, host_scalar, resolve_backend, round_to, sign,
-                      sqrt_rn_torch)
+from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_gate, check_same_layout,
+                      chunks, device_scalar, f32, float64_twin, gate_open, host_scalar, resolve_backend, round_to,
+                      sign, sqrt_rn_torch)
 
 
 #: ``beta ** step`` by squaring covers steps below 2**STEP_BITS (a float32 step count stops at 2**24).
@@ -209,12 +209,10 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
             raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
     if not isinstance(step, torch.Tensor) and step < 1:
         raise ValueError(f"step counts from 1 (this step included), got {step}")
-    if gate is not None and (gate.dtype != torch.bool or gate.numel() != 1 or gate.device != param.device):
-        raise ValueError(f"gate must be one bool on {param.device}, got {gate.dtype} {tuple(gate.shape)} "
-                         f"on {gate.device}")
+    check_gate(gate, param)
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
     if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
-        if gate is not None and not bool(gate.reshape(())):
+        if not gate_open(gate):
             return param
         lr, step = float(host_scalar(lr) if on_device else lr), int(host_scalar(step)) if on_device else step
         bias_correction1 = 1.0 - beta1 ** step
@@ -234,7 +232,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     constants = dict(one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
                      eps=f32(eps), l1=f32(l1))
     triton_backend = resolve_backend(backend, param, grad) == "triton"
-    if not triton_backend and gate is not None and not bool(gate.reshape(())):
+    if not triton_backend and not gate_open(gate):
         return param  # the twin of a closed gate (its step count may be 0: no scalars to compute)
     if not on_device:  # host scalars in float64, rounded once to float32 (as torch.optim computes them)
         per_step = dict(decay=f32(1.0 - lr * weight_decay), step_size=f32(lr / (1.0 - beta1 ** step)),
@@ -256,7 +254,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                                   gate if gate is not None else param, n,
                                   f32(lr) if on_device and lr_tensor is None else 0.0,
                                   int(step) if on_device and step_tensor is None else 0,
-                                  f32(weight_decay), f32(beta1), split_f64(beta1)[1], split_f64(beta2)[1],
+                                  f32(weight_decay), *split_f64(beta1), split_f64(beta2)[1],
                                   **per_step, **constants,
                                   MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, DEVICE_SCALARS=on_device,
                                   LR_IN_MEMORY=lr_tensor is not None, STEP_IN_MEMORY=step_tensor is not None,

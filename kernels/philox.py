@@ -154,6 +154,13 @@ def seed_args(seed: int | torch.Tensor, seed_index: int, count: int, like: torch
     return SeedArgs(None, lo, hi, 0)
 
 
+def seeded_output(seed: int | torch.Tensor, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """The empty output of a draw from ``seed``: on ``device``, else on a tensor seed's device, else the CPU."""
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
+    return torch.empty(shape, dtype=dtype, device=torch.device(device))
+
+
 def seed_value(seed: int | torch.Tensor, seed_index: int = 0) -> int:
     """The seed a twin uses: ``seed + seed_index`` (a tensor seed is read; on CPU that is no sync)."""
     return (int(seed.reshape(())) if isinstance(seed, torch.Tensor) else seed) + seed_index
@@ -544,9 +551,7 @@ def _direction(seed, n: int, offset: int, device, backend: str | None, rademache
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     check_direction_range(offset, n)
-    if device is None:
-        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
-    out = torch.empty(n, dtype=torch.float32, device=torch.device(device))
+    out = seeded_output(seed, (n,), torch.float32, device)
     s = seed_args(seed, seed_index, 1, out)
     if resolve_backend(backend, out) == "triton":
         if n:
@@ -588,9 +593,7 @@ def philox_bits(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, 
     """The four raw Philox words per counter, as an int32 tensor ``[n, 4]`` (uint32 bit patterns); ``seed``
     as in :func:`philox_normal`."""
     check_direction_range(offset, n)
-    if device is None:
-        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
-    out = torch.empty((n, 4), dtype=torch.int32, device=torch.device(device))
+    out = seeded_output(seed, (n, 4), torch.int32, device)
     s = seed_args(seed, seed_index, 1, out)
     if resolve_backend(backend, out) == "triton":
         if n:

@@ -24,6 +24,10 @@ _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment and its two multipliers
 _MIX_A = 0xBF58476D1CE4E5B9
 _MIX_B = 0x94D049BB133111EB
 _U64 = 2**64 - 1
+_GOLDEN_TL: tl.constexpr = tl.constexpr(_GOLDEN)  # the same constants, for the kernel
+_MIX_A_TL: tl.constexpr = tl.constexpr(_MIX_A)
+_MIX_B_TL: tl.constexpr = tl.constexpr(_MIX_B)
+_SEED_MASK_TL: tl.constexpr = tl.constexpr(SEED_MASK)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -43,10 +47,10 @@ def step_seed_kernel(
 ):
     step = tl.load(counter_ptr)
     seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
-    z = seed * 0x9E3779B97F4A7C15 + step.to(tl.uint64) + 1
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    z = (z ^ (z >> 31)) & 0x1FFFFFFFFFFFFFFF
+    z = seed * _GOLDEN_TL + step.to(tl.uint64) + 1
+    z = (z ^ (z >> 30)) * _MIX_A_TL
+    z = (z ^ (z >> 27)) * _MIX_B_TL
+    z = (z ^ (z >> 31)) & _SEED_MASK_TL
     tl.store(seed_out_ptr, z.to(tl.int64))
     tl.store(counter_ptr, step + 1)
 

@@ -43,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_same_layout, chunks,
-                      device_scalar, f32, host_scalar, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to, sign)
+from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_gate, check_same_layout,
+                      chunks, device_scalar, f32, gate_open, host_scalar, inv_sqrt_rn, inv_sqrt_rn_torch,
+                      resolve_backend, round_to, sign)
 from .philox import (direction_tile, direction_torch, is_rademacher, kernel_seed, seed_args, seed_value, tile_launch,
                      tile_positions, twin_chunk)
 
@@ -319,8 +320,7 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
                         ("momentum", momentum)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    if gate is not None and (gate.dtype != torch.bool or gate.numel() != 1 or gate.device != x.device):
-        raise ValueError(f"gate must be one bool on {x.device}, got {gate.dtype} {tuple(gate.shape)} on {gate.device}")
+    check_gate(gate, x)
     if momentum != 0.0 and momentum_buffer is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (a zero tensor like x)")
     if momentum_buffer is not None:
@@ -395,7 +395,7 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
                         block_starts=block_starts, offset=offset, rademacher=rademacher, master=master,
                         num_directions=num_directions, hessian=hessian, curvature=curvature,
                         hessian_smoothing=hessian_smoothing, hessian_min=hessian_min,
-                        apply=True if gate is None else bool(gate.reshape(())))
+                        apply=gate_open(gate))
     return x
 
 

@@ -177,10 +177,8 @@ def tensors_in(*objects, depth: int = 6) -> list[torch.Tensor]:
         elif isinstance(obj, (list, tuple, set, frozenset)):
             for v in obj:
                 walk(v, level + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):  # dataclasses too
             walk(vars(obj), level + 1)
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            walk(dataclasses.asdict(obj), level + 1)
 
     for obj in objects:
         walk(obj, 0)

@@ -407,9 +407,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     comm = from_environment(kind)
     try:
-        if cfg.cuda_graph == "on" and graph_refusal(kind, comm):
-            raise ValueError(f"--cuda-graph on: {graph_refusal(kind, comm)}; use --cuda-graph auto (capture where "
-                             "possible) or off")
+        refusal = graph_refusal(kind, comm)
+        if cfg.cuda_graph == "on" and refusal:
+            raise ValueError(f"--cuda-graph on: {refusal}; use --cuda-graph auto (capture where possible) or off")
         return _train(cfg, pathlib.Path(cfg.out), resume, comm, kind)
     finally:
         shutdown(comm)

@@ -231,8 +231,9 @@ class ActivityZO:
 
     def state_dict(self) -> dict:
         """AdamW's state, the heads, the step counter and the settings (so a resume draws the same directions)."""
+        steps, skipped = self.counters.values()
         return dict(adamw=self.adamw.state_dict(), heads=self.heads.state_dict(),
-                    subgrad=dict(kind=type(self).__name__, **dict(zip(("step", "skipped"), self.counters.values())),
+                    subgrad=dict(kind=type(self).__name__, step=steps, skipped=skipped,
                                  settings=dataclasses.asdict(self.settings)))
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -228,7 +228,7 @@ class SGD(_FusedOptimizer):
         if gate is not None:
             raise ValueError("SGD has no device gate (a skipped SGD step is the caller's decision)")
         momentum = group["momentum"]
-        first = self.state.get(fg.params[indices[0]], {}).get("momentum_buffer") is None
+        first = self._history(fg.params[indices[0]])
         buf = self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
         K.sgd_step_(param, grad, buf, lr=_lr_for(group, param), weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
