@@ -5,9 +5,13 @@
     bench        eager vs onnxruntime latency and throughput (CPU, CUDA, TensorRT providers)
     quantize     static INT8 (QDQ, per-channel) and fp16, behind an accuracy gate
     runtime      Predictor: onnxruntime + numpy + Pillow only (no torch import)
-    triton_repo  NVIDIA Triton Inference Server model repository
+    triton_repo  NVIDIA Triton Inference Server model repository (onnxruntime or python backend)
+    triton_python_model  the python-backend model that repository runs (copied as model.py)
+    serve        `subgrad serve`: a real Triton Inference Server on such a repository
+    http_guard   the bounded HTTP front that keeps that server alive under oversized requests
 
-This file imports nothing heavy, so ``subgrad.export.runtime`` stays torch-free.
+This file imports nothing heavy (runtime.py needs only numpy until a session opens), so
+``subgrad.export.runtime`` stays torch-free.
 
 onnxruntime comes from an extra, because ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the
 same module and break each other when both are present:
@@ -18,19 +22,6 @@ same module and break each other when both are present:
 from __future__ import annotations
 
 
-class MissingOnnxRuntimeError(ImportError):
-    """onnxruntime is not installed."""
-
-
-def require_onnxruntime():
-    """Import and return ``onnxruntime``, or raise a one-line error naming the extra to install."""
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise MissingOnnxRuntimeError(
-            "onnxruntime is not installed: pip install 'subgrad[cpu]' (CPU) or 'subgrad[gpu]' "
-            "(NVIDIA GPU, onnxruntime-gpu); never both") from exc
-    return onnxruntime
-
+from .runtime import MissingOnnxRuntimeError, require_onnxruntime  # numpy only, no torch
 
 __all__ = ["require_onnxruntime", "MissingOnnxRuntimeError"]

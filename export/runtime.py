@@ -1,11 +1,13 @@
 """Deploy runtime: classify images with an exported subgrad model, without torch.
 
 Imports only onnxruntime, numpy and Pillow, so a serving image needs none of the training stack
-(``tests/test_export.py`` checks that importing this module does not import torch).
+(``tests/test_export.py`` checks that importing this module does not import torch).  It imports nothing
+of subgrad either: ``subgrad package --backend python`` copies this file verbatim beside the served
+model (``subgrad_runtime.py``), so a Triton model repository runs without subgrad installed.
 
     from subgrad.export.runtime import Predictor
     predictor = Predictor("model.onnx")
-    predictor.predict(["cat.png", pil_image, uint8_array], top_k=3)
+    predictor.predict(["cat.png", png_bytes, pil_image, uint8_array], top_k=3)
     # [[("cat", 0.91), ("dog", 0.05), ("frog", 0.01)], ...]
 
 Preprocessing is the training pipeline's, read from the model's metadata: RGB, 32x32 (other sizes are
@@ -14,6 +16,7 @@ exported with ``--with-preprocessing`` does that in its graph and takes raw NHWC
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -21,7 +24,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import require_onnxruntime  # the package's __init__ is torch-free too
+
+class MissingOnnxRuntimeError(ImportError):
+    """onnxruntime is not installed."""
+
+
+def require_onnxruntime():
+    """Import and return ``onnxruntime``, or raise a one-line error naming the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingOnnxRuntimeError(
+            "onnxruntime is not installed: pip install 'subgrad[cpu]' (CPU) or 'subgrad[gpu]' "
+            "(NVIDIA GPU, onnxruntime-gpu); never both") from exc
+    return onnxruntime
 
 #: Value of the ``subgrad.format`` metadata key; bump when the keys below change meaning.
 METADATA_FORMAT = "subgrad-onnx-1"
@@ -106,16 +122,19 @@ class ImageError(ValueError):
 
 
 def load_image(image, height: int = 32, width: int = 32) -> np.ndarray:
-    """One image (path, PIL image or uint8 HWC/HW array) as uint8 [height, width, 3] RGB."""
+    """One image (path, encoded file bytes, PIL image or uint8 HWC/HW array) as uint8 [height, width, 3] RGB."""
     from PIL import Image
 
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        encoded = not isinstance(image, (str, os.PathLike))
+        where = f"{len(image)} bytes" if encoded else image
         try:
-            with Image.open(image) as img:
+            with Image.open(io.BytesIO(image) if encoded else image) as img:
                 img.load()
                 image = img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise ImageError(f"{image}: unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            detail = "not a JPEG, PNG or other image file Pillow reads" if encoded else str(exc)[:120]
+            raise ImageError(f"{where}: unreadable image ({type(exc).__name__}: {detail})") from None
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
         if image.size != (width, height):
@@ -168,7 +187,7 @@ class Predictor:
         return self.info.prepare(pixels)
 
     def logits(self, images) -> np.ndarray:
-        """Raw logits [N, classes] for a list of images (paths, PIL images, uint8 arrays)."""
+        """Raw logits [N, classes] for a list of images (paths, encoded bytes, PIL images, uint8 arrays)."""
         pixels = np.stack([load_image(im, self.info.height, self.info.width) for im in images]) if len(images) else \
             np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
         return self.logits_from_pixels(pixels)

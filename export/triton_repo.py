@@ -1,8 +1,17 @@
 """`subgrad package`: an NVIDIA Triton Inference Server model repository for an exported model.
 
-    DIR/<name>/config.pbtxt     platform "onnxruntime_onnx", max_batch_size, dynamic_batching, instance_group
+    DIR/<name>/config.pbtxt     max_batch_size, inputs, outputs, dynamic_batching, instance_group
     DIR/<name>/labels.txt       one class name per line (Triton's classification extension reads it)
     DIR/<name>/1/model.onnx     version 1
+
+Two backends (``--backend``):
+
+* ``onnxruntime`` (default): ``platform: "onnxruntime_onnx"``, served by Triton's onnxruntime backend,
+  as in NVIDIA's Triton containers;
+* ``python``: ``backend: "python"``, ``1/model.py`` (triton_python_model.py) running subgrad's
+  torch-free runtime (``1/subgrad_runtime.py``, a copy of runtime.py); besides the model's tensor input
+  it takes ``image_bytes`` (``TYPE_STRING``, encoded JPEG/PNG files), both optional, one per request.
+  This is what the server of the ``serve`` extra runs (it has no onnxruntime backend).
 
 Input and output names, types and per-item dims come from the ONNX graph itself (the batch dimension
 is implicit in Triton when ``max_batch_size > 0``), so the config cannot drift from the model.
@@ -15,9 +24,14 @@ import shutil
 
 import onnx
 
-from subgrad.runs import atomic_write
+from subgrad.runs import atomic_write, atomic_write_text
 
+from . import runtime, triton_python_model
 from .runtime import ModelInfo, ModelFileError
+
+BACKENDS = ("onnxruntime", "python")
+#: instance kind per backend when none is given: the python backend's instances are host processes
+DEFAULT_KIND = {"onnxruntime": "KIND_GPU", "python": "KIND_CPU"}
 
 #: ONNX tensor element types -> Triton's DataType enum names (model_config.proto).
 TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -37,13 +51,18 @@ def _io(value_info, what: str) -> tuple[str, str, list[int]]:
 
 
 def render_config(name: str, inputs, outputs, max_batch_size: int, instances: int, kind: str,
-                  preferred_batch_sizes: list[int], max_queue_delay_us: int) -> str:
+                  preferred_batch_sizes: list[int], max_queue_delay_us: int, backend: str = "onnxruntime") -> str:
     def tensor(entry, extra=""):
         n, t, dims = entry
         return f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, dims))} ]{extra}\n  }}'
 
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
-             "input [", ",\n".join(tensor(i) for i in inputs), "]",
+    optional = ""
+    if backend == "python":
+        inputs = [*inputs, (triton_python_model.IMAGE_INPUT, "TYPE_STRING", [1])]
+        optional = "\n    optional: true"
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else 'backend: "python"',
+             f"max_batch_size: {max_batch_size}",
+             "input [", ",\n".join(tensor(i, optional) for i in inputs), "]",
              "output [", ",\n".join(tensor(o, '\n    label_filename: "labels.txt"') for o in outputs), "]",
              "dynamic_batching {",
              f"  preferred_batch_size: [ {', '.join(map(str, preferred_batch_sizes))} ]",
@@ -53,8 +72,14 @@ def render_config(name: str, inputs, outputs, max_batch_size: int, instances: in
 
 
 def package_triton(model_path, repo, name: str | None = None, max_batch_size: int = 256, instances: int = 1,
-                   kind: str = "KIND_GPU", max_queue_delay_us: int = 100, version: int = 1) -> pathlib.Path:
-    """Write the model repository entry; returns the model's folder (``repo/name``)."""
+                   kind: str | None = None, max_queue_delay_us: int = 100, version: int = 1,
+                   backend: str = "onnxruntime") -> pathlib.Path:
+    """Write the model repository entry; returns the model's folder (``repo/name``).
+
+    ``kind`` defaults to :data:`DEFAULT_KIND` of the backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    kind = kind or DEFAULT_KIND[backend]
     model_path = pathlib.Path(model_path)
     if not model_path.is_file():
         raise ModelFileError(f"{model_path}: no such model file")
@@ -67,8 +92,8 @@ def package_triton(model_path, repo, name: str | None = None, max_batch_size: in
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"--name {name!r}: use letters, digits, '_', '-', '.' (it becomes a folder and the "
                          "model's name in Triton)")
-    if max_batch_size < 1 or instances < 1 or version < 1:
-        raise ValueError("--max-batch-size, --instances and --version must be >= 1")
+    if max_batch_size < 1 or instances < 1 or version < 1 or max_queue_delay_us < 0:
+        raise ValueError("--max-batch-size, --instances and --version must be >= 1, --max-queue-delay-us >= 0")
     if kind not in ("KIND_GPU", "KIND_CPU"):
         raise ValueError(f"--kind must be KIND_GPU or KIND_CPU, got {kind!r}")
     initializers = {t.name for t in proto.graph.initializer}
@@ -76,10 +101,15 @@ def package_triton(model_path, repo, name: str | None = None, max_batch_size: in
     outputs = [_io(v, "output") for v in proto.graph.output]
     preferred = sorted({b for b in (8, 32, 128, max_batch_size) if b <= max_batch_size})
     folder = pathlib.Path(repo) / name
-    (folder / str(version)).mkdir(parents=True, exist_ok=True)
-    for target, write in ((folder / str(version) / "model.onnx", lambda p: shutil.copyfile(model_path, p)),
-                          (folder / "labels.txt", lambda p: p.write_text("\n".join(info.class_names) + "\n")),
-                          (folder / "config.pbtxt", lambda p: p.write_text(render_config(
-                              name, inputs, outputs, max_batch_size, instances, kind, preferred, max_queue_delay_us)))):
-        atomic_write(target, write)
+    version_folder = folder / str(version)
+    version_folder.mkdir(parents=True, exist_ok=True)
+    files = [(version_folder / "model.onnx", model_path)]
+    if backend == "python":
+        files += [(version_folder / "model.py", pathlib.Path(triton_python_model.__file__)),
+                  (version_folder / "subgrad_runtime.py", pathlib.Path(runtime.__file__))]
+    for target, source in files:
+        atomic_write(target, lambda p, source=source: shutil.copyfile(source, p))
+    atomic_write_text(folder / "labels.txt", "\n".join(info.class_names) + "\n")
+    atomic_write_text(folder / "config.pbtxt", render_config(name, inputs, outputs, max_batch_size, instances, kind,
+                                                             preferred, max_queue_delay_us, backend))
     return folder

@@ -1,4 +1,4 @@
-"""The ``subgrad`` command line: selfcheck, train, export, validate, bench, quantize, predict, package, run.
+"""The ``subgrad`` command line: selfcheck, train, export, validate, bench, quantize, predict, package, serve, run.
 
 Each subcommand is a thin wrapper over a library function; errors print one line and exit 2.
 """
@@ -147,13 +147,86 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _given(args: argparse.Namespace, **names: str) -> dict:
+    """{parameter: value} for the flags the user gave (argparse default None): the library's signature
+    holds each default."""
+    return {param: getattr(args, flag) for param, flag in names.items() if getattr(args, flag) is not None}
+
+
 def _cmd_package(args: argparse.Namespace) -> int:
     from subgrad.export.triton_repo import package_triton
 
-    folder = package_triton(args.model, args.triton_repo, name=args.name, max_batch_size=args.max_batch_size,
-                            instances=args.instances, kind=args.kind)
-    print(f"wrote Triton model repository entry {folder} (config.pbtxt, labels.txt, 1/model.onnx)")
+    folder = package_triton(args.model, args.triton_repo, **_given(
+        args, name="name", max_batch_size="max_batch_size", instances="instances", kind="kind",
+        max_queue_delay_us="max_queue_delay_us", backend="backend"))
+    files = ", ".join(str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file())
+    print(f"wrote Triton model repository entry {folder} ({files})")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import pathlib
+    import signal
+    import tempfile
+    import time
+
+    from subgrad.export.serve import ServeError, TritonServer, find_server
+    from subgrad.export.triton_repo import package_triton
+
+    source = pathlib.Path(args.model)
+    packaging = _given(args, max_batch_size="max_batch", max_queue_delay_us="max_queue_delay_us",
+                       instances="instances")
+    server = find_server()
+    with tempfile.TemporaryDirectory(prefix="subgrad-repo-") as scratch:
+        if source.is_dir():
+            if packaging:
+                raise ValueError("--max-batch, --max-queue-delay-us and --instances apply when serving MODEL.onnx; "
+                                 f"for a repository, edit {source}/<model>/config.pbtxt")
+            repository = source
+        else:
+            repository = pathlib.Path(scratch)
+            package_triton(source, repository, backend=server.serves, **packaging)
+        stop = []
+
+        def on_signal(signum, frame):
+            stop.append(signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        triton = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log,
+                              server=server)
+        try:
+            triton.start()
+            for name, backend in triton.models.items():
+                print(f"serving {name} ({backend} backend) with Triton Inference Server {triton.version} from "
+                      f"{server.origin}")
+                print(f"  HTTP     http://localhost:{args.http_port}/v2/models/{name}/infer")
+            print(f"  gRPC     localhost:{args.grpc_port}")
+            print(f"  metrics  http://localhost:{args.metrics_port}/metrics")
+            print(f"  log      {triton.log_path}")
+            print("Ctrl-C (or SIGTERM) drains in-flight requests and stops", flush=True)
+            while not stop:
+                time.sleep(0.2)
+                status = triton.exit_status()
+                if status is not None:
+                    print(f"subgrad serve: the Triton server exited with status {status}; its log: {triton.log_path}",
+                          file=sys.stderr)
+                    return 1
+                for pid, model in triton.dead_stubs().items():
+                    print(f"subgrad serve: the python-backend stub of {model!r} (pid {pid}) died; its requests "
+                          "failed with 'Stub process is not healthy'; reloading the model", file=sys.stderr)
+                    ok = triton.recover(model)
+                    print(f"subgrad serve: {model!r} " + ("is ready again" if ok else
+                          f"did not come back; its log: {triton.log_path}"), file=sys.stderr, flush=True)
+            print(f"{stop[0]}: draining in-flight requests and stopping", flush=True)
+        except ServeError as exc:
+            print(f"subgrad serve: error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            status = triton.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        print(f"stopped (server exit status {status})")
+        return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -283,10 +356,31 @@ def _add_export_commands(sub) -> None:
     pa.add_argument("model", metavar="MODEL.onnx")
     pa.add_argument("--triton-repo", dest="triton_repo", required=True, metavar="DIR")
     pa.add_argument("--name", help="model name in Triton (default: the file's stem)")
-    pa.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=256)
-    pa.add_argument("--instances", type=int, default=1)
-    pa.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"], default="KIND_GPU")
+    pa.add_argument("--backend", help="onnxruntime (platform onnxruntime_onnx, NVIDIA's "
+                    "containers; the default) or python (subgrad's runtime, also takes encoded image files)")
+    pa.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    pa.add_argument("--max-queue-delay-us", dest="max_queue_delay_us", type=int,
+                    help="dynamic batching's wait for more requests, in microseconds")
+    pa.add_argument("--instances", type=int, help="model instances")
+    pa.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"],
+                    help="instance kind (default KIND_GPU for onnxruntime, KIND_CPU for python)")
     pa.set_defaults(func=_cmd_package)
+
+    se = sub.add_parser("serve", help="serve a model with a real NVIDIA Triton Inference Server",
+                        description="Start Triton Inference Server on MODEL.onnx (packaged for the server found: "
+                                    "tritonserver on PATH -> onnxruntime backend, else the serve extra's server -> "
+                                    "python backend) or on a repository folder; wait until ready, print the "
+                                    "endpoints; SIGINT/SIGTERM drains and stops.")
+    se.add_argument("model", metavar="MODEL.onnx|REPO")
+    se.add_argument("--http-port", dest="http_port", type=int, default=8000)
+    se.add_argument("--grpc-port", dest="grpc_port", type=int, default=8001)
+    se.add_argument("--metrics-port", dest="metrics_port", type=int, default=8002)
+    se.add_argument("--max-batch", dest="max_batch", type=int, help="max_batch_size (as subgrad package)")
+    se.add_argument("--max-queue-delay-us", dest="max_queue_delay_us", type=int,
+                    help="dynamic batching's wait for more requests, in microseconds")
+    se.add_argument("--instances", type=int, help="model instances")
+    se.add_argument("--log", help="the server's log file (default: a file in the temp folder, printed)")
+    se.set_defaults(func=_cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:
