@@ -134,6 +134,9 @@ class HttpGuard:
         self.refused = 0  # requests answered by the guard itself
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()  # open client and upstream connections
+        self._in_flight = 0  # requests relayed upstream and not yet answered
 
     def start(self) -> "HttpGuard":
         ready, failure = threading.Event(), []
@@ -141,7 +144,7 @@ class HttpGuard:
         def run():
             self._loop = asyncio.new_event_loop()
             try:
-                server = self._loop.run_until_complete(
+                self._server = self._loop.run_until_complete(
                     asyncio.start_server(self._serve, *self.listen, limit=MAX_HEAD_BYTES, reuse_address=True))
             except OSError as exc:
                 failure.append(exc)
@@ -149,7 +152,6 @@ class HttpGuard:
                 return
             ready.set()
             self._loop.run_forever()
-            server.close()
 
         self._thread = threading.Thread(target=run, name="subgrad-http-guard", daemon=True)
         self._thread.start()
@@ -158,15 +160,29 @@ class HttpGuard:
             raise failure[0]
         return self
 
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop listening, let in-flight requests finish (up to ``drain_timeout_s``), close every connection
+        (Triton's own shutdown waits for open HTTP connections)."""
+        if self._loop is None or not self._loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(drain_timeout_s), self._loop).result(drain_timeout_s + 5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    async def _shutdown(self, drain_timeout_s: float) -> None:
+        self._server.close()
+        deadline = self._loop.time() + drain_timeout_s
+        while self._in_flight and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for writer in list(self._writers):
+            writer.close()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         upstream_w = None
+        self._writers.add(client_w)
         try:
             upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
+            self._writers.add(upstream_w)
             while True:
                 try:
                     head = await client_r.readuntil(b"\r\n\r\n")
@@ -193,9 +209,14 @@ class HttpGuard:
                     if body is None and not expects_continue:  # the client sends it whatever we say
                         await _drain(client_r, length)
                     return
-                upstream_w.write(head + body)
-                await upstream_w.drain()
-                if not await _relay_response(upstream_r, client_w):
+                self._in_flight += 1
+                try:
+                    upstream_w.write(head + body)
+                    await upstream_w.drain()
+                    keep_open = await _relay_response(upstream_r, client_w)
+                finally:
+                    self._in_flight -= 1
+                if not keep_open:
                     return
                 if headers.get("connection", "").lower() == "close":
                     return
@@ -205,3 +226,4 @@ class HttpGuard:
             for writer in (client_w, upstream_w):
                 if writer is not None:
                     writer.close()
+                    self._writers.discard(writer)

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from .http_guard import HttpGuard
 
 STUB_NAME = "triton_python_backend_stub"
+#: How long a stop waits for in-flight requests (the guard's, then Triton's own) before it forces the exit.
+EXIT_TIMEOUT_S = 30.0
 
 
 class ServeError(RuntimeError):
@@ -154,7 +156,8 @@ class TritonServer:
         command = [str(self.server.executable), f"--model-repository={self.repository}",
                    "--model-control-mode=explicit", "--load-model=*", "--http-address=127.0.0.1",
                    f"--http-port={self._internal_http_port}", f"--grpc-port={self.grpc_port}",
-                   f"--metrics-port={self.metrics_port}", "--log-info=true"]
+                   f"--metrics-port={self.metrics_port}", "--log-info=true",
+                   f"--exit-timeout-secs={int(EXIT_TIMEOUT_S)}"]
         env = dict(os.environ)
         if self.server.python_backend is not None:
             backend = self._workdir / "backends" / "python"
@@ -197,17 +200,18 @@ class TritonServer:
         raise ServeError(f"the Triton server was not ready after {self.startup_timeout_s:.0f} s; its log: "
                          f"{self.log_path}")
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), SIGKILL after ``timeout_s``; the exit status."""
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S) -> int | None:
+        """Drain and stop: the HTTP front stops taking requests and finishes those in flight, then SIGTERM
+        (Triton finishes its own in-flight gRPC requests), SIGKILL after ``timeout_s`` more; the exit status."""
         if self.guard is not None:
-            self.guard.stop()
+            self.guard.stop(timeout_s)
             self.guard = None
         status = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:
-                    self.process.wait(timeout_s)
+                    self.process.wait(timeout_s + 5)
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()

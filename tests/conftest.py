@@ -20,8 +20,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 #: Modules whose every test is slow (subprocess training, export of trained models, torchrun, wheel build,
-#: sm_90 compilation); any other test that reads the real archive is slow too (see below).
-SLOW_MODULES = {"test_train", "test_export", "test_distributed", "test_package", "test_compiled_cost"}
+#: sm_90 compilation, a real Triton server); any other test that reads the real archive is slow too (see below).
+SLOW_MODULES = {"test_train", "test_export", "test_distributed", "test_package", "test_compiled_cost", "test_serve"}
 
 
 def pytest_collection_modifyitems(items):
