@@ -72,11 +72,13 @@ def render_config(name: str, inputs, outputs, max_batch_size: int, instances: in
 
 
 def package_triton(model_path, repo, name: str | None = None, max_batch_size: int = 256, instances: int = 1,
-                   kind: str | None = None, max_queue_delay_us: int = 100, version: int = 1,
+                   kind: str | None = None, max_queue_delay_us: int = 0, version: int = 1,
                    backend: str = "onnxruntime") -> pathlib.Path:
     """Write the model repository entry; returns the model's folder (``repo/name``).
 
-    ``kind`` defaults to :data:`DEFAULT_KIND` of the backend."""
+    ``kind`` defaults to :data:`DEFAULT_KIND` of the backend.  ``max_queue_delay_us`` is how long the
+    dynamic batcher holds a request for more to join it; at 0 it still batches whatever queued while the
+    instance was busy, and a lone request does not wait (measured in benchmarks/README.md, "Serving")."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     kind = kind or DEFAULT_KIND[backend]

@@ -302,7 +302,7 @@ def test_package_writes_a_triton_repository_matching_the_model(name, which, expo
     config = text_format.Parse((folder / "config.pbtxt").read_text(), _triton_config_type()())
     proto = onnx.load(str(folder / "1" / "model.onnx"))
     assert config.name == "cifar10_model" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 128
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0  # package_triton's default
     assert max(config.dynamic_batching.preferred_batch_size) <= 128
     assert config.instance_group[0].count >= 1
     types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.UINT8: "TYPE_UINT8"}

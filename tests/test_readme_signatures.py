@@ -1,5 +1,6 @@
-"""The README's signature tables agree with the code: every parameter a row names exists, every default it
-states is the real default, and a row without ``...`` lists every parameter."""
+"""The reference's signature tables (docs/optimizers.md, docs/kernels.md, linked from the README) agree with
+the code: every parameter a row names exists, every default it states is the real default, and a row
+without ``...`` lists every parameter."""
 import ast
 import inspect
 import pathlib
@@ -10,12 +11,12 @@ import pytest
 import subgrad.kernels as kernels
 import subgrad.optim as optim
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+DOCS = [pathlib.Path(__file__).resolve().parents[1] / "docs" / name for name in ("optimizers.md", "kernels.md")]
 ROW = re.compile(r"^\| `(\w+)\((.*?)\)` \|")  # a table row that starts with `name(arguments)`
 
 
 def _rows() -> list[tuple[str, str]]:
-    rows = [ROW.match(line) for line in README.read_text().splitlines()]
+    rows = [ROW.match(line) for doc in DOCS for line in doc.read_text().splitlines()]
     return [(m.group(1), m.group(2)) for m in rows if m]
 
 
