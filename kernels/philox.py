@@ -35,8 +35,8 @@ The direction map (one Philox call feeds a whole group of neighbouring elements;
   the GPU thread that owns those four columns draws the call once and takes a bit of it per row: one
   Philox call per 32 elements a thread handles, where a map with a call per row would cost one per 4.
 
-This map is not ``tl.randn``'s (one call per element, three words discarded); it replaced it in issue 11
-because direction generation, not memory, bounded every zeroth-order kernel (benchmarks/README.md).
+This map is not ``tl.randn``'s (one call per element, three words discarded): direction generation, not
+memory, bounds every zeroth-order kernel, so each Philox word is used (benchmarks/README.md).
 
 Bit-identical normals.  ln, cos and sin are near-minimax float32 polynomials (:func:`half_radius`,
 :func:`normal_pair`): integer ops, fixed sequences of IEEE float32 additions and multiplications with no
@@ -48,10 +48,6 @@ Triton kernel, the torch twin, CPU and GPU**, not merely close.  Against float64
 Twin speed.  On CPU, :func:`normal_pairs` runs the normal twin through ``torch.compile`` (one fused C++ loop
 instead of ~160 torch ops; same bits, checked on a probe before first use, eager fallback); see the comment
 above ``COMPILED_MIN_CALLS``.
-
-History: until 2026-11-29 a normal used 24-bit draws, four normals per call, with a division in the log
-(|z| <= 5.77, within 4 ulp of exact Box-Muller); the new map took ``perturb_`` bf16 from an fp32 master
-from 72 to 53 SASS instructions per element (benchmarks/README.md).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ counted in ``skipped_steps``, read when asked), so the whole step can be capture
 Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
 activities rather than weights divides it further by the layer's fan-in; the local losses keep each
 estimate to one block.  A step is one clean forward pass and q perturbed passes of every block's tails
-(counted as 1 + q forward passes, as issue 14 counts them; a ResNet-20 basic block's tails rerun 1.5
+(counted as 1 + q forward passes: a perturbed pass reruns only each block's tails; a ResNet-20 basic block's tails rerun 1.5
 blocks).
 
 Memory beyond inference: a block's activations for one batch (its sites' inputs and outputs, and their q
@@ -152,7 +152,7 @@ class ActivityZO:
 
     @property
     def forward_passes(self) -> int:
-        """Forward passes so far, counted as issue 14 counts them: per step one clean pass and q perturbed
+        """Forward passes so far: per step one clean pass and q perturbed
         ones (a perturbed pass reruns each block's tails: one forward pass)."""
         return (1 + self.settings.q) * self.step_count
 
