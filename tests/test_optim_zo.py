@@ -153,6 +153,17 @@ def test_load_state_dict_refuses_other_settings():
         ZOSGD(_tiny_net().parameters(), lr=0.1).load_state_dict(torch.optim.SGD(net.parameters(), lr=0.1).state_dict())
 
 
+@pytest.mark.parametrize("setting, saved, other", [("clip", 0.1, 0.2), ("clip", None, 0.2),
+                                                   ("scale_by_block_size", True, False),
+                                                   ("master_weights", True, False), ("eps", 1e-3, 1e-2)])
+def test_every_setting_that_changes_the_numbers_must_match_on_load(setting, saved, other):
+    extra = {"blocks": "tensor"} if setting == "scale_by_block_size" else {}
+    sd = ZOSGD(_tiny_net().parameters(), lr=0.1, **extra, **{setting: saved}).state_dict()
+    with pytest.raises(ValueError, match=f"saved with {setting}={saved!r}"):
+        ZOSGD(_tiny_net().parameters(), lr=0.1, **extra, **{setting: other}).load_state_dict(sd)
+    ZOSGD(_tiny_net().parameters(), lr=0.1, **extra, **{setting: saved}).load_state_dict(sd)  # same: loads
+
+
 @pytest.mark.parametrize("master", [False, True])
 def test_non_finite_loss_skips_and_restores(master):
     net = _tiny_net()

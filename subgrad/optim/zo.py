@@ -107,6 +107,11 @@ class ZOSettings:
         object.__setattr__(self, "scale_by_block_size", bool(self.scale_by_block_size))
 
 
+#: The settings a state_dict records and load_state_dict must find equal: every ZOSettings field that
+#: changes the numbers.  The seed is state (loaded, not compared); the backend changes no bits.
+_SAVED_SETTINGS = tuple(f.name for f in dataclasses.fields(ZOSettings) if f.name not in ("seed", "backend"))
+
+
 class ZOOptimizer(FlatOptimizer):
     """Shared machinery: packing, directions, estimation, skipping and state.  Subclasses apply the update."""
 
@@ -423,9 +428,8 @@ class ZOOptimizer(FlatOptimizer):
         settings = self.settings
         steps, skipped = self.counters.values()
         state_dict["subgrad"] = dict(kind=type(self).__name__, seed=settings.seed, step=steps,
-                                     skipped=skipped, forward_passes=self.forward_passes, eps=settings.eps,
-                                     q=settings.q, estimator=settings.estimator, distribution=settings.distribution,
-                                     blocks=settings.blocks)
+                                     skipped=skipped, forward_passes=self.forward_passes,
+                                     **{key: getattr(settings, key) for key in _SAVED_SETTINGS})
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -435,8 +439,8 @@ class ZOOptimizer(FlatOptimizer):
         meta = state_dict.get("subgrad")
         if not isinstance(meta, dict) or meta.get("kind") != type(self).__name__:
             raise ValueError(f"not a {type(self).__name__} state_dict (missing or different 'subgrad' entry)")
-        for key in ("eps", "q", "estimator", "distribution", "blocks"):
-            if meta[key] != getattr(self.settings, key):
+        for key in _SAVED_SETTINGS:
+            if key in meta and meta[key] != getattr(self.settings, key):  # states saved before clip etc. lack them
                 raise ValueError(f"state_dict was saved with {key}={meta[key]!r} but this optimizer has "
                                  f"{key}={getattr(self.settings, key)!r}; construct it with the saved settings")
         groups = state_dict["param_groups"]
