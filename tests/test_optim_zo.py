@@ -164,6 +164,13 @@ def test_every_setting_that_changes_the_numbers_must_match_on_load(setting, save
     ZOSGD(_tiny_net().parameters(), lr=0.1, **extra, **{setting: saved}).load_state_dict(sd)  # same: loads
 
 
+def test_hizoo_state_records_its_curvature_settings():
+    sd = HiZOO(_tiny_net().parameters(), lr=0.1, hessian_smoothing=1e-2).state_dict()
+    with pytest.raises(ValueError, match="saved with hessian_smoothing=0.01"):
+        HiZOO(_tiny_net().parameters(), lr=0.1).load_state_dict(sd)
+    HiZOO(_tiny_net().parameters(), lr=0.1, hessian_smoothing=1e-2).load_state_dict(sd)
+
+
 @pytest.mark.parametrize("master", [False, True])
 def test_non_finite_loss_skips_and_restores(master):
     net = _tiny_net()

@@ -88,6 +88,13 @@ class ZOSettings:
     master_weights: bool | None = None
     scale_by_block_size: bool = False
 
+    @classmethod
+    def from_arguments(cls, arguments: dict, **fixed) -> "ZOSettings":
+        """The settings among an optimizer constructor's arguments (its ``locals()``), plus ``fixed`` ones;
+        the constructors' defaults are this class's (``eps: float = ZOSettings.eps``), so each has one home."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in arguments.items() if k in names}, **fixed)
+
     def __post_init__(self):
         eps, q, blocks, clip, seed = self.eps, self.q, self.blocks, self.clip, self.seed
         if self.distribution is None and isinstance(q, int):
@@ -110,6 +117,14 @@ class ZOSettings:
 #: The settings a state_dict records and load_state_dict must find equal: every ZOSettings field that
 #: changes the numbers.  The seed is state (loaded, not compared); the backend changes no bits.
 _SAVED_SETTINGS = tuple(f.name for f in dataclasses.fields(ZOSettings) if f.name not in ("seed", "backend"))
+
+
+def _refuse_other_settings(saved: dict, current: dict) -> None:
+    """One-line refusal of a state saved with other settings (keys a state predates are not compared)."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"state_dict was saved with {key}={saved[key]!r} but this optimizer has "
+                             f"{key}={value!r}; construct it with the saved settings")
 
 
 class ZOOptimizer(FlatOptimizer):
@@ -439,10 +454,7 @@ class ZOOptimizer(FlatOptimizer):
         meta = state_dict.get("subgrad")
         if not isinstance(meta, dict) or meta.get("kind") != type(self).__name__:
             raise ValueError(f"not a {type(self).__name__} state_dict (missing or different 'subgrad' entry)")
-        for key in _SAVED_SETTINGS:
-            if key in meta and meta[key] != getattr(self.settings, key):  # states saved before clip etc. lack them
-                raise ValueError(f"state_dict was saved with {key}={meta[key]!r} but this optimizer has "
-                                 f"{key}={getattr(self.settings, key)!r}; construct it with the saved settings")
+        _refuse_other_settings(meta, {key: getattr(self.settings, key) for key in _SAVED_SETTINGS})
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
                                                         for a, b in zip(groups, self.param_groups)):
@@ -493,14 +505,14 @@ class ZOSGD(ZOOptimizer):
 
     _buffer_keys = ("master", "momentum_buffer")
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, estimator: str = "central",
-                 distribution: str | None = None, blocks=None, momentum: float = 0.0, weight_decay: float = 0.0,
-                 l1: float = 0.0, clip: float | None = None, seed: int = 0, backend: str | None = None,
-                 master_weights: bool | None = None, scale_by_block_size: bool = False):
+    def __init__(self, params, lr: float, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
+                 estimator: str = ZOSettings.estimator, distribution: str | None = ZOSettings.distribution,
+                 blocks=ZOSettings.blocks, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
+                 clip: float | None = ZOSettings.clip, seed: int = ZOSettings.seed,
+                 backend: str | None = ZOSettings.backend, master_weights: bool | None = ZOSettings.master_weights,
+                 scale_by_block_size: bool = ZOSettings.scale_by_block_size):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
-                         ZOSettings(eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks,
-                                    clip=clip, seed=seed, backend=backend, master_weights=master_weights,
-                                    scale_by_block_size=scale_by_block_size))
+                         ZOSettings.from_arguments(locals()))
 
     def _init_state(self) -> None:
         for seg in self._segments:  # no momentum, no buffer (made at the first step that has momentum)
@@ -538,18 +550,18 @@ class ZOAdam(ZOOptimizer):
 
     _buffer_keys = ("master", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, q: int = 1, estimator: str = "central",
-                 distribution: str | None = None, blocks=None, betas: tuple[float, float] = (0.9, 0.999),
-                 adam_eps: float = 1e-8, weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = None,
-                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None,
-                 scale_by_block_size: bool = False):
+    def __init__(self, params, lr: float = 1e-3, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
+                 estimator: str = ZOSettings.estimator, distribution: str | None = ZOSettings.distribution,
+                 blocks=ZOSettings.blocks, betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                 weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = ZOSettings.clip,
+                 seed: int = ZOSettings.seed, backend: str | None = ZOSettings.backend,
+                 master_weights: bool | None = ZOSettings.master_weights,
+                 scale_by_block_size: bool = ZOSettings.scale_by_block_size):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         _check("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
-                         ZOSettings(eps=eps, q=q, estimator=estimator, distribution=distribution, blocks=blocks,
-                                    clip=clip, seed=seed, backend=backend, master_weights=master_weights,
-                                    scale_by_block_size=scale_by_block_size))
+                         ZOSettings.from_arguments(locals()))
 
     def _init_state(self) -> None:
         for seg in self._segments:
@@ -596,19 +608,29 @@ class HiZOO(ZOSGD):
     needs_base_loss = True
     _buffer_keys = ("master", "momentum_buffer", "hessian")
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, q: int = 1, distribution: str | None = None,
-                 blocks=None, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
-                 clip: float | None = None, hessian_smoothing: float = 1e-3, hessian_min: float = 1e-4,
-                 seed: int = 0, backend: str | None = None, master_weights: bool | None = None,
-                 scale_by_block_size: bool = False):
+    def __init__(self, params, lr: float, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
+                 distribution: str | None = ZOSettings.distribution, blocks=ZOSettings.blocks, momentum: float = 0.0,
+                 weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = ZOSettings.clip,
+                 hessian_smoothing: float = 1e-3, hessian_min: float = 1e-4, seed: int = ZOSettings.seed,
+                 backend: str | None = ZOSettings.backend, master_weights: bool | None = ZOSettings.master_weights,
+                 scale_by_block_size: bool = ZOSettings.scale_by_block_size):
         _check("hessian_smoothing", isinstance(hessian_smoothing, (int, float)) and 0 <= hessian_smoothing <= 1,
                "a number in [0, 1]", hessian_smoothing)
         _check("hessian_min", isinstance(hessian_min, (int, float)) and hessian_min > 0, "a number > 0", hessian_min)
         ZOOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
-                             ZOSettings(eps=eps, q=q, estimator="central", distribution=distribution, blocks=blocks,
-                                        clip=clip, seed=seed, backend=backend, master_weights=master_weights,
-                                        scale_by_block_size=scale_by_block_size))
+                             ZOSettings.from_arguments(locals(), estimator="central"))
         self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict["subgrad"].update(hessian_smoothing=self.hessian_smoothing, hessian_min=self.hessian_min)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        meta = state_dict.get("subgrad")
+        if isinstance(meta, dict):
+            _refuse_other_settings(meta, dict(hessian_smoothing=self.hessian_smoothing, hessian_min=self.hessian_min))
+        super().load_state_dict(state_dict)
 
     def _init_state(self) -> None:
         super()._init_state()
