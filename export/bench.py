@@ -19,6 +19,8 @@ import torch
 from .runtime import ModelInfo, Predictor, open_session
 
 BATCH_SIZES = (1, 32, 256)
+#: Timed runs per batch size and side (``subgrad bench --runs``, ``subgrad run --bench-runs``).
+RUNS = 200
 
 
 def torch_model(model_path, info: ModelInfo, run_dir=None) -> tuple[torch.nn.Module, str]:
@@ -112,7 +114,7 @@ def _bench_provider(model_path, info, model, provider: str, device: str, batch_s
     return result
 
 
-def bench(model_path, batch_sizes=BATCH_SIZES, runs: int = 200, warmup: int = 20, threads: int | None = None,
+def bench(model_path, batch_sizes=BATCH_SIZES, runs: int = RUNS, warmup: int = 20, threads: int | None = None,
           providers: list[str] | None = None, run_dir=None) -> dict:
     """Benchmark ``model_path``; returns the report (one entry per onnxruntime provider)."""
     import onnxruntime as ort

@@ -78,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from subgrad.export.exporter import export_run
 
-    path = export_run(args.run, args.out, with_preprocessing=args.with_preprocessing, opset=args.opset)
+    path = export_run(args.run, args.out, with_preprocessing=args.with_preprocessing, **_given(args, opset="opset"))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); checked with onnx.checker (full) and strict shape "
           "inference")
     return 0
@@ -87,8 +87,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from subgrad.export.validate import validate
 
-    report = validate(args.model, args.run, args.data, batch_sizes=args.batch_sizes, min_agreement=args.min_agreement,
-                      max_abs_diff=args.max_abs_diff, limit=args.limit)
+    report = validate(args.model, args.run, args.data, limit=args.limit, **_given(
+        args, batch_sizes="batch_sizes", min_agreement="min_agreement", max_abs_diff="max_abs_diff"))
     print(f"{report['images']} images  agreement {report['agreement']:.5f}  max |diff| {report['max_abs_diff']:.3g}  "
           f"accuracy torch {report['accuracy_torch']:.4f} onnx {report['accuracy_onnx']:.4f}")
     for failure in report["failures"]:
@@ -104,8 +104,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from subgrad.export.bench import bench, render_table
     from subgrad.runs import atomic_write_text
 
-    report = bench(args.model, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                   run_dir=args.run)
+    report = bench(args.model, threads=args.threads, run_dir=args.run,
+                   **_given(args, batch_sizes="batch_sizes", runs="runs", warmup="warmup"))
     print(render_table(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=1))
@@ -115,8 +115,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from subgrad.export.quantize import quantize
 
-    r = quantize(args.model, args.data, args.out, mode=args.mode, max_drop=args.max_drop,
-                 calibration_images=args.calibration_images, limit=args.limit)
+    r = quantize(args.model, args.data, args.out, limit=args.limit,
+                 **_given(args, mode="mode", max_drop="max_drop", calibration_images="calibration_images"))
     acc = "n/a" if r["accuracy_quantized"] is None else f"{r['accuracy_quantized']:.4f}"
     print(f"{r['settings']['mode']}: accuracy {r['accuracy_fp32']:.4f} -> {acc} on {r['images']} test images, "
           f"size x{r['size_ratio']:.2f}" + "".join(f", {k.replace('_', ' ')} x{r[k]:.2f}" for k in
@@ -131,7 +131,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from subgrad.export.runtime import ImageError, Predictor, load_image
 
-    predictor = Predictor(args.model, batch_size=args.batch_size)
+    predictor = Predictor(args.model, **_given(args, batch_size="batch_size"))
     failed = 0
     for path in args.images:  # one image at a time through load_image, so a bad file costs only its own line
         try:
@@ -285,23 +285,20 @@ def build_parser(model: str = "lenet", optimizer: str = "sgd") -> argparse.Argum
                         description="Train (every `subgrad train` setting applies), export to ONNX, validate on the "
                                     "test set, benchmark, and write report.md in the run folder.")
     add_config_arguments(ru, model, optimizer, defaults=dict(out="runs/main"))
-    ru.add_argument("--bench-runs", dest="bench_runs", type=int, default=200, help="timed runs per batch size")
+    ru.add_argument("--bench-runs", dest="bench_runs", type=int, help="timed runs per batch size")
     ru.set_defaults(func=_cmd_run)
     return parser
 
 
 def _add_export_commands(sub) -> None:
-    from subgrad.export.bench import BATCH_SIZES as BENCH_BATCH_SIZES
-    from subgrad.export.validate import BATCH_SIZES as VALIDATE_BATCH_SIZES
-
     ex = sub.add_parser("export", help="export a run folder's model to ONNX",
                         description="Export RUN's final weights with torch.onnx.export(dynamo=True), dynamic batch, "
-                                    "opset 18, metadata for deployment; checked before it is written.")
+                                    "metadata for deployment; checked before it is written.")
     ex.add_argument("run", metavar="RUN_DIR")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--with-preprocessing", dest="with_preprocessing", action="store_true",
                     help="take raw NHWC uint8 pixels: normalisation inside the graph")
-    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, the lowest it supports)")
     ex.set_defaults(func=_cmd_export)
 
     va = sub.add_parser("validate", help="PyTorch vs onnxruntime on the CIFAR-10 test set",
@@ -311,9 +308,9 @@ def _add_export_commands(sub) -> None:
     va.add_argument("model", metavar="MODEL.onnx")
     va.add_argument("--run", required=True, metavar="RUN_DIR", help="the run folder the model was exported from")
     va.add_argument("--data", default="./data", help="CIFAR-10 (any layout subgrad train accepts)")
-    va.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=VALIDATE_BATCH_SIZES)
-    va.add_argument("--min-agreement", dest="min_agreement", type=float, default=0.999)
-    va.add_argument("--max-abs-diff", dest="max_abs_diff", type=float, default=1e-4)
+    va.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, help="comma-separated")
+    va.add_argument("--min-agreement", dest="min_agreement", type=float, help="top-1 agreement needed to pass")
+    va.add_argument("--max-abs-diff", dest="max_abs_diff", type=float, help="largest |logit difference| that passes")
     va.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
     va.set_defaults(func=_cmd_validate)
 
@@ -322,9 +319,9 @@ def _add_export_commands(sub) -> None:
                                     "throughput, session creation; CUDA/TensorRT providers too when present.")
     be.add_argument("model", metavar="MODEL.onnx")
     be.add_argument("--json", help="also write the report to this JSON file")
-    be.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, default=BENCH_BATCH_SIZES)
-    be.add_argument("--runs", type=int, default=200, help="timed runs per batch size (default 200)")
-    be.add_argument("--warmup", type=int, default=20)
+    be.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, help="comma-separated")
+    be.add_argument("--runs", type=int, help="timed runs per batch size")
+    be.add_argument("--warmup", type=int, help="untimed runs first")
     be.add_argument("--threads", type=int, help="threads for both sides (default: torch's default)")
     be.add_argument("--run", metavar="RUN_DIR", help="eager side from this run folder (default: rebuilt from the "
                                                      "ONNX file's metadata and weights)")
@@ -336,9 +333,9 @@ def _add_export_commands(sub) -> None:
     qu.add_argument("model", metavar="MODEL.onnx")
     qu.add_argument("--data", default="./data", help="CIFAR-10: training images calibrate, test images measure")
     qu.add_argument("--out", help="output file (default MODEL.int8.onnx / MODEL.fp16.onnx)")
-    qu.add_argument("--mode", choices=["int8", "fp16"], default="int8")
-    qu.add_argument("--max-drop", dest="max_drop", type=float, default=1.0, help="accuracy points (default 1.0)")
-    qu.add_argument("--calibration-images", dest="calibration_images", type=int, default=1024)
+    qu.add_argument("--mode", choices=["int8", "fp16"], help="default int8")
+    qu.add_argument("--max-drop", dest="max_drop", type=float, help="largest accuracy drop allowed, in points")
+    qu.add_argument("--calibration-images", dest="calibration_images", type=int, help="training images that calibrate")
     qu.add_argument("--limit", type=int, help="only the first N test images")
     qu.set_defaults(func=_cmd_quantize)
 
@@ -348,7 +345,7 @@ def _add_export_commands(sub) -> None:
     pr.add_argument("model", metavar="MODEL.onnx")
     pr.add_argument("images", metavar="IMAGE", nargs="+")
     pr.add_argument("--top-k", dest="top_k", type=int, default=3)
-    pr.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    pr.add_argument("--batch-size", dest="batch_size", type=int, help="images per onnxruntime run")
     pr.set_defaults(func=_cmd_predict)
 
     pa = sub.add_parser("package", help="write an NVIDIA Triton Inference Server model repository",

@@ -15,7 +15,7 @@ def _log(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def run_pipeline(config=None, bench_runs: int = 200, validate_batch_sizes=None, **settings) -> dict:
+def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_sizes=None, **settings) -> dict:
     """Run the whole job; returns {summary, validation, bench, report}.  Raises on bad input (one line).
 
     ``config`` is a :class:`subgrad.config.TrainConfig` (default: its defaults with ``out="runs/main"``);
@@ -25,7 +25,7 @@ def run_pipeline(config=None, bench_runs: int = 200, validate_batch_sizes=None, 
 
     from subgrad.config import TrainConfig
     from subgrad.data import DataError, load_cifar10
-    from subgrad.export.bench import bench, render_table
+    from subgrad.export.bench import RUNS, bench, render_table
     from subgrad.export.exporter import export_run
     from subgrad.export.validate import BATCH_SIZES, validate
     from subgrad.runs import atomic_write_text
@@ -47,6 +47,7 @@ def run_pipeline(config=None, bench_runs: int = 200, validate_batch_sizes=None, 
     _log(quiet, f"      {'passed' if validation['passed'] else 'FAILED: ' + '; '.join(validation['failures'])}: "
                 f"top-1 agreement {validation['agreement']:.5f}, max |logit diff| {validation['max_abs_diff']:.3g} "
                 f"over {validation['images']} images")
+    bench_runs = bench_runs or RUNS
     _log(quiet, f"[4/4] benchmarking ({bench_runs} timed runs per batch size)")
     timing = bench(onnx_path, runs=bench_runs, run_dir=run)
     atomic_write_text(run / "bench.json", json.dumps(timing, indent=1))
