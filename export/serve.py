@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import site
@@ -52,7 +53,8 @@ class ServeError(RuntimeError):
 class ServerBinary:
     """A Triton Inference Server installation."""
     executable: pathlib.Path
-    serves: str  # the repository variant (triton_repo.BACKENDS) it can run
+    backend: str  # the repository variant (triton_repo.BACKENDS) MODEL.onnx is packaged as for this server
+    runs_onnxruntime: bool  # whether it has Triton's onnxruntime backend (the bundled server has not)
     origin: str  # where it came from, for messages
     library_path: pathlib.Path | None = None  # prepended to LD_LIBRARY_PATH
     python_backend: pathlib.Path | None = None  # folder with libtriton_python.so, when not the server's default
@@ -63,7 +65,7 @@ def find_server() -> ServerBinary:
     """``tritonserver`` on PATH, else the ``serve`` extra's bundled server, else a ServeError saying how."""
     on_path = shutil.which("tritonserver")
     if on_path:
-        return ServerBinary(pathlib.Path(on_path), "onnxruntime", f"{on_path} (on PATH)")
+        return ServerBinary(pathlib.Path(on_path), "onnxruntime", True, f"{on_path} (on PATH)")
     try:
         import pytriton
     except ImportError:
@@ -75,7 +77,8 @@ def find_server() -> ServerBinary:
     stub = root / "tritonserver" / "python_backend_stubs" / version / STUB_NAME
     if not stub.is_file():
         raise ServeError(f"nvidia-pytriton has no python-backend stub for Python {version}; use Python 3.8-3.13")
-    return ServerBinary(root / "tritonserver" / "bin" / "tritonserver", "python", "the serve extra (nvidia-pytriton)",
+    return ServerBinary(root / "tritonserver" / "bin" / "tritonserver", "python", False,
+                        "the serve extra (nvidia-pytriton)",
                         library_path=root.parent / "nvidia_pytriton.libs",
                         python_backend=root / "tritonserver" / "backends" / "python", stub=stub)
 
@@ -108,11 +111,11 @@ def free_port() -> int:
 def _last_error(log_path: pathlib.Path) -> str:
     """The server log's most telling line: a failed model load, else the last error line."""
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    for marker in ("failed to load", "error:", "E1", "E0"):
-        hits = [line for line in lines if marker in line]
-        if hits:
-            line = hits[0] if marker == "failed to load" else hits[-1]
-            return line.split('] ', 1)[-1].strip().strip('"').split("\\n")[0][:300]
+    failed = [line for line in lines if "failed to load" in line]
+    errors = [line for line in lines if re.match(r"E\d{4} ", line) or line.startswith("error:")]
+    if failed or errors:  # Triton's error lines start with E and the date (E1202 16:49:54.96 ...)
+        line = failed[0] if failed else errors[-1]
+        return line.split("] ", 1)[-1].strip().strip('"').split("\\n")[0][:300]
     return "no error in its log"
 
 
@@ -144,7 +147,7 @@ class TritonServer:
             raise ServeError(f"{self.repository} holds no model (no */config.pbtxt); write one with "
                              "`subgrad package MODEL.onnx --triton-repo DIR`")
         for name, backend in self.models.items():
-            if backend != self.server.serves and self.server.serves == "python":
+            if backend == "onnxruntime" and not self.server.runs_onnxruntime:
                 raise ServeError(f"model {name!r} uses the onnxruntime backend, which the server of the serve "
                                  "extra lacks; package it with --backend python, or serve this repository with "
                                  "NVIDIA's tritonserver")

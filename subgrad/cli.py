@@ -185,7 +185,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             repository = source
         else:
             repository = pathlib.Path(scratch)
-            package_triton(source, repository, backend=server.serves, **packaging)
+            package_triton(source, repository, backend=server.backend, **packaging)
         stop = []
 
         def on_signal(signum, frame):

@@ -114,6 +114,15 @@ def _post(port, body: bytes, headers=None, timeout=60):
         return exc.code, exc.read()
 
 
+def _run_clients(client_loop, count):
+    """``client_loop(worker)`` in ``count`` threads at once (each makes its own client), until all return."""
+    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _check_still_serving(server, predictor, images):
     feed = predictor.preprocess(images["pixels"][:2])
     out = _http(server).infer(MODEL, [_tensor_input(httpclient, "input", feed)]).as_numpy("logits")
@@ -180,11 +189,7 @@ def test_concurrent_clients_are_batched(server, predictor, images):
             if not np.array_equal(out.as_numpy("logits"), expected[k:k + 1]):
                 failures.append(k)
 
-    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_clients(client_loop, 16)
     assert not failures, f"{len(failures)} concurrent answers differ from Predictor's"
     stats = _http(server).get_inference_statistics(MODEL)["model_stats"][0]["batch_stats"]
     sizes = {int(entry["batch_size"]): int(entry["compute_infer"]["count"]) for entry in stats}
@@ -364,11 +369,7 @@ def test_soak_zero_failures_and_bounded_memory(server, predictor, images):
             done += 1
         counts.append(done)
 
-    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_clients(client_loop, 16)
     growth = server.resident_bytes() - before
     print(f"soak: {sum(counts)} requests, {len(failures)} failures, resident memory {before / 2**20:.0f} MiB "
           f"-> +{growth / 2**20:.1f} MiB")
