@@ -96,13 +96,17 @@ def _refusal_response(refusal: Refusal) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-async def _drain(reader: asyncio.StreamReader, length: int) -> None:
-    """Read and drop the rest of a refused body, so the client reads our answer, not a reset."""
+async def _copy_body(reader: asyncio.StreamReader, length: int, write=None) -> bool:
+    """Read ``length`` body bytes in chunks, passing each to ``write`` (None: drop them, so a client whose
+    body was refused reads our answer, not a reset); False when the connection ended first."""
     while length > 0:
         chunk = await reader.read(min(length, _READ_CHUNK))
         if not chunk:
-            return
+            return False
+        if write is not None:
+            write(chunk)
         length -= len(chunk)
+    return True
 
 
 async def _relay_response(upstream: asyncio.StreamReader, client: asyncio.StreamWriter) -> bool:
@@ -110,13 +114,8 @@ async def _relay_response(upstream: asyncio.StreamReader, client: asyncio.Stream
     head = await upstream.readuntil(b"\r\n\r\n")
     _, headers = _parse_head(head)
     client.write(head)
-    length = int(headers.get("content-length", "0"))
-    while length > 0:
-        chunk = await upstream.read(min(length, _READ_CHUNK))
-        if not chunk:
-            return False
-        client.write(chunk)
-        length -= len(chunk)
+    if not await _copy_body(upstream, int(headers.get("content-length", "0")), client.write):
+        return False
     await client.drain()
     return headers.get("connection", "").lower() != "close"
 
@@ -207,7 +206,7 @@ class HttpGuard:
                     client_w.write(_refusal_response(refusal))
                     await client_w.drain()
                     if body is None and not expects_continue:  # the client sends it whatever we say
-                        await _drain(client_r, length)
+                        await _copy_body(client_r, length)
                     return
                 self._in_flight += 1
                 try:

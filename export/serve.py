@@ -125,7 +125,6 @@ class TritonServer:
     def __init__(self, repository, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log_path=None, server: ServerBinary | None = None, startup_timeout_s: float = 120.0):
         self.repository = pathlib.Path(repository).resolve()
-        self.ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.server = server
         self.log_path = pathlib.Path(log_path) if log_path else \
@@ -151,7 +150,8 @@ class TritonServer:
                 raise ServeError(f"model {name!r} uses the onnxruntime backend, which the server of the serve "
                                  "extra lacks; package it with --backend python, or serve this repository with "
                                  "NVIDIA's tritonserver")
-        for flag, port in self.ports.items():
+        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
+                           ("--metrics-port", self.metrics_port)):
             if port_in_use(port):
                 raise ServeError(f"port {port} is in use; pass {flag} with a free port")
         self._internal_http_port = free_port()

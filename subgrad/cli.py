@@ -170,7 +170,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from subgrad.export.serve import ServeError, TritonServer, find_server
+    from subgrad.export.serve import TritonServer, find_server
     from subgrad.export.triton_repo import package_triton
 
     source = pathlib.Path(args.model)
@@ -218,10 +218,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     print(f"subgrad serve: {model!r} " + ("is ready again" if ok else
                           f"did not come back; its log: {triton.log_path}"), file=sys.stderr, flush=True)
             print(f"{stop[0]}: draining in-flight requests and stopping", flush=True)
-        except ServeError as exc:
-            print(f"subgrad serve: error: {exc}", file=sys.stderr)
-            return 2
-        finally:
+        finally:  # a ServeError goes on to main(): one line, exit 2
             status = triton.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -47,7 +47,7 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
     _log(quiet, f"      {'passed' if validation['passed'] else 'FAILED: ' + '; '.join(validation['failures'])}: "
                 f"top-1 agreement {validation['agreement']:.5f}, max |logit diff| {validation['max_abs_diff']:.3g} "
                 f"over {validation['images']} images")
-    bench_runs = bench_runs or RUNS
+    bench_runs = RUNS if bench_runs is None else bench_runs
     _log(quiet, f"[4/4] benchmarking ({bench_runs} timed runs per batch size)")
     timing = bench(onnx_path, runs=bench_runs, run_dir=run)
     atomic_write_text(run / "bench.json", json.dumps(timing, indent=1))

@@ -410,12 +410,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         refusal = graph_refusal(kind, comm)
         if cfg.cuda_graph == "on" and refusal:
             raise ValueError(f"--cuda-graph on: {refusal}; use --cuda-graph auto (capture where possible) or off")
-        return _train(cfg, pathlib.Path(cfg.out), resume, comm, kind)
+        return _train(cfg, pathlib.Path(cfg.out), resume, comm, kind, refusal)
     finally:
         shutdown(comm)
 
 
-def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator, kind: str) -> dict:
+def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator, kind: str,
+           refusal: str | None) -> dict:
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoints(out):
         resume = True  # torchrun restarted the job after a failure: continue from the last checkpoint
     # Failure drill for tests and operators: SUBGRAD_FAIL_AT="RANK:STEP" makes that rank exit abruptly
@@ -434,7 +435,6 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, comm: Communicator
             print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
                   "on a machine, cached after)", file=sys.stderr, flush=True)
         prepare_cpu_twin()
-    refusal = graph_refusal(kind, comm)
     train_step = TrainStep(s, start)
     run_step = train_step
     if cfg.cuda_graph != "off" and refusal is None:
