@@ -33,6 +33,16 @@ import torch
 import torch.nn.functional as F
 
 
+class _RankZeroOf:
+    """Rank 0 of ``world_size`` ranks whose others sent the same differences: the gather without a network."""
+
+    def __init__(self, world_size: int):
+        self.rank, self.world_size = 0, world_size
+
+    def all_gather_examples(self, d):
+        return d.repeat(1, self.world_size)
+
+
 def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str) -> dict:
     from subgrad import optim
     from subgrad.distributed import from_environment, shutdown, weights_hash
@@ -48,17 +58,14 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
         x, y = comm.shard(x), comm.shard(y)
     x, y = x.to(dev), y.to(dev)
     params = [p for p in model.parameters()]
+    replicas = comm if comm.active else None
     if optimizer == "zo":
         torch.manual_seed(1)  # the training-only heads: the same on every rank
-        opt = optim.ActivityZO(model, lr=1e-3, example=x[:1])
-        if comm.active:
-            opt.shard, opt.gather_examples = (comm.rank, comm.world_size), comm.all_gather_examples
+        opt = optim.ActivityZO(model, lr=1e-3, example=x[:1], replicas=replicas)
     elif optimizer == "zo-sgd":
-        opt = optim.ZOSGD(model.named_parameters(), lr=1e-3, eps=1e-3, q=1)
-        opt.loss_reduce = comm.loss_reduce if comm.active else None
+        opt = optim.ZOSGD(model.named_parameters(), lr=1e-3, eps=1e-3, q=1, replicas=replicas)
     else:
-        opt = optim.SGD(params, lr=0.01, momentum=0.9)
-        opt.grad_reduce = comm.all_reduce_mean_ if comm.active else None
+        opt = optim.SGD(params, lr=0.01, momentum=0.9, replicas=replicas)
 
     def one_step():
         if optimizer == "zo":
@@ -106,10 +113,8 @@ def zo_share(model_name: str, batch: int, world: int, steps: int, device: str) -
     opts = {}
     for w in (1, world):
         torch.manual_seed(0)
-        opt = optim.ActivityZO(build_model(model_name).to(dev), lr=1e-3, example=x[:1])
-        if w > 1:
-            opt.shard, opt.gather_examples = (0, w), lambda d, w=w: d.repeat(1, w)
-        opts[w] = opt
+        opts[w] = optim.ActivityZO(build_model(model_name).to(dev), lr=1e-3, example=x[:1],
+                                   replicas=_RankZeroOf(w) if w > 1 else None)
     best = {w: float("inf") for w in opts}
     for _ in range(steps + 1):  # the first round warms up
         for w, opt in opts.items():

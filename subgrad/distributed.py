@@ -3,9 +3,8 @@
 Every rank holds the whole uint8 dataset, draws the same global batch (same order and augmentation
 seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
 
-* first-order: one all-reduce of the flat gradient buffer (``all_reduce_mean_`` as ``SGD/AdamW.grad_reduce``),
-  then the fused update;
-* zeroth-order: one all-reduce of the step's 2q (+1) float64 losses (:attr:`ZOOptimizer.loss_reduce`).
+* first-order: one all-reduce of the flat gradient buffer (``all_reduce_mean_``), then the fused update;
+* zeroth-order: one all-reduce of the step's 2q (+1) float64 losses.
   Every rank regenerates every direction from the shared seed schedule and applies the same update,
   so replicas stay bit-identical without ever sending a weight.
 * ``zo`` (activity perturbation): every rank runs the clean pass on the whole global batch and the
@@ -14,6 +13,7 @@ seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
 
 :class:`Communicator` wraps the collectives and counts the payload bytes each one sends, which is how
 tests and ``benchmarks/distributed.py`` show that zeroth-order traffic does not grow with the model.
+Every optimizer takes it at construction (``replicas=comm``: :mod:`subgrad.optim.replicas`).
 """
 from __future__ import annotations
 
@@ -84,10 +84,6 @@ class Communicator:
         checkpoints and the final hash agree.  Buffer-sized, once per evaluation, never per step.
         """
         self._mean_of_many_([b for b in model.buffers() if b.is_floating_point()], "buffers")
-
-    def loss_reduce(self, losses: torch.Tensor) -> torch.Tensor:
-        """The zeroth-order hook: a step's loss vector averaged over ranks (a new tensor)."""
-        return self.all_reduce_mean_(losses.clone())
 
     def all_gather_examples(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor`` (same shape on every rank) concatenated along the last dimension in rank

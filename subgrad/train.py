@@ -56,21 +56,27 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communicator | None = None):
+    """The optimizer ``cfg`` names, for ``model``; with ``replicas`` it exchanges with the other ranks what its
+    family needs (gradients, a step's losses, or per-example loss differences: subgrad.optim.replicas)."""
     from . import optim
 
     named = list(model.named_parameters())
     if cfg.optimizer == "zo":
-        return optim.ActivityZO(model, lr=cfg.lr, eps=cfg.eps, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed)
+        return optim.ActivityZO(model, lr=cfg.lr, eps=cfg.eps, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                                replicas=replicas)
     if cfg.optimizer == "sgd":
-        return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         replicas=replicas)
     if cfg.optimizer == "adamw":
         # capturable: the step count lives on the device, so the trainer's step can be a CUDA graph
-        return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True)
+        return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True,
+                           replicas=replicas)
     blocks = None if cfg.blocks == "none" else cfg.blocks  # the optimizers' None: one block, the whole model
     clip = None if cfg.clip == "off" else cfg.clip
     common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=blocks, clip=clip,
-                  weight_decay=cfg.weight_decay, seed=cfg.seed, scale_by_block_size=cfg.scale_by_block_size)
+                  weight_decay=cfg.weight_decay, seed=cfg.seed, scale_by_block_size=cfg.scale_by_block_size,
+                  replicas=replicas)
     if cfg.optimizer == "zo-sgd":
         return optim.ZOSGD(named, estimator=cfg.estimator, momentum=cfg.momentum, **common)
     if cfg.optimizer == "zo-adam":
@@ -190,13 +196,7 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, da
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
-    optimizer = make_optimizer(cfg, model)
-    if comm.active and step_kind == "closure":
-        optimizer.loss_reduce = comm.loss_reduce  # one all-reduce of the step's losses: scalars only
-    elif comm.active and step_kind == "blocks":  # per block, one all-gather of per-example loss differences
-        optimizer.shard, optimizer.gather_examples = (comm.rank, comm.world_size), comm.all_gather_examples
-    elif comm.active:
-        optimizer.grad_reduce = comm.all_reduce_mean_  # one all-reduce of each flat gradient buffer
+    optimizer = make_optimizer(cfg, model, comm if comm.active else None)
     record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
                   classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
     return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda",
@@ -332,7 +332,7 @@ class TrainStep:
                 with torch.autocast(**autocast):
                     loss = F.cross_entropy(s.model(x).float(), y)
                 loss.backward()
-                s.optimizer.step()  # averages the flat gradient buffer over ranks first (grad_reduce, set in setup)
+                s.optimizer.step()  # averages the flat gradient buffer over its replicas first
         self.loss_sum += loss.detach().double()
 
 

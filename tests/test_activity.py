@@ -187,15 +187,24 @@ class _ThreadGather:
     def __init__(self, world: int):
         self.slots, self.barrier, self.sent = [None] * world, threading.Barrier(world), [0] * world
 
-    def for_rank(self, rank: int):
-        def gather(t):
-            self.slots[rank] = t.clone()
-            self.sent[rank] += t.numel() * t.element_size()
-            self.barrier.wait()
-            out = torch.cat(self.slots, dim=-1)
-            self.barrier.wait()  # every rank has read the slots before the next gather overwrites them
-            return out
-        return gather
+    def for_rank(self, rank: int) -> "_ThreadRank":
+        return _ThreadRank(self, rank)
+
+
+class _ThreadRank:
+    """One simulated rank: the Replicas an ActivityZO is given."""
+
+    def __init__(self, group: _ThreadGather, rank: int):
+        self.group, self.rank, self.world_size = group, rank, len(group.slots)
+
+    def all_gather_examples(self, t):
+        group = self.group
+        group.slots[self.rank] = t.clone()
+        group.sent[self.rank] += t.numel() * t.element_size()
+        group.barrier.wait()
+        out = torch.cat(group.slots, dim=-1)
+        group.barrier.wait()  # every rank has read the slots before the next gather overwrites them
+        return out
 
 
 @pytest.mark.parametrize("name", ["lenet", "resnet20"])
@@ -218,9 +227,7 @@ def test_data_parallel_exchanges_per_example_scalars_only(name):
     opts = []
     for rank, model in enumerate(replicas):
         torch.manual_seed(1)
-        o = ActivityZO(model, lr=1e-3, seed=4)
-        o.shard, o.gather_examples = (rank, 2), gather.for_rank(rank)
-        opts.append(o)
+        opts.append(ActivityZO(model, lr=1e-3, seed=4, replicas=gather.for_rank(rank)))
     worst = 0.0
     for step in range(2):
         opt.step(x, y)

@@ -5,7 +5,7 @@ class          what                                        file
 =============  ==========================================  =========================
 ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo.py
 ZOAdam         Adam moments on the ZO estimate              subgrad/optim/zo.py
-HiZOO          ZO-SGD preconditioned by diagonal curvature  subgrad/optim/zo.py
+HiZOO          ZO-SGD preconditioned by diagonal curvature  subgrad/optim/hizoo.py
 ActivityZO     per-example activity perturbation, local     subgrad/optim/activity.py
                losses (``--optimizer zo``)
 SGD, AdamW     torch.optim semantics, fused kernels         subgrad/optim/first_order.py
@@ -17,6 +17,7 @@ A zeroth-order optimizer's estimation settings are one frozen ``ZOSettings`` (``
 """
 from .activity import ActivityZO
 from .first_order import SGD, AdamW
-from .zo import HiZOO, ZOSGD, ZOAdam, ZOOptimizer, ZOSettings, step_seed
+from .hizoo import HiZOO
+from .zo import ZOSGD, ZOAdam, ZOOptimizer, ZOSettings, step_seed
 
 __all__ = ["ActivityZO", "ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "ZOSettings", "SGD", "AdamW", "step_seed"]

@@ -159,3 +159,23 @@ def assign_blocks(segments: list[Segment], ranges: list[tuple[int, int, int]]) -
         seg.block_ids = torch.tensor([bid for _, _, bid in seg.pieces], dtype=torch.int64, device=device)
         seg.block_starts = (make_block_starts([b - a for a, b, _ in seg.pieces], device)
                             if len(seg.pieces) > 1 else None)
+
+
+@dataclass
+class ZOLayout:
+    """What zeroth-order estimation needs to know of the packed parameters: the segments (with their
+    pieces of the estimation blocks), how many blocks there are, each parameter's name (None where the
+    optimizer was given bare parameters) and each block's step scale ``(d + 2) / (d_b + 2)``."""
+    segments: list[Segment]
+    num_blocks: int
+    names: dict[int, str | None]  # id(parameter) -> name
+    block_scale: torch.Tensor  # float64 [num_blocks] on the parameters' device
+
+    @property
+    def total(self) -> int:
+        """Elements of the direction space (every trainable parameter)."""
+        return sum(s.numel for s in self.segments)
+
+    @property
+    def device(self) -> torch.device:
+        return self.segments[0].data.device

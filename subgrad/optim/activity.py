@@ -55,6 +55,7 @@ from .. import kernels as K
 from ..local import local_blocks, make_heads, trained_parameters
 from ._counters import StepCounters
 from .first_order import AdamW
+from .replicas import Replicas
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,13 @@ class ActivityZO:
         backend: kernel backend of the update (None: Triton on CUDA, the twin elsewhere).
         example: a batch of inputs (only its shape and device matter) to size the heads; default: one
             CIFAR-sized image on the model's device.
+        replicas: data-parallel ranks (:class:`subgrad.optim.replicas.Replicas`); None: one process.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-3, eps: float = 1e-2, q: int = 1,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, head_pool: int = 4,
-                 seed: int = 0, backend: str | None = None, example: torch.Tensor | None = None):
+                 seed: int = 0, backend: str | None = None, example: torch.Tensor | None = None,
+                 replicas: Replicas | None = None):
         self.settings = ActivitySettings(eps=eps, q=q, head_pool=head_pool, seed=seed)
         self.model = model
         self.blocks = local_blocks(model, head_pool)
@@ -128,11 +131,9 @@ class ActivityZO:
         self.adamw = AdamW(trained_parameters(self.blocks) + list(self.heads.parameters()), lr=lr, betas=betas,
                            weight_decay=weight_decay, capturable=True, backend=backend)
         self.counters = StepCounters(type(self).__name__).on(device)
-        #: data parallel (set by training): (rank, world size), and the collective that concatenates every
-        #: rank's per-example values along the last dimension in rank order
-        #: (:meth:`subgrad.distributed.Communicator.all_gather_examples`).  One process: (0, 1) and None.
-        self.shard = (0, 1)
-        self.gather_examples = None
+        #: data-parallel ranks: each runs the perturbed passes of its share of the batch, and the per-example
+        #: differences are gathered from all (None: one process)
+        self.replicas = replicas
 
     # torch.optim-like surface used by training: lr schedules
     @property
@@ -164,7 +165,7 @@ class ActivityZO:
 
     def _rows(self, n: int) -> slice:
         """This rank's contiguous share of a batch of ``n`` examples (the perturbed tails it runs)."""
-        rank, world = self.shard
+        rank, world = (self.replicas.rank, self.replicas.world_size) if self.replicas is not None else (0, 1)
         if n % world:
             raise ValueError(f"the batch ({n}) must divide evenly among the {world} data-parallel ranks")
         return slice(rank * n // world, (rank + 1) * n // world)
@@ -208,8 +209,8 @@ class ActivityZO:
                 diffs.append(self._difference(logits[rows] + eps * v[rows], targets[rows], loss[rows]))
             # 2. every rank's d: the only data-parallel traffic (per example and site, never per weight)
             d = torch.stack(diffs)
-            if self.gather_examples is not None:
-                d = self.gather_examples(d)
+            if self.replicas is not None:
+                d = self.replicas.all_gather_examples(d)
             finite &= torch.isfinite(d).all()
             # 3. the same gradients on every rank, from the clean activations of the whole batch
             for j, rec in enumerate(clean.sites):

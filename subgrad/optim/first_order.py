@@ -23,6 +23,7 @@ import torch
 from .. import kernels as K
 from ..flat import FlatGroup, FlatParams, as_real, storage_numel
 from ._layout import FlatOptimizer
+from .replicas import Replicas
 
 
 #: torch.optim's wording for each hyperparameter whose rule is torch's own ("Invalid learning rate: -1").
@@ -64,7 +65,7 @@ class _FusedOptimizer(FlatOptimizer):
 
     _sparse_ok = False  # sparse gradients (SGD takes them densified: the same numbers as torch's sparse path)
 
-    def __init__(self, params, defaults: dict, backend: str | None):
+    def __init__(self, params, defaults: dict, backend: str | None, replicas: Replicas | None):
         if backend not in (None, *K.BACKENDS):
             raise ValueError(f"backend must be None or one of {K.BACKENDS}, got {backend!r}")
         if defaults.get("differentiable"):
@@ -80,9 +81,8 @@ class _FusedOptimizer(FlatOptimizer):
         #: steps each parameter has taken, counted on the host: which parameters can share a launch is
         #: decided from these, never from state on the device (no host read of a device value per step)
         self._steps_taken: dict[torch.Tensor, int] = {}
-        #: Callable averaging a flat gradient buffer over data-parallel ranks in place, after the gradients
-        #: are copied into it and before the update (set by distributed training; None: one process).
-        self.grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: data-parallel ranks: the gradients are averaged over them before the update (None: one process)
+        self.replicas = replicas
 
     def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
         """The packed groups; repacked (state carried over) when the trainable parameters changed."""
@@ -153,8 +153,8 @@ class _FusedOptimizer(FlatOptimizer):
             histories = {self._history(p) for p in fg.params}
             if all(has_grad) and len(histories) == 1:
                 grad = fg.grad_buffer(link=False)
-                if self.grad_reduce is not None:
-                    self.grad_reduce(grad)  # one collective over the whole flat buffer
+                if self.replicas is not None:
+                    self.replicas.all_reduce_mean_(grad)  # one collective over the whole flat buffer
                 indices = list(range(len(fg.params)))
                 self._step_views(group, fg, bufs, fg.data, grad, slice(None), indices, gate)
             else:  # torch.optim skips params without gradients: update the others one by one
@@ -162,8 +162,8 @@ class _FusedOptimizer(FlatOptimizer):
                     if p.grad is not None:
                         off = fg.offsets[i]
                         grad = as_real(p.grad.to_dense() if p.grad.is_sparse else p.grad)
-                        if self.grad_reduce is not None:  # reduce a copy: p.grad is never modified
-                            grad = self.grad_reduce(grad.clone())
+                        if self.replicas is not None:  # reduce a copy: p.grad is never modified
+                            grad = self.replicas.all_reduce_mean_(grad.clone())
                         where = slice(off, off + storage_numel(p))
                         self._step_views(group, fg, bufs, fg.data[where], grad.reshape(-1), where, [i], gate)
             for i, p in enumerate(fg.params):
@@ -192,7 +192,8 @@ def _lr_for(group: dict, param: torch.Tensor):
 class SGD(_FusedOptimizer):
     """``torch.optim.SGD`` with a fused Triton update (torch twin on CPU).
 
-    Extras: ``l1`` adds the subgradient ``l1 * sign(w)``; ``backend`` picks the kernel backend.
+    Extras: ``l1`` adds the subgradient ``l1 * sign(w)``; ``backend`` picks the kernel backend; ``replicas``
+    (:class:`subgrad.optim.replicas.Replicas`) averages the gradients over data-parallel ranks first.
     ``foreach`` and ``fused`` are accepted and change nothing: they choose among torch.optim's
     implementations of the same update, and subgrad's one fused implementation serves every choice
     (its numbers are torch's within the tolerances in tests/test_optim_torch_suite.py).  ``capturable``
@@ -207,7 +208,7 @@ class SGD(_FusedOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
                  differentiable: bool = False, fused=None, capturable: bool = False, l1: float = 0.0,
-                 backend: str | None = None):
+                 backend: str | None = None, replicas: Replicas | None = None):
         _check_tensor_hyperparameters(lr, None, foreach, capturable=True)  # SGD's foreach takes a tensor lr
         _check_number("lr", lr, 0.0)
         _check_number("momentum", momentum, 0.0)
@@ -219,7 +220,7 @@ class SGD(_FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
                         capturable=capturable, l1=l1)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, replicas)
 
     def _history(self, p):
         return self.state.get(p, {}).get("momentum_buffer") is None  # first step or not
@@ -242,7 +243,7 @@ class AdamW(_FusedOptimizer):
     """``torch.optim.AdamW`` with a fused Triton update (torch twin on CPU).
 
     Extras: ``l1`` adds the subgradient ``l1 * sign(w)`` to the gradient; ``backend`` picks the kernel
-    backend.  ``foreach`` and ``fused`` are accepted and change nothing (see :class:`SGD`).
+    backend; ``replicas`` as for :class:`SGD`.  ``foreach`` and ``fused`` are accepted and change nothing.
 
     ``capturable=True`` has torch.optim's meaning: each parameter's ``step`` lives on its device (views of
     one float32 vector per flat buffer, advanced by one op per step) and the kernel computes the bias
@@ -256,7 +257,7 @@ class AdamW(_FusedOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
                  capturable: bool = False, differentiable: bool = False, fused=None, l1: float = 0.0,
-                 backend: str | None = None):
+                 backend: str | None = None, replicas: Replicas | None = None):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         _check_tensor_hyperparameters(lr, betas, foreach, capturable)
@@ -268,7 +269,7 @@ class AdamW(_FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=True, l1=l1)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, replicas)
 
     def _adopt(self, packed) -> None:
         """Moments into the flat buffers; each parameter's step into its group's step vector (CPU, or the
