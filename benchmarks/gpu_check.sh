@@ -5,7 +5,8 @@
 # Stages, most valuable first, each under its own timeout and all under one deadline (GPU_CHECK_BUDGET
 # seconds, default 480), so a slow stage costs the later ones, never the device lease:
 #   1. install subgrad without downloading anything
-#   2. optimizer steps eager and as CUDA graphs (optim.py), subgrad train vs torch loops (train.py --loops)
+#   2. the CUDA-graph training step against eager steps, bit for bit (tests/test_capture.py, every optimizer);
+#      optimizer steps eager and as CUDA graphs (optim.py), subgrad train vs torch loops (train.py --loops)
 #   3. kernel benchmarks against their baselines, and the target check
 #   4. the compiled-code cost model for sm_90 with every variant replayed on the GPU: predicted beside
 #      measured fraction of copy bandwidth (calibrates the model)
@@ -65,6 +66,7 @@ fi
 
 # First what the CUDA-graph work promises: optimizer steps eager and graphed against torch.optim fused,
 # then subgrad train against plain and compiled torch loops (LeNet and ResNet-20 sgd defaults).
+stage cuda-graph-tests 120 "$PY" -m pytest -v -p no:cacheprovider tests/test_capture.py -k cuda_graph_steps
 stage optim-cuda 120 "$PY" benchmarks/optim.py --device cuda --out "$RESULTS"
 if [ -f "$DATA" ]; then
   stage train-loops-cuda 240 "$PY" benchmarks/train.py --data "$DATA" --device cuda --loops --skip-throughput \

@@ -130,8 +130,8 @@ def test_a_host_read_is_counted():
 
 
 # -- the trainer's step -------------------------------------------------------------------------------
-def _session(optimizer):
-    """A subgrad train session on 64 synthetic images (batch 4), single process, on the CPU."""
+def _session(optimizer, kind="cpu"):
+    """A subgrad train session on 64 synthetic images (batch 4), single process, on device ``kind``."""
     from subgrad.config import TrainConfig
     from subgrad.data import Dataset
     from subgrad.distributed import from_environment
@@ -142,7 +142,7 @@ def _session(optimizer):
     labels = np.arange(64) % 10
     data = Dataset(images, labels, images[:8], labels[:8], tuple(f"c{i}" for i in range(10)), "synthetic")
     cfg = TrainConfig(model="lenet", optimizer=optimizer, batch_size=4, steps=40, augment=True).resolved()
-    return setup(cfg, pathlib.Path("unused"), from_environment("cpu"), "cpu", data=data)
+    return setup(cfg, pathlib.Path("unused"), from_environment(kind), kind, data=data)
 
 
 @pytest.mark.parametrize("name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow)
@@ -175,6 +175,29 @@ def test_trainer_step_is_capturable(name, monkeypatch):
     for a, b in zip(_state(step.s.model, step.s.optimizer) + [step.counter, step.loss_sum],
                     _state(twin.s.model, twin.s.optimizer) + [twin.counter, twin.loss_sum]):
         assert_bitwise_equal(a, b, f"train:{name}: replay vs ordinary step")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real torch.cuda.graph capture "
+                    "(test_trainer_step_is_capturable checks the same step without a GPU)")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cuda_graph_steps_equal_eager_steps(name):
+    """On a GPU, ``--cuda-graph``'s CudaGraphStep (3 eager warm-ups on a side stream, one capture, replays)
+    leaves the weights, the optimizer state and the loss sum bit-identical to 7 eager steps."""
+    from subgrad.capture import CudaGraphStep
+    from subgrad.train import TrainStep
+
+    eager, graphed = TrainStep(_session(name, "cuda"), 0), TrainStep(_session(name, "cuda"), 0)
+    run_graphed = CudaGraphStep(graphed)
+    for t in range(7):
+        eager.prepare(t)
+        eager()
+        graphed.prepare(t)
+        run_graphed()
+    torch.cuda.synchronize()
+    assert run_graphed.graph is not None, f"{name}: the step was never captured"
+    for a, b in zip(_state(eager.s.model, eager.s.optimizer) + [eager.counter, eager.loss_sum],
+                    _state(graphed.s.model, graphed.s.optimizer) + [graphed.counter, graphed.loss_sum]):
+        assert_bitwise_equal(a, b, f"cuda graph:{name}: graphed vs eager steps")
 
 
 def test_gathered_batches_are_the_indexed_ones():
