@@ -140,7 +140,8 @@ def optimizer_grid():
 
 def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
     """For every configuration in :func:`optimizer_grid`, two steps on a 12-``hidden``-3 MLP (about
-    17 * hidden parameters) with the launches recorded; yields ``(label, [(fn, grid, args, kwargs)])``.
+    17 * hidden parameters) with the element-wise kernels' launches recorded; yields
+    ``(label, [(fn, grid, args, kwargs)])``.
     The recorded arguments keep the optimizer's buffers alive, so a caller can replay them."""
     x = torch.randn(8, 12, device=device)
     y = torch.randint(0, 3, (8,), device=device)
@@ -162,7 +163,8 @@ def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
                     opt.zero_grad()
                     torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
                     opt.step()
-        yield label, [(x.call, x.grid, x.args, x.kwargs) for x in launches]
+        # the element-wise kernels only: next_step_seed_ runs one lane per step, with no elements to cost
+        yield label, [(x.call, x.grid, x.args, x.kwargs) for x in launches if x.call.__name__ in KERNEL_NAMES]
 
 
 def record_optimizer_launches() -> list:
@@ -220,8 +222,6 @@ def distinct_variants(launches: list) -> list[dict]:
     """Deduplicate recorded launches; keep which optimizer configurations launch each variant."""
     variants = {}
     for label, fn, _grid, args, kwargs in launches:
-        if fn.__name__ not in KERNEL_NAMES:  # next_step_seed_: one lane per step, no elements to cost
-            continue
         sig, constexprs, attrs, tensors = signature_of(fn, args, kwargs)
         values = dict(zip(fn.arg_names, args)) | kwargs
         ident = describe(fn, sig, constexprs, values)

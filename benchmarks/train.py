@@ -68,8 +68,9 @@ def torchvision_loop(data_path, epochs, batch, device):
 
 def device_loop(data_path, model_name: str, device, compiled: bool) -> dict:
     """A plain torch loop at the `subgrad train --optimizer sgd` defaults of ``model_name``: the same
-    device-resident batches, torch.optim.SGD(fused=True), the same onecycle schedule; the step compiled
-    with mode="reduce-overhead" (CUDA graphs under torch.compile) when ``compiled``."""
+    device-resident batches, torch.optim.SGD(fused=True), the same onecycle schedule; with ``compiled`` the
+    model runs under torch.compile(mode="reduce-overhead") (forward and backward as CUDA graphs; the
+    optimizer step stays eager, as torch's tutorials pair them)."""
     from subgrad.data import DeviceLoader
     from subgrad.train import evaluate, lr_factor
 
@@ -80,32 +81,30 @@ def device_loop(data_path, model_name: str, device, compiled: bool) -> dict:
                           shuffle=True, drop_last=True, order_seed=cfg.seed, augment_seed=cfg.seed + 1)
     torch.manual_seed(cfg.seed)
     model = build_model(model_name).to(device)
+    forward = torch.compile(model, mode="reduce-overhead") if compiled else model
     lr = torch.tensor(cfg.lr, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           fused=True)
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    run = torch.compile(step, mode="reduce-overhead") if compiled else step
     total = round(cfg.epochs * len(loader))
     torch.cuda.synchronize()
     start = time.perf_counter()
     for t in range(total):
         lr.fill_(cfg.lr * lr_factor(cfg.schedule, t, total))
-        run(*loader.batch(*divmod(t, len(loader))))
+        if compiled:  # a new step: the graphs may overwrite the last step's outputs (torch's rule)
+            torch.compiler.cudagraph_mark_step_begin()
+        x, y = loader.batch(*divmod(t, len(loader)))
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(forward(x), y).backward()
+        opt.step()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     test = DeviceLoader(ds.test_images, ds.test_labels, mean, std, 1000, device)
     return dict(train_seconds=seconds, steps=total, test_accuracy=evaluate(model, test, False)[1])
 
 
-def loops(data_path, device) -> list[dict]:
+def loops(data_path, device, models) -> list[dict]:
     rows = []
-    for model_name in ("lenet", "resnet20"):
+    for model_name in models:
         with tempfile.TemporaryDirectory() as tmp:
             s = train(TrainConfig(model=model_name, optimizer="sgd", data=data_path, out=f"{tmp}/r",
                                   device=device.type, quiet=True))
@@ -132,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-defaults", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--loops", action="store_true", help="CUDA: subgrad train vs plain and compiled torch loops")
+    parser.add_argument("--loop-models", nargs="+", default=["lenet", "resnet20"], choices=["lenet", "resnet20"],
+                        help="the models --loops trains (each at its sgd defaults)")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         if device.type != "cuda":
             parser.error("--loops compares CUDA-graph training with torch's loops: it needs --device cuda")
         print(f"subgrad train vs torch loops on {name}:")
-        result["loops"] = loops(args.data, device)
+        result["loops"] = loops(args.data, device, args.loop_models)
     if not args.skip_throughput:
         with tempfile.TemporaryDirectory() as tmp:
             s = train(TrainConfig(model="lenet", optimizer="sgd", data=args.data, out=f"{tmp}/tp", device=device.type,

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE
 from subgrad.local import ALL, local_blocks, make_heads, untrained_parameters
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
@@ -140,13 +141,14 @@ def test_estimate_points_along_the_local_gradient():
 
 
 def test_kernel_and_twin_steps_agree_bit_for_bit():
-    """backend="triton" (the AdamW kernel and Philox signs; interpreted on CPU) vs the torch twins."""
-    x, y = _batch(2)
+    """backend="triton" (the AdamW kernel and Philox signs; interpreted on CPU, compiled on CUDA) vs the
+    torch twins."""
+    x, y = (t.to(DEVICE) for t in _batch(2))
     weights = {}
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
-        model = build_model("lenet").train()
-        opt = ActivityZO(model, lr=1e-3, seed=5, backend=backend)
+        model = build_model("lenet").to(DEVICE).train()
+        opt = ActivityZO(model, lr=1e-3, seed=5, backend=backend, example=x[:1])
         for _ in range(2):
             opt.step(x, y)
         weights[backend] = [p.detach().clone() for p in [*model.parameters(), *opt.heads.parameters()]]

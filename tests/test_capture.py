@@ -1,5 +1,5 @@
 """Every optimizer's step is capturable, checked on the GPU code path without a GPU (Triton kernels in the
-interpreter, ``backend="triton"``): no host synchronisation, the same launches at consecutive steps, and
+interpreter, ``backend="triton"``; on a CUDA machine the same tests run compiled on the device): no host synchronisation, the same launches at consecutive steps, and
 a replay of step t's launches (what a CUDA graph does) equal to an ordinary step t + 1, bit for bit.
 A non-capturable AdamW is the control: its host-side step count makes consecutive launch lists differ.
 LeNet, batch 4; the forward-only optimizers are in the slow tier (each step runs ~10 interpreted kernels
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_bitwise_equal
+from conftest import DEVICE, assert_bitwise_equal
 from subgrad.capture import SyncCounter, record_step, tensors_in
 from subgrad.models import build_model
 from subgrad.optim import SGD, ZOSGD, ActivityZO, AdamW, HiZOO, ZOAdam
@@ -22,11 +22,12 @@ BATCH = 4
 
 def _batch():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    return (torch.randn(BATCH, 3, 32, 32, generator=g).to(DEVICE),
+            torch.randint(0, 10, (BATCH,), generator=g).to(DEVICE))
 
 
 def _lr():
-    return torch.tensor(1e-3)  # a tensor lr: a schedule writes it in place, the kernels read it
+    return torch.tensor(1e-3, device=DEVICE)  # a tensor lr: a schedule writes it in place, the kernels read it
 
 
 #: name -> (optimizer factory, kind): "grad" steps on gradients already there, "closure" evaluates the
@@ -46,7 +47,7 @@ OPTIMIZERS = {
 
 def _setup(name):
     torch.manual_seed(0)
-    model = build_model("lenet").train()
+    model = build_model("lenet").to(DEVICE).train()
     factory, kind = OPTIMIZERS[name]
     return model, factory(model), kind
 
@@ -111,7 +112,7 @@ def test_step_is_capturable(name):
 def test_host_step_counter_is_not_replayable():
     """The control: a non-capturable AdamW passes its bias corrections as launch arguments, which change
     from one step to the next, so a graph of its step would replay stale corrections."""
-    model = build_model("lenet").train()
+    model = build_model("lenet").to(DEVICE).train()
     opt = AdamW(model.parameters(), lr=1e-3, backend="triton")
     step = _stepper(model, opt, "grad", None, None)
     step()
@@ -130,7 +131,7 @@ def test_a_host_read_is_counted():
 
 
 # -- the trainer's step -------------------------------------------------------------------------------
-def _session(optimizer, kind="cpu"):
+def _session(optimizer, kind=DEVICE.type):
     """A subgrad train session on 64 synthetic images (batch 4), single process, on device ``kind``."""
     from subgrad.config import TrainConfig
     from subgrad.data import Dataset
