@@ -6,7 +6,7 @@
 Each configuration runs ``--steps`` optimizer steps on a fixed random global batch (the data path is not
 what is measured), first in one process, then under torchrun with N processes (each takes its shard; for
 zo each runs the clean pass on the whole batch and the perturbed tails of its shard).  Bytes are the
-payload this rank hands to collectives (``subgrad.distributed.Communicator``): the flat gradient for
+payload this rank hands to collectives (``subgrad.training.distributed.Communicator``): the flat gradient for
 first-order, the step's 2q float64 losses for zo-sgd, its shard's per-example float32 loss differences
 (one per site and head) for zo.  Scaling efficiency =
 (steps/s with N processes) / (N x steps/s with 1 process) at the same global batch: 1.0 is perfect

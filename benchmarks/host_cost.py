@@ -42,7 +42,8 @@ from subgrad.capture import SyncCounter, record_step, tensors_in, triton_launche
 from subgrad.config import OPTIMIZERS, TrainConfig
 from subgrad.data import Dataset
 from subgrad.distributed import from_environment
-from subgrad.train import TrainStep, setup
+from subgrad.training.session import setup
+from subgrad.training.step import TrainStep
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BATCH = 2

@@ -102,7 +102,8 @@ def predictor_rows(predictor, pixels, seconds, max_requests):
 
 def trained_model(folder: pathlib.Path, archive: pathlib.Path) -> pathlib.Path:
     from subgrad.export.exporter import export_run
-    from subgrad.train import TrainConfig, train
+    from subgrad.training.config import TrainConfig
+    from subgrad.training.loop import train
 
     train(TrainConfig(model="lenet", optimizer="sgd", data=str(archive), out=str(folder / "run"), device="cpu",
                       steps=30, batch_size=128, quiet=True))

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from subgrad.data import load_cifar10
 from subgrad.models import build_model
-from subgrad.train import OPTIMIZERS, TrainConfig, train, versions
+from subgrad.training.config import OPTIMIZERS, TrainConfig
+from subgrad.training.loop import train
+from subgrad.training.session import versions
 
 
 def torchvision_loop(data_path, epochs, batch, device):
@@ -72,7 +74,8 @@ def device_loop(data_path, model_name: str, device, compiled: bool) -> dict:
     model runs under torch.compile(mode="reduce-overhead") (forward and backward as CUDA graphs; the
     optimizer step stays eager, as torch's tutorials pair them)."""
     from subgrad.data import DeviceLoader
-    from subgrad.train import evaluate, lr_factor
+    from subgrad.training.session import evaluate
+    from subgrad.training.step import lr_factor
 
     cfg = TrainConfig(model=model_name, optimizer="sgd", data=data_path).resolved()
     ds = load_cifar10(data_path)

@@ -27,7 +27,8 @@ import torch
 
 from subgrad.config import ZO_OPTIMIZERS, TrainConfig
 from subgrad.data import load_cifar10
-from subgrad.train import train, versions
+from subgrad.training.loop import train
+from subgrad.training.session import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -120,7 +120,7 @@ def bench(model_path, batch_sizes=BATCH_SIZES, runs: int = RUNS, warmup: int = 2
     import onnxruntime as ort
 
     from subgrad import __version__
-    from subgrad.train import versions
+    from subgrad.training.session import versions
 
     if runs < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("--runs must be >= 1, --warmup >= 0 and batch sizes positive")

@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 import onnx
 
-from subgrad.runs import atomic_write_text
+from subgrad.training.runs import atomic_write_text
 
 from .bench import time_runs
 from .runtime import ModelInfo, Predictor
@@ -66,7 +66,7 @@ class _Calibration:
 def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1.0, calibration_images: int = 1024,
              limit: int | None = None, seed: int = 0) -> dict:
     """Quantize ``model_path``; returns the report, ``written`` says whether ``out`` was written."""
-    from subgrad.data import load_cifar10
+    from subgrad.training.data import load_cifar10
 
     if mode not in ("int8", "fp16"):
         raise ValueError(f"--mode must be int8 or fp16, got {mode!r}")

@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import torch
 
-from subgrad.runs import atomic_write_text
+from subgrad.training.runs import atomic_write_text
 
 from .runtime import Predictor
 
@@ -25,7 +25,7 @@ BATCH_SIZES = (1, 2, 7, 64, 256)
 
 def torch_logits(model, pixels: np.ndarray, mean, std, batch_size: int) -> np.ndarray:
     """Logits of ``model`` for uint8 NHWC pixels, normalised by training's own loader."""
-    from subgrad.data import DeviceLoader
+    from subgrad.training.data import DeviceLoader
 
     loader = DeviceLoader(pixels, np.zeros(len(pixels), np.int64), mean, std, batch_size, "cpu")
     with torch.inference_mode():
@@ -44,7 +44,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) ->
 def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: float = 0.999,
              max_abs_diff: float = 1e-4, limit: int | None = None, providers=None, write: bool = True) -> dict:
     """Compare PyTorch and onnxruntime on the test set; returns the report (``passed``, ``failures``, ...)."""
-    from subgrad.data import load_cifar10
+    from subgrad.training.data import load_cifar10
 
     from .exporter import load_run
 

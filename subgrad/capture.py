@@ -268,7 +268,7 @@ class CudaGraphStep:
     """``step()`` as a CUDA graph: the first ``warmup`` calls run it eagerly on a side stream (so lazy state,
     Triton compilations and cuBLAS/cuDNN workspaces exist before capture), the next call captures it and
     replays the capture, and every later call only replays.  The captured step must be capturable: see
-    the module docstring, and :class:`subgrad.train.TrainStep` for the trainer's."""
+    the module docstring, and :class:`subgrad.training.step.TrainStep` for the trainer's."""
 
     def __init__(self, step: Callable[[], object], warmup: int = 3):
         self.step, self.warmup = step, warmup

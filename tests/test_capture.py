@@ -136,7 +136,7 @@ def _session(optimizer, kind=DEVICE.type):
     from subgrad.config import TrainConfig
     from subgrad.data import Dataset
     from subgrad.distributed import from_environment
-    from subgrad.train import setup
+    from subgrad.training.session import setup
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -152,7 +152,7 @@ def test_trainer_step_is_capturable(name, monkeypatch):
     """subgrad train's step (batch gathered and augmented on the device, forward, backward where
     first-order, optimizer step, loss summed on the device) on the GPU code path: what
     ``--cuda-graph`` captures.  The host's writes between steps (lr, the epoch's order) stay outside."""
-    from subgrad.train import TrainStep
+    from subgrad.training.step import TrainStep
 
     monkeypatch.setenv("SUBGRAD_BACKEND", "triton")
     step = TrainStep(_session(name), 0)
@@ -185,7 +185,7 @@ def test_cuda_graph_steps_equal_eager_steps(name):
     """On a GPU, ``--cuda-graph``'s CudaGraphStep (3 eager warm-ups on a side stream, one capture, replays)
     leaves the weights, the optimizer state and the loss sum bit-identical to 7 eager steps."""
     from subgrad.capture import CudaGraphStep
-    from subgrad.train import TrainStep
+    from subgrad.training.step import TrainStep
 
     eager, graphed = TrainStep(_session(name, "cuda"), 0), TrainStep(_session(name, "cuda"), 0)
     run_graphed = CudaGraphStep(graphed)
@@ -215,7 +215,7 @@ def test_gathered_batches_are_the_indexed_ones():
 
 def test_cuda_graph_on_without_cuda_is_refused_before_any_work(tmp_path):
     from subgrad.config import TrainConfig
-    from subgrad.train import train
+    from subgrad.training.loop import train
     cfg = TrainConfig(model="lenet", optimizer="sgd", data=str(tmp_path / "no-data"), out=str(tmp_path / "r"),
                       device="cpu", cuda_graph="on")
     with pytest.raises(ValueError, match="--cuda-graph on: training on cpu, not CUDA"):

@@ -104,7 +104,7 @@ def test_run_folder_written_before_config_py_still_loads(tmp_path):
 
 def test_make_optimizer_maps_off_and_none():
     from subgrad.models import build_model
-    from subgrad.train import make_optimizer
+    from subgrad.training.session import make_optimizer
 
     model = build_model("lenet")
     opt = make_optimizer(TrainConfig(model="lenet", optimizer="zo-adam").resolved(), model)
@@ -129,7 +129,7 @@ def test_zo_refuses_settings_it_has_no_use_for(settings, flag):
 
 
 def test_zo_defaults_and_validation_split():
-    from subgrad.train import VALIDATION_SEED, validation_split
+    from subgrad.training.session import VALIDATION_SEED, validation_split
 
     cfg = TrainConfig(model="lenet", optimizer="zo").resolved()
     assert (cfg.estimator, cfg.clip, cfg.momentum, cfg.distribution) == (None, None, None, None)
@@ -143,3 +143,12 @@ def test_zo_defaults_and_validation_split():
     assert len(validation_split(images, labels, 0)[2]) == 0
     with pytest.raises(ValueError, match="leaves no training images"):
         validation_split(images, labels, 100)
+
+
+def test_flat_module_names_are_the_training_modules():
+    """subgrad.train, .config, .data, .distributed, .runs and .pipeline stay importable as the very modules
+    of subgrad.training (so a monkeypatch through either name reaches the same code)."""
+    import importlib
+    for old, new in [("train", "loop"), ("config", "config"), ("data", "data"), ("distributed", "distributed"),
+                     ("runs", "runs"), ("pipeline", "pipeline")]:
+        assert importlib.import_module(f"subgrad.{old}") is importlib.import_module(f"subgrad.training.{new}")

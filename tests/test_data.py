@@ -1,4 +1,4 @@
-"""subgrad.data: every accepted layout on small fixtures, the real archive, errors, the device loader."""
+"""subgrad.training.data: every accepted layout on small fixtures, the real archive, errors, the device loader."""
 import io
 import pickle
 import tarfile

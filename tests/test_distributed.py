@@ -28,7 +28,7 @@ import torch
 from conftest import real_archive
 from subgrad.distributed import weights_hash
 from subgrad.models import build_model
-from subgrad.train import load_checkpoint
+from subgrad.training.runs import load_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--model", "lenet", "--device", "cpu", "--batch-size", "64", "--eval-every", "2", "--quiet"]

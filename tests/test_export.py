@@ -32,7 +32,8 @@ def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory):
     """{model: run folder} of short real-data training runs (lenet: 60 SGD steps, resnet20: 10 at lr 0.02,
     gentle enough that its eval-mode logits stay in a trained model's range, |logit| < 100)."""
-    from subgrad.train import TrainConfig, train
+    from subgrad.training.config import TrainConfig
+    from subgrad.training.loop import train
 
     archive = real_archive()
     out = {}

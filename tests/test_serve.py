@@ -41,7 +41,8 @@ MODEL = "lenet"
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     from subgrad.export.exporter import export_run
-    from subgrad.train import TrainConfig, train
+    from subgrad.training.config import TrainConfig
+    from subgrad.training.loop import train
 
     run = tmp_path_factory.mktemp("run-lenet")
     train(TrainConfig(model="lenet", optimizer="sgd", data=str(real_archive()), out=str(run), device="cpu",

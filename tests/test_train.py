@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from conftest import real_archive
-from subgrad import train as T
+from subgrad.models import build_model
+from subgrad.training import step as training_step
+from subgrad.training.config import DEFAULTS, TrainConfig
+from subgrad.training.loop import train
+from subgrad.training.runs import latest_checkpoint, load_checkpoint
 
 
 def _cli(*args):
@@ -44,13 +48,13 @@ def test_first_order_run_beats_chance_and_writes_the_run_folder(tmp_path):
         assert key in summary, key
     assert 0 <= summary["train_accuracy"] <= 1 and summary["versions"]["torch"] == torch.__version__
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "lenet" and config["lr"] == T.DEFAULTS[("lenet", "sgd")]["lr"] and config["mean"]
+    assert config["model"] == "lenet" and config["lr"] == DEFAULTS[("lenet", "sgd")]["lr"] and config["mean"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["step"] == summary["steps"]
     assert {"step", "test_accuracy", "train_loss", "test_loss", "images_per_second"} <= set(metrics[-1])
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(run / "model.pt", weights_only=True)
-    assert set(ckpt["model"]) == set(T.build_model("lenet").state_dict())
+    assert set(ckpt["model"]) == set(build_model("lenet").state_dict())
     assert list((run / "checkpoints").glob("step-*.pt"))
 
 
@@ -82,28 +86,28 @@ def test_activity_perturbation_run_beats_chance(tmp_path):
 
 def _interrupt_at(monkeypatch, step_to_stop):
     """Ctrl-C during step ``step_to_stop - 1``: training finishes that step, checkpoints, stops."""
-    real = T.lr_factor
+    real = training_step.lr_factor
 
     def factor(schedule, step, total):
         if step == step_to_stop - 1:
             os.kill(os.getpid(), signal.SIGINT)
         return real(schedule, step, total)
 
-    monkeypatch.setattr(T, "lr_factor", factor)
+    monkeypatch.setattr(training_step, "lr_factor", factor)  # read by TrainStep.prepare
 
 
 @pytest.mark.parametrize("optimizer, steps, stop", [("sgd", 30, 13), ("zo-sgd", 30, 17), ("zo", 30, 17)])
 def test_interrupted_then_resumed_run_is_bit_identical(optimizer, steps, stop, tmp_path, monkeypatch):
     base = dict(model="lenet", optimizer=optimizer, data=str(real_archive()), steps=steps, eval_every=10,
                 batch_size=64, quiet=True)
-    T.train(T.TrainConfig(out=str(tmp_path / "straight"), **base))
+    train(TrainConfig(out=str(tmp_path / "straight"), **base))
 
     with monkeypatch.context() as m:
         _interrupt_at(m, stop)
         with pytest.raises(KeyboardInterrupt):
-            T.train(T.TrainConfig(out=str(tmp_path / "resumed"), **base))
+            train(TrainConfig(out=str(tmp_path / "resumed"), **base))
     assert (tmp_path / "resumed" / "checkpoints" / f"step-{stop:07d}.pt").exists()
-    T.train(T.TrainConfig(out=str(tmp_path / "resumed"), **base), resume=True)
+    train(TrainConfig(out=str(tmp_path / "resumed"), **base), resume=True)
     assert _weights_hash(tmp_path / "straight" / "model.pt") == _weights_hash(tmp_path / "resumed" / "model.pt")
     metrics = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [10, 20, 30]
@@ -122,7 +126,7 @@ def test_ctrl_c_writes_a_checkpoint_and_cli_resume_finishes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "checkpoint written" in err and "--resume" in err
-    step = int(T.latest_checkpoint(run).stem.split("-")[1])
+    step = int(latest_checkpoint(run).stem.split("-")[1])
     assert 50 <= step < 4000
     _run(["--resume", run, "--steps", step + 20, "--quiet"], tmp_path)
     assert json.loads((run / "summary.json").read_text())["steps"] == step + 20
@@ -130,17 +134,17 @@ def test_ctrl_c_writes_a_checkpoint_and_cli_resume_finishes(tmp_path):
 
 def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
     run = tmp_path / "run"
-    T.train(T.TrainConfig(model="lenet", optimizer="sgd", data=str(real_archive()), out=str(run), steps=5,
+    train(TrainConfig(model="lenet", optimizer="sgd", data=str(real_archive()), out=str(run), steps=5,
                           batch_size=32, quiet=True))
-    ckpt = T.latest_checkpoint(run)
+    ckpt = latest_checkpoint(run)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="unreadable .*truncated"):
-        T.train(T.TrainConfig(model="lenet", optimizer="sgd", data=str(real_archive()), out=str(run), steps=10,
+        train(TrainConfig(model="lenet", optimizer="sgd", data=str(real_archive()), out=str(run), steps=10,
                               batch_size=32, quiet=True), resume=True)
     torch.save({"weights": torch.zeros(1)}, ckpt)
     with pytest.raises(ValueError, match="not a subgrad checkpoint"):
-        T.load_checkpoint(ckpt)
+        load_checkpoint(ckpt)
     out = subprocess.run(_cli("--resume", run, "--steps", 10), capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a subgrad checkpoint" in out.stderr
 
@@ -159,7 +163,8 @@ def test_per_pair_defaults_and_explicit_flags():
     """`None` takes the model/optimizer default (zo-adam on lenet: Rademacher directions, forward
     differences); an explicit value always wins; other pairs fall back to central differences, and to the
     optimizers' own distribution rule (gaussian for q = 1, rademacher for q > 1)."""
-    from subgrad.train import TrainConfig, make_optimizer
+    from subgrad.training.config import TrainConfig
+    from subgrad.training.session import make_optimizer
     cfg = TrainConfig(model="lenet", optimizer="zo-adam").resolved()
     assert (cfg.distribution, cfg.estimator, cfg.q) == ("rademacher", "forward", 4)
     explicit = TrainConfig(model="lenet", optimizer="zo-adam", distribution="gaussian").resolved()

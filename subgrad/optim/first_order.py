@@ -16,7 +16,6 @@ real view (``torch.view_as_real``), as torch.optim does; its state tensors are c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 

@@ -1,7 +1,6 @@
 """HiZOO: zeroth-order SGD preconditioned by a diagonal curvature estimate, updated in the step's kernel."""
 from __future__ import annotations
 
-import torch
 
 from ._layout import Segment
 from .replicas import Replicas

@@ -7,7 +7,7 @@ Every rank holds the same weights and its shard of each batch; the optimizers ex
 * ActivityZO: per block, every rank's per-example loss differences (``all_gather_examples``) of the
   perturbed passes it ran for its contiguous share (``rank``, ``world_size``) of the batch.
 
-:class:`subgrad.distributed.Communicator` is one (torch.distributed, byte-counted); ``None`` is one process.
+:class:`subgrad.training.distributed.Communicator` is one (torch.distributed, byte-counted); ``None`` is one process.
 """
 from __future__ import annotations
 
