@@ -239,17 +239,17 @@ def distinct_variants(launches: list) -> list[dict]:
 # Reference kernels (calibration anchors)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def ref_copy_kernel(x_ptr, y_ptr, n, BLOCK_SIZE: tl.constexpr):
+def ref_copy_kernel(x_ptr, y_ptr, n, TILE_SIZE: tl.constexpr):
     """y = x + 1: one read, one write, no arithmetic to speak of."""
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = pos < n
     tl.store(y_ptr + pos, tl.load(x_ptr + pos, mask=mask) + 1.0, mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def ref_randn_perturb_kernel(x_ptr, n, seed, scale, BLOCK_SIZE: tl.constexpr):
+def ref_randn_perturb_kernel(x_ptr, n, seed, scale, TILE_SIZE: tl.constexpr):
     """x += scale * tl.randn(seed, i): the stock Triton way (one Philox call per element)."""
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = pos < n
     x = tl.load(x_ptr + pos, mask=mask)
     tl.store(x_ptr + pos, x + scale * tl.randn(seed, pos.to(tl.int32)), mask=mask)
@@ -261,7 +261,7 @@ def reference_variants() -> list[dict]:
     out = []
     for fn, args, name in ((ref_copy_kernel, (x, x, n), "ref:copy"),
                            (ref_randn_perturb_kernel, (x, n, 12345, 1e-3), "ref:tl.randn perturb")):
-        sig, constexprs, attrs, tensors = signature_of(fn, args, dict(BLOCK_SIZE=1024))
+        sig, constexprs, attrs, tensors = signature_of(fn, args, dict(TILE_SIZE=1024))
         out.append(dict(ident=dict(kernel=name, dtype="float32", distribution="gaussian" if "randn" in name
                                    else None, directions=1 if "randn" in name else None, options=[]),
                         fn=fn, sig=sig, constexprs=constexprs, attrs=attrs, n=n, tensors=tensors,
@@ -420,7 +420,7 @@ def cost(variant: dict, arch: int, directions: int | None, binary) -> dict:
     trips = LOOP_TRIPS.get(variant["ident"]["kernel"], lambda q: 1)(directions or 1)
     path = fast_path(instructions, trips)
     warps = variant["options"].get("num_warps", 4)
-    per_thread = variant["constexprs"]["BLOCK_SIZE"] / (32 * warps)  # elements one thread handles
+    per_thread = variant["constexprs"]["TILE_SIZE"] / (32 * warps)  # elements one thread handles
     counts = {k: v / per_thread for k, v in pipe_counts(path).items()}
     total = sum(counts.values())
     lanes = PIPES[arch]
@@ -558,13 +558,13 @@ def measure_on_gpu(rows: list[dict], elements: int, device: str = "cuda") -> int
               f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<40}"
               f"{r['bytes_per_element']:>5}{t * 1e6:>9.1f}{predicted:>10.2f}{fraction:>9.2f}", flush=True)
 
-    block = 1024
-    grid = (triton.cdiv(elements, block),)
+    tile = 1024
+    grid = (triton.cdiv(elements, tile),)
     record(row_key(dict(kernel="ref:copy", dtype="float32", distribution=None, directions=None, options=[])),
-           seconds(lambda: ref_copy_kernel[grid](src, dst, elements, BLOCK_SIZE=block)), elements)
+           seconds(lambda: ref_copy_kernel[grid](src, dst, elements, TILE_SIZE=tile)), elements)
     record(row_key(dict(kernel="ref:tl.randn perturb", dtype="float32", distribution="gaussian", directions=1,
                         options=[])),
-           seconds(lambda: ref_randn_perturb_kernel[grid](dst, elements, 12345, 1e-3, BLOCK_SIZE=block)), elements)
+           seconds(lambda: ref_randn_perturb_kernel[grid](dst, elements, 12345, 1e-3, TILE_SIZE=tile)), elements)
     src = dst = None  # free them before the optimizers allocate
     for _label, calls in optimizer_launches(hidden=max(1, elements // 17), device=device):
         largest = {}  # row key -> its largest launch in this configuration

@@ -1,4 +1,4 @@
-"""Launch-shape sweep on a GPU: each kernel variant at several (BLOCK_SIZE, num_warps), measured in one run.
+"""Launch-shape sweep on a GPU: each kernel variant at several (TILE_SIZE, num_warps), measured in one run.
 
     python benchmarks/launch_sweep.py                         # the default variant list, 2**26 elements
     python benchmarks/launch_sweep.py --only sgd_step_ --shapes 1024x4 2048x4 --json PATH
@@ -8,7 +8,7 @@ The optimizers run on a model of ``--elements`` parameters with their launches r
 ``triton.testing.do_bench`` (median), the grid recomputed for the block size.  Prints microseconds and
 the fraction of the bandwidth of a ``torch`` float32 copy of the same number of elements (bytes per
 element from the compiled kernel's TTIR), so the library's launch shape (``kernels/_common.py``:
-BLOCK_SIZE, NUM_WARPS) can be chosen from measurements.  Needs CUDA.
+TILE_SIZE, NUM_WARPS) can be chosen from measurements.  Needs CUDA.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ DEFAULT_VARIANTS = [
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["1024x4", "2048x4", "2048x8", "4096x8"],
-                        help="BLOCK_SIZExnum_warps launch shapes (the first is the baseline)")
+                        help="TILE_SIZExnum_warps launch shapes (the first is the baseline)")
     parser.add_argument("--only", nargs="+", help="kernels to sweep (default: DEFAULT_VARIANTS)")
     parser.add_argument("--elements", type=int, default=2**26, help="parameters of the model (default 2**26)")
     parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     src = dst = None
     name = torch.cuda.get_device_name()
     print(f"{name}: copy {copy_bytes_per_s / 1e12:.2f} TB/s at {args.elements} float32; us per launch "
-          f"(fraction of copy bandwidth) at each BLOCK_SIZExnum_warps", flush=True)
+          f"(fraction of copy bandwidth) at each TILE_SIZExnum_warps", flush=True)
     print(f"{'kernel':<13}{'dtype':<9}{'dist':<11}{'q':>2} {'options':<12}{'B/el':>5}"
           + "".join(f"{s:>16}" for s in args.shapes), flush=True)
     rows, done = [], set()
@@ -79,13 +79,13 @@ def main(argv=None) -> int:
             n, lead = values["n"], values.get("lead", 0)
             row = dict(ident, n=n, shapes={})
             nbytes = None
-            for block, warps in shapes:
-                launch = dict(kwargs, BLOCK_SIZE=block, num_warps=warps)
-                grid = (max(1, math.ceil((n + lead) / block)),)
+            for tile, warps in shapes:
+                launch = dict(kwargs, TILE_SIZE=tile, num_warps=warps)
+                grid = (max(1, math.ceil((n + lead) / tile)),)
                 compiled = fn[grid](*call_args, **launch)  # compiles this shape once, outside the timing
                 nbytes = nbytes or streamed_bytes(compiled.asm["ttir"], tensors, n)
                 t = seconds(lambda: fn[grid](*call_args, **launch))  # noqa: B023 (called at once)
-                row["shapes"][f"{block}x{warps}"] = dict(seconds=t, fraction_of_copy=nbytes * n / t / copy_bytes_per_s)
+                row["shapes"][f"{tile}x{warps}"] = dict(seconds=t, fraction_of_copy=nbytes * n / t / copy_bytes_per_s)
             row["bytes_per_element"] = nbytes
             rows.append(row)
             print(f"{key[0]:<13}{key[1]:<9}{str(key[2] or '-'):<11}{str(key[3] or '-'):>2} "

@@ -38,7 +38,7 @@ BACKENDS = ("triton", "torch")
 #: Elements handled by one Triton program.  No autotuning: the kernels update buffers in place and
 #: an autotuner would run them several times on the same data; a 1024-wide block with 4 warps is
 #: within a few percent of the best configuration for bandwidth-bound elementwise kernels.
-BLOCK_SIZE = 1024
+TILE_SIZE = 1024
 NUM_WARPS = 4
 
 #: Elements of one direction are addressed with 32-bit indices (Philox counters are element // 8 or
@@ -86,6 +86,19 @@ def device_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(f"a tensor {name} must be one floating-point value on {like.device}, got "
                          f"{value.dtype} {tuple(value.shape)} on {value.device}")
     return value.reshape(1).to(torch.float32)
+
+
+def require(name: str, ok: bool, expected: str, value) -> None:
+    """The one check style of subgrad's public boundaries: ``name must be <expected>, got <value>``."""
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_nonnegative(**values) -> None:
+    """Each of ``values`` (a hyperparameter that travels as a number) is finite and >= 0."""
+    for name, value in values.items():
+        require(name, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                "a finite number >= 0", value)
 
 
 def check_gate(gate: torch.Tensor | None, like: torch.Tensor) -> None:
@@ -158,7 +171,7 @@ def chunks(n: int, size: int = TWIN_CHUNK):
 
 
 def grid(n: int) -> tuple[int]:
-    return (max(1, math.ceil(n / BLOCK_SIZE)),)
+    return (max(1, math.ceil(n / TILE_SIZE)),)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

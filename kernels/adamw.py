@@ -32,15 +32,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_gate, check_same_layout,
+from ._common import (TILE_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_gate, check_nonnegative,
+                      check_same_layout,
                       chunks, device_scalar, f32, float64_twin, gate_open, host_scalar, resolve_backend, round_to,
-                      sign, sqrt_rn_torch)
+                      require, sign, sqrt_rn_torch)
 
 
 #: ``beta ** step`` by squaring covers steps below 2**STEP_BITS (a float32 step count stops at 2**24).
 STEP_BITS = 24
 #: elements per program of the device-scalars variant
-DEVICE_SCALARS_BLOCK = 4 * BLOCK_SIZE
+DEVICE_SCALARS_TILE = 4 * TILE_SIZE
 STEP_BITS_TL: tl.constexpr = tl.constexpr(STEP_BITS)
 
 
@@ -73,7 +74,7 @@ def split_f64(value: float) -> tuple[float, float]:
 
 
 def device_scalars(lr: float, step: int, weight_decay: float, beta1: float, beta2: float) -> dict:
-    """The twin of the kernel's DEVICE_SCALARS block: the same float64 operations on the same inputs."""
+    """The twin of the kernel's DEVICE_SCALARS branch: the same float64 operations on the same inputs."""
     bias_correction1 = 1.0 - power_torch(sum(split_f64(beta1)), step)
     bias_correction2 = 1.0 - power_torch(sum(split_f64(beta2)), step)
     return dict(step_size=f32(lr / bias_correction1), bias_correction2_sqrt=f32(math.sqrt(bias_correction2)),
@@ -112,9 +113,9 @@ def adamw_kernel(
     LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr
     STEP_IN_MEMORY: tl.constexpr,  # read the step from step_ptr
     HAS_GATE: tl.constexpr,  # read the apply flag from gate_ptr
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    TILE_SIZE: tl.constexpr,  # elements per program
 ):
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = pos < n
     if HAS_GATE:
         mask = mask & (tl.load(gate_ptr) != 0)  # a closed gate: no element is stored
@@ -186,18 +187,12 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
         param[a:b] = (w - (m.to(compute) / denom) * step_size).to(param.dtype)
 
 
-def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                max_exp_avg_sq: torch.Tensor | None = None, *, step: int | torch.Tensor, lr: float | torch.Tensor,
-                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
-                amsgrad: bool = False, maximize: bool = False, l1: float = 0.0, gate: torch.Tensor | None = None,
-                backend: str | None = None) -> torch.Tensor:
-    """One fused AdamW step on a contiguous buffer; ``step`` counts from 1 and includes this step.
-
-    ``step`` and ``lr`` are numbers (host scalars) or 1-element tensors on the device that the kernel reads
-    (device scalars; see the module docstring).  ``gate``: an optional bool on the device; False skips the
-    step on the device.  Hyperparameters are validated by the optimizer (``subgrad.optim``), not here.
-    Returns ``param``.
-    """
+def check_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
+                     amsgrad, l1, gate) -> None:
+    """:func:`adamw_step_`'s argument rules, each with a one-line error."""
+    check_nonnegative(lr=0.0 if isinstance(lr, torch.Tensor) else lr, eps=eps, weight_decay=weight_decay, l1=l1)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        require(name, isinstance(beta, (int, float)) and 0.0 <= beta < 1.0, "a number in [0, 1)", beta)
     check_contiguous("param", param)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_same_layout(name, t, param, "param")
@@ -207,9 +202,34 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         check_same_layout("max_exp_avg_sq", max_exp_avg_sq, param, "param")
         if max_exp_avg_sq.dtype != exp_avg_sq.dtype:
             raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
-    if not isinstance(step, torch.Tensor) and step < 1:
+    if isinstance(step, torch.Tensor):  # a float32 count (torch.optim's capturable step) or an int64 counter
+        if step.numel() != 1 or step.dtype not in (torch.float32, torch.int64) or step.device != param.device:
+            raise ValueError(f"a tensor step must be one float32 or int64 value on {param.device}, got "
+                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
+    elif step < 1:
         raise ValueError(f"step counts from 1 (this step included), got {step}")
     check_gate(gate, param)
+    device_scalar("lr", lr, param)
+    if param.dtype != torch.float64:
+        check_float_dtype("param", param)
+
+
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                max_exp_avg_sq: torch.Tensor | None = None, *, step: int | torch.Tensor, lr: float | torch.Tensor,
+                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
+                amsgrad: bool = False, maximize: bool = False, l1: float = 0.0, gate: torch.Tensor | None = None,
+                backend: str | None = None, validate_args: bool = True) -> torch.Tensor:
+    """One fused AdamW step on a contiguous buffer; ``step`` counts from 1 and includes this step.
+
+    ``step`` and ``lr`` are numbers (host scalars) or 1-element tensors on the device that the kernel reads
+    (device scalars; see the module docstring).  ``gate``: an optional bool on the device; False skips the
+    step on the device.  ``validate_args``: check every argument first (one-line errors); the optimizers
+    pass False (they validated their settings at construction).
+    Returns ``param``.
+    """
+    if validate_args:
+        check_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
+                         weight_decay, amsgrad, l1, gate)
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
     if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
         if not gate_open(gate):
@@ -221,14 +241,8 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                     float(beta2), 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), float(eps),
                     float(l1), maximize, amsgrad, compute=torch.float64)
         return param
-    check_float_dtype("param", param)
     lr_tensor = device_scalar("lr", lr, param)
-    step_tensor = None
-    if isinstance(step, torch.Tensor):  # a float32 count (torch.optim's capturable step) or an int64 counter
-        if step.numel() != 1 or step.dtype not in (torch.float32, torch.int64) or step.device != param.device:
-            raise ValueError(f"a tensor step must be one float32 or int64 value on {param.device}, got "
-                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
-        step_tensor = step.reshape(1)
+    step_tensor = step.reshape(1) if isinstance(step, torch.Tensor) else None
     constants = dict(one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
                      eps=f32(eps), l1=f32(l1))
     triton_backend = resolve_backend(backend, param, grad) == "triton"
@@ -246,8 +260,8 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         if n:
             # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x
             # the elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound)
-            block = DEVICE_SCALARS_BLOCK if on_device else BLOCK_SIZE
-            adamw_kernel[(triton.cdiv(n, block),)](param, grad, exp_avg, exp_avg_sq,
+            tile = DEVICE_SCALARS_TILE if on_device else TILE_SIZE
+            adamw_kernel[(triton.cdiv(n, tile),)](param, grad, exp_avg, exp_avg_sq,
                                   max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
                                   lr_tensor if lr_tensor is not None else param,
                                   step_tensor if step_tensor is not None else param,
@@ -258,7 +272,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                                   **per_step, **constants,
                                   MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, DEVICE_SCALARS=on_device,
                                   LR_IN_MEMORY=lr_tensor is not None, STEP_IN_MEMORY=step_tensor is not None,
-                                  HAS_GATE=gate is not None, BLOCK_SIZE=block,
+                                  HAS_GATE=gate is not None, TILE_SIZE=tile,
                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, resolve_backend, round_to)
+                      check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, require, resolve_backend, round_to)
 from .philox import (direction_tile, is_rademacher, iter_direction_chunks, kernel_seed, seed_args, seed_value,
                      tile_launch, tile_positions, twin_chunk)
 
@@ -35,17 +35,17 @@ def perturb_kernel(
     SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
     GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
+    TILE_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """x[i] = cast((source[i] if HAS_SOURCE else x[i]) + scale * z_seed[offset + i]), in fp32."""
-    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # this program's tile of indices
+    pos, group = tile_positions(first_group, lead, GROUP, TILE_SIZE, WIDE)  # this program's tile of indices
     mask = (pos >= 0) & (pos < n)
     if HAS_SOURCE:
         w = tl.load(source_ptr + pos, mask=mask)
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, BLOCK_SIZE,
+    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, TILE_SIZE,
                        RADEMACHER)
     if HAS_PRECOND:
         z = z * inv_sqrt_rn(tl.load(precond_ptr + pos, mask=mask, other=1.0))
@@ -70,7 +70,7 @@ def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rad
 
 def perturb_(x: torch.Tensor, seed: int | torch.Tensor, scale: float, backend: str | None = None, *, offset: int = 0,
              distribution: str = "gaussian", source: torch.Tensor | None = None,
-             precond: torch.Tensor | None = None, seed_index: int = 0) -> torch.Tensor:
+             precond: torch.Tensor | None = None, seed_index: int = 0, validate_args: bool = True) -> torch.Tensor:
     """In place ``x += scale * z(seed + seed_index)``, ``z`` indexed by element position in ``x`` (plus ``offset``).
 
     Args:
@@ -85,21 +85,22 @@ def perturb_(x: torch.Tensor, seed: int | torch.Tensor, scale: float, backend: s
         source: optional float32 master copy; then ``x = cast(source + scale * z)`` and ``source`` is
             left untouched.
         precond: optional positive float32 curvature ``h`` like ``x``; the direction becomes ``z / sqrt(h)``.
+        validate_args: check every argument first (one-line errors); the optimizers pass False (they
+            validated their settings once, at construction, and build these arguments themselves).
     Returns ``x``.
     """
-    check_float_dtype("x", x)
-    check_contiguous("x", x)
+    if validate_args:
+        check_float_dtype("x", x)
+        check_contiguous("x", x)
+        check_direction_range(offset, x.numel())
+        if source is not None:
+            check_same_layout("source", source, x)
+            require("source (the master copy)", source.dtype == torch.float32, "float32", source.dtype)
+        if precond is not None:
+            check_same_layout("precond", precond, x)
+            require("precond", precond.dtype == torch.float32, "float32", precond.dtype)
     rademacher = is_rademacher(distribution)
     s = seed_args(seed, seed_index, 1, x)
-    check_direction_range(offset, x.numel())
-    if source is not None:
-        check_same_layout("source", source, x)
-        if source.dtype != torch.float32:
-            raise ValueError(f"source (the master copy) must be float32, got {source.dtype}")
-    if precond is not None:
-        check_same_layout("precond", precond, x)
-        if precond.dtype != torch.float32:
-            raise ValueError(f"precond must be float32, got {precond.dtype}")
     scale = f32(scale)
     tensors = tuple(t for t in (x, source, precond) if t is not None)
     if resolve_backend(backend, *tensors) == "triton":
@@ -110,7 +111,7 @@ def perturb_(x: torch.Tensor, seed: int | torch.Tensor, scale: float, backend: s
                                    s.tensor if s.tensor is not None else x, n, s.lo, s.hi, s.index, t.first_group,
                                    t.lead, scale, HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
                                    SEED_IN_MEMORY=s.tensor is not None,
-                                   RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size,
+                                   RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, TILE_SIZE=t.tile_size,
                                    num_warps=t.num_warps, enable_fp_fusion=False)
     else:
         perturb_torch(x, seed_value(seed, seed_index), scale, offset, rademacher, source, precond)

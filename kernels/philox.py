@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, TWIN_CHUNK, check_direction_range, chunks, f32, grid, resolve_backend,
+from ._common import (TILE_SIZE, NUM_WARPS, TWIN_CHUNK, check_direction_range, chunks, f32, grid, resolve_backend,
                       split_seed, sqrt_rn_torch)
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ SIN_C0, SIN_C1, SIN_C2, SIN_C3 = (tl.constexpr(c) for c in SIN_C)
 DISTRIBUTIONS = ("gaussian", "rademacher")
 NORMAL_CALLS = 128  # Philox calls per normal group, 8 normals each (four Box-Muller pairs)
 NORMAL_GROUP = 8 * NORMAL_CALLS  # elements per normal group: a [256, 4] tile, one kernel program
-assert NORMAL_GROUP == BLOCK_SIZE
+assert NORMAL_GROUP == TILE_SIZE
 NORMAL_CALLS_TL: tl.constexpr = tl.constexpr(NORMAL_CALLS)
 NORMAL_GROUP_TL: tl.constexpr = tl.constexpr(NORMAL_GROUP)
 RADEMACHER_CALLS = 32  # Philox calls per Rademacher group: one per 4-wide column strip of the tile
@@ -119,7 +119,7 @@ class TileLaunch(NamedTuple):
     first_group: int  # offset // GROUP: the group holding element ``offset``
     lead: int  # offset % GROUP: elements of the first group before the buffer starts (masked off)
     group: int  # GROUP: elements per group
-    block_size: int  # BLOCK_SIZE: elements per program (one group)
+    tile_size: int  # TILE_SIZE: elements per program (one group)
     num_warps: int
     wide: bool  # element indices need 64 bits
 
@@ -172,11 +172,11 @@ def tile_launch(offset: int, n: int, rademacher: bool) -> TileLaunch:
     the registers per thread: 132 instead of 72 for zo_update_).
     """
     group = group_size(rademacher)
-    block = group
+    tile = group
     first_group, lead = divmod(offset, group)
-    programs = max(1, math.ceil((n + lead) / block))
-    return TileLaunch((programs,), first_group, lead, group, block, 8 if rademacher else NUM_WARPS,
-                      programs * block >= 2**31)
+    programs = max(1, math.ceil((n + lead) / tile))
+    return TileLaunch((programs,), first_group, lead, group, tile, 8 if rademacher else NUM_WARPS,
+                      programs * tile >= 2**31)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,8 +231,8 @@ def normal_pair(w):
 
 
 @triton.jit
-def direction_tile(seed, first_group, BLOCK_SIZE: tl.constexpr, RADEMACHER: tl.constexpr):
-    """This program's ``BLOCK_SIZE`` elements of direction ``seed`` from group ``first_group`` on, as a
+def direction_tile(seed, first_group, TILE_SIZE: tl.constexpr, RADEMACHER: tl.constexpr):
+    """This program's ``TILE_SIZE`` elements of direction ``seed`` from group ``first_group`` on, as a
     float32 tile shaped like :func:`tile_positions`'s (see the module docstring for the map):
 
     * normal: ``[256, 4]``, one group: rows g and 128 + g = call ``128 first_group + g`` (eight normals);
@@ -252,7 +252,7 @@ def direction_tile(seed, first_group, BLOCK_SIZE: tl.constexpr, RADEMACHER: tl.c
         # One group: 128 calls, a [256, 4] tile whose row h * 128 + g holds words 2h, 2h + 1 of call g.  With
         # 4 warps a thread owns rows t and t + 128 (the layout Triton gives 4-wide float32 loads), so each
         # thread draws one call for its 8 elements and no value moves between threads.
-        tl.static_assert(BLOCK_SIZE == NORMAL_GROUP_TL)
+        tl.static_assert(TILE_SIZE == NORMAL_GROUP_TL)
         CALLS: tl.constexpr = NORMAL_CALLS_TL
         w0, w1, w2, w3 = tl.randint4x(seed, (first_group * CALLS + tl.arange(0, CALLS)).to(tl.uint32))
         a0, b0 = normal_pair(w0)
@@ -269,19 +269,19 @@ def direction_tile(seed, first_group, BLOCK_SIZE: tl.constexpr, RADEMACHER: tl.c
 
 
 @triton.jit
-def tile_positions(first_group, lead, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
+def tile_positions(first_group, lead, GROUP: tl.constexpr, TILE_SIZE: tl.constexpr, WIDE: tl.constexpr):
     """For this program: the buffer index of each element of its tile (``[256, 4]`` for normal
-    directions, GROUP = BLOCK_SIZE = 1024; ``[32, 128]`` for Rademacher ones, GROUP = BLOCK_SIZE = 4096), and the
+    directions, GROUP = TILE_SIZE = 1024; ``[32, 128]`` for Rademacher ones, GROUP = TILE_SIZE = 4096), and the
     tile's first group (see ``tile_launch``).  Indices < 0 are the lead, masked off.  Indices are int64
     only when a buffer needs them (WIDE): int32 index math is half the instructions."""
     COLS: tl.constexpr = 4 if GROUP == NORMAL_GROUP_TL else 128  # rows of a normal / Rademacher tile
-    ROWS: tl.constexpr = BLOCK_SIZE // COLS
+    ROWS: tl.constexpr = TILE_SIZE // COLS
     if WIDE:
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     else:
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pos = row[:, None] * COLS + tl.arange(0, COLS)[None, :] - lead
-    return pos, first_group + tl.program_id(0) * (BLOCK_SIZE // GROUP)
+    return pos, first_group + tl.program_id(0) * (TILE_SIZE // GROUP)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "seed_index", "first_group"])
@@ -297,12 +297,12 @@ def philox_direction_kernel(
     SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
     RADEMACHER: tl.constexpr,  # False: N(0, 1); True: ±1
     GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
+    TILE_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
 ):
     """out[i] = z_seed[offset + i]."""
-    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)
-    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, BLOCK_SIZE,
+    pos, group = tile_positions(first_group, lead, GROUP, TILE_SIZE, WIDE)
+    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, TILE_SIZE,
                        RADEMACHER)
     tl.store(out_ptr + pos, z, mask=(pos >= 0) & (pos < n))
 
@@ -317,10 +317,10 @@ def philox_bits_kernel(
     seed_index,  # added to the seed (kernel_seed)
     offset,  # first counter
     SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
-    BLOCK_SIZE: tl.constexpr,  # counters per program
+    TILE_SIZE: tl.constexpr,  # counters per program
 ):
     """The raw Philox4x32-10 words: random bits for tests, and for the trainer's augmentation draws."""
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = pos < n
     seed = kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY)
     b0, b1, b2, b3 = tl.randint4x(seed, (pos + offset).to(tl.uint32))
@@ -554,7 +554,7 @@ def _direction(seed, n: int, offset: int, device, backend: str | None, rademache
             t = tile_launch(offset, n, rademacher)
             philox_direction_kernel[t.grid](out, s.tensor if s.tensor is not None else out, n, s.lo, s.hi, s.index,
                                             t.first_group, t.lead, SEED_IN_MEMORY=s.tensor is not None,
-                                            RADEMACHER=rademacher, GROUP=t.group, BLOCK_SIZE=t.block_size,
+                                            RADEMACHER=rademacher, GROUP=t.group, TILE_SIZE=t.tile_size,
                                             WIDE=t.wide, num_warps=t.num_warps, enable_fp_fusion=False)
     else:
         size = RADEMACHER_DIRECTION_CHUNK if rademacher else NORMAL_DIRECTION_CHUNK
@@ -594,7 +594,7 @@ def philox_bits(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, 
     if resolve_backend(backend, out) == "triton":
         if n:
             philox_bits_kernel[grid(n)](out, s.tensor if s.tensor is not None else out, n, s.lo, s.hi, s.index,
-                                        offset, SEED_IN_MEMORY=s.tensor is not None, BLOCK_SIZE=BLOCK_SIZE,
+                                        offset, SEED_IN_MEMORY=s.tensor is not None, TILE_SIZE=TILE_SIZE,
                                         num_warps=NUM_WARPS)
     else:
         counters = torch.arange(offset, offset + n, dtype=torch.int64, device=out.device)

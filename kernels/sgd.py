@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_same_layout, chunks,
+from ._common import (TILE_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_nonnegative,
+                      check_same_layout, chunks,
                       device_scalar, f32, float64_twin, grid, host_scalar, resolve_backend, round_to, sign)
 
 
@@ -40,11 +41,11 @@ def sgd_kernel(
     FIRST_STEP: tl.constexpr,  # momentum buffer is initialised to g (torch.optim semantics)
     NESTEROV: tl.constexpr,  # Nesterov momentum
     LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr (a tensor lr: no host read, replayable launches)
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    TILE_SIZE: tl.constexpr,  # elements per program
 ):
     if LR_IN_MEMORY:
         lr = tl.load(lr_ptr)
-    pos = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = pos < n
     w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + pos, mask=mask).to(tl.float32)
@@ -99,30 +100,34 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
               lr: float | torch.Tensor,
               weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
               maximize: bool = False, first_step: bool = False, l1: float = 0.0,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, validate_args: bool = True) -> torch.Tensor:
     """One fused SGD step on a contiguous buffer (usually a whole :class:`subgrad.FlatParams` group).
 
     ``l1`` adds the subgradient ``l1 * sign(w)`` (an extension; torch.optim has none).
     ``first_step`` says the momentum buffer is new (``torch.optim`` sets it to the gradient instead of
     decaying it).  ``lr`` may be a 1-element tensor on the device, which the kernel reads (no host read;
-    a replayed launch uses its current value).  Hyperparameters are validated by the optimizer
-    (``subgrad.optim``), not here.
+    a replayed launch uses its current value).  ``validate_args``: check every argument first (one-line
+    errors); :class:`subgrad.optim.SGD` passes False (it validated its settings at construction).
     Returns ``param``.
     """
-    if nesterov and (momentum == 0.0 or dampening != 0.0):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
-    check_contiguous("param", param)
-    check_same_layout("grad", grad, param, "param")
-    if momentum != 0.0:
-        if momentum_buffer is None:
-            raise ValueError("momentum != 0 needs a momentum_buffer like param")
-        check_same_layout("momentum_buffer", momentum_buffer, param, "param")
+    if validate_args:
+        check_nonnegative(lr=0.0 if isinstance(lr, torch.Tensor) else lr, weight_decay=weight_decay,
+                          momentum=momentum, dampening=dampening, l1=l1)
+        if nesterov and (momentum == 0.0 or dampening != 0.0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+        check_contiguous("param", param)
+        check_same_layout("grad", grad, param, "param")
+        if momentum != 0.0:
+            if momentum_buffer is None:
+                raise ValueError("momentum != 0 needs a momentum_buffer like param")
+            check_same_layout("momentum_buffer", momentum_buffer, param, "param")
     if float64_twin(backend, param, grad, momentum_buffer if momentum != 0.0 else None):
         lr = float(lr.reshape(())) if isinstance(lr, torch.Tensor) else float(lr)
         sgd_torch(param, grad, momentum_buffer, lr, float(weight_decay), float(l1), float(momentum),
                   1.0 - dampening, maximize, first_step, nesterov, compute=torch.float64)
         return param
-    check_float_dtype("param", param)
+    if validate_args:
+        check_float_dtype("param", param)
     lr_tensor = device_scalar("lr", lr, param)
     weight_decay, l1, momentum = f32(weight_decay), f32(l1), f32(momentum)
     one_minus_dampening = f32(1.0 - dampening)
@@ -136,7 +141,7 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
                                 MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
                                 HAS_MOMENTUM=momentum != 0.0, FIRST_STEP=first_step, NESTEROV=nesterov,
                                 LR_IN_MEMORY=lr_tensor is not None,
-                                BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                TILE_SIZE=TILE_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     else:
         sgd_torch(param, grad, momentum_buffer, host_scalar(lr), weight_decay, l1, momentum, one_minus_dampening,
                   maximize, first_step, nesterov)

@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_gate, check_same_layout,
+from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_gate, check_nonnegative,
+                      check_same_layout,
                       chunks, device_scalar, f32, gate_open, host_scalar, inv_sqrt_rn, inv_sqrt_rn_torch,
                       resolve_backend, round_to, sign)
 from .philox import (direction_tile, direction_torch, is_rademacher, kernel_seed, seed_args, seed_value, tile_launch,
@@ -105,14 +106,14 @@ def zo_update_kernel(
     HAS_HESSIAN: tl.constexpr,  # precondition by 1 / sqrt(h) and update h
     RADEMACHER: tl.constexpr,  # direction distribution: False N(0, 1), True ±1
     GROUP: tl.constexpr,  # elements per group: 1024 (normal: 128 Philox calls) or 4096 (Rademacher: 32 calls)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (= GROUP)
+    TILE_SIZE: tl.constexpr,  # elements per program (= GROUP)
     WIDE: tl.constexpr,  # int64 element indices (buffers of 2**31 elements or more)
     FOLD: tl.constexpr,  # one block, no master, momentum, decay, L1 or curvature: w = x + (rs - lr c) z
     SEED_IN_MEMORY: tl.constexpr,  # read the seed from seed_ptr (replayable launches)
     LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr
     HAS_GATE: tl.constexpr,  # read the apply flag from gate_ptr
 ):
-    pos, group = tile_positions(first_group, lead, GROUP, BLOCK_SIZE, WIDE)  # this program's tile of indices
+    pos, group = tile_positions(first_group, lead, GROUP, TILE_SIZE, WIDE)  # this program's tile of indices
     mask = (pos >= 0) & (pos < n)
     seed = kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY)
     if LR_IN_MEMORY:
@@ -129,7 +130,7 @@ def zo_update_kernel(
     # The last direction first: it also restores x after the loop.  (Carrying z through the loop instead
     # would make the compiler pick a layout in which every thread runs every row's Philox call.)
     last = num_directions - 1
-    z = direction_tile(seed + last, group, BLOCK_SIZE, RADEMACHER)  # uint64 seed + int32 k stays uint64
+    z = direction_tile(seed + last, group, TILE_SIZE, RADEMACHER)  # uint64 seed + int32 k stays uint64
     if FOLD:  # restore and step along the last direction in one axpy, with a per-program coefficient
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
         c_last = c_scalar if C_IS_SCALAR else tl.load(c_ptr + last)  # one load per program, not per element
@@ -137,7 +138,7 @@ def zo_update_kernel(
             c_last = tl.where(apply, c_last, 0.0)
         w = w + (restore_scale - lr * c_last) * z
         for k in range(last):
-            z_k = direction_tile(seed + k, group, BLOCK_SIZE, RADEMACHER)
+            z_k = direction_tile(seed + k, group, TILE_SIZE, RADEMACHER)
             # a closed gate loads c = 0 (the load's mask), so w only restores and a NaN c never reaches it
             term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask & apply,
                                       C_IS_SCALAR, False)  # (a scalar c means q = 1: this loop never runs then)
@@ -147,7 +148,7 @@ def zo_update_kernel(
     estimate, curvature = direction_terms(z, last, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask,
                                           C_IS_SCALAR, HAS_HESSIAN)
     for k in range(last):
-        z_k = direction_tile(seed + k, group, BLOCK_SIZE, RADEMACHER)
+        z_k = direction_tile(seed + k, group, TILE_SIZE, RADEMACHER)
         term, kappa = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask,
                                       C_IS_SCALAR, HAS_HESSIAN)
         estimate = estimate + term
@@ -274,13 +275,61 @@ def make_block_starts(block_sizes, device=None) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int64, device=device)
 
 
+def check_zo_update_args(x, seed, c, lr, num_directions, weight_decay, l1, momentum, momentum_buffer, block_starts,
+                         offset, master, hessian, curvature, hessian_smoothing, hessian_min, gate,
+                         seed_index) -> None:
+    """:func:`zo_update_`'s argument rules, each with a one-line error."""
+    check_float_dtype("x", x)
+    check_contiguous("x", x)
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+        raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
+    seed_args(seed, seed_index, num_directions, x)
+    check_direction_range(offset, x.numel())
+    lr_tensor = device_scalar("lr", lr, x)
+    check_nonnegative(lr=0.0 if lr_tensor is not None else lr, weight_decay=weight_decay, l1=l1, momentum=momentum)
+    check_gate(gate, x)
+    if momentum != 0.0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs a momentum_buffer (a zero tensor like x)")
+    if momentum_buffer is not None:
+        check_same_layout("momentum_buffer", momentum_buffer, x)
+        check_float_dtype("momentum_buffer", momentum_buffer)
+    if master is not None:
+        check_same_layout("master", master, x)
+        if master.dtype != torch.float32:
+            raise ValueError(f"master must be float32, got {master.dtype}")
+    if not isinstance(c, torch.Tensor):
+        if num_directions != 1 or block_starts is not None:
+            raise ValueError("a scalar c means one direction and one block; pass a tensor of c values "
+                             "for several directions or blocks")
+    elif block_starts is None and c.numel() != num_directions:
+        raise ValueError(f"c has {c.numel()} values for {num_directions} direction(s) and no blocks; "
+                         "pass one value per direction, or per direction and block with block_starts "
+                         "(build it with make_block_starts(sizes))")
+    elif block_starts is not None and (block_starts.dim() != 1 or block_starts.dtype != torch.int64
+                                       or block_starts.numel() * num_directions != c.numel()):
+        raise ValueError(f"block_starts must be a 1-D int64 tensor with one entry per block, and c "
+                         f"must hold num_directions x blocks values; got block_starts "
+                         f"{tuple(block_starts.shape)} {block_starts.dtype}, c with {c.numel()} values "
+                         f"for {num_directions} direction(s)")
+    if hessian is not None:
+        check_same_layout("hessian", hessian, x)
+        if hessian.dtype != torch.float32 or not isinstance(c, torch.Tensor) or curvature is None \
+                or curvature.numel() != c.numel():
+            raise ValueError("hessian needs a float32 buffer like x, a tensor c, and curvature with one value "
+                             "per value of c")
+        if not 0.0 <= hessian_smoothing <= 1.0 or not hessian_min > 0:
+            raise ValueError(f"hessian_smoothing must be in [0, 1] and hessian_min > 0, got "
+                             f"{hessian_smoothing}, {hessian_min}")
+
+
 def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.Tensor, *, num_directions: int = 1,
                weight_decay: float = 0.0, l1: float = 0.0, momentum: float = 0.0,
                momentum_buffer: torch.Tensor | None = None, restore_scale: float = 0.0,
                block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
                master: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
                curvature: torch.Tensor | None = None, hessian_smoothing: float = 0.0, hessian_min: float = 1e-4,
-               gate: torch.Tensor | None = None, seed_index: int = 0, backend: str | None = None) -> torch.Tensor:
+               gate: torch.Tensor | None = None, seed_index: int = 0, backend: str | None = None,
+               validate_args: bool = True) -> torch.Tensor:
     """Restore ``x`` and apply ``x -= lr * (sum_k c_k * z_k + weight_decay * x + l1 * sign(x))`` in one pass.
 
     Args:
@@ -305,63 +354,26 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
         gate: optional 1-element bool tensor on the device: where False the step is skipped on the device
             (x restored, or rewritten from ``master``; momentum, curvature and master untouched; a NaN ``c``
             never reaches them).
+        validate_args: check every argument first (one-line errors).  The optimizers pass False: they
+            validated their settings once, at construction, and build these arguments themselves.
     Returns ``x``.
     """
-    check_float_dtype("x", x)
-    check_contiguous("x", x)
+    if validate_args:
+        check_zo_update_args(x, seed, c, lr, num_directions, weight_decay, l1, momentum, momentum_buffer,
+                             block_starts, offset, master, hessian, curvature, hessian_smoothing, hessian_min, gate,
+                             seed_index)
     rademacher = is_rademacher(distribution)
-    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
-        raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
     s = seed_args(seed, seed_index, num_directions, x)
     n = x.numel()
-    check_direction_range(offset, n)
     lr_tensor = device_scalar("lr", lr, x)
-    for name, value in (("lr", 0.0 if lr_tensor is not None else lr), ("weight_decay", weight_decay), ("l1", l1),
-                        ("momentum", momentum)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    check_gate(gate, x)
-    if momentum != 0.0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs a momentum_buffer (a zero tensor like x)")
-    if momentum_buffer is not None:
-        check_same_layout("momentum_buffer", momentum_buffer, x)
-        check_float_dtype("momentum_buffer", momentum_buffer)
-    if master is not None:
-        check_same_layout("master", master, x)
-        if master.dtype != torch.float32:
-            raise ValueError(f"master must be float32, got {master.dtype}")
-
     if isinstance(c, torch.Tensor):
         c = c.reshape(-1).to(device=x.device, dtype=torch.float32)
-        if block_starts is None:
-            if c.numel() != num_directions:
-                raise ValueError(f"c has {c.numel()} values for {num_directions} direction(s) and no blocks; "
-                                 "pass one value per direction, or per direction and block with block_starts "
-                                 "(build it with make_block_starts(sizes))")
-            num_blocks = 1
-        else:
-            if block_starts.dim() != 1 or block_starts.dtype != torch.int64 \
-                    or block_starts.numel() * num_directions != c.numel():
-                raise ValueError(f"block_starts must be a 1-D int64 tensor with one entry per block, and c "
-                                 f"must hold num_directions x blocks values; got block_starts "
-                                 f"{tuple(block_starts.shape)} {block_starts.dtype}, c with {c.numel()} values "
-                                 f"for {num_directions} direction(s)")
+        num_blocks = 1 if block_starts is None else block_starts.numel()
+        if block_starts is not None:
             block_starts = block_starts.to(x.device)
-            num_blocks = block_starts.numel()
     else:
-        if num_directions != 1 or block_starts is not None:
-            raise ValueError("a scalar c means one direction and one block; pass a tensor of c values "
-                             "for several directions or blocks")
         c, num_blocks = f32(c), 1
     if hessian is not None:
-        check_same_layout("hessian", hessian, x)
-        if hessian.dtype != torch.float32 or not isinstance(c, torch.Tensor) or curvature is None \
-                or curvature.numel() != c.numel():
-            raise ValueError("hessian needs a float32 buffer like x, a tensor c, and curvature with one value "
-                             "per value of c")
-        if not 0.0 <= hessian_smoothing <= 1.0 or not hessian_min > 0:
-            raise ValueError(f"hessian_smoothing must be in [0, 1] and hessian_min > 0, got "
-                             f"{hessian_smoothing}, {hessian_min}")
         curvature = curvature.reshape(-1).to(device=x.device, dtype=torch.float32)
     weight_decay, l1, momentum, restore_scale = map(f32, (weight_decay, l1, momentum, restore_scale))
     hessian_smoothing, hessian_min = f32(hessian_smoothing), f32(hessian_min)
@@ -386,7 +398,7 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
                 HAS_MASTER=master is not None, HAS_MOMENTUM=momentum_buffer is not None,
                 HAS_HESSIAN=hessian is not None,
                 FOLD=fold,
-                RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, BLOCK_SIZE=t.block_size,
+                RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, TILE_SIZE=t.tile_size,
                 SEED_IN_MEMORY=s.tensor is not None, LR_IN_MEMORY=lr_tensor is not None, HAS_GATE=gate is not None,
                 num_warps=t.num_warps, enable_fp_fusion=False)
     else:
@@ -401,16 +413,16 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
 
 def zo_estimate_(out: torch.Tensor, seed: int | torch.Tensor, c, *, num_directions: int = 1,
                  block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
-                 seed_index: int = 0, backend: str | None = None) -> torch.Tensor:
+                 seed_index: int = 0, backend: str | None = None, validate_args: bool = True) -> torch.Tensor:
     """Materialise the gradient estimate ``out = sum_k c[k, b] z_k`` into a float32 buffer (ZOAdam feeds it
     to :func:`adamw_step_`); ``c``, ``block_starts``, ``offset`` and the directions as in :func:`zo_update_`.
 
     One :func:`zo_update_` pass over the zeroed buffer with ``lr = 1`` and ``-c``: ``0 - 1 * sum_k (-c_k) z_k``
     is ``sum_k c_k z_k`` bit for bit (negation commutes with IEEE rounding), so no extra kernel is compiled.
-    Returns ``out``.
+    ``validate_args`` as in :func:`zo_update_`.  Returns ``out``.
     """
-    if out.dtype != torch.float32:
+    if validate_args and out.dtype != torch.float32:
         raise ValueError(f"out must be float32 (the estimate is accumulated in fp32), got {out.dtype}")
     out.zero_()
     return zo_update_(out, seed, -c, 1.0, num_directions=num_directions, block_starts=block_starts, offset=offset,
-                      distribution=distribution, seed_index=seed_index, backend=backend)
+                      distribution=distribution, seed_index=seed_index, backend=backend, validate_args=validate_args)

@@ -19,18 +19,14 @@ SIZES = [1, 1023, 1025, 70001]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-#: Modules whose every test is slow (subprocess training, export of trained models, torchrun, wheel build,
-#: sm_90 compilation, a real Triton server); any other test that reads the real archive is slow too (see below).
-SLOW_MODULES = {"test_train", "test_export", "test_distributed", "test_package", "test_compiled_cost", "test_serve"}
-
-
 def pytest_collection_modifyitems(items):
-    """Mark the slow tier, so the edit loop can run ``pytest -m "not slow"``."""
+    """Each test file declares its tier (``pytestmark = pytest.mark.slow``, or ``@pytest.mark.slow`` on a
+    test); this refuses a test that reads the real archive but is not marked, so the edit loop
+    (``pytest -m "not slow"``) never picks it up by accident."""
     for item in items:
-        uses_real_data = {"real_archive", "cifar_subset"} & set(getattr(item, "function", None).__code__.co_names
-                                                                  if hasattr(item, "function") else ())
-        if item.module.__name__ in SLOW_MODULES or uses_real_data:
-            item.add_marker(pytest.mark.slow)
+        names = set(item.function.__code__.co_names) if hasattr(item, "function") else set()
+        if {"real_archive", "cifar_subset"} & names and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} reads the real CIFAR-10 archive: mark it pytest.mark.slow")
 
 
 @pytest.fixture

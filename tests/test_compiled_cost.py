@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here compiles every kernel variant for sm_90
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 #: (kernel, dtype, distribution, q, options) -> minimum predicted fraction of copy bandwidth, H100 and H200

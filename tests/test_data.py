@@ -81,6 +81,7 @@ def test_torchvision_folder(tmp_path):
     assert len(ds.classes) == 10
 
 
+@pytest.mark.slow  # the real archive
 def test_real_archive():
     ds = load_cifar10(real_archive())
     assert ds.train_images.shape == (50000, 32, 32, 3) and ds.test_images.shape == (10000, 32, 32, 3)

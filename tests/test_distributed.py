@@ -30,6 +30,8 @@ from subgrad.distributed import weights_hash
 from subgrad.models import build_model
 from subgrad.training.runs import load_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here runs torchrun with several processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--model", "lenet", "--device", "cpu", "--batch-size", "64", "--eval-every", "2", "--quiet"]
 

@@ -20,6 +20,8 @@ from conftest import real_archive
 from subgrad.export.exporter import ExportError, WithPreprocessing, export_module, export_run
 from subgrad.export.runtime import ImageError, ModelFileError, ModelInfo, Predictor, load_image, normalize
 
+pytestmark = pytest.mark.slow  # every test here trains, exports and validates real models
+
 MODELS = ["lenet", "resnet20"]
 
 

@@ -213,6 +213,7 @@ def test_converges_on_least_squares(cls, kw, bound):
     assert ((X @ w - Y) ** 2).mean().item() < bound
 
 
+@pytest.mark.slow  # the real archive
 @pytest.mark.parametrize("cls, kw, bound", [(SGD, dict(lr=0.02, momentum=0.9), 2.1), (AdamW, dict(lr=3e-3), 0.5)],
                          ids=["sgd", "adamw"])
 def test_trains_lenet_on_real_cifar_images(cls, kw, bound):

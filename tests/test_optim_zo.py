@@ -91,7 +91,7 @@ def _final_loss_on_real_images(cls, kw, shuffle_labels: bool) -> float:
     return F.cross_entropy(model(x), y).item()
 
 
-@pytest.mark.slow  # real images (conftest marks by name only the tests that call cifar_subset themselves)
+@pytest.mark.slow  # real images
 @pytest.mark.parametrize("cls, kw, bound, gap", [(ZOSGD, dict(lr=2e-2, eps=1e-3), 2.285, 0.015),
                                                  (ZOAdam, dict(lr=1e-3), 2.297, 0.006),
                                                  (HiZOO, dict(lr=2e-2), 2.298, 0.005)], ids=["zosgd", "zoadam", "hizoo"])

@@ -6,7 +6,11 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 import subgrad
+
+pytestmark = pytest.mark.slow  # every test here builds and installs a wheel
 
 
 def _python(code: str, cwd) -> subprocess.CompletedProcess:

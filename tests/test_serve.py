@@ -34,6 +34,8 @@ from subgrad.export.serve import TritonServer, free_port
 from subgrad.export.triton_python_model import IMAGE_INPUT
 from subgrad.export.triton_repo import package_triton
 
+pytestmark = pytest.mark.slow  # every test here starts a real Triton Inference Server
+
 MAX_BATCH = 16
 MODEL = "lenet"
 

@@ -17,6 +17,8 @@ from subgrad.training.config import DEFAULTS, TrainConfig
 from subgrad.training.loop import train
 from subgrad.training.runs import latest_checkpoint, load_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here trains on the real archive and runs `subgrad train` in subprocesses
+
 
 def _cli(*args):
     return [sys.executable, "-m", "subgrad", "train", *map(str, args)]

@@ -21,7 +21,7 @@ import torch
 
 from .. import kernels as K
 from ..flat import FlatGroup, FlatParams, as_real, storage_numel
-from ._layout import FlatOptimizer
+from ._flat_optimizer import FlatOptimizer
 from .replicas import Replicas
 
 
@@ -232,7 +232,7 @@ class SGD(_FusedOptimizer):
         buf = self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
         K.sgd_step_(param, grad, buf, lr=_lr_for(group, param), weight_decay=group["weight_decay"], momentum=momentum,
                     dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-                    first_step=first, l1=group.get("l1", 0.0), backend=self.backend)
+                    first_step=first, l1=group.get("l1", 0.0), backend=self.backend, validate_args=False)
         for i in indices:  # like torch.optim: no state at all without momentum
             if momentum:
                 self.state[fg.params[i]]["momentum_buffer"] = self._view(fg, bufs, "momentum_buffer", i)
@@ -302,7 +302,7 @@ class AdamW(_FusedOptimizer):
                       self._flat_buffer(fg, bufs, "exp_avg_sq")[where], vmax, step=step, lr=_lr_for(group, param),
                       beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                      l1=group.get("l1", 0.0), gate=gate, backend=self.backend)
+                      l1=group.get("l1", 0.0), gate=gate, backend=self.backend, validate_args=False)
         for i in indices:
             st = self.state[fg.params[i]]
             st["step"] = bufs["step"][i]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from ._layout import Segment
+from .zo_layout import Segment
 from .replicas import Replicas
 from .zo import ZOSGD, ZOOptimizer
 from .zo_estimate import Estimate

@@ -38,7 +38,8 @@ from .. import kernels as K
 from ..kernels import step_seed  # noqa: F401 (subgrad.optim.step_seed)
 from . import zo_estimate
 from ._counters import StepCounters
-from ._layout import FlatOptimizer, Segment, ZOLayout, assign_blocks, block_ranges, build_segments
+from ._flat_optimizer import FlatOptimizer
+from .zo_layout import Segment, ZOLayout, assign_blocks, block_ranges, build_segments
 from .replicas import Replicas
 from .zo_estimate import Estimate
 from .zo_settings import (BLOCK_MODES, ESTIMATORS, SAVED_SETTINGS, ZOSettings,  # noqa: F401 (subgrad.optim.zo names)
@@ -310,7 +311,7 @@ class ZOSGD(ZOOptimizer):
                          momentum_buffer=buf,
                          restore_scale=-pending.level if pending and seg.master is None else 0.0,
                          block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.settings.distribution,
-                         master=seg.master, gate=finite, backend=self.settings.backend,
+                         master=seg.master, gate=finite, backend=self.settings.backend, validate_args=False,
                          **self._hessian_args(seg, estimate))
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
@@ -318,51 +319,9 @@ class ZOSGD(ZOOptimizer):
         return {}
 
 
-class ZOAdam(ZOOptimizer):
-    """Adam(W) moments on the zeroth-order gradient estimate ``g = sum_k c_k z_k / q``.
-
-    Same estimation arguments as :class:`ZOSGD`; ``betas``, ``adam_eps`` and decoupled ``weight_decay``
-    as in ``torch.optim.AdamW``.  Memory: three float32 buffers the size of the model (first and
-    second moments, and the materialised estimate the Adam kernel reads), plus the fp32 master copy for
-    half-precision parameters; ZOSGD without momentum needs none.
-    """
-
-    _buffer_keys = ("master", "exp_avg", "exp_avg_sq")
-
-    def __init__(self, params, lr: float = 1e-3, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
-                 estimator: str = ZOSettings.estimator, distribution: str | None = ZOSettings.distribution,
-                 blocks=ZOSettings.blocks, betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
-                 weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = ZOSettings.clip,
-                 seed: int = ZOSettings.seed, backend: str | None = ZOSettings.backend,
-                 master_weights: bool | None = ZOSettings.master_weights,
-                 scale_by_block_size: bool = ZOSettings.scale_by_block_size, replicas: Replicas | None = None):
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
-        require("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
-                         ZOSettings.from_arguments(locals()), replicas)
-
-    def _init_state(self) -> None:
-        for seg in self._segments:
-            for key in ("exp_avg", "exp_avg_sq"):
-                self._flat_buffer(seg.flat, seg.buffers, key)
-
-    def _update(self, c: torch.Tensor, seed: torch.Tensor, estimate: Estimate, finite: torch.Tensor) -> None:
-        if estimate.pending is not None:
-            zo_estimate.move_block(self.layout, self.settings, None, seed, estimate.pending.index, estimate.pending.level,
-                                   0.0)
-        scratch = None
-        for seg in self._segments:
-            group = self.param_groups[seg.group_index]
-            if scratch is None or scratch.numel() < seg.numel:
-                scratch = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
-            g = K.zo_estimate_(scratch[:seg.numel], seed, self._segment_c(seg, c), num_directions=self.settings.q,
-                               block_starts=seg.block_starts, offset=seg.dir_offset,
-                               distribution=self.settings.distribution, backend=self.settings.backend)
-            weights = seg.master if seg.master is not None else seg.data
-            beta1, beta2 = group["betas"]
-            K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.counters.steps,
-                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adam_eps"],
-                          weight_decay=group["weight_decay"], l1=group["l1"], backend=self.settings.backend)
-            if seg.master is not None:
-                seg.data.copy_(seg.master)
+def __getattr__(name: str):
+    """``subgrad.optim.zo.ZOAdam`` and ``.HiZOO`` still import: each lives in its own module now."""
+    if name in ("ZOAdam", "HiZOO"):
+        import importlib
+        return getattr(importlib.import_module(f".{'zo_adam' if name == 'ZOAdam' else 'hizoo'}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ import torch
 
 from .. import kernels as K
 from ..kernels._common import inv_sqrt_rn_torch
-from ._layout import ZOLayout
+from .zo_layout import ZOLayout
 from .zo_settings import ZOSettings
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -76,10 +76,10 @@ def move_block(layout: ZOLayout, settings: ZOSettings, block: int | None, seed: 
                 x.copy_(seg.master[a:b])
             elif seg.master is not None:
                 K.perturb_(x, seed, to, settings.backend, offset=seg.dir_offset + a, distribution=settings.distribution,
-                           source=seg.master[a:b], precond=h, seed_index=index)
+                           source=seg.master[a:b], precond=h, seed_index=index, validate_args=False)
             else:
                 K.perturb_(x, seed, to - level, settings.backend, offset=seg.dir_offset + a,
-                           distribution=settings.distribution, precond=h, seed_index=index)
+                           distribution=settings.distribution, precond=h, seed_index=index, validate_args=False)
 
 
 def _loss_of(closure) -> torch.Tensor:

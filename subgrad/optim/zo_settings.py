@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from .. import kernels as K
-from ..kernels._common import f32
+from ..kernels._common import f32, require  # noqa: F401 (require: the optimizers' check style)
 
 ESTIMATORS = ("central", "forward", "jvp")
 BLOCK_MODES = (None, "tensor", "module")
@@ -20,12 +20,6 @@ def default_distribution(q: int) -> str:
     """Directions when none is asked for: Rademacher when a step averages several (q > 1: about 4x cheaper
     to draw than Box-Muller normals, and q averages its coarser variance away), gaussian for one."""
     return "rademacher" if q > 1 else "gaussian"
-
-
-def require(name: str, ok: bool, expected: str, value) -> None:
-    """The optimizers' one check style: ``name must be <expected>, got <value>``."""
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
