@@ -5,6 +5,7 @@
 subpackage ships without editing a list (a hand-written list once left out ``subgrad.optim``).  No
 top-level ``kernels`` or ``export`` package is ever installed.  All other metadata is in pyproject.toml.
 """
+
 from setuptools import find_packages, setup
 
 #: installed package name -> source folder

@@ -8,6 +8,7 @@ exists.  With ``--installed`` every module must also load from outside REPO (a r
 source tree).  Run it from a folder outside REPO, so the source tree is not on ``sys.path``.
 Exit 0 when all is well; otherwise one line per problem and exit 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,10 @@ def main() -> int:
         good += 1
     for problem in problems:
         print(f"check_install: {problem}", file=sys.stderr)
-    print(f"check_install: {good} of {len(modules)} modules imported"
-          + (" from the installed package" if args.installed else ""))
+    print(
+        f"check_install: {good} of {len(modules)} modules imported"
+        + (" from the installed package" if args.installed else "")
+    )
     return 1 if problems else 0
 
 

@@ -6,12 +6,15 @@ Targets (H100/H200, n >= 1e7): perturb and zo_update at >= 85% of the measured c
 >= 3x faster than the per-tensor baseline; AdamW >= 1.0x torch.optim.AdamW(fused=True).
 Prints one line per check; exits 1 if any fails.
 """
+
 import json
 import sys
 
 CHECKS = [  # (op, field, minimum)
-    ("perturb", "fraction_of_copy", 0.85), ("perturb", "speedup_vs_baseline", 3.0),
-    ("zo_update", "fraction_of_copy", 0.85), ("zo_update", "speedup_vs_baseline", 3.0),
+    ("perturb", "fraction_of_copy", 0.85),
+    ("perturb", "speedup_vs_baseline", 3.0),
+    ("zo_update", "fraction_of_copy", 0.85),
+    ("zo_update", "speedup_vs_baseline", 3.0),
     ("adamw", "speedup_vs_baseline", 1.0),
 ]
 
@@ -22,11 +25,17 @@ def main(paths):
         data = json.load(open(path))
         print(f"{path}: {data['device']}")
         for op, field, minimum in CHECKS:
-            for r in (r for r in data["rows"] if r["op"] == op and r["n"] >= 10**7
-                      and (field != "speedup_vs_baseline" or op == "adamw" or r["baseline"].startswith("per-tensor"))):
+            for r in (
+                r
+                for r in data["rows"]
+                if r["op"] == op
+                and r["n"] >= 10**7
+                and (field != "speedup_vs_baseline" or op == "adamw" or r["baseline"].startswith("per-tensor"))
+            ):
                 passed = r[field] is not None and r[field] >= minimum
                 ok &= passed
-                print(f"  {'PASS' if passed else 'FAIL'} {op:<10} n={r['n']:<10} {field} = {r[field]:.2f} (target >= {minimum})")
+                verdict = "PASS" if passed else "FAIL"
+                print(f"  {verdict} {op:<10} n={r['n']:<10} {field} = {r[field]:.2f} (target >= {minimum})")
     return 0 if ok else 1
 
 

@@ -6,8 +6,8 @@
 No GPU or driver needed.  Every kernel variant that subgrad's optimizers launch is found by running the
 optimizers (ZOSGD, ZOAdam, HiZOO, SGD, AdamW over their option grid, fp32 and bf16, on a small model;
 ZOSGD also through ``step(functional_closure=...)``, whose directions come from ``philox_normal`` /
-``philox_rademacher``) with the kernel launches recorded instead of executed; each distinct variant is then compiled by Triton
-for each NVIDIA target (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, the
+``philox_rademacher``) with the kernel launches recorded instead of executed; each distinct variant is then
+compiled by Triton for each NVIDIA target (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, the
 ptxas in the triton wheel), and its SASS is read with the wheel's ``cuobjdump``:
 
 * ``registers`` and ``local_memory_bytes`` (spills) from ``cuobjdump -res-usage``;
@@ -38,6 +38,7 @@ Reference kernels compiled alongside (``kernel`` names starting with ``ref:``): 
 (the memory-bound anchor) and a perturbation with stock ``tl.randn`` (what public zeroth-order
 trainers run on GPUs).  Run it with ``TRITON_INTERPRET`` unset (this script unsets it).
 """
+
 from __future__ import annotations
 
 import os
@@ -57,14 +58,14 @@ import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from subgrad.capture import triton_launches
-from triton.compiler import ASTSource
 
 # --------------------------------------------------------------------------------------------------
 # Model constants.  Sources: NVIDIA A100 / H100 / H200 datasheets (SM counts, boost clocks, peak HBM
 # bandwidth); copy bandwidths are device-to-device copy rates typically measured at ~85-90% of the
-# HBM peak (issue 11 states 4.3 TB/s for H200 and 3.0 TB/s for H100 SXM); per-pipe rates are the
+# HBM peak (4.3 TB/s for H200 and 3.0 TB/s for H100 SXM, NVIDIA's figures); per-pipe rates are the
 # CUDA C++ Programming Guide's "throughput of native arithmetic instructions" table (operations per
 # clock per SM).  Kept as published: the H200 measurements (benchmarks/README.md) read as a calibration.
 # --------------------------------------------------------------------------------------------------
@@ -84,21 +85,74 @@ PIPES = {
 }
 #: SASS opcode -> pipe ("issue" = issue slot only: control, uniform datapath, moves handled elsewhere)
 FP32_OPS = {"FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2", "FMUL32I", "FADD32I", "FFMA32I"}
-INT_OPS = {"IMAD", "IMUL", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "SEL", "FSEL", "FSETP",
-           "FMNMX", "IMNMX", "LEA", "PRMT", "IABS", "PLOP3", "MOV", "P2R", "R2P", "BMSK", "VIADD", "VIMNMX",
-           "FCHK", "SGXT", "HSETP2", "HMNMX2", "ISCADD", "BFE", "BFI", "FSWZADD", "VABSDIFF"}
+INT_OPS = {
+    "IMAD",
+    "IMUL",
+    "IADD3",
+    "IADD",
+    "LOP3",
+    "LOP",
+    "SHF",
+    "SHL",
+    "SHR",
+    "ISETP",
+    "SEL",
+    "FSEL",
+    "FSETP",
+    "FMNMX",
+    "IMNMX",
+    "LEA",
+    "PRMT",
+    "IABS",
+    "PLOP3",
+    "MOV",
+    "P2R",
+    "R2P",
+    "BMSK",
+    "VIADD",
+    "VIMNMX",
+    "FCHK",
+    "SGXT",
+    "HSETP2",
+    "HMNMX2",
+    "ISCADD",
+    "BFE",
+    "BFI",
+    "FSWZADD",
+    "VABSDIFF",
+}
 XU_OPS = {"MUFU", "I2F", "F2I", "F2F", "I2FP", "F2FP", "FRND", "POPC", "FLO", "BREV", "I2I"}
 LSU_OPS = {"LDG", "STG", "LD", "ST", "LDS", "STS", "LDL", "STL", "LDC", "ATOM", "RED", "ATOMG"}
 
-KERNEL_NAMES = {"perturb_kernel": "perturb_", "zo_update_kernel": "zo_update_", "sgd_kernel": "sgd_step_",
-                "adamw_kernel": "adamw_step_", "philox_direction_kernel": "philox_direction"}
+KERNEL_NAMES = {
+    "perturb_kernel": "perturb_",
+    "zo_update_kernel": "zo_update_",
+    "sgd_kernel": "sgd_step_",
+    "adamw_kernel": "adamw_step_",
+    "philox_direction_kernel": "philox_direction",
+}
 #: constexpr flag -> option name in the JSON (a flag set to True adds its option)
-OPTION_FLAGS = {"HAS_SOURCE": "source", "HAS_PRECOND": "precond", "HAS_MASTER": "master",
-                "HAS_MOMENTUM": "momentum", "HAS_HESSIAN": "hessian", "NESTEROV": "nesterov",
-                "FIRST_STEP": "first_step", "HAS_WEIGHT_DECAY": "weight_decay", "HAS_L1": "l1",
-                "MAXIMIZE": "maximize", "AMSGRAD": "amsgrad"}
-TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.bool: "i1",
-                   torch.int32: "i32"}
+OPTION_FLAGS = {
+    "HAS_SOURCE": "source",
+    "HAS_PRECOND": "precond",
+    "HAS_MASTER": "master",
+    "HAS_MOMENTUM": "momentum",
+    "HAS_HESSIAN": "hessian",
+    "NESTEROV": "nesterov",
+    "FIRST_STEP": "first_step",
+    "HAS_WEIGHT_DECAY": "weight_decay",
+    "HAS_L1": "l1",
+    "MAXIMIZE": "maximize",
+    "AMSGRAD": "amsgrad",
+}
+TORCH_TO_TRITON = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.bool: "i1",
+    torch.int32: "i32",
+}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -108,18 +162,25 @@ DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def optimizer_grid():
     """(label, dtype, factory(params) -> optimizer) for every optimizer configuration the library offers."""
     from subgrad.optim import SGD, ZOSGD, AdamW, HiZOO, ZOAdam
+
     grid = []
     for dtype in (torch.float32, torch.bfloat16):
         for dist in ("gaussian", "rademacher"):
             grid += [
                 ("zosgd", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, distribution=d)),
-                ("zosgd-forward-q4", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, q=4, estimator="forward",
-                                                                     distribution=d)),
-                ("zosgd-blocks-momentum", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, blocks="module", momentum=0.9,
-                                                                          weight_decay=1e-4, l1=1e-5,
-                                                                          distribution=d)),
-                ("zoadam-q4", dtype, lambda p, d=dist: ZOAdam(p, lr=1e-3, q=4, estimator="forward",
-                                                               distribution=d)),
+                (
+                    "zosgd-forward-q4",
+                    dtype,
+                    lambda p, d=dist: ZOSGD(p, lr=1e-3, q=4, estimator="forward", distribution=d),
+                ),
+                (
+                    "zosgd-blocks-momentum",
+                    dtype,
+                    lambda p, d=dist: ZOSGD(
+                        p, lr=1e-3, blocks="module", momentum=0.9, weight_decay=1e-4, l1=1e-5, distribution=d
+                    ),
+                ),
+                ("zoadam-q4", dtype, lambda p, d=dist: ZOAdam(p, lr=1e-3, q=4, estimator="forward", distribution=d)),
                 ("hizoo", dtype, lambda p, d=dist: HiZOO(p, lr=1e-3, eps=1e-2, distribution=d)),
                 # step(functional_closure=...): the directions are materialised by philox_normal/_rademacher
                 ("zosgd-batched", dtype, lambda p, d=dist: ZOSGD(p, lr=1e-3, q=2, distribution=d)),
@@ -155,8 +216,11 @@ def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
         with triton_launches(launches, run=False, force_triton=True):  # recorded, not run
             for _ in range(2):
                 if label.endswith("batched"):
-                    opt.step(functional_closure=lambda p: torch.nn.functional.cross_entropy(
-                        torch.func.functional_call(model, p, (x.to(dtype),)).float(), y))
+                    opt.step(
+                        functional_closure=lambda p: torch.nn.functional.cross_entropy(
+                            torch.func.functional_call(model, p, (x.to(dtype),)).float(), y
+                        )
+                    )
                 elif zeroth_order:
                     opt.step(lambda: torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y))
                 else:
@@ -193,7 +257,7 @@ def signature_of(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]
         elif isinstance(value, bool):
             sig[name] = "i1"
         elif isinstance(value, int):
-            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if i not in fn.do_not_specialize:  # Triton specialises such ints on divisibility by 16: assume
                 attrs[(i,)] = [["tt.divisibility", 16]]  # the common large-buffer case (n % 16 == 0)
         elif isinstance(value, float):
@@ -214,8 +278,13 @@ def describe(fn, sig: dict, constexprs: dict, values: dict) -> dict:
     else:
         distribution = None
     directions = values.get("num_directions", 1) if distribution else None
-    return dict(kernel=KERNEL_NAMES.get(fn.__name__, fn.__name__), dtype=DTYPE_NAMES[sig[first_pointer][1:]],
-                distribution=distribution, directions=directions, options=sorted(options))
+    return dict(
+        kernel=KERNEL_NAMES.get(fn.__name__, fn.__name__),
+        dtype=DTYPE_NAMES[sig[first_pointer][1:]],
+        distribution=distribution,
+        directions=directions,
+        options=sorted(options),
+    )
 
 
 def distinct_variants(launches: list) -> list[dict]:
@@ -227,9 +296,21 @@ def distinct_variants(launches: list) -> list[dict]:
         ident = describe(fn, sig, constexprs, values)
         # one binary per (kernel, types, constexprs); q is a runtime loop count within it
         key = fn.__name__ + json.dumps(sig, sort_keys=True) + repr(sorted(constexprs.items()))
-        entry = variants.setdefault(key, dict(ident=ident, fn=fn, sig=sig, constexprs=constexprs, attrs=attrs,
-                                              n=values.get("n"), tensors=tensors, options=kwargs, used_by=set(),
-                                              directions=set()))
+        entry = variants.setdefault(
+            key,
+            dict(
+                ident=ident,
+                fn=fn,
+                sig=sig,
+                constexprs=constexprs,
+                attrs=attrs,
+                n=values.get("n"),
+                tensors=tensors,
+                options=kwargs,
+                used_by=set(),
+                directions=set(),
+            ),
+        )
         entry["used_by"].add(label)
         entry["directions"].add(ident["directions"])
     return list(variants.values())
@@ -259,13 +340,30 @@ def reference_variants() -> list[dict]:
     n = 1 << 20
     x = torch.empty(n)
     out = []
-    for fn, args, name in ((ref_copy_kernel, (x, x, n), "ref:copy"),
-                           (ref_randn_perturb_kernel, (x, n, 12345, 1e-3), "ref:tl.randn perturb")):
+    for fn, args, name in (
+        (ref_copy_kernel, (x, x, n), "ref:copy"),
+        (ref_randn_perturb_kernel, (x, n, 12345, 1e-3), "ref:tl.randn perturb"),
+    ):
         sig, constexprs, attrs, tensors = signature_of(fn, args, dict(TILE_SIZE=1024))
-        out.append(dict(ident=dict(kernel=name, dtype="float32", distribution="gaussian" if "randn" in name
-                                   else None, directions=1 if "randn" in name else None, options=[]),
-                        fn=fn, sig=sig, constexprs=constexprs, attrs=attrs, n=n, tensors=tensors,
-                        options=dict(num_warps=4), used_by={"reference"}))
+        out.append(
+            dict(
+                ident=dict(
+                    kernel=name,
+                    dtype="float32",
+                    distribution="gaussian" if "randn" in name else None,
+                    directions=1 if "randn" in name else None,
+                    options=[],
+                ),
+                fn=fn,
+                sig=sig,
+                constexprs=constexprs,
+                attrs=attrs,
+                n=n,
+                tensors=tensors,
+                options=dict(num_warps=4),
+                used_by={"reference"},
+            )
+        )
     return out
 
 
@@ -274,13 +372,16 @@ def reference_variants() -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 def nvidia_tool(name: str) -> str:
     import triton.backends.nvidia as nvidia
+
     return str(pathlib.Path(nvidia.__file__).parent / "bin" / name)
 
 
 def compile_variant(variant: dict, arch: int):
     """triton.compile for one NVIDIA target; the kernels' own launch options (warps, no FMA contraction)."""
-    options = dict(num_warps=variant["options"].get("num_warps", 4),
-                   enable_fp_fusion=variant["options"].get("enable_fp_fusion", True))
+    options = dict(
+        num_warps=variant["options"].get("num_warps", 4),
+        enable_fp_fusion=variant["options"].get("enable_fp_fusion", True),
+    )
     src = ASTSource(variant["fn"], variant["sig"], variant["constexprs"], variant["attrs"])
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -293,10 +394,12 @@ def read_sass(cubin: bytes) -> tuple[list[tuple[int, str]], dict]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        sass = subprocess.run(
+            [nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        usage = subprocess.run(
+            [nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     instructions = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
     resources = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return instructions, resources
@@ -343,12 +446,14 @@ def fast_path(instructions: list[tuple[int, str]], loop_trips: int, slow_path_wi
                 continue
             elif target is not None:
                 j = index[target]
-                region = [_opcode(s) for _, s in instructions[i + 1:j]]
+                region = [_opcode(s) for _, s in instructions[i + 1 : j]]
                 if len(region) <= slow_path_window and any(o.startswith("CALL") for o in region):
                     i = j
                     continue
-                skips_loop = any(_opcode(s).startswith("BRA") and (t := _branch_target(s)) is not None
-                                 and addr < t < a for a, s in instructions[i + 1:j])
+                skips_loop = any(
+                    _opcode(s).startswith("BRA") and (t := _branch_target(s)) is not None and addr < t < a
+                    for a, s in instructions[i + 1 : j]
+                )
                 if skips_loop and loop_trips == 0:
                     i = j
                     continue
@@ -432,10 +537,16 @@ def cost(variant: dict, arch: int, directions: int | None, binary) -> dict:
         compute_rate = spec["sms"] * SCHEDULERS_PER_SM * spec["clock_ghz"] * 1e9 * 32 / cycles
         memory_rate = spec["copy_tb_s"] * 1e12 / max(nbytes, 1)
         fractions[gpu] = round(min(1.0, compute_rate / memory_rate), 3)
-    return dict(arch=f"sm_{arch}", registers=resources.get("REG"), local_memory_bytes=resources.get("LOCAL", 0),
-                stack_bytes=resources.get("STACK", 0), sass_per_element=round(total, 2),
-                sass_per_element_by_pipe={k: round(v, 2) for k, v in counts.items()},
-                bytes_per_element=nbytes, predicted_fraction=fractions)
+    return dict(
+        arch=f"sm_{arch}",
+        registers=resources.get("REG"),
+        local_memory_bytes=resources.get("LOCAL", 0),
+        stack_bytes=resources.get("STACK", 0),
+        sass_per_element=round(total, 2),
+        sass_per_element_by_pipe={k: round(v, 2) for k, v in counts.items()},
+        bytes_per_element=nbytes,
+        predicted_fraction=fractions,
+    )
 
 
 def supported_archs(requested: list[int]) -> list[int]:
@@ -470,26 +581,36 @@ def run(archs: list[int], only: list[str] | None = None) -> list[dict]:
 
 def render(rows: list[dict]) -> str:
     gpus = list(GPUS)
-    head = (f"{'kernel':<22}{'dtype':<9}{'dist':<11}{'q':>2}  {'options':<36}{'arch':<7}{'regs':>5}{'local':>6}"
-            f"{'SASS/el':>8}{'int':>6}{'B/el':>5}  " + "  ".join(f"{g:>5}" for g in gpus))
+    head = (
+        f"{'kernel':<22}{'dtype':<9}{'dist':<11}{'q':>2}  {'options':<36}{'arch':<7}{'regs':>5}{'local':>6}"
+        f"{'SASS/el':>8}{'int':>6}{'B/el':>5}  " + "  ".join(f"{g:>5}" for g in gpus)
+    )
     lines = [head]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['kernel']:<22}{r['dtype']:<9}{str(r['distribution']):<11}  {r['arch']}: {r['error']}")
             continue
-        frac = "  ".join(f"{r['predicted_fraction'][g]:>5.2f}" if g in r["predicted_fraction"] else f"{'':>5}"
-                         for g in gpus)
-        lines.append(f"{r['kernel']:<22}{r['dtype']:<9}{str(r['distribution'] or '-'):<11}"
-                     f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<36}{r['arch']:<7}"
-                     f"{r['registers']:>5}{r['local_memory_bytes']:>6}{r['sass_per_element']:>8.1f}"
-                     f"{r['sass_per_element_by_pipe']['int']:>6.1f}{r['bytes_per_element']:>5}  {frac}")
+        frac = "  ".join(
+            f"{r['predicted_fraction'][g]:>5.2f}" if g in r["predicted_fraction"] else f"{'':>5}" for g in gpus
+        )
+        lines.append(
+            f"{r['kernel']:<22}{r['dtype']:<9}{str(r['distribution'] or '-'):<11}"
+            f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<36}{r['arch']:<7}"
+            f"{r['registers']:>5}{r['local_memory_bytes']:>6}{r['sass_per_element']:>8.1f}"
+            f"{r['sass_per_element_by_pipe']['int']:>6.1f}{r['bytes_per_element']:>5}  {frac}"
+        )
     return "\n".join(lines)
 
 
 #: benchmarks/kernels.py op -> the compiled variant it times (fp32, one direction, no options)
-MEASURED_OPS = {"copy": ("ref:copy", None), "perturb": ("perturb_", "gaussian"),
-                "perturb_rademacher": ("perturb_", "rademacher"), "zo_update": ("zo_update_", "gaussian"),
-                "sgd": ("sgd_step_", None), "adamw": ("adamw_step_", None)}
+MEASURED_OPS = {
+    "copy": ("ref:copy", None),
+    "perturb": ("perturb_", "gaussian"),
+    "perturb_rademacher": ("perturb_", "rademacher"),
+    "zo_update": ("zo_update_", "gaussian"),
+    "sgd": ("sgd_step_", None),
+    "adamw": ("adamw_step_", None),
+}
 
 
 def compare_with_measured(rows: list[dict], kernels_json: pathlib.Path) -> str:
@@ -502,14 +623,21 @@ def compare_with_measured(rows: list[dict], kernels_json: pathlib.Path) -> str:
     lines = [f"{data['device']}: predicted (model, {gpu}) vs measured (benchmarks/kernels.py) fraction of copy"]
     for op, (kernel, dist) in MEASURED_OPS.items():
         measured = [r for r in data["rows"] if r["op"] == op and r.get("fraction_of_copy") is not None]
-        predicted = [r["predicted_fraction"][gpu] for r in rows if r.get("kernel") == kernel
-                     and r.get("dtype") == "float32" and r.get("distribution") == dist
-                     and r.get("directions") in (None, 1) and gpu in r.get("predicted_fraction", {})
-                     and (not r["options"] or kernel in ("sgd_step_", "adamw_step_"))]
+        predicted = [
+            r["predicted_fraction"][gpu]
+            for r in rows
+            if r.get("kernel") == kernel
+            and r.get("dtype") == "float32"
+            and r.get("distribution") == dist
+            and r.get("directions") in (None, 1)
+            and gpu in r.get("predicted_fraction", {})
+            and (not r["options"] or kernel in ("sgd_step_", "adamw_step_"))
+        ]
         if measured and predicted:
             big = max(measured, key=lambda r: r["n"])
-            lines.append(f"  {op:<10} n={big['n']:<10} predicted {min(predicted):.2f}  measured "
-                         f"{big['fraction_of_copy']:.2f}")
+            lines.append(
+                f"  {op:<10} n={big['n']:<10} predicted {min(predicted):.2f}  measured {big['fraction_of_copy']:.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -539,10 +667,16 @@ def measure_on_gpu(rows: list[dict], elements: int, device: str = "cuda") -> int
     src = torch.randn(elements, device=device)
     dst = torch.empty_like(src)
     copy_bytes_per_s = 8 * elements / seconds(lambda: dst.copy_(src))
-    print(f"{name} ({arch}): copy {copy_bytes_per_s / 1e12:.2f} TB/s at {elements} float32; predicted "
-          f"({gpu or 'no modelled GPU'}) vs measured fraction of copy bandwidth", flush=True)
-    print(f"  {'kernel':<22}{'dtype':<9}{'dist':<11}{'q':>2}  {'options':<40}{'B/el':>5}{'us':>9}"
-          f"{'predicted':>10}{'measured':>9}", flush=True)
+    print(
+        f"{name} ({arch}): copy {copy_bytes_per_s / 1e12:.2f} TB/s at {elements} float32; predicted "
+        f"({gpu or 'no modelled GPU'}) vs measured fraction of copy bandwidth",
+        flush=True,
+    )
+    print(
+        f"  {'kernel':<22}{'dtype':<9}{'dist':<11}{'q':>2}  {'options':<40}{'B/el':>5}{'us':>9}"
+        f"{'predicted':>10}{'measured':>9}",
+        flush=True,
+    )
     timed, unmatched = set(), []
 
     def record(key: tuple, t: float, n: int) -> None:
@@ -554,17 +688,27 @@ def measure_on_gpu(rows: list[dict], elements: int, device: str = "cuda") -> int
         fraction = r["bytes_per_element"] * n / t / copy_bytes_per_s
         r["measured"] = dict(device=name, n=n, seconds=t, fraction_of_copy=round(fraction, 3))
         predicted = r["predicted_fraction"].get(gpu, float("nan"))
-        print(f"  {r['kernel']:<22}{r['dtype']:<9}{str(r['distribution'] or '-'):<11}"
-              f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<40}"
-              f"{r['bytes_per_element']:>5}{t * 1e6:>9.1f}{predicted:>10.2f}{fraction:>9.2f}", flush=True)
+        print(
+            f"  {r['kernel']:<22}{r['dtype']:<9}{str(r['distribution'] or '-'):<11}"
+            f"{str(r['directions'] or '-'):>2}  {','.join(r['options']) or '-':<40}"
+            f"{r['bytes_per_element']:>5}{t * 1e6:>9.1f}{predicted:>10.2f}{fraction:>9.2f}",
+            flush=True,
+        )
 
     tile = 1024
     grid = (triton.cdiv(elements, tile),)
-    record(row_key(dict(kernel="ref:copy", dtype="float32", distribution=None, directions=None, options=[])),
-           seconds(lambda: ref_copy_kernel[grid](src, dst, elements, TILE_SIZE=tile)), elements)
-    record(row_key(dict(kernel="ref:tl.randn perturb", dtype="float32", distribution="gaussian", directions=1,
-                        options=[])),
-           seconds(lambda: ref_randn_perturb_kernel[grid](dst, elements, 12345, 1e-3, TILE_SIZE=tile)), elements)
+    record(
+        row_key(dict(kernel="ref:copy", dtype="float32", distribution=None, directions=None, options=[])),
+        seconds(lambda: ref_copy_kernel[grid](src, dst, elements, TILE_SIZE=tile)),
+        elements,
+    )
+    record(
+        row_key(
+            dict(kernel="ref:tl.randn perturb", dtype="float32", distribution="gaussian", directions=1, options=[])
+        ),
+        seconds(lambda: ref_randn_perturb_kernel[grid](dst, elements, 12345, 1e-3, TILE_SIZE=tile)),
+        elements,
+    )
     src = dst = None  # free them before the optimizers allocate
     for _label, calls in optimizer_launches(hidden=max(1, elements // 17), device=device):
         largest = {}  # row key -> its largest launch in this configuration
@@ -585,16 +729,30 @@ def measure_on_gpu(rows: list[dict], elements: int, device: str = "cuda") -> int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90", "sm_100"],
-                        help="NVIDIA targets (default: sm_80 sm_90 sm_100; sm_100 only where ptxas supports it)")
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        default=["sm_80", "sm_90", "sm_100"],
+        help="NVIDIA targets (default: sm_80 sm_90 sm_100; sm_100 only where ptxas supports it)",
+    )
     parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
     parser.add_argument("--only", nargs="+", help="kernels to cost (e.g. perturb_ zo_update_)")
-    parser.add_argument("--measured", type=pathlib.Path, nargs="*", default=[],
-                        help="kernels-cuda-*.json from benchmarks/kernels.py: print measured beside predicted")
-    parser.add_argument("--measure", action="store_true",
-                        help="on a CUDA GPU: replay every variant there and add its measured fraction")
-    parser.add_argument("--measure-elements", type=int, default=2**26,
-                        help="parameters of the model the optimizers run on for --measure (default 2**26)")
+    parser.add_argument(
+        "--measured",
+        type=pathlib.Path,
+        nargs="*",
+        default=[],
+        help="kernels-cuda-*.json from benchmarks/kernels.py: print measured beside predicted",
+    )
+    parser.add_argument(
+        "--measure", action="store_true", help="on a CUDA GPU: replay every variant there and add its measured fraction"
+    )
+    parser.add_argument(
+        "--measure-elements",
+        type=int,
+        default=2**26,
+        help="parameters of the model the optimizers run on for --measure (default 2**26)",
+    )
     args = parser.parse_args(argv)
     if args.measure and not torch.cuda.is_available():
         parser.error("--measure needs a CUDA GPU (torch.cuda.is_available() is False); drop it to predict only")
@@ -602,15 +760,21 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = run(archs, args.only)
     print(render(rows))
-    print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; predicted fraction of copy bandwidth "
-          f"(roofline of issue slots and pipes vs DRAM; an upper bound: measured H200 calibration in benchmarks/README.md)")
+    print(
+        f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; predicted fraction of copy bandwidth "
+        "(roofline of issue slots and pipes vs DRAM; an upper bound: measured H200 calibration in "
+        "benchmarks/README.md)"
+    )
     for path in args.measured:
         print(compare_with_measured(rows, path))
     unmatched = measure_on_gpu(rows, args.measure_elements) if args.measure else 0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, gpus=GPUS,
-                                             pipes=PIPES, kernels=rows), indent=1))
+        args.json.write_text(
+            json.dumps(
+                dict(triton=triton.__version__, torch=torch.__version__, gpus=GPUS, pipes=PIPES, kernels=rows), indent=1
+            )
+        )
     return 1 if unmatched or any("error" in r for r in rows) else 0
 
 

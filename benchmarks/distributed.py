@@ -18,6 +18,7 @@ apart from this machine's core count and the collectives, is measured in one pro
 the time of a 1-rank step against the time of one rank's share of an N-rank step (the gather replaced by a
 copy of its own values; same shapes, same work): ``zo_share`` rows, ``speedup_bound`` = the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,9 +92,17 @@ def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str)
     step_bytes = comm.bytes_sent - sent0
     comm.sync_buffers_(model)  # BatchNorm running statistics (resnet20): averaged once, as training does
     hashes = comm.all_gather_strings(weights_hash(model) + (weights_hash(opt.heads) if optimizer == "zo" else ""))
-    result = dict(model=model_name, optimizer=optimizer, world_size=comm.world_size, steps=steps, batch=batch,
-                  steps_per_second=steps / seconds, bytes_per_step=step_bytes / steps,
-                  replicas_identical=len(set(hashes)) == 1, parameters=sum(p.numel() for p in params))
+    result = dict(
+        model=model_name,
+        optimizer=optimizer,
+        world_size=comm.world_size,
+        steps=steps,
+        batch=batch,
+        steps_per_second=steps / seconds,
+        bytes_per_step=step_bytes / steps,
+        replicas_identical=len(set(hashes)) == 1,
+        parameters=sum(p.numel() for p in params),
+    )
     shutdown(comm)
     return result
 
@@ -113,8 +122,9 @@ def zo_share(model_name: str, batch: int, world: int, steps: int, device: str) -
     opts = {}
     for w in (1, world):
         torch.manual_seed(0)
-        opts[w] = optim.ActivityZO(build_model(model_name).to(dev), lr=1e-3, example=x[:1],
-                                   replicas=_RankZeroOf(w) if w > 1 else None)
+        opts[w] = optim.ActivityZO(
+            build_model(model_name).to(dev), lr=1e-3, example=x[:1], replicas=_RankZeroOf(w) if w > 1 else None
+        )
     best = {w: float("inf") for w in opts}
     for _ in range(steps + 1):  # the first round warms up
         for w, opt in opts.items():
@@ -124,19 +134,43 @@ def zo_share(model_name: str, batch: int, world: int, steps: int, device: str) -
                 torch.cuda.synchronize()
             best[w] = min(best[w], time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return dict(model=model_name, optimizer="zo_share", world_size=world, batch=batch,
-                seconds_one_process=best[1], seconds_one_rank_share=best[world],
-                speedup_bound=best[1] / best[world])
+    return dict(
+        model=model_name,
+        optimizer="zo_share",
+        world_size=world,
+        batch=batch,
+        seconds_one_process=best[1],
+        seconds_one_rank_share=best[world],
+        speedup_bound=best[1] / best[world],
+    )
 
 
 def run(model_name, optimizer, steps, batch, device, nproc) -> dict:
-    args = ["--worker", "--model", model_name, "--optimizer", optimizer, "--steps", str(steps), "--batch",
-            str(batch), "--device", device]
+    args = [
+        "--worker",
+        "--model",
+        model_name,
+        "--optimizer",
+        optimizer,
+        "--steps",
+        str(steps),
+        "--batch",
+        str(batch),
+        "--device",
+        device,
+    ]
     if nproc == 1:
         cmd = [sys.executable, __file__, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-               *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            __file__,
+            *args,
+        ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -161,11 +195,14 @@ def main() -> None:
             print(json.dumps(result), flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from subgrad.distributed import exit_worker
+
             exit_worker(0)
         return
 
     rows = []
-    print(f"{'model':<10}{'optimizer':<9}{'procs':>6}{'steps/s':>10}{'bytes/step':>13}{'efficiency':>12}{'replicas':>10}")
+    print(
+        f"{'model':<10}{'optimizer':<9}{'procs':>6}{'steps/s':>10}{'bytes/step':>13}{'efficiency':>12}{'replicas':>10}"
+    )
     for model_name in ("lenet", "resnet20"):
         for optimizer in ("sgd", "zo-sgd", "zo"):
             single = run(model_name, optimizer, args.steps, args.batch, args.device, 1)
@@ -173,19 +210,32 @@ def main() -> None:
             multi["scaling_efficiency"] = multi["steps_per_second"] / single["steps_per_second"] / args.nproc
             for r in (single, multi):
                 eff = f"{r['scaling_efficiency']:.2f}" if "scaling_efficiency" in r else "-"
-                print(f"{model_name:<10}{optimizer:<9}{r['world_size']:>6}{r['steps_per_second']:>10.2f}"
-                      f"{r['bytes_per_step']:>13.0f}{eff:>12}{'same' if r['replicas_identical'] else 'DIFFER':>10}")
+                print(
+                    f"{model_name:<10}{optimizer:<9}{r['world_size']:>6}{r['steps_per_second']:>10.2f}"
+                    f"{r['bytes_per_step']:>13.0f}{eff:>12}{'same' if r['replicas_identical'] else 'DIFFER':>10}"
+                )
                 rows.append(r)
     print(f"\nzo, one thread: a 1-process step vs one rank's share of a {args.nproc}-rank step (best of {args.steps})")
     for model_name in ("lenet", "resnet20"):
         r = zo_share(model_name, args.batch, args.nproc, args.steps, args.device)
-        print(f"{model_name:<10} {r['seconds_one_process'] * 1e3:9.1f} ms {r['seconds_one_rank_share'] * 1e3:9.1f} ms"
-              f"   speedup bound {r['speedup_bound']:.2f}x")
+        print(
+            f"{model_name:<10} {r['seconds_one_process'] * 1e3:9.1f} ms {r['seconds_one_rank_share'] * 1e3:9.1f} ms"
+            f"   speedup bound {r['speedup_bound']:.2f}x"
+        )
         rows.append(r)
     name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    report = dict(device=args.device, device_name=name, cpu_count=os.cpu_count(), nproc=args.nproc, steps=args.steps,
-                  global_batch=args.batch, date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  command=" ".join(sys.argv), rows=rows)
+    report = dict(
+        device=args.device,
+        device_name=name,
+        cpu_count=os.cpu_count(),
+        nproc=args.nproc,
+        steps=args.steps,
+        global_batch=args.batch,
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        command=" ".join(sys.argv),
+        rows=rows,
+    )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"distributed-{args.device}.json")
     with open(path, "w") as f:

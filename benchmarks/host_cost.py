@@ -21,6 +21,7 @@ gradients given, or its loss closure) or ``train:<optimizer>`` (the trainer's wh
 ``--cuda-graph`` captures).  Beside each row: the last measured GPU step time, where one exists
 (``benchmarks/results/gpu-*/optim-cuda-*.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,11 +94,16 @@ def measure(label: str, step, prepare, persistent_of, repeats: int) -> dict:
             step()
             samples.append(time.perf_counter() - start)
     counts = first.counts()
-    return dict(optimizer=label, launches_per_step=counts["triton"] + counts["aten"],
-                triton_launches_per_step=counts["triton"], aten_launches_per_step=counts["aten"],
-                syncs_per_step=syncs.total, syncs=syncs.counts,
-                replayable=first.signature(persistent) == second.signature(persistent),
-                host_us_per_step=round(statistics.median(samples) * 1e6, 1))
+    return dict(
+        optimizer=label,
+        launches_per_step=counts["triton"] + counts["aten"],
+        triton_launches_per_step=counts["triton"],
+        aten_launches_per_step=counts["aten"],
+        syncs_per_step=syncs.total,
+        syncs=syncs.counts,
+        replayable=first.signature(persistent) == second.signature(persistent),
+        host_us_per_step=round(statistics.median(samples) * 1e6, 1),
+    )
 
 
 def last_gpu_figures() -> tuple[dict, str | None]:
@@ -118,30 +124,55 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     gpu, gpu_file = last_gpu_figures()
     steps = []
-    print(f"{'model':<9}{'step':<15}{'launches':>9}{'triton':>7}{'aten':>6}{'syncs':>6}{'replay':>7}{'host us':>10}"
-          f"{'GPU ms (last measured)':>24}")
+    print(
+        f"{'model':<9}{'step':<15}{'launches':>9}{'triton':>7}{'aten':>6}{'syncs':>6}{'replay':>7}{'host us':>10}"
+        f"{'GPU ms (last measured)':>24}"
+    )
     for model in args.models:
         for name in args.optimizers:
             s = synthetic_session(model, name)
             train_step = TrainStep(s, 0)  # tensor learning rates in the param groups, as in training
             twin = copy.deepcopy(train_step)
             x, y = s.train_loader.batch(0, 0)
-            rows = [measure(name, optimizer_step(s, x, y), lambda t: None,
-                            lambda: tensors_in(s.model, s.optimizer, x, y), args.repeats),
-                    measure(f"train:{name}", twin, twin.prepare,
-                            lambda: tensors_in(twin.s.model, twin.s.optimizer, twin.s.train_loader, twin), args.repeats)]
+            rows = [
+                measure(
+                    name,
+                    optimizer_step(s, x, y),
+                    lambda t: None,
+                    lambda: tensors_in(s.model, s.optimizer, x, y),
+                    args.repeats,
+                ),
+                measure(
+                    f"train:{name}",
+                    twin,
+                    twin.prepare,
+                    lambda: tensors_in(twin.s.model, twin.s.optimizer, twin.s.train_loader, twin),
+                    args.repeats,
+                ),
+            ]
             for row in rows:
                 row["model"] = model
                 seconds = gpu.get((model, GPU_ROWS.get(row["optimizer"])))
                 row["gpu_ms_last_measured"] = round(seconds * 1e3, 3) if seconds else None
                 steps.append(row)
-                print(f"{model:<9}{row['optimizer']:<15}{row['launches_per_step']:>9}{row['triton_launches_per_step']:>7}"
-                      f"{row['aten_launches_per_step']:>6}{row['syncs_per_step']:>6}{str(row['replayable']):>7}"
-                      f"{row['host_us_per_step']:>10.1f}{row['gpu_ms_last_measured'] or '':>24}", flush=True)
-    result = dict(steps=steps, batch=BATCH, repeats=args.repeats, gpu_figures=gpu_file,
-                  machine=platform.processor() or platform.machine(), python=sys.version.split()[0],
-                  torch=torch.__version__, subgrad=__version__, date=datetime.date.today().isoformat(),
-                  command="python benchmarks/host_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                print(
+                    f"{model:<9}{row['optimizer']:<15}{row['launches_per_step']:>9}{row['triton_launches_per_step']:>7}"
+                    f"{row['aten_launches_per_step']:>6}{row['syncs_per_step']:>6}{str(row['replayable']):>7}"
+                    f"{row['host_us_per_step']:>10.1f}{row['gpu_ms_last_measured'] or '':>24}",
+                    flush=True,
+                )
+    result = dict(
+        steps=steps,
+        batch=BATCH,
+        repeats=args.repeats,
+        gpu_figures=gpu_file,
+        machine=platform.processor() or platform.machine(),
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        subgrad=__version__,
+        date=datetime.date.today().isoformat(),
+        command="python benchmarks/host_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

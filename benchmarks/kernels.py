@@ -7,7 +7,7 @@ On CUDA the Triton kernels run; on CPU the torch twins do (Triton's interpreter 
 Baselines, timed in the same process:
   perturb   per-tensor ``torch.normal`` + ``add_`` over the model's tensors, reseeding with
             ``torch.manual_seed`` each pass, as public zeroth-order trainers (MeZO) do; and one flat
-            ``x.add_(torch.randn(n), alpha=eps)`` (issue 11's CPU yardstick), gaussian and rademacher
+            ``x.add_(torch.randn(n), alpha=eps)`` (the CPU yardstick), gaussian and rademacher
   zo_update the same trainers' restore (regenerate z, add eps z) + ``p -= lr (c z + wd p)`` per tensor
   sgd       ``torch.optim.SGD(momentum=0.9)`` fused where available, else foreach
   adamw     ``torch.optim.AdamW`` fused where available, else foreach
@@ -15,6 +15,7 @@ The N elements are split into 64 tensors (ResNet-like size spread) for the basel
 on the flat buffer (one launch).  ``copy`` is a device-to-device ``copy_`` of N float32 (8 bytes per
 element moved) and gives the bandwidth ceiling.  Prints a table and writes JSON to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,16 @@ def bench_size(n: int, device: torch.device, measure, measure_pair) -> list[dict
     rows = []
 
     def row(op, ours, baseline, baseline_name):
-        rows.append(dict(op=op, n=n, seconds=ours, baseline=baseline_name, baseline_seconds=baseline,
-                         bytes_per_element=BYTES_PER_ELEMENT[op]))
+        rows.append(
+            dict(
+                op=op,
+                n=n,
+                seconds=ours,
+                baseline=baseline_name,
+                baseline_seconds=baseline,
+                bytes_per_element=BYTES_PER_ELEMENT[op],
+            )
+        )
 
     dst = torch.empty_like(flat)
     row("copy", measure(lambda: dst.copy_(flat)), None, None)
@@ -118,7 +127,8 @@ def bench_size(n: int, device: torch.device, measure, measure_pair) -> list[dict
             t.add_(z, alpha=EPS)
 
     row("perturb", measure(lambda: K.perturb_(flat, 1, EPS)), measure(mezo_perturb), "per-tensor torch.normal + add_")
-    # issue 11's CPU yardstick: one flat x.add_(torch.randn(n), alpha=eps), both distributions against it,
+
+    # the CPU yardstick: one flat x.add_(torch.randn(n), alpha=eps), both distributions against it,
     # each timed interleaved with its own baseline calls
     def randn_add():
         flat.add_(torch.randn(n, device=device), alpha=EPS)
@@ -134,8 +144,12 @@ def bench_size(n: int, device: torch.device, measure, measure_pair) -> list[dict
             t.add_(z, alpha=EPS)  # restore
             t.sub_(LR * (0.5 * z + WD * t))
 
-    row("zo_update", measure(lambda: K.zo_update_(flat, 1, 0.5, LR, weight_decay=WD, restore_scale=EPS)),
-        measure(mezo_update), "per-tensor regenerate z + restore + update")
+    row(
+        "zo_update",
+        measure(lambda: K.zo_update_(flat, 1, 0.5, LR, weight_decay=WD, restore_scale=EPS)),
+        measure(mezo_update),
+        "per-tensor regenerate z + restore + update",
+    )
 
     grads = [torch.randn_like(t) for t in tensors]
     params = [torch.nn.Parameter(t) for t in tensors]
@@ -145,15 +159,23 @@ def bench_size(n: int, device: torch.device, measure, measure_pair) -> list[dict
     kw, how = torch_optim_kwargs(torch.optim.SGD, device)
     sgd = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=WD, **kw)
     sgd.step()  # create momentum buffers
-    row("sgd", measure(lambda: K.sgd_step_(flat, flat_grad, flat_buf, lr=LR, momentum=0.9, weight_decay=WD)),
-        measure(sgd.step), f"torch.optim.SGD({how})")
+    row(
+        "sgd",
+        measure(lambda: K.sgd_step_(flat, flat_grad, flat_buf, lr=LR, momentum=0.9, weight_decay=WD)),
+        measure(sgd.step),
+        f"torch.optim.SGD({how})",
+    )
 
     kw, how = torch_optim_kwargs(torch.optim.AdamW, device)
     adamw = torch.optim.AdamW(params, lr=LR, weight_decay=WD, **kw)
     adamw.step()
     m, v = torch.zeros_like(flat), torch.zeros_like(flat)
-    row("adamw", measure(lambda: K.adamw_step_(flat, flat_grad, m, v, step=10, lr=LR, weight_decay=WD)),
-        measure(adamw.step), f"torch.optim.AdamW({how})")
+    row(
+        "adamw",
+        measure(lambda: K.adamw_step_(flat, flat_grad, m, v, step=10, lr=LR, weight_decay=WD)),
+        measure(adamw.step),
+        f"torch.optim.AdamW({how})",
+    )
     return rows
 
 
@@ -164,8 +186,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement on CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     sizes = [int(s) for s in (args.sizes or ([1e4, 1e5, 1e6, 1e7, 1e8] if device.type == "cuda" else [1e4, 1e5, 1e6]))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     backend = "triton" if device.type == "cuda" else "torch twin"
@@ -182,14 +207,23 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     copy_gbps = {r["n"]: r["bytes_per_element"] * r["n"] / r["seconds"] / 1e9 for r in rows if r["op"] == "copy"}
     print(f"subgrad {__version__} kernels on {name} ({device.type}, {backend}); torch {torch.__version__}")
-    print(f"{'op':<10}{'n':>11}{'B/elem':>8}{'time us':>11}{'GB/s':>9}{'of copy':>9}{'baseline us':>13}{'speedup':>9}  baseline")
+    print(
+        f"{'op':<10}{'n':>11}{'B/elem':>8}{'time us':>11}{'GB/s':>9}{'of copy':>9}{'baseline us':>13}"
+        f"{'speedup':>9}  baseline"
+    )
     for r in rows:
         r["gb_per_s"] = r["bytes_per_element"] * r["n"] / r["seconds"] / 1e9
         r["fraction_of_copy"] = r["gb_per_s"] / copy_gbps[r["n"]]
         r["speedup_vs_baseline"] = r["baseline_seconds"] / r["seconds"] if r["baseline_seconds"] else None
-        base = f"{r['baseline_seconds'] * 1e6:>13.1f}{r['speedup_vs_baseline']:>8.2f}x  {r['baseline']}" if r["baseline"] else ""
-        print(f"{r['op']:<10}{r['n']:>11}{r['bytes_per_element']:>8}{r['seconds'] * 1e6:>11.1f}{r['gb_per_s']:>9.1f}"
-              f"{r['fraction_of_copy']:>9.2f}{base}")
+        base = (
+            f"{r['baseline_seconds'] * 1e6:>13.1f}{r['speedup_vs_baseline']:>8.2f}x  {r['baseline']}"
+            if r["baseline"]
+            else ""
+        )
+        print(
+            f"{r['op']:<10}{r['n']:>11}{r['bytes_per_element']:>8}{r['seconds'] * 1e6:>11.1f}{r['gb_per_s']:>9.1f}"
+            f"{r['fraction_of_copy']:>9.2f}{base}"
+        )
 
     os.makedirs(args.out, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
@@ -197,13 +231,24 @@ def main(argv=None) -> int:
     versions = {"subgrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
+
         versions["triton"] = triton.__version__
     except ImportError:
         pass
     with open(path, "w") as f:
-        json.dump(dict(device=name, device_type=device.type, backend=backend, versions=versions,
-                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])), rows=rows), f, indent=1)
+        json.dump(
+            dict(
+                device=name,
+                device_type=device.type,
+                backend=backend,
+                versions=versions,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+                rows=rows,
+            ),
+            f,
+            indent=1,
+        )
     print(f"wrote {path}")
     return 0
 

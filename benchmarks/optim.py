@@ -19,6 +19,7 @@ On CUDA also, each as a CUDA graph (subgrad.capture.CudaGraphStep) beside its ea
 Peak memory (CUDA only: torch.cuda.max_memory_allocated) is reported relative to a forward-only
 inference pass of the same batch; on CPU it is not measured.  Writes JSON next to kernels.py's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,9 +83,19 @@ def bench_model(name, device, batch, repeats):
     rows = []
 
     def add(label, seconds, baseline=None, baseline_name=None, peak=None, inference_peak=None, passes=None):
-        rows.append(dict(model=name, step=label, seconds=seconds, baseline=baseline_name, baseline_seconds=baseline,
-                         speedup=(baseline / seconds) if baseline else None, forward_passes=passes,
-                         peak_bytes=peak, peak_vs_inference=(peak / inference_peak) if peak and inference_peak else None))
+        rows.append(
+            dict(
+                model=name,
+                step=label,
+                seconds=seconds,
+                baseline=baseline_name,
+                baseline_seconds=baseline,
+                speedup=(baseline / seconds) if baseline else None,
+                forward_passes=passes,
+                peak_bytes=peak,
+                peak_vs_inference=(peak / inference_peak) if peak and inference_peak else None,
+            )
+        )
 
     base = build_model(name).to(device)
     if name == "resnet20":  # running statistics cannot be updated under vmap; ZO steps use batch statistics
@@ -93,6 +104,7 @@ def bench_model(name, device, batch, repeats):
     def inference():
         with torch.no_grad():
             base(x)
+
     inference_peak = peak_bytes(inference, device)
 
     for q in (1, 8):
@@ -101,22 +113,40 @@ def bench_model(name, device, batch, repeats):
         closure = lambda: F.cross_entropy(model(x), y)
         fclosure = lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
         seq = measure(lambda: opt.step(closure), device, repeats)
-        add(f"zosgd q={q} sequential", seq, passes=2 * q,
-            peak=peak_bytes(lambda: opt.step(closure), device), inference_peak=inference_peak)
+        add(
+            f"zosgd q={q} sequential",
+            seq,
+            passes=2 * q,
+            peak=peak_bytes(lambda: opt.step(closure), device),
+            inference_peak=inference_peak,
+        )
         bat = measure(lambda: opt.step(functional_closure=fclosure), device, repeats)
-        add(f"zosgd q={q} batched", bat, baseline=seq, baseline_name="sequential", passes=2 * q,
-            peak=peak_bytes(lambda: opt.step(functional_closure=fclosure), device), inference_peak=inference_peak)
+        add(
+            f"zosgd q={q} batched",
+            bat,
+            baseline=seq,
+            baseline_name="sequential",
+            passes=2 * q,
+            peak=peak_bytes(lambda: opt.step(functional_closure=fclosure), device),
+            inference_peak=inference_peak,
+        )
 
-    for ours_cls, torch_cls, kw in ((SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
-                                    (AdamW, torch.optim.AdamW, dict(lr=1e-3))):
+    for ours_cls, torch_cls, kw in (
+        (SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
+        (AdamW, torch.optim.AdamW, dict(lr=1e-3)),
+    ):
         ours_model, their_model = copy.deepcopy(base), copy.deepcopy(base)
         for m in (ours_model, their_model):
             F.cross_entropy(m(x), y).backward()
         ours = ours_cls(ours_model.parameters(), **kw)
         theirs, how = torch_fastest(torch_cls, their_model.parameters(), device, **kw)
         t_theirs = measure(theirs.step, device, repeats)
-        add(ours_cls.__name__.lower(), measure(ours.step, device, repeats), baseline=t_theirs,
-            baseline_name=f"torch.optim.{torch_cls.__name__}({how})")
+        add(
+            ours_cls.__name__.lower(),
+            measure(ours.step, device, repeats),
+            baseline=t_theirs,
+            baseline_name=f"torch.optim.{torch_cls.__name__}({how})",
+        )
     if device.type == "cuda":
         rows += graphed_rows(name, base, x, y, device, repeats)
     return rows
@@ -125,6 +155,7 @@ def bench_model(name, device, batch, repeats):
 def graphed(fn):
     """``fn`` as a CUDA graph (subgrad.capture.CudaGraphStep), warmed up and captured."""
     from subgrad.capture import CudaGraphStep
+
     graph = CudaGraphStep(fn)
     for _ in range(graph.warmup + 1):
         graph()
@@ -144,12 +175,24 @@ def graphed_rows(name, base, x, y, device, repeats):
     rows = []
 
     def add(label, seconds, baseline_name=None, baseline=None, passes=None):
-        rows.append(dict(model=name, step=label, seconds=seconds, baseline=baseline_name, baseline_seconds=baseline,
-                         speedup=(baseline / seconds) if baseline else None, forward_passes=passes,
-                         peak_bytes=None, peak_vs_inference=None))
+        rows.append(
+            dict(
+                model=name,
+                step=label,
+                seconds=seconds,
+                baseline=baseline_name,
+                baseline_seconds=baseline,
+                speedup=(baseline / seconds) if baseline else None,
+                forward_passes=passes,
+                peak_bytes=None,
+                peak_vs_inference=None,
+            )
+        )
 
-    configs = ((SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4), {}),
-               (AdamW, torch.optim.AdamW, dict(lr=1e-3), dict(capturable=True)))
+    configs = (
+        (SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4), {}),
+        (AdamW, torch.optim.AdamW, dict(lr=1e-3), dict(capturable=True)),
+    )
     for ours_cls, torch_cls, kw, capture_kw in configs:
         models = [copy.deepcopy(base) for _ in range(4)]
         for m in models:
@@ -160,10 +203,18 @@ def graphed_rows(name, base, x, y, device, repeats):
         theirs_graph = torch_cls(models[3].parameters(), **kw, fused=True, **capture_kw)
         label = ours_cls.__name__.lower()
         fused = f"torch.optim.{torch_cls.__name__}(fused)"
-        add(f"{label} eager", per_call(ours_eager.step, device, repeats), fused,
-            per_call(theirs_eager.step, device, repeats))
-        add(f"{label} graphed", per_call(graphed(ours_graph.step), device, repeats), fused + " graphed",
-            per_call(graphed(theirs_graph.step), device, repeats))
+        add(
+            f"{label} eager",
+            per_call(ours_eager.step, device, repeats),
+            fused,
+            per_call(theirs_eager.step, device, repeats),
+        )
+        add(
+            f"{label} graphed",
+            per_call(graphed(ours_graph.step), device, repeats),
+            fused + " graphed",
+            per_call(graphed(theirs_graph.step), device, repeats),
+        )
 
     model = copy.deepcopy(base)
     opt = ZOSGD(model.named_parameters(), lr=torch.tensor(1e-3, device=device), q=1)
@@ -173,9 +224,15 @@ def graphed_rows(name, base, x, y, device, repeats):
         with torch.no_grad():
             closure()
             closure()
+
     forwards = per_call(graphed(two_forwards), device, repeats)
-    add("zosgd q=1 graphed", per_call(graphed(lambda: opt.step(closure)), device, repeats),
-        "its 2 forwards, graphed", forwards, passes=2)
+    add(
+        "zosgd q=1 graphed",
+        per_call(graphed(lambda: opt.step(closure)), device, repeats),
+        "its 2 forwards, graphed",
+        forwards,
+        passes=2,
+    )
     return rows
 
 
@@ -183,6 +240,7 @@ def zo_default_shares(device, repeats, batch=512):
     """Optimizer's own share of a LeNet step at the zo-sgd and zo-adam training defaults."""
     from subgrad.training.config import TrainConfig
     from subgrad.training.session import make_optimizer
+
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -200,6 +258,7 @@ def zo_default_shares(device, repeats, batch=512):
             with torch.no_grad():
                 for _ in range(passes):
                     closure()
+
         # Interleaved and best-of: this VM's speed drifts by tens of percent between seconds, and the share
         # compares two timings, so both are taken under the same conditions and the least disturbed run kept.
         step_times, forward_times = [], []
@@ -207,17 +266,40 @@ def zo_default_shares(device, repeats, batch=512):
             step_times.append(measure(lambda: opt.step(closure), device, 1))
             forward_times.append(measure(forwards, device, 1))
         step, fwd = min(step_times), min(forward_times) / passes
-        rows.append(dict(model="lenet", step=f"{optimizer} defaults", seconds=step, forward_seconds=fwd,
-                         forward_passes=passes, optimizer_share=1.0 - passes * fwd / step, baseline=None,
-                         baseline_seconds=None, speedup=None, peak_bytes=None, peak_vs_inference=None))
+        rows.append(
+            dict(
+                model="lenet",
+                step=f"{optimizer} defaults",
+                seconds=step,
+                forward_seconds=fwd,
+                forward_passes=passes,
+                optimizer_share=1.0 - passes * fwd / step,
+                baseline=None,
+                baseline_seconds=None,
+                speedup=None,
+                peak_bytes=None,
+                peak_vs_inference=None,
+            )
+        )
         if device.type == "cuda":  # the same share with both the step and the forwards as CUDA graphs
             for g in opt.param_groups:
                 g["lr"] = torch.tensor(float(g["lr"]), device=device)
             step, fwd = (per_call(graphed(fn), device, repeats) for fn in (lambda: opt.step(closure), forwards))
-            rows.append(dict(model="lenet", step=f"{optimizer} defaults graphed", seconds=step,
-                             forward_seconds=fwd / passes, forward_passes=passes, optimizer_share=1.0 - fwd / step,
-                             baseline=None, baseline_seconds=None, speedup=None, peak_bytes=None,
-                             peak_vs_inference=None))
+            rows.append(
+                dict(
+                    model="lenet",
+                    step=f"{optimizer} defaults graphed",
+                    seconds=step,
+                    forward_seconds=fwd / passes,
+                    forward_passes=passes,
+                    optimizer_share=1.0 - fwd / step,
+                    baseline=None,
+                    baseline_seconds=None,
+                    speedup=None,
+                    peak_bytes=None,
+                    peak_vs_inference=None,
+                )
+            )
     return rows
 
 
@@ -229,30 +311,49 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     rows = [r for m in args.models for r in bench_model(m, device, args.batch, args.repeats)]
     rows += zo_default_shares(device, args.repeats)
 
-    print(f"subgrad {__version__} optimizer steps on {name} ({device.type}), batch {args.batch}; torch {torch.__version__}")
+    print(
+        f"subgrad {__version__} optimizer steps on {name} ({device.type}), batch {args.batch}; "
+        f"torch {torch.__version__}"
+    )
     print(f"{'model':<10}{'step':<24}{'ms':>9}{'fwd':>5}{'speedup':>9}  {'vs':<32}{'peak/inference':>15}")
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else ""
         peak = f"{r['peak_vs_inference']:.2f}x" if r["peak_vs_inference"] else ("n/a" if r["forward_passes"] else "")
-        print(f"{r['model']:<10}{r['step']:<24}{r['seconds'] * 1e3:>9.2f}{r['forward_passes'] or '':>5}{speed:>9}  "
-              f"{r['baseline'] or '':<32}{peak:>15}")
+        print(
+            f"{r['model']:<10}{r['step']:<24}{r['seconds'] * 1e3:>9.2f}{r['forward_passes'] or '':>5}{speed:>9}  "
+            f"{r['baseline'] or '':<32}{peak:>15}"
+        )
         if "optimizer_share" in r:
-            print(f"{'':<10}  optimizer's own share of the step: {r['optimizer_share']:.1%} "
-                  f"({r['forward_passes']} forwards x {r['forward_seconds'] * 1e3:.2f} ms)")
+            print(
+                f"{'':<10}  optimizer's own share of the step: {r['optimizer_share']:.1%} "
+                f"({r['forward_passes']} forwards x {r['forward_seconds'] * 1e3:.2f} ms)"
+            )
     os.makedirs(args.out, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     path = os.path.join(args.out, f"optim-{device.type}-{slug}.json")
     with open(path, "w") as f:
-        json.dump(dict(device=name, device_type=device.type, batch=args.batch,
-                       versions={"subgrad": __version__, "torch": torch.__version__},
-                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       command=" ".join(["optim.py"] + (argv or sys.argv[1:])), rows=rows), f, indent=1)
+        json.dump(
+            dict(
+                device=name,
+                device_type=device.type,
+                batch=args.batch,
+                versions={"subgrad": __version__, "torch": torch.__version__},
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join(["optim.py"] + (argv or sys.argv[1:])),
+                rows=rows,
+            ),
+            f,
+            indent=1,
+        )
     print(f"wrote {path}")
     return 0
 

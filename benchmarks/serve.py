@@ -3,9 +3,9 @@
     python benchmarks/serve.py [--json PATH] [--plot PATH] [--model MODEL.onnx] [--seconds 4]
 
 Starts ``subgrad serve MODEL.onnx`` as a user does (its own process: the serve extra's Triton server,
-python backend, dynamic batching, the HTTP front) on loopback ports, then for each protocol (HTTP through the front, gRPC) and
-client concurrency (1, 4, 16, 64) sends batch-1 requests of real CIFAR-10 test images as binary tensors
-from asyncio clients (tritonclient's aio API; one event loop, so client and server share the cores as
+python backend, dynamic batching, the HTTP front) on loopback ports, then for each protocol (HTTP through
+the front, gRPC) and client concurrency (1, 4, 16, 64) sends batch-1 requests of real CIFAR-10 test images
+as binary tensors from asyncio clients (tritonclient's aio API; one event loop, so client and server share the cores as
 they would on one machine) for ``--seconds`` or ``--max-requests``, whichever comes first.  Beside it,
 in the same run, the same images through ``Predictor`` in process at batch 1 and batch 16.  Every
 answer is checked against Predictor's logits (bit for bit); a wrong or failed answer counts as an error.
@@ -14,6 +14,7 @@ Rows: ``path`` (``http``, ``grpc``, ``predictor``), ``concurrency``, ``batch``, 
 ``errors``, ``seconds``, ``requests_per_s``, ``images_per_s``, ``p50_ms``, ``p99_ms``.  Without
 ``--model`` a LeNet is trained for 30 steps on the team's archive (its weights do not change the cost).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,19 +43,29 @@ def percentile(values, q):
 
 
 def row(path, concurrency, batch, latencies, errors, seconds):
-    return {"path": path, "concurrency": concurrency, "batch": batch, "requests": len(latencies) + errors,
-            "errors": errors, "seconds": round(seconds, 3), "requests_per_s": round(len(latencies) / seconds, 1),
-            "images_per_s": round(len(latencies) * batch / seconds, 1), "p50_ms": round(percentile(latencies, 50), 3),
-            "p99_ms": round(percentile(latencies, 99), 3)}
+    return {
+        "path": path,
+        "concurrency": concurrency,
+        "batch": batch,
+        "requests": len(latencies) + errors,
+        "errors": errors,
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(len(latencies) / seconds, 1),
+        "images_per_s": round(len(latencies) * batch / seconds, 1),
+        "p50_ms": round(percentile(latencies, 50), 3),
+        "p99_ms": round(percentile(latencies, 99), 3),
+    }
 
 
 async def load(protocol, port, feeds, expected, concurrency, seconds, max_requests):
     """``concurrency`` tasks sending batch-1 requests until the time or request budget is spent."""
     if protocol == "http":
         import tritonclient.http.aio as client_module
+
         client = client_module.InferenceServerClient(f"localhost:{port}", conn_limit=concurrency)
     else:
         import tritonclient.grpc.aio as client_module
+
         client = client_module.InferenceServerClient(f"localhost:{port}")
     latencies, errors, sent = [], [0], [0]
     deadline = time.perf_counter() + seconds
@@ -91,7 +102,7 @@ def predictor_rows(predictor, pixels, seconds, max_requests):
         predictor.logits_from_pixels(pixels[:batch], batch)  # warm
         start = time.perf_counter()
         while time.perf_counter() < deadline and len(latencies) * batch < max_requests:
-            chunk = pixels[k:k + batch]
+            chunk = pixels[k : k + batch]
             k = (k + batch) % (len(pixels) - batch)
             t = time.perf_counter()
             predictor.logits_from_pixels(chunk, batch)
@@ -105,21 +116,36 @@ def trained_model(folder: pathlib.Path, archive: pathlib.Path) -> pathlib.Path:
     from subgrad.training.config import TrainConfig
     from subgrad.training.loop import train
 
-    train(TrainConfig(model="lenet", optimizer="sgd", data=str(archive), out=str(folder / "run"), device="cpu",
-                      steps=30, batch_size=128, quiet=True))
+    train(
+        TrainConfig(
+            model="lenet",
+            optimizer="sgd",
+            data=str(archive),
+            out=str(folder / "run"),
+            device="cpu",
+            steps=30,
+            batch_size=128,
+            quiet=True,
+        )
+    )
     return export_run(folder / "run", folder / f"{MODEL}.onnx")
 
 
 def plot(rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for protocol, marker in (("http", "o"), ("grpc", "s")):
         points = [r for r in rows if r["path"] == protocol]
-        ax.plot([r["concurrency"] for r in points], [r["images_per_s"] for r in points], marker=marker,
-                label=f"Triton, {protocol}, batch-1 requests")
+        ax.plot(
+            [r["concurrency"] for r in points],
+            [r["images_per_s"] for r in points],
+            marker=marker,
+            label=f"Triton, {protocol}, batch-1 requests",
+        )
     for r, style in zip([r for r in rows if r["path"] == "predictor"], (":", "--")):
         ax.axhline(r["images_per_s"], linestyle=style, color="gray", label=f"Predictor in process, batch {r['batch']}")
     ax.set_xscale("log", base=2)
@@ -151,15 +177,18 @@ def main() -> int:
         scratch = pathlib.Path(scratch)
         model = args.model or trained_model(scratch, args.data)
         predictor = Predictor(model)
-        feeds = [predictor.preprocess(pixels[k:k + 1]) for k in range(len(pixels))]
-        expected = [predictor.logits_from_pixels(pixels[k:k + 1]) for k in range(len(pixels))]
+        feeds = [predictor.preprocess(pixels[k : k + 1]) for k in range(len(pixels))]
+        expected = [predictor.logits_from_pixels(pixels[k : k + 1]) for k in range(len(pixels))]
         rows = predictor_rows(predictor, pixels, args.seconds, args.max_requests)
         served = scratch / f"{MODEL}.onnx"
         if model != served:
             shutil.copyfile(model, served)  # the served model's name is the file's stem
         ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-        server = subprocess.Popen([sys.executable, "-m", "subgrad", "serve", str(served),
-                                   *(f"--{k}-port={v}" for k, v in ports.items())], stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "subgrad", "serve", str(served), *(f"--{k}-port={v}" for k, v in ports.items())],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             banner = []
             while not banner or "Ctrl-C" not in banner[-1]:
@@ -170,33 +199,48 @@ def main() -> int:
             for protocol in ("http", "grpc"):
                 asyncio.run(load(protocol, ports[protocol], feeds, expected, 1, 1.0, 200))  # warm-up, not reported
                 for concurrency in CONCURRENCY:
-                    rows.append(asyncio.run(load(protocol, ports[protocol], feeds, expected, concurrency,
-                                                 args.seconds, args.max_requests)))
+                    rows.append(
+                        asyncio.run(
+                            load(
+                                protocol, ports[protocol], feeds, expected, concurrency, args.seconds, args.max_requests
+                            )
+                        )
+                    )
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     header = f"{'path':10} {'conc':>5} {'batch':>5} {'req/s':>9} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
     print(header)
     for r in rows:
-        print(f"{r['path']:10} {r['concurrency']:5d} {r['batch']:5d} {r['requests_per_s']:9.1f} {r['images_per_s']:9.1f} "
-              f"{r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['errors']:7d}")
+        print(
+            f"{r['path']:10} {r['concurrency']:5d} {r['batch']:5d} {r['requests_per_s']:9.1f} {r['images_per_s']:9.1f} "
+            f"{r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['errors']:7d}"
+        )
     by = {(r["path"], r["concurrency"]): r for r in rows if r["path"] != "predictor"}
-    targets = {"http_c1_p50_ms": by[("http", 1)]["p50_ms"],
-               "http_c16_over_c1_throughput": round(by[("http", 16)]["requests_per_s"] /
-                                                    by[("http", 1)]["requests_per_s"], 2),
-               "grpc_c16_over_c1_throughput": round(by[("grpc", 16)]["requests_per_s"] /
-                                                    by[("grpc", 1)]["requests_per_s"], 2)}
-    print(f"targets: HTTP batch-1 median at concurrency 1 {targets['http_c1_p50_ms']:.3f} ms (goal <= 1 ms); "
-          f"throughput at concurrency 16 over 1: HTTP {targets['http_c16_over_c1_throughput']}x, gRPC "
-          f"{targets['grpc_c16_over_c1_throughput']}x (goal >= 2x)")
+    targets = {
+        "http_c1_p50_ms": by[("http", 1)]["p50_ms"],
+        "http_c16_over_c1_throughput": round(by[("http", 16)]["requests_per_s"] / by[("http", 1)]["requests_per_s"], 2),
+        "grpc_c16_over_c1_throughput": round(by[("grpc", 16)]["requests_per_s"] / by[("grpc", 1)]["requests_per_s"], 2),
+    }
+    print(
+        f"targets: HTTP batch-1 median at concurrency 1 {targets['http_c1_p50_ms']:.3f} ms (goal <= 1 ms); "
+        f"throughput at concurrency 16 over 1: HTTP {targets['http_c16_over_c1_throughput']}x, gRPC "
+        f"{targets['grpc_c16_over_c1_throughput']}x (goal >= 2x)"
+    )
     if args.json:
         import onnxruntime
-        payload = {"benchmark": "serve", "date": datetime.date.today().isoformat(),
-                   "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
-                   "versions": {"subgrad": __version__, "onnxruntime": onnxruntime.__version__,
-                                "tritonserver": version},
-                   "command": "python " + " ".join(sys.argv), "seconds_per_row": args.seconds,
-                   "targets": targets, "rows": rows}
+
+        payload = {
+            "benchmark": "serve",
+            "date": datetime.date.today().isoformat(),
+            "machine": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0],
+            "versions": {"subgrad": __version__, "onnxruntime": onnxruntime.__version__, "tritonserver": version},
+            "command": "python " + " ".join(sys.argv),
+            "seconds_per_row": args.seconds,
+            "targets": targets,
+            "rows": rows,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
         plot(rows, args.plot or args.json.with_suffix(".png"))

@@ -14,6 +14,7 @@
    for LeNet and ResNet-20, the same number of steps each: training seconds and test accuracy.
 Prints a table and writes results/train-<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,14 @@ def torchvision_loop(data_path, epochs, batch, device):
 
     ds = load_cifar10(data_path)
     mean, std = ds.channel_stats()
-    transform = Tr.Compose([Tr.RandomCrop(32, padding=4, padding_mode="reflect"), Tr.RandomHorizontalFlip(),
-                            Tr.ToTensor(), Tr.Normalize(mean, std)])
+    transform = Tr.Compose(
+        [
+            Tr.RandomCrop(32, padding=4, padding_mode="reflect"),
+            Tr.RandomHorizontalFlip(),
+            Tr.ToTensor(),
+            Tr.Normalize(mean, std),
+        ]
+    )
 
     class Set(torch.utils.data.Dataset):
         def __len__(self):
@@ -80,14 +87,24 @@ def device_loop(data_path, model_name: str, device, compiled: bool) -> dict:
     cfg = TrainConfig(model=model_name, optimizer="sgd", data=data_path).resolved()
     ds = load_cifar10(data_path)
     mean, std = ds.channel_stats()
-    loader = DeviceLoader(ds.train_images, ds.train_labels, mean, std, cfg.batch_size, device, augment=True,
-                          shuffle=True, drop_last=True, order_seed=cfg.seed, augment_seed=cfg.seed + 1)
+    loader = DeviceLoader(
+        ds.train_images,
+        ds.train_labels,
+        mean,
+        std,
+        cfg.batch_size,
+        device,
+        augment=True,
+        shuffle=True,
+        drop_last=True,
+        order_seed=cfg.seed,
+        augment_seed=cfg.seed + 1,
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(model_name).to(device)
     forward = torch.compile(model, mode="reduce-overhead") if compiled else model
     lr = torch.tensor(cfg.lr, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     total = round(cfg.epochs * len(loader))
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -109,20 +126,27 @@ def loops(data_path, device, models) -> list[dict]:
     rows = []
     for model_name in models:
         with tempfile.TemporaryDirectory() as tmp:
-            s = train(TrainConfig(model=model_name, optimizer="sgd", data=data_path, out=f"{tmp}/r",
-                                  device=device.type, quiet=True))
-        row = dict(model=model_name, subgrad=dict(train_seconds=s["train_seconds"], steps=s["steps"],
-                                                  test_accuracy=s["test_accuracy"]),
-                   torch_loop=device_loop(data_path, model_name, device, compiled=False),
-                   torch_compile_reduce_overhead=device_loop(data_path, model_name, device, compiled=True))
+            s = train(
+                TrainConfig(
+                    model=model_name, optimizer="sgd", data=data_path, out=f"{tmp}/r", device=device.type, quiet=True
+                )
+            )
+        row = dict(
+            model=model_name,
+            subgrad=dict(train_seconds=s["train_seconds"], steps=s["steps"], test_accuracy=s["test_accuracy"]),
+            torch_loop=device_loop(data_path, model_name, device, compiled=False),
+            torch_compile_reduce_overhead=device_loop(data_path, model_name, device, compiled=True),
+        )
         for key in ("torch_loop", "torch_compile_reduce_overhead"):
             row[f"speedup_vs_{key}"] = row[key]["train_seconds"] / row["subgrad"]["train_seconds"]
         rows.append(row)
-        print(f"  {model_name:<9} sgd defaults, {s['steps']} steps: subgrad {s['train_seconds']:7.1f} s "
-              f"(acc {s['test_accuracy']:.4f}); torch loop {row['torch_loop']['train_seconds']:7.1f} s "
-              f"({row['speedup_vs_torch_loop']:.2f}x); torch.compile reduce-overhead "
-              f"{row['torch_compile_reduce_overhead']['train_seconds']:7.1f} s "
-              f"({row['speedup_vs_torch_compile_reduce_overhead']:.2f}x)")
+        print(
+            f"  {model_name:<9} sgd defaults, {s['steps']} steps: subgrad {s['train_seconds']:7.1f} s "
+            f"(acc {s['test_accuracy']:.4f}); torch loop {row['torch_loop']['train_seconds']:7.1f} s "
+            f"({row['speedup_vs_torch_loop']:.2f}x); torch.compile reduce-overhead "
+            f"{row['torch_compile_reduce_overhead']['train_seconds']:7.1f} s "
+            f"({row['speedup_vs_torch_compile_reduce_overhead']:.2f}x)"
+        )
     return rows
 
 
@@ -134,15 +158,27 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-defaults", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--loops", action="store_true", help="CUDA: subgrad train vs plain and compiled torch loops")
-    parser.add_argument("--loop-models", nargs="+", default=["lenet", "resnet20"], choices=["lenet", "resnet20"],
-                        help="the models --loops trains (each at its sgd defaults)")
+    parser.add_argument(
+        "--loop-models",
+        nargs="+",
+        default=["lenet", "resnet20"],
+        choices=["lenet", "resnet20"],
+        help="the models --loops trains (each at its sgd defaults)",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    result = dict(device=name, versions=versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), command=" ".join(["train.py"] + (argv or sys.argv[1:])))
+    result = dict(
+        device=name,
+        versions=versions(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["train.py"] + (argv or sys.argv[1:])),
+    )
 
     if args.loops:
         if device.type != "cuda":
@@ -151,28 +187,61 @@ def main(argv=None) -> int:
         result["loops"] = loops(args.data, device, args.loop_models)
     if not args.skip_throughput:
         with tempfile.TemporaryDirectory() as tmp:
-            s = train(TrainConfig(model="lenet", optimizer="sgd", data=args.data, out=f"{tmp}/tp", device=device.type,
-                                  epochs=args.epochs, lr=0.05, schedule="constant", quiet=True))
+            s = train(
+                TrainConfig(
+                    model="lenet",
+                    optimizer="sgd",
+                    data=args.data,
+                    out=f"{tmp}/tp",
+                    device=device.type,
+                    epochs=args.epochs,
+                    lr=0.05,
+                    schedule="constant",
+                    quiet=True,
+                )
+            )
             ours = dict(images_per_second=s["images_per_second"], seconds_per_epoch=s["train_seconds"] / args.epochs)
         base = torchvision_loop(args.data, args.epochs, 128, device)
-        result["throughput"] = dict(subgrad=ours, torchvision_dataloader=base,
-                                    speedup=ours["images_per_second"] / base["images_per_second"])
+        result["throughput"] = dict(
+            subgrad=ours, torchvision_dataloader=base, speedup=ours["images_per_second"] / base["images_per_second"]
+        )
         print(f"LeNet, batch 128, {args.epochs} epochs on {name}:")
-        print(f"  subgrad train (device loader, fused SGD): {ours['images_per_second']:8.0f} img/s  "
-              f"{ours['seconds_per_epoch']:6.1f} s/epoch")
-        print(f"  torch.optim.SGD + torchvision DataLoader: {base['images_per_second']:8.0f} img/s  "
-              f"{base['seconds_per_epoch']:6.1f} s/epoch   -> {result['throughput']['speedup']:.2f}x")
+        print(
+            f"  subgrad train (device loader, fused SGD): {ours['images_per_second']:8.0f} img/s  "
+            f"{ours['seconds_per_epoch']:6.1f} s/epoch"
+        )
+        print(
+            f"  torch.optim.SGD + torchvision DataLoader: {base['images_per_second']:8.0f} img/s  "
+            f"{base['seconds_per_epoch']:6.1f} s/epoch   -> {result['throughput']['speedup']:.2f}x"
+        )
 
     if not args.skip_defaults:
         rows = []
         for optimizer in OPTIMIZERS:
             with tempfile.TemporaryDirectory() as tmp:
-                s = train(TrainConfig(model="lenet", optimizer=optimizer, data=args.data, out=f"{tmp}/r",
-                                      device=device.type, quiet=True))
-            rows.append(dict(optimizer=optimizer, test_accuracy=s["test_accuracy"], train_seconds=s["train_seconds"],
-                             forward_passes=s["forward_passes"], steps=s["steps"]))
-            print(f"  lenet {optimizer:<8} defaults: test accuracy {s['test_accuracy']:.4f}  {s['train_seconds']:7.1f} s"
-                  f"  {s['forward_passes']} forward passes")
+                s = train(
+                    TrainConfig(
+                        model="lenet",
+                        optimizer=optimizer,
+                        data=args.data,
+                        out=f"{tmp}/r",
+                        device=device.type,
+                        quiet=True,
+                    )
+                )
+            rows.append(
+                dict(
+                    optimizer=optimizer,
+                    test_accuracy=s["test_accuracy"],
+                    train_seconds=s["train_seconds"],
+                    forward_passes=s["forward_passes"],
+                    steps=s["steps"],
+                )
+            )
+            print(
+                f"  lenet {optimizer:<8} defaults: test accuracy {s['test_accuracy']:.4f}  {s['train_seconds']:7.1f} s"
+                f"  {s['forward_passes']} forward passes"
+            )
         result["defaults"] = rows
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train-{device.type}.json")

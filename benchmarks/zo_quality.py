@@ -11,8 +11,9 @@ machines are noisy).  Each run evaluates at ``--points``
 evenly spaced steps; the test accuracy there is plotted against the forward passes spent so far and
 against training seconds (evaluation time excluded).  A backprop step counts one forward pass (its
 backward is not counted: the seconds axis shows what it costs).  Writes
-results/zo-quality-<device>.json and .png (issue 14's yardstick).
+results/zo-quality-<device>.json and .png (the forward-only yardstick).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,23 +42,41 @@ def run_curve(optimizer: str, data: str, device: str, points: int, train_images:
         cfg = dataclasses.replace(cfg, out=tmp, eval_every=max(1, total // points))
         summary = train(cfg)
         metrics = [json.loads(line) for line in (pathlib.Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    curve = [dict(step=m["step"], forward_passes=m["forward_passes"], train_seconds=m["train_seconds"],
-                  test_accuracy=m["test_accuracy"], train_loss=m["train_loss"]) for m in metrics]
+    curve = [
+        dict(
+            step=m["step"],
+            forward_passes=m["forward_passes"],
+            train_seconds=m["train_seconds"],
+            test_accuracy=m["test_accuracy"],
+            train_loss=m["train_loss"],
+        )
+        for m in metrics
+    ]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "quiet")}
-    return dict(date=datetime.date.today().isoformat(), settings=settings, curve=curve,
-                test_accuracy=summary["test_accuracy"],
-                train_seconds=summary["train_seconds"], forward_passes=summary["forward_passes"])
+    return dict(
+        date=datetime.date.today().isoformat(),
+        settings=settings,
+        curve=curve,
+        test_accuracy=summary["test_accuracy"],
+        train_seconds=summary["train_seconds"],
+        forward_passes=summary["forward_passes"],
+    )
 
 
 def plot(runs: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (by_passes, by_seconds) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
-        style = dict(marker="o", markersize=3, linestyle="--" if name not in ZO_OPTIMIZERS else "-",
-                     label=f"{name} ({run['test_accuracy']:.1%})" + ("" if name in ZO_OPTIMIZERS else ", backprop"))
+        style = dict(
+            marker="o",
+            markersize=3,
+            linestyle="--" if name not in ZO_OPTIMIZERS else "-",
+            label=f"{name} ({run['test_accuracy']:.1%})" + ("" if name in ZO_OPTIMIZERS else ", backprop"),
+        )
         by_passes.plot([p["forward_passes"] for p in run["curve"]], [p["test_accuracy"] for p in run["curve"]], **style)
         by_seconds.plot([p["train_seconds"] for p in run["curve"]], [p["test_accuracy"] for p in run["curve"]], **style)
     by_passes.set_xscale("log")
@@ -88,12 +107,25 @@ def main(argv=None) -> int:
     runs = json.loads(stem.with_suffix(".json").read_text())["runs"] if stem.with_suffix(".json").exists() else {}
     for optimizer in args.optimizers:
         runs[optimizer] = run = run_curve(optimizer, args.data, device, args.points, train_images)
-        print(f"{optimizer:<8} test accuracy {run['test_accuracy']:.4f}  {run['forward_passes']:>6} forward passes  "
-              f"{run['train_seconds']:.0f} s", flush=True)
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, " \
-                                                                     f"{torch.get_num_threads()} threads"
-    report = dict(date=datetime.date.today().isoformat(), device=device, machine=machine, versions=versions(),
-                  model="lenet", data=str(args.data), runs=runs)
+        print(
+            f"{optimizer:<8} test accuracy {run['test_accuracy']:.4f}  {run['forward_passes']:>6} forward passes  "
+            f"{run['train_seconds']:.0f} s",
+            flush=True,
+        )
+    machine = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    report = dict(
+        date=datetime.date.today().isoformat(),
+        device=device,
+        machine=machine,
+        versions=versions(),
+        model="lenet",
+        data=str(args.data),
+        runs=runs,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(runs, stem.with_suffix(".png"), f"LeNet on CIFAR-10, forward-only optimizers at their defaults ({machine})")

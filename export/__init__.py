@@ -19,8 +19,8 @@ same module and break each other when both are present:
     pip install "subgrad[cpu]"   # CPU-only machines: onnxruntime
     pip install "subgrad[gpu]"   # NVIDIA machines:   onnxruntime-gpu
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 from .runtime import MissingOnnxRuntimeError, require_onnxruntime  # numpy only, no torch
 

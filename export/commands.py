@@ -2,6 +2,7 @@
 package, serve.  Each is a thin wrapper over a library function of :mod:`subgrad.export`; flags a user left
 out are not passed, so the library's signatures hold every default.  :func:`add_commands` adds them to
 ``subgrad``'s parser (:mod:`subgrad.cli`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,18 +14,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from subgrad.export.exporter import export_run
 
     path = export_run(args.run, args.out, with_preprocessing=args.with_preprocessing, **_given(args, opset="opset"))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); checked with onnx.checker (full) and strict shape "
-          "inference")
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); checked with onnx.checker (full) and strict shape "
+        "inference"
+    )
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from subgrad.export.validate import validate
 
-    report = validate(args.model, args.run, args.data, limit=args.limit, **_given(
-        args, batch_sizes="batch_sizes", min_agreement="min_agreement", max_abs_diff="max_abs_diff"))
-    print(f"{report['images']} images  agreement {report['agreement']:.5f}  max |diff| {report['max_abs_diff']:.3g}  "
-          f"accuracy torch {report['accuracy_torch']:.4f} onnx {report['accuracy_onnx']:.4f}")
+    report = validate(
+        args.model,
+        args.run,
+        args.data,
+        limit=args.limit,
+        **_given(args, batch_sizes="batch_sizes", min_agreement="min_agreement", max_abs_diff="max_abs_diff"),
+    )
+    print(
+        f"{report['images']} images  agreement {report['agreement']:.5f}  max |diff| {report['max_abs_diff']:.3g}  "
+        f"accuracy torch {report['accuracy_torch']:.4f} onnx {report['accuracy_onnx']:.4f}"
+    )
     for failure in report["failures"]:
         print(f"FAILED: {failure}", file=sys.stderr)
     where = os.path.join(os.path.dirname(os.path.abspath(args.model)), "validation.md")
@@ -38,8 +48,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from subgrad.export.bench import bench, render_table
     from subgrad.training.runs import atomic_write_text
 
-    report = bench(args.model, threads=args.threads, run_dir=args.run,
-                   **_given(args, batch_sizes="batch_sizes", runs="runs", warmup="warmup"))
+    report = bench(
+        args.model,
+        threads=args.threads,
+        run_dir=args.run,
+        **_given(args, batch_sizes="batch_sizes", runs="runs", warmup="warmup"),
+    )
     print(render_table(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=1))
@@ -49,12 +63,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from subgrad.export.quantize import quantize
 
-    r = quantize(args.model, args.data, args.out, limit=args.limit,
-                 **_given(args, mode="mode", max_drop="max_drop", calibration_images="calibration_images"))
+    r = quantize(
+        args.model,
+        args.data,
+        args.out,
+        limit=args.limit,
+        **_given(args, mode="mode", max_drop="max_drop", calibration_images="calibration_images"),
+    )
     acc = "n/a" if r["accuracy_quantized"] is None else f"{r['accuracy_quantized']:.4f}"
-    print(f"{r['settings']['mode']}: accuracy {r['accuracy_fp32']:.4f} -> {acc} on {r['images']} test images, "
-          f"size x{r['size_ratio']:.2f}" + "".join(f", {k.replace('_', ' ')} x{r[k]:.2f}" for k in
-                                                   ("speedup_batch1", "speedup_batch256") if k in r))
+    print(
+        f"{r['settings']['mode']}: accuracy {r['accuracy_fp32']:.4f} -> {acc} on {r['images']} test images, "
+        f"size x{r['size_ratio']:.2f}"
+        + "".join(f", {k.replace('_', ' ')} x{r[k]:.2f}" for k in ("speedup_batch1", "speedup_batch256") if k in r)
+    )
     if not r["written"]:
         print(f"refused: {r['reason']}", file=sys.stderr)
         return 1
@@ -90,9 +111,19 @@ def _given(args: argparse.Namespace, **names: str) -> dict:
 def _cmd_package(args: argparse.Namespace) -> int:
     from subgrad.export.triton_repo import package_triton
 
-    folder = package_triton(args.model, args.triton_repo, **_given(
-        args, name="name", max_batch_size="max_batch_size", instances="instances", kind="kind",
-        max_queue_delay_us="max_queue_delay_us", backend="backend"))
+    folder = package_triton(
+        args.model,
+        args.triton_repo,
+        **_given(
+            args,
+            name="name",
+            max_batch_size="max_batch_size",
+            instances="instances",
+            kind="kind",
+            max_queue_delay_us="max_queue_delay_us",
+            backend="backend",
+        ),
+    )
     files = ", ".join(str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file())
     print(f"wrote Triton model repository entry {folder} ({files})")
     return 0
@@ -108,14 +139,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from subgrad.export.triton_repo import package_triton
 
     source = pathlib.Path(args.model)
-    packaging = _given(args, max_batch_size="max_batch", max_queue_delay_us="max_queue_delay_us",
-                       instances="instances")
+    packaging = _given(args, max_batch_size="max_batch", max_queue_delay_us="max_queue_delay_us", instances="instances")
     server = find_server()
     with tempfile.TemporaryDirectory(prefix="subgrad-repo-") as scratch:
         if source.is_dir():
             if packaging:
-                raise ValueError("--max-batch, --max-queue-delay-us and --instances apply when serving MODEL.onnx; "
-                                 f"for a repository, edit {source}/<model>/config.pbtxt")
+                raise ValueError(
+                    "--max-batch, --max-queue-delay-us and --instances apply when serving MODEL.onnx; "
+                    f"for a repository, edit {source}/<model>/config.pbtxt"
+                )
             repository = source
         else:
             repository = pathlib.Path(scratch)
@@ -126,13 +158,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             stop.append(signal.Signals(signum).name)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        triton = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log,
-                              server=server)
+        triton = TritonServer(
+            repository, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log, server=server
+        )
         try:
             triton.start()
             for name, backend in triton.models.items():
-                print(f"serving {name} ({backend} backend) with Triton Inference Server {triton.version} from "
-                      f"{server.origin}")
+                print(
+                    f"serving {name} ({backend} backend) with Triton Inference Server {triton.version} from "
+                    f"{server.origin}"
+                )
                 print(f"  HTTP     http://localhost:{args.http_port}/v2/models/{name}/infer")
             print(f"  gRPC     localhost:{args.grpc_port}")
             print(f"  metrics  http://localhost:{args.metrics_port}/metrics")
@@ -142,15 +177,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 time.sleep(0.2)
                 status = triton.exit_status()
                 if status is not None:
-                    print(f"subgrad serve: the Triton server exited with status {status}; its log: {triton.log_path}",
-                          file=sys.stderr)
+                    print(
+                        f"subgrad serve: the Triton server exited with status {status}; its log: {triton.log_path}",
+                        file=sys.stderr,
+                    )
                     return 1
                 for pid, model in triton.dead_stubs().items():
-                    print(f"subgrad serve: the python-backend stub of {model!r} (pid {pid}) died; its requests "
-                          "failed with 'Stub process is not healthy'; reloading the model", file=sys.stderr)
+                    print(
+                        f"subgrad serve: the python-backend stub of {model!r} (pid {pid}) died; its requests "
+                        "failed with 'Stub process is not healthy'; reloading the model",
+                        file=sys.stderr,
+                    )
                     ok = triton.recover(model)
-                    print(f"subgrad serve: {model!r} " + ("is ready again" if ok else
-                          f"did not come back; its log: {triton.log_path}"), file=sys.stderr, flush=True)
+                    print(
+                        f"subgrad serve: {model!r} "
+                        + ("is ready again" if ok else f"did not come back; its log: {triton.log_path}"),
+                        file=sys.stderr,
+                        flush=True,
+                    )
             print(f"{stop[0]}: draining in-flight requests and stopping", flush=True)
         finally:  # a ServeError goes on to main(): one line, exit 2
             status = triton.stop()
@@ -172,20 +216,30 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
 
 def add_commands(sub) -> None:
     """The export and deploy subcommands, on ``subgrad``'s subparsers ``sub``."""
-    ex = sub.add_parser("export", help="export a run folder's model to ONNX",
-                        description="Export RUN's final weights with torch.onnx.export(dynamo=True), dynamic batch, "
-                                    "metadata for deployment; checked before it is written.")
+    ex = sub.add_parser(
+        "export",
+        help="export a run folder's model to ONNX",
+        description="Export RUN's final weights with torch.onnx.export(dynamo=True), dynamic batch, "
+        "metadata for deployment; checked before it is written.",
+    )
     ex.add_argument("run", metavar="RUN_DIR")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
-    ex.add_argument("--with-preprocessing", dest="with_preprocessing", action="store_true",
-                    help="take raw NHWC uint8 pixels: normalisation inside the graph")
+    ex.add_argument(
+        "--with-preprocessing",
+        dest="with_preprocessing",
+        action="store_true",
+        help="take raw NHWC uint8 pixels: normalisation inside the graph",
+    )
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, the lowest it supports)")
     ex.set_defaults(func=_cmd_export)
 
-    va = sub.add_parser("validate", help="PyTorch vs onnxruntime on the CIFAR-10 test set",
-                        description="Run the test set through the run's PyTorch model and through onnxruntime at "
-                                    "several batch sizes; exit 1 when a check fails. Writes validation.json/.md "
-                                    "beside the model.")
+    va = sub.add_parser(
+        "validate",
+        help="PyTorch vs onnxruntime on the CIFAR-10 test set",
+        description="Run the test set through the run's PyTorch model and through onnxruntime at "
+        "several batch sizes; exit 1 when a check fails. Writes validation.json/.md "
+        "beside the model.",
+    )
     va.add_argument("model", metavar="MODEL.onnx")
     va.add_argument("--run", required=True, metavar="RUN_DIR", help="the run folder the model was exported from")
     va.add_argument("--data", default="./data", help="CIFAR-10 (any layout subgrad train accepts)")
@@ -195,22 +249,31 @@ def add_commands(sub) -> None:
     va.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
     va.set_defaults(func=_cmd_validate)
 
-    be = sub.add_parser("bench", help="latency/throughput: PyTorch eager vs onnxruntime",
-                        description="Equal threads on both sides, warm-up, then timed runs: p50/p95/p99 latency, "
-                                    "throughput, session creation; CUDA/TensorRT providers too when present.")
+    be = sub.add_parser(
+        "bench",
+        help="latency/throughput: PyTorch eager vs onnxruntime",
+        description="Equal threads on both sides, warm-up, then timed runs: p50/p95/p99 latency, "
+        "throughput, session creation; CUDA/TensorRT providers too when present.",
+    )
     be.add_argument("model", metavar="MODEL.onnx")
     be.add_argument("--json", help="also write the report to this JSON file")
     be.add_argument("--batch-sizes", dest="batch_sizes", type=_batch_sizes, help="comma-separated")
     be.add_argument("--runs", type=int, help="timed runs per batch size")
     be.add_argument("--warmup", type=int, help="untimed runs first")
     be.add_argument("--threads", type=int, help="threads for both sides (default: torch's default)")
-    be.add_argument("--run", metavar="RUN_DIR", help="eager side from this run folder (default: rebuilt from the "
-                                                     "ONNX file's metadata and weights)")
+    be.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="eager side from this run folder (default: rebuilt from the ONNX file's metadata and weights)",
+    )
     be.set_defaults(func=_cmd_bench)
 
-    qu = sub.add_parser("quantize", help="static INT8 (QDQ, per-channel) or fp16, gated on test accuracy",
-                        description="Quantize, measure accuracy on the test set, size and speed; refuse to write "
-                                    "(exit 1) when accuracy drops more than --max-drop points.")
+    qu = sub.add_parser(
+        "quantize",
+        help="static INT8 (QDQ, per-channel) or fp16, gated on test accuracy",
+        description="Quantize, measure accuracy on the test set, size and speed; refuse to write "
+        "(exit 1) when accuracy drops more than --max-drop points.",
+    )
     qu.add_argument("model", metavar="MODEL.onnx")
     qu.add_argument("--data", default="./data", help="CIFAR-10: training images calibrate, test images measure")
     qu.add_argument("--out", help="output file (default MODEL.int8.onnx / MODEL.fp16.onnx)")
@@ -220,42 +283,65 @@ def add_commands(sub) -> None:
     qu.add_argument("--limit", type=int, help="only the first N test images")
     qu.set_defaults(func=_cmd_quantize)
 
-    pr = sub.add_parser("predict", help="top-k labels for image files",
-                        description="Classify images with an exported model (onnxruntime only); an unreadable "
-                                    "image gets its own error line; exit 1 when any failed.")
+    pr = sub.add_parser(
+        "predict",
+        help="top-k labels for image files",
+        description="Classify images with an exported model (onnxruntime only); an unreadable "
+        "image gets its own error line; exit 1 when any failed.",
+    )
     pr.add_argument("model", metavar="MODEL.onnx")
     pr.add_argument("images", metavar="IMAGE", nargs="+")
     pr.add_argument("--top-k", dest="top_k", type=int, default=3)
     pr.add_argument("--batch-size", dest="batch_size", type=int, help="images per onnxruntime run")
     pr.set_defaults(func=_cmd_predict)
 
-    pa = sub.add_parser("package", help="write an NVIDIA Triton Inference Server model repository",
-                        description="config.pbtxt (onnxruntime_onnx, dynamic batching), labels.txt, 1/model.onnx.")
+    pa = sub.add_parser(
+        "package",
+        help="write an NVIDIA Triton Inference Server model repository",
+        description="config.pbtxt (onnxruntime_onnx, dynamic batching), labels.txt, 1/model.onnx.",
+    )
     pa.add_argument("model", metavar="MODEL.onnx")
     pa.add_argument("--triton-repo", dest="triton_repo", required=True, metavar="DIR")
     pa.add_argument("--name", help="model name in Triton (default: the file's stem)")
-    pa.add_argument("--backend", help="onnxruntime (platform onnxruntime_onnx, NVIDIA's "
-                    "containers; the default) or python (subgrad's runtime, also takes encoded image files)")
+    pa.add_argument(
+        "--backend",
+        help="onnxruntime (platform onnxruntime_onnx, NVIDIA's "
+        "containers; the default) or python (subgrad's runtime, also takes encoded image files)",
+    )
     pa.add_argument("--max-batch-size", dest="max_batch_size", type=int)
-    pa.add_argument("--max-queue-delay-us", dest="max_queue_delay_us", type=int,
-                    help="dynamic batching's wait for more requests, in microseconds")
+    pa.add_argument(
+        "--max-queue-delay-us",
+        dest="max_queue_delay_us",
+        type=int,
+        help="dynamic batching's wait for more requests, in microseconds",
+    )
     pa.add_argument("--instances", type=int, help="model instances")
-    pa.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"],
-                    help="instance kind (default KIND_GPU for onnxruntime, KIND_CPU for python)")
+    pa.add_argument(
+        "--kind",
+        choices=["KIND_GPU", "KIND_CPU"],
+        help="instance kind (default KIND_GPU for onnxruntime, KIND_CPU for python)",
+    )
     pa.set_defaults(func=_cmd_package)
 
-    se = sub.add_parser("serve", help="serve a model with a real NVIDIA Triton Inference Server",
-                        description="Start Triton Inference Server on MODEL.onnx (packaged for the server found: "
-                                    "tritonserver on PATH -> onnxruntime backend, else the serve extra's server -> "
-                                    "python backend) or on a repository folder; wait until ready, print the "
-                                    "endpoints; SIGINT/SIGTERM drains and stops.")
+    se = sub.add_parser(
+        "serve",
+        help="serve a model with a real NVIDIA Triton Inference Server",
+        description="Start Triton Inference Server on MODEL.onnx (packaged for the server found: "
+        "tritonserver on PATH -> onnxruntime backend, else the serve extra's server -> "
+        "python backend) or on a repository folder; wait until ready, print the "
+        "endpoints; SIGINT/SIGTERM drains and stops.",
+    )
     se.add_argument("model", metavar="MODEL.onnx|REPO")
     se.add_argument("--http-port", dest="http_port", type=int, default=8000)
     se.add_argument("--grpc-port", dest="grpc_port", type=int, default=8001)
     se.add_argument("--metrics-port", dest="metrics_port", type=int, default=8002)
     se.add_argument("--max-batch", dest="max_batch", type=int, help="max_batch_size (as subgrad package)")
-    se.add_argument("--max-queue-delay-us", dest="max_queue_delay_us", type=int,
-                    help="dynamic batching's wait for more requests, in microseconds")
+    se.add_argument(
+        "--max-queue-delay-us",
+        dest="max_queue_delay_us",
+        type=int,
+        help="dynamic batching's wait for more requests, in microseconds",
+    )
     se.add_argument("--instances", type=int, help="model instances")
     se.add_argument("--log", help="the server's log file (default: a file in the temp folder, printed)")
     se.set_defaults(func=_cmd_serve)

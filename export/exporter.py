@@ -6,6 +6,7 @@ model in eval mode.  Before anything is written the model must pass ``onnx.check
 ``metadata_props`` carry everything :class:`subgrad.export.runtime.Predictor` needs (the keys are listed
 in :func:`build_metadata`); values that are not plain strings are JSON.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,10 @@ def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
             raise ExportError(f"{run}: no model.pt and no checkpoints; the run has not saved weights yet")
         weights = found[-1]
     if record.get("model") not in MODELS:
-        raise ExportError(f"{run}: model {record.get('model')!r} is not in the registry {sorted(MODELS)}; "
-                          "only registered models can be rebuilt for export")
+        raise ExportError(
+            f"{run}: model {record.get('model')!r} is not in the registry {sorted(MODELS)}; "
+            "only registered models can be rebuilt for export"
+        )
     model = build_model(record["model"], **record.get("model_config", {}))
     model.load_state_dict(load_checkpoint(weights)["model"])
     summary_path = run / "summary.json"
@@ -94,11 +97,27 @@ def build_metadata(record: dict, summary: dict, with_preprocessing: bool, opset:
     from subgrad import __version__
 
     mean, std = [float(v) for v in record["mean"]], [float(v) for v in record["std"]]
-    training = {k: summary.get(k, record.get(k)) for k in
-                ("optimizer", "test_accuracy", "train_accuracy", "test_loss", "steps", "epochs", "train_seconds",
-                 "forward_passes", "device", "device_name")}
-    training.update(seed=record.get("seed"), batch_size=record.get("batch_size"), lr=record.get("lr"),
-                    schedule=record.get("schedule"))
+    training = {
+        k: summary.get(k, record.get(k))
+        for k in (
+            "optimizer",
+            "test_accuracy",
+            "train_accuracy",
+            "test_loss",
+            "steps",
+            "epochs",
+            "train_seconds",
+            "forward_passes",
+            "device",
+            "device_name",
+        )
+    }
+    training.update(
+        seed=record.get("seed"),
+        batch_size=record.get("batch_size"),
+        lr=record.get("lr"),
+        schedule=record.get("schedule"),
+    )
     props = {
         "subgrad.format": METADATA_FORMAT,
         "class_names": record["classes"],
@@ -109,13 +128,21 @@ def build_metadata(record: dict, summary: dict, with_preprocessing: bool, opset:
         "mean": mean,
         "std": std,
         "preprocessing_in_graph": with_preprocessing,
-        "preprocessing": ("raw RGB uint8 pixels, NHWC" if with_preprocessing else
-                          "RGB, resize to 32x32 (bilinear), float32 (pixel - 255*mean) / (255*std), NCHW"),
+        "preprocessing": (
+            "raw RGB uint8 pixels, NHWC"
+            if with_preprocessing
+            else "RGB, resize to 32x32 (bilinear), float32 (pixel - 255*mean) / (255*std), NCHW"
+        ),
         "model_name": record["model"],
         "model_config": record.get("model_config", {}),
         "training": training,
-        "versions": {"subgrad": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxscript": onnxscript.__version__, "python": platform.python_version()},
+        "versions": {
+            "subgrad": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__,
+            "python": platform.python_version(),
+        },
         "opset": opset,
     }
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()}
@@ -167,8 +194,15 @@ def check_onnx(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
         raise ExportError(f"{what} failed the ONNX checks: {first[:300]}") from None
 
 
-def export_module(model: nn.Module, out, metadata: dict[str, str] | None = None, *, example=None,
-                  opset: int = OPSET, name: str | None = None) -> pathlib.Path:
+def export_module(
+    model: nn.Module,
+    out,
+    metadata: dict[str, str] | None = None,
+    *,
+    example=None,
+    opset: int = OPSET,
+    name: str | None = None,
+) -> pathlib.Path:
     """Export ``model`` (eval mode) with a dynamic batch dimension, check it, write ``out`` atomically.
 
     ``example`` is one input batch; its batch size must be >= 2 so the exporter cannot specialise on it
@@ -182,9 +216,17 @@ def export_module(model: nn.Module, out, metadata: dict[str, str] | None = None,
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         with _quiet_fds(), torch.no_grad():
-            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+                optimize=True,
+            )
     except Exception as exc:  # the exporter's own error types vary across torch releases
         raise ExportError(f"cannot export {name} to ONNX: {export_failure_reason(exc)}") from None
     proto = program.model_proto
@@ -203,8 +245,10 @@ def export_run(run_dir, out, with_preprocessing: bool = False, opset: int = OPSE
     model, record, summary = load_run(run_dir)
     metadata = build_metadata(record, summary, with_preprocessing, opset)
     if with_preprocessing:
-        model, example = WithPreprocessing(model, record["mean"], record["std"]).eval(), \
-            torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+        model, example = (
+            WithPreprocessing(model, record["mean"], record["std"]).eval(),
+            torch.zeros(2, 32, 32, 3, dtype=torch.uint8),
+        )
     else:
         example = torch.zeros(2, 3, 32, 32)
     return export_module(model, out, metadata, example=example, opset=opset, name=record["model"])

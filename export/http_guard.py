@@ -17,6 +17,7 @@ Everything else, every endpoint and method, is relayed byte for byte over one up
 client connection (keep-alive both ways).  The gRPC port needs no front: gRPC's framing bounds messages
 and Triton answers an oversized one with INVALID_ARGUMENT.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,18 +40,25 @@ class Refusal(Exception):
         self.status, self.reason = status, reason
 
 
-def check_request(method: str, headers: dict[str, str], length: int, max_body_bytes: int,
-                  max_json_bytes: int) -> None:
+def check_request(method: str, headers: dict[str, str], length: int, max_body_bytes: int, max_json_bytes: int) -> None:
     """Refuse (raise :class:`Refusal`) what the head alone shows Triton must not read."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         raise Refusal(411, "Length Required", "chunked request bodies are not accepted; send Content-Length")
     if length > max_body_bytes:
-        raise Refusal(413, "Payload Too Large", f"request body of {length} bytes is over the server's limit of "
-                                                f"{max_body_bytes} bytes; send smaller batches")
+        raise Refusal(
+            413,
+            "Payload Too Large",
+            f"request body of {length} bytes is over the server's limit of "
+            f"{max_body_bytes} bytes; send smaller batches",
+        )
     if method == "POST" and "inference-header-content-length" not in headers and length > max_json_bytes:
-        raise Refusal(413, "Payload Too Large", f"JSON request body of {length} bytes is over the limit of "
-                                                f"{max_json_bytes} bytes; send binary tensors (tritonclient's "
-                                                "default) or smaller batches")
+        raise Refusal(
+            413,
+            "Payload Too Large",
+            f"JSON request body of {length} bytes is over the limit of "
+            f"{max_json_bytes} bytes; send binary tensors (tritonclient's "
+            "default) or smaller batches",
+        )
 
 
 def check_binary_body(headers: dict[str, str], body: bytes) -> None:
@@ -63,14 +71,22 @@ def check_binary_body(headers: dict[str, str], body: bytes) -> None:
         if not 0 <= header_length <= len(body):
             raise ValueError
         header = json.loads(body[:header_length])
-        declared = sum(int(entry.get("parameters", {}).get("binary_data_size", 0))
-                       for entry in header.get("inputs", []))
+        declared = sum(
+            int(entry.get("parameters", {}).get("binary_data_size", 0)) for entry in header.get("inputs", [])
+        )
     except (ValueError, TypeError, AttributeError):
-        raise Refusal(400, "Bad Request", "Inference-Header-Content-Length does not frame a JSON inference "
-                                          "header at the start of the body") from None
+        raise Refusal(
+            400,
+            "Bad Request",
+            "Inference-Header-Content-Length does not frame a JSON inference header at the start of the body",
+        ) from None
     if header_length + declared != len(body):
-        raise Refusal(400, "Bad Request", f"binary request body is {len(body)} bytes but its header "
-                                          f"({header_length} bytes) declares {declared} bytes of tensor data")
+        raise Refusal(
+            400,
+            "Bad Request",
+            f"binary request body is {len(body)} bytes but its header "
+            f"({header_length} bytes) declares {declared} bytes of tensor data",
+        )
 
 
 def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
@@ -92,8 +108,10 @@ def _without(head: bytes, name: bytes) -> bytes:
 
 def _refusal_response(refusal: Refusal) -> bytes:
     body = json.dumps({"error": str(refusal)}).encode()
-    return (f"HTTP/1.1 {refusal.status} {refusal.reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {refusal.status} {refusal.reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
 async def _copy_body(reader: asyncio.StreamReader, length: int, write=None) -> bool:
@@ -124,9 +142,15 @@ class HttpGuard:
     """Relay ``listen_host:listen_port`` -> ``upstream_host:upstream_port`` in a daemon thread, refusing
     what Triton's HTTP frontend would die of (module docstring).  ``start()`` returns once listening."""
 
-    def __init__(self, listen_port: int, upstream_port: int, listen_host: str = "0.0.0.0",
-                 upstream_host: str = "127.0.0.1", max_body_bytes: int = MAX_BODY_BYTES,
-                 max_json_bytes: int = MAX_JSON_BYTES):
+    def __init__(
+        self,
+        listen_port: int,
+        upstream_port: int,
+        listen_host: str = "0.0.0.0",
+        upstream_host: str = "127.0.0.1",
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_json_bytes: int = MAX_JSON_BYTES,
+    ):
         self.listen = (listen_host, listen_port)
         self.upstream = (upstream_host, upstream_port)
         self.max_body_bytes, self.max_json_bytes = max_body_bytes, max_json_bytes
@@ -144,7 +168,8 @@ class HttpGuard:
             self._loop = asyncio.new_event_loop()
             try:
                 self._server = self._loop.run_until_complete(
-                    asyncio.start_server(self._serve, *self.listen, limit=MAX_HEAD_BYTES, reuse_address=True))
+                    asyncio.start_server(self._serve, *self.listen, limit=MAX_HEAD_BYTES, reuse_address=True)
+                )
             except OSError as exc:
                 failure.append(exc)
                 ready.set()
@@ -186,8 +211,11 @@ class HttpGuard:
                 try:
                     head = await client_r.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
-                    client_w.write(_refusal_response(Refusal(431, "Request Header Fields Too Large",
-                                                             f"request head over {MAX_HEAD_BYTES} bytes")))
+                    client_w.write(
+                        _refusal_response(
+                            Refusal(431, "Request Header Fields Too Large", f"request head over {MAX_HEAD_BYTES} bytes")
+                        )
+                    )
                     await client_w.drain()
                     return
                 method, headers = _parse_head(head)

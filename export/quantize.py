@@ -10,6 +10,7 @@ fp16: weights and activations in float16 for GPU providers, inputs and outputs k
 only when the session can run.  The report (``quantization-<mode>.json``) lands beside the output
 either way.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,7 @@ class _Calibration:
     def get_next(self):
         if self.index >= len(self.pixels):
             return None
-        chunk = self.pixels[self.index:self.index + self.batch_size]
+        chunk = self.pixels[self.index : self.index + self.batch_size]
         self.index += self.batch_size
         return {self.info.input_name: self.info.prepare(chunk)}
 
@@ -63,8 +64,16 @@ class _Calibration:
         self.index = 0
 
 
-def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1.0, calibration_images: int = 1024,
-             limit: int | None = None, seed: int = 0) -> dict:
+def quantize(
+    model_path,
+    data,
+    out=None,
+    mode: str = "int8",
+    max_drop: float = 1.0,
+    calibration_images: int = 1024,
+    limit: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Quantize ``model_path``; returns the report, ``written`` says whether ``out`` was written."""
     from subgrad.training.data import load_cifar10
 
@@ -90,13 +99,28 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
 
             quant_pre_process(str(model_path), str(tmp))  # shape inference + graph optimisation, as ORT advises
             rng = np.random.default_rng(seed)
-            pick = np.sort(rng.choice(len(dataset.train_images), min(calibration_images, len(dataset.train_images)),
-                                      replace=False))
-            quantize_static(str(tmp), str(tmp), _Calibration(info, dataset.train_images[pick]),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-            settings = dict(mode="int8", format="QDQ", per_channel=True, activations="uint8", weights="int8",
-                            calibration="MinMax", calibration_images=int(len(pick)))
+            pick = np.sort(
+                rng.choice(len(dataset.train_images), min(calibration_images, len(dataset.train_images)), replace=False)
+            )
+            quantize_static(
+                str(tmp),
+                str(tmp),
+                _Calibration(info, dataset.train_images[pick]),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+            settings = dict(
+                mode="int8",
+                format="QDQ",
+                per_channel=True,
+                activations="uint8",
+                weights="int8",
+                calibration="MinMax",
+                calibration_images=int(len(pick)),
+            )
         else:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -107,9 +131,16 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
         onnx.save(quantized, str(tmp))
 
         acc_fp32 = _accuracy(model_path, pixels, labels)
-        report = dict(model=str(model_path), out=str(out), images=int(len(labels)), settings=settings,
-                      accuracy_fp32=acc_fp32, max_drop_points=max_drop,
-                      size_fp32_bytes=model_path.stat().st_size, size_quantized_bytes=tmp.stat().st_size)
+        report = dict(
+            model=str(model_path),
+            out=str(out),
+            images=int(len(labels)),
+            settings=settings,
+            accuracy_fp32=acc_fp32,
+            max_drop_points=max_drop,
+            size_fp32_bytes=model_path.stat().st_size,
+            size_quantized_bytes=tmp.stat().st_size,
+        )
         report["size_ratio"] = report["size_quantized_bytes"] / report["size_fp32_bytes"]
         try:
             acc_q = _accuracy(tmp, pixels, labels)
@@ -130,8 +161,10 @@ def quantize(model_path, data, out=None, mode: str = "int8", max_drop: float = 1
             report["written"] = True
         else:
             report["written"] = False
-            report["reason"] = (f"accuracy drops {drop:.2f} points ({acc_fp32:.4f} -> {acc_q:.4f}) > --max-drop "
-                                f"{max_drop}; {out} not written")
+            report["reason"] = (
+                f"accuracy drops {drop:.2f} points ({acc_fp32:.4f} -> {acc_q:.4f}) > --max-drop "
+                f"{max_drop}; {out} not written"
+            )
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(out.parent / f"quantization-{mode}.json", json.dumps(report, indent=1))

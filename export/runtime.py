@@ -14,6 +14,7 @@ Preprocessing is the training pipeline's, read from the model's metadata: RGB, 3
 resized, bilinear), ``(pixel - 255 * mean) / (255 * std)`` per channel in float32, NCHW.  A model
 exported with ``--with-preprocessing`` does that in its graph and takes raw NHWC uint8 pixels.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,10 @@ def require_onnxruntime():
     except ImportError as exc:
         raise MissingOnnxRuntimeError(
             "onnxruntime is not installed: pip install 'subgrad[cpu]' (CPU) or 'subgrad[gpu]' "
-            "(NVIDIA GPU, onnxruntime-gpu); never both") from exc
+            "(NVIDIA GPU, onnxruntime-gpu); never both"
+        ) from exc
     return onnxruntime
+
 
 #: Value of the ``subgrad.format`` metadata key; bump when the keys below change meaning.
 METADATA_FORMAT = "subgrad-onnx-1"
@@ -50,6 +53,7 @@ class ModelFileError(ValueError):
 @dataclass(frozen=True)
 class ModelInfo:
     """What a deployer needs to feed the model, from its ``metadata_props``."""
+
     class_names: list[str]
     mean: list[float]  # per channel, in [0, 1] pixel units
     std: list[float]
@@ -64,8 +68,10 @@ class ModelInfo:
     @classmethod
     def from_props(cls, props: dict[str, str], where: str) -> "ModelInfo":
         if props.get("subgrad.format") != METADATA_FORMAT:
-            raise ModelFileError(f"{where} has no subgrad metadata (subgrad.format != {METADATA_FORMAT!r}); "
-                                 "export it with `subgrad export RUN_DIR --out model.onnx`")
+            raise ModelFileError(
+                f"{where} has no subgrad metadata (subgrad.format != {METADATA_FORMAT!r}); "
+                "export it with `subgrad export RUN_DIR --out model.onnx`"
+            )
         raw = {}
         for key, value in props.items():
             try:
@@ -73,10 +79,18 @@ class ModelInfo:
             except ValueError:
                 raw[key] = value
         size = raw["input_size"]
-        return cls(class_names=list(raw["class_names"]), mean=list(raw["mean"]), std=list(raw["std"]),
-                   height=int(size["height"]), width=int(size["width"]), input_name=raw["input_name"],
-                   input_layout=raw["input_layout"], preprocessing_in_graph=bool(raw["preprocessing_in_graph"]),
-                   model_name=raw["model_name"], raw=raw)
+        return cls(
+            class_names=list(raw["class_names"]),
+            mean=list(raw["mean"]),
+            std=list(raw["std"]),
+            height=int(size["height"]),
+            width=int(size["width"]),
+            input_name=raw["input_name"],
+            input_layout=raw["input_layout"],
+            preprocessing_in_graph=bool(raw["preprocessing_in_graph"]),
+            model_name=raw["model_name"],
+            raw=raw,
+        )
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NHWC pixels at the model's size -> what the model's input takes."""
@@ -188,8 +202,11 @@ class Predictor:
 
     def logits(self, images) -> np.ndarray:
         """Raw logits [N, classes] for a list of images (paths, encoded bytes, PIL images, uint8 arrays)."""
-        pixels = np.stack([load_image(im, self.info.height, self.info.width) for im in images]) if len(images) else \
-            np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
+        pixels = (
+            np.stack([load_image(im, self.info.height, self.info.width) for im in images])
+            if len(images)
+            else np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
+        )
         return self.logits_from_pixels(pixels)
 
     def logits_from_pixels(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
@@ -198,7 +215,7 @@ class Predictor:
         batch_size = batch_size or self.batch_size
         out = []
         for i in range(0, len(pixels), batch_size):
-            feed = {self.info.input_name: self.preprocess(pixels[i:i + batch_size])}
+            feed = {self.info.input_name: self.preprocess(pixels[i : i + batch_size])}
             out.append(self.session.run([self.output_name], feed)[0])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 

@@ -20,6 +20,7 @@ reloading its model (:meth:`TritonServer.recover`) instead of failing every late
 Failures before the server is ready raise :class:`ServeError` with one line saying what and how to fix
 it; the server's own output goes to ``log_path``.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ class ServeError(RuntimeError):
 @dataclass(frozen=True)
 class ServerBinary:
     """A Triton Inference Server installation."""
+
     executable: pathlib.Path
     backend: str  # the repository variant (triton_repo.BACKENDS) MODEL.onnx is packaged as for this server
     runs_onnxruntime: bool  # whether it has Triton's onnxruntime backend (the bundled server has not)
@@ -69,18 +71,25 @@ def find_server() -> ServerBinary:
     try:
         import pytriton
     except ImportError:
-        raise ServeError("no Triton Inference Server found: pip install 'subgrad[cpu,serve]' (a bundled server "
-                         "with the python backend), or run inside NVIDIA's Triton container (tritonserver on "
-                         "PATH)") from None
+        raise ServeError(
+            "no Triton Inference Server found: pip install 'subgrad[cpu,serve]' (a bundled server "
+            "with the python backend), or run inside NVIDIA's Triton container (tritonserver on "
+            "PATH)"
+        ) from None
     root = pathlib.Path(pytriton.__file__).resolve().parent
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "tritonserver" / "python_backend_stubs" / version / STUB_NAME
     if not stub.is_file():
         raise ServeError(f"nvidia-pytriton has no python-backend stub for Python {version}; use Python 3.8-3.13")
-    return ServerBinary(root / "tritonserver" / "bin" / "tritonserver", "python", False,
-                        "the serve extra (nvidia-pytriton)",
-                        library_path=root.parent / "nvidia_pytriton.libs",
-                        python_backend=root / "tritonserver" / "backends" / "python", stub=stub)
+    return ServerBinary(
+        root / "tritonserver" / "bin" / "tritonserver",
+        "python",
+        False,
+        "the serve extra (nvidia-pytriton)",
+        library_path=root.parent / "nvidia_pytriton.libs",
+        python_backend=root / "tritonserver" / "backends" / "python",
+        stub=stub,
+    )
 
 
 def repository_models(repository: pathlib.Path) -> dict[str, str]:
@@ -122,13 +131,24 @@ def _last_error(log_path: pathlib.Path) -> str:
 class TritonServer:
     """A tritonserver process serving ``repository``; see the module docstring."""
 
-    def __init__(self, repository, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 log_path=None, server: ServerBinary | None = None, startup_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        repository,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        log_path=None,
+        server: ServerBinary | None = None,
+        startup_timeout_s: float = 120.0,
+    ):
         self.repository = pathlib.Path(repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.server = server
-        self.log_path = pathlib.Path(log_path) if log_path else \
-            pathlib.Path(tempfile.gettempdir()) / f"subgrad-serve-{os.getpid()}.log"
+        self.log_path = (
+            pathlib.Path(log_path)
+            if log_path
+            else pathlib.Path(tempfile.gettempdir()) / f"subgrad-serve-{os.getpid()}.log"
+        )
         self.startup_timeout_s = startup_timeout_s
         self.models: dict[str, str] = {}
         self.process: subprocess.Popen | None = None
@@ -143,24 +163,38 @@ class TritonServer:
         self.server = self.server or find_server()
         self.models = repository_models(self.repository)
         if not self.models:
-            raise ServeError(f"{self.repository} holds no model (no */config.pbtxt); write one with "
-                             "`subgrad package MODEL.onnx --triton-repo DIR`")
+            raise ServeError(
+                f"{self.repository} holds no model (no */config.pbtxt); write one with "
+                "`subgrad package MODEL.onnx --triton-repo DIR`"
+            )
         for name, backend in self.models.items():
             if backend == "onnxruntime" and not self.server.runs_onnxruntime:
-                raise ServeError(f"model {name!r} uses the onnxruntime backend, which the server of the serve "
-                                 "extra lacks; package it with --backend python, or serve this repository with "
-                                 "NVIDIA's tritonserver")
-        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
-                           ("--metrics-port", self.metrics_port)):
+                raise ServeError(
+                    f"model {name!r} uses the onnxruntime backend, which the server of the serve "
+                    "extra lacks; package it with --backend python, or serve this repository with "
+                    "NVIDIA's tritonserver"
+                )
+        for flag, port in (
+            ("--http-port", self.http_port),
+            ("--grpc-port", self.grpc_port),
+            ("--metrics-port", self.metrics_port),
+        ):
             if port_in_use(port):
                 raise ServeError(f"port {port} is in use; pass {flag} with a free port")
         self._internal_http_port = free_port()
         self._workdir = pathlib.Path(tempfile.mkdtemp(prefix="subgrad-serve-"))
-        command = [str(self.server.executable), f"--model-repository={self.repository}",
-                   "--model-control-mode=explicit", "--load-model=*", "--http-address=127.0.0.1",
-                   f"--http-port={self._internal_http_port}", f"--grpc-port={self.grpc_port}",
-                   f"--metrics-port={self.metrics_port}", "--log-info=true",
-                   f"--exit-timeout-secs={int(EXIT_TIMEOUT_S)}"]
+        command = [
+            str(self.server.executable),
+            f"--model-repository={self.repository}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--http-address=127.0.0.1",
+            f"--http-port={self._internal_http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--log-info=true",
+            f"--exit-timeout-secs={int(EXIT_TIMEOUT_S)}",
+        ]
         env = dict(os.environ)
         if self.server.python_backend is not None:
             backend = self._workdir / "backends" / "python"
@@ -170,14 +204,16 @@ class TritonServer:
             shutil.copy(self.server.stub, backend / STUB_NAME)
             command.append(f"--backend-directory={backend.parent}")
         if self.server.library_path is not None:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.server.library_path),
-                                                                   env.get("LD_LIBRARY_PATH")]))
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [str(self.server.library_path), env.get("LD_LIBRARY_PATH")])
+            )
         env["SUBGRAD_SITE_PACKAGES"] = os.pathsep.join(site.getsitepackages())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # own session: a terminal's Ctrl-C reaches `subgrad serve`, which drains and stops the server
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         try:
             self._wait_ready()
             self.guard = HttpGuard(self.http_port, self._internal_http_port).start()
@@ -191,8 +227,10 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServeError(f"the Triton server exited before it was ready ({_last_error(self.log_path)}); "
-                                 f"its log: {self.log_path}")
+                raise ServeError(
+                    f"the Triton server exited before it was ready ({_last_error(self.log_path)}); "
+                    f"its log: {self.log_path}"
+                )
             try:
                 if all(self._get(f"/v2/models/{name}/ready")[0] == 200 for name in self.models):
                     self.version = json.loads(self._get("/v2")[1]).get("version", "?")
@@ -200,8 +238,9 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise ServeError(f"the Triton server was not ready after {self.startup_timeout_s:.0f} s; its log: "
-                         f"{self.log_path}")
+        raise ServeError(
+            f"the Triton server was not ready after {self.startup_timeout_s:.0f} s; its log: {self.log_path}"
+        )
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S) -> int | None:
         """Drain and stop: the HTTP front stops taking requests and finishes those in flight, then SIGTERM

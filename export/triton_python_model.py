@@ -19,6 +19,7 @@ the serving environment's site-packages in ``SUBGRAD_SITE_PACKAGES`` (os.pathsep
 before anything is imported.  In NVIDIA's containers the variable is unset and the stub's own Python is
 used as is.
 """
+
 import os
 import pathlib
 import site
@@ -65,8 +66,10 @@ class TritonPythonModel:
             tensor = self.pb.get_input_tensor_by_name(request, self.input_name)
             encoded = self.pb.get_input_tensor_by_name(request, IMAGE_INPUT)
             if (tensor is None) == (encoded is None):
-                responses[index] = self._error(f"send exactly one of the inputs {self.input_name!r} (the model's "
-                                               f"tensor) and {IMAGE_INPUT!r} (encoded JPEG/PNG files)")
+                responses[index] = self._error(
+                    f"send exactly one of the inputs {self.input_name!r} (the model's "
+                    f"tensor) and {IMAGE_INPUT!r} (encoded JPEG/PNG files)"
+                )
             elif tensor is not None:
                 batches["tensor"].append((index, tensor.as_numpy()))
             else:
@@ -83,7 +86,7 @@ class TritonPythonModel:
             logits = self.predictor.session.run([self.output_name], {self.input_name: feed})[0]
             start = 0
             for index, x in entries:
-                part = logits[start:start + len(x)]
+                part = logits[start : start + len(x)]
                 start += len(x)
                 responses[index] = self.pb.InferenceResponse([self.pb.Tensor(self.output_name, part)])
         return responses

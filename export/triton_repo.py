@@ -16,6 +16,7 @@ Two backends (``--backend``):
 Input and output names, types and per-item dims come from the ONNX graph itself (the batch dimension
 is implicit in Triton when ``max_batch_size > 0``), so the config cannot drift from the model.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -27,17 +28,23 @@ import onnx
 from subgrad.training.runs import atomic_write, atomic_write_text
 
 from . import runtime, triton_python_model
-from .runtime import ModelInfo, ModelFileError
+from .runtime import ModelFileError, ModelInfo
 
 BACKENDS = ("onnxruntime", "python")
 #: instance kind per backend when none is given: the python backend's instances are host processes
 DEFAULT_KIND = {"onnxruntime": "KIND_GPU", "python": "KIND_CPU"}
 
 #: ONNX tensor element types -> Triton's DataType enum names (model_config.proto).
-TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-                onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.INT8: "TYPE_INT8",
-                onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64",
-                onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.DOUBLE: "TYPE_FP64"}
+TRITON_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.INT8: "TYPE_INT8",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.BFLOAT16: "TYPE_BF16",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64",
+}
 
 
 def _io(value_info, what: str) -> tuple[str, str, list[int]]:
@@ -50,8 +57,17 @@ def _io(value_info, what: str) -> tuple[str, str, list[int]]:
     return value_info.name, TRITON_TYPES[tensor.elem_type], dims[1:]
 
 
-def render_config(name: str, inputs, outputs, max_batch_size: int, instances: int, kind: str,
-                  preferred_batch_sizes: list[int], max_queue_delay_us: int, backend: str = "onnxruntime") -> str:
+def render_config(
+    name: str,
+    inputs,
+    outputs,
+    max_batch_size: int,
+    instances: int,
+    kind: str,
+    preferred_batch_sizes: list[int],
+    max_queue_delay_us: int,
+    backend: str = "onnxruntime",
+) -> str:
     def tensor(entry, extra=""):
         n, t, dims = entry
         return f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, dims))} ]{extra}\n  }}'
@@ -60,20 +76,38 @@ def render_config(name: str, inputs, outputs, max_batch_size: int, instances: in
     if backend == "python":
         inputs = [*inputs, (triton_python_model.IMAGE_INPUT, "TYPE_STRING", [1])]
         optional = "\n    optional: true"
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else 'backend: "python"',
-             f"max_batch_size: {max_batch_size}",
-             "input [", ",\n".join(tensor(i, optional) for i in inputs), "]",
-             "output [", ",\n".join(tensor(o, '\n    label_filename: "labels.txt"') for o in outputs), "]",
-             "dynamic_batching {",
-             f"  preferred_batch_size: [ {', '.join(map(str, preferred_batch_sizes))} ]",
-             f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}",
-             "instance_group [", f"  {{\n    count: {instances}\n    kind: {kind}\n  }}", "]"]
+    lines = [
+        f'name: "{name}"',
+        'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else 'backend: "python"',
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        ",\n".join(tensor(i, optional) for i in inputs),
+        "]",
+        "output [",
+        ",\n".join(tensor(o, '\n    label_filename: "labels.txt"') for o in outputs),
+        "]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {', '.join(map(str, preferred_batch_sizes))} ]",
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+        "}",
+        "instance_group [",
+        f"  {{\n    count: {instances}\n    kind: {kind}\n  }}",
+        "]",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def package_triton(model_path, repo, name: str | None = None, max_batch_size: int = 256, instances: int = 1,
-                   kind: str | None = None, max_queue_delay_us: int = 0, version: int = 1,
-                   backend: str = "onnxruntime") -> pathlib.Path:
+def package_triton(
+    model_path,
+    repo,
+    name: str | None = None,
+    max_batch_size: int = 256,
+    instances: int = 1,
+    kind: str | None = None,
+    max_queue_delay_us: int = 0,
+    version: int = 1,
+    backend: str = "onnxruntime",
+) -> pathlib.Path:
     """Write the model repository entry; returns the model's folder (``repo/name``).
 
     ``kind`` defaults to :data:`DEFAULT_KIND` of the backend.  ``max_queue_delay_us`` is how long the
@@ -92,8 +126,9 @@ def package_triton(model_path, repo, name: str | None = None, max_batch_size: in
     info = ModelInfo.from_props({p.key: p.value for p in proto.metadata_props}, str(model_path))
     name = name or model_path.stem
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"--name {name!r}: use letters, digits, '_', '-', '.' (it becomes a folder and the "
-                         "model's name in Triton)")
+        raise ValueError(
+            f"--name {name!r}: use letters, digits, '_', '-', '.' (it becomes a folder and the model's name in Triton)"
+        )
     if max_batch_size < 1 or instances < 1 or version < 1 or max_queue_delay_us < 0:
         raise ValueError("--max-batch-size, --instances and --version must be >= 1, --max-queue-delay-us >= 0")
     if kind not in ("KIND_GPU", "KIND_CPU"):
@@ -107,11 +142,15 @@ def package_triton(model_path, repo, name: str | None = None, max_batch_size: in
     version_folder.mkdir(parents=True, exist_ok=True)
     files = [(version_folder / "model.onnx", model_path)]
     if backend == "python":
-        files += [(version_folder / "model.py", pathlib.Path(triton_python_model.__file__)),
-                  (version_folder / "subgrad_runtime.py", pathlib.Path(runtime.__file__))]
+        files += [
+            (version_folder / "model.py", pathlib.Path(triton_python_model.__file__)),
+            (version_folder / "subgrad_runtime.py", pathlib.Path(runtime.__file__)),
+        ]
     for target, source in files:
         atomic_write(target, lambda p, source=source: shutil.copyfile(source, p))
     atomic_write_text(folder / "labels.txt", "\n".join(info.class_names) + "\n")
-    atomic_write_text(folder / "config.pbtxt", render_config(name, inputs, outputs, max_batch_size, instances, kind,
-                                                             preferred, max_queue_delay_us, backend))
+    atomic_write_text(
+        folder / "config.pbtxt",
+        render_config(name, inputs, outputs, max_batch_size, instances, kind, preferred, max_queue_delay_us, backend),
+    )
     return folder

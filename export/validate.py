@@ -8,6 +8,7 @@ normalises, else the runtime's numpy normalisation), so the check covers the dep
 Passes when top-1 agreement >= ``min_agreement`` and max |logit difference| <= ``max_abs_diff`` at every
 batch size.  Writes ``validation.json`` and ``validation.md`` beside the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,14 +36,28 @@ def torch_logits(model, pixels: np.ndarray, mean, std, batch_size: int) -> np.nd
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict:
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
     ref_top, cand_top = reference.argmax(1), candidate.argmax(1)
-    return dict(agreement=float((ref_top == cand_top).mean()), max_abs_diff=float(diff.max()),
-                mean_abs_diff=float(diff.mean()), p99_abs_diff=float(np.percentile(diff, 99)),
-                accuracy_torch=float((ref_top == labels).mean()), accuracy_onnx=float((cand_top == labels).mean()),
-                disagreements=int((ref_top != cand_top).sum()))
+    return dict(
+        agreement=float((ref_top == cand_top).mean()),
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        p99_abs_diff=float(np.percentile(diff, 99)),
+        accuracy_torch=float((ref_top == labels).mean()),
+        accuracy_onnx=float((cand_top == labels).mean()),
+        disagreements=int((ref_top != cand_top).sum()),
+    )
 
 
-def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: float = 0.999,
-             max_abs_diff: float = 1e-4, limit: int | None = None, providers=None, write: bool = True) -> dict:
+def validate(
+    model_path,
+    run_dir,
+    data,
+    batch_sizes=BATCH_SIZES,
+    min_agreement: float = 0.999,
+    max_abs_diff: float = 1e-4,
+    limit: int | None = None,
+    providers=None,
+    write: bool = True,
+) -> dict:
     """Compare PyTorch and onnxruntime on the test set; returns the report (``passed``, ``failures``, ...)."""
     from subgrad.training.data import load_cifar10
 
@@ -70,18 +85,30 @@ def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: 
     worst_diff = max(r["max_abs_diff"] for r in rows)
     failures = []
     if worst_agreement < min_agreement:
-        failures.append(f"top-1 agreement {worst_agreement:.5f} < {min_agreement} "
-                        f"(batch {min(rows, key=lambda r: r['agreement'])['batch_size']})")
+        failures.append(
+            f"top-1 agreement {worst_agreement:.5f} < {min_agreement} "
+            f"(batch {min(rows, key=lambda r: r['agreement'])['batch_size']})"
+        )
     if worst_diff > max_abs_diff:
-        failures.append(f"max |logit difference| {worst_diff:.3g} > {max_abs_diff:g} "
-                        f"(batch {max(rows, key=lambda r: r['max_abs_diff'])['batch_size']})")
-    report = dict(model=str(model_path), run=str(run_dir), images=int(len(labels)),
-                  provider=predictor.session.get_providers()[0],
-                  agreement=worst_agreement, max_abs_diff=worst_diff,
-                  accuracy_torch=rows[-1]["accuracy_torch"], accuracy_onnx=rows[-1]["accuracy_onnx"],
-                  thresholds=dict(min_agreement=min_agreement, max_abs_diff=max_abs_diff),
-                  passed=not failures, failures=failures, per_batch_size=rows,
-                  preprocessing_in_graph=info.preprocessing_in_graph)
+        failures.append(
+            f"max |logit difference| {worst_diff:.3g} > {max_abs_diff:g} "
+            f"(batch {max(rows, key=lambda r: r['max_abs_diff'])['batch_size']})"
+        )
+    report = dict(
+        model=str(model_path),
+        run=str(run_dir),
+        images=int(len(labels)),
+        provider=predictor.session.get_providers()[0],
+        agreement=worst_agreement,
+        max_abs_diff=worst_diff,
+        accuracy_torch=rows[-1]["accuracy_torch"],
+        accuracy_onnx=rows[-1]["accuracy_onnx"],
+        thresholds=dict(min_agreement=min_agreement, max_abs_diff=max_abs_diff),
+        passed=not failures,
+        failures=failures,
+        per_batch_size=rows,
+        preprocessing_in_graph=info.preprocessing_in_graph,
+    )
     if write:
         atomic_write_text(model_path.parent / "validation.json", json.dumps(report, indent=1))
         atomic_write_text(model_path.parent / "validation.md", render_markdown(report))
@@ -90,14 +117,22 @@ def validate(model_path, run_dir, data, batch_sizes=BATCH_SIZES, min_agreement: 
 
 def render_markdown(report: dict) -> str:
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
-    lines = [f"# Validation of `{pathlib.Path(report['model']).name}`", "",
-             f"{report['images']} CIFAR-10 test images, PyTorch eager vs onnxruntime ({report['provider']}); "
-             f"thresholds: agreement >= {report['thresholds']['min_agreement']}, max |logit diff| <= "
-             f"{report['thresholds']['max_abs_diff']:g}.", "", f"**{verdict}**", "",
-             "| batch | agreement | max abs diff | mean abs diff | p99 abs diff | acc torch | acc onnx |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Validation of `{pathlib.Path(report['model']).name}`",
+        "",
+        f"{report['images']} CIFAR-10 test images, PyTorch eager vs onnxruntime ({report['provider']}); "
+        f"thresholds: agreement >= {report['thresholds']['min_agreement']}, max |logit diff| <= "
+        f"{report['thresholds']['max_abs_diff']:g}.",
+        "",
+        f"**{verdict}**",
+        "",
+        "| batch | agreement | max abs diff | mean abs diff | p99 abs diff | acc torch | acc onnx |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["per_batch_size"]:
-        lines.append(f"| {r['batch_size']} | {r['agreement']:.5f} | {r['max_abs_diff']:.3g} | "
-                     f"{r['mean_abs_diff']:.3g} | {r['p99_abs_diff']:.3g} | {r['accuracy_torch']:.4f} | "
-                     f"{r['accuracy_onnx']:.4f} |")
+        lines.append(
+            f"| {r['batch_size']} | {r['agreement']:.5f} | {r['max_abs_diff']:.3g} | "
+            f"{r['mean_abs_diff']:.3g} | {r['p99_abs_diff']:.3g} | {r['accuracy_torch']:.4f} | "
+            f"{r['accuracy_onnx']:.4f} |"
+        )
     return "\n".join(lines) + "\n"

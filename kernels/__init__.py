@@ -17,14 +17,28 @@ sgd_step_              kernels/sgd.py         tests/test_first_order.py
 adamw_step_            kernels/adamw.py       tests/test_first_order.py
 =====================  =====================  ==========================
 """
+
 from ._common import BACKENDS, resolve_backend
 from .adamw import adamw_step_
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
-from .sgd import sgd_step_
 from .seeds import next_step_seed_, step_seed
+from .sgd import sgd_step_
 from .zo_update import make_block_starts, zo_estimate_, zo_update_
 
-__all__ = ["BACKENDS", "resolve_backend", "philox_normal", "philox_rademacher", "philox_bits", "prepare_cpu_twin",
-           "perturb_",
-           "next_step_seed_", "step_seed", "zo_update_", "zo_estimate_", "make_block_starts", "sgd_step_", "adamw_step_"]
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "philox_normal",
+    "philox_rademacher",
+    "philox_bits",
+    "prepare_cpu_twin",
+    "perturb_",
+    "next_step_seed_",
+    "step_seed",
+    "zo_update_",
+    "zo_estimate_",
+    "make_block_starts",
+    "sgd_step_",
+    "adamw_step_",
+]

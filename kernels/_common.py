@@ -23,6 +23,7 @@ Why the twins give the *same bits* as the kernels
   eager twin bit for bit on a probe before it is used; otherwise the eager twin runs.
 The kernels are memory bound, so giving up FMA costs nothing measurable (see ``benchmarks/kernels.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,8 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
             if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError(
                     f"backend='triton' needs CUDA tensors (got a tensor on {t.device}); "
-                    "set TRITON_INTERPRET=1 before importing subgrad to run Triton on the CPU")
+                    "set TRITON_INTERPRET=1 before importing subgrad to run Triton on the CPU"
+                )
     return choice
 
 
@@ -83,8 +85,10 @@ def device_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(value, torch.Tensor):
         return None
     if value.numel() != 1 or not value.is_floating_point() or value.device != like.device:
-        raise ValueError(f"a tensor {name} must be one floating-point value on {like.device}, got "
-                         f"{value.dtype} {tuple(value.shape)} on {value.device}")
+        raise ValueError(
+            f"a tensor {name} must be one floating-point value on {like.device}, got "
+            f"{value.dtype} {tuple(value.shape)} on {value.device}"
+        )
     return value.reshape(1).to(torch.float32)
 
 
@@ -97,15 +101,17 @@ def require(name: str, ok: bool, expected: str, value) -> None:
 def check_nonnegative(**values) -> None:
     """Each of ``values`` (a hyperparameter that travels as a number) is finite and >= 0."""
     for name, value in values.items():
-        require(name, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                "a finite number >= 0", value)
+        require(
+            name, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, "a finite number >= 0", value
+        )
 
 
 def check_gate(gate: torch.Tensor | None, like: torch.Tensor) -> None:
     """A skip gate is one bool on the kernel's device (None: no gate)."""
     if gate is not None and (gate.dtype != torch.bool or gate.numel() != 1 or gate.device != like.device):
-        raise ValueError(f"gate must be one bool on {like.device}, got {gate.dtype} {tuple(gate.shape)} "
-                         f"on {gate.device}")
+        raise ValueError(
+            f"gate must be one bool on {like.device}, got {gate.dtype} {tuple(gate.shape)} on {gate.device}"
+        )
 
 
 def gate_open(gate: torch.Tensor | None) -> bool:
@@ -132,20 +138,25 @@ def check_direction_range(offset: int, n: int) -> None:
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     if offset + n > MAX_DIRECTION_ELEMENTS:
-        raise ValueError(f"offset + n = {offset + n} exceeds the 2**32 elements one seed can index; "
-                         "split the buffer and give each part its own seed")
+        raise ValueError(
+            f"offset + n = {offset + n} exceeds the 2**32 elements one seed can index; "
+            "split the buffer and give each part its own seed"
+        )
 
 
 def check_contiguous(name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())}); "
-                         "use subgrad.FlatParams or call .contiguous()")
+        raise ValueError(
+            f"{name} must be contiguous (got strides {tuple(t.stride())}); use subgrad.FlatParams or call .contiguous()"
+        )
 
 
 def check_same_layout(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
     if t.numel() != ref.numel() or t.device != ref.device:
-        raise ValueError(f"{name} must have as many elements as {ref_name} on the same device "
-                         f"(got {t.numel()} on {t.device}, expected {ref.numel()} on {ref.device})")
+        raise ValueError(
+            f"{name} must have as many elements as {ref_name} on the same device "
+            f"(got {t.numel()} on {t.device}, expected {ref.numel()} on {ref.device})"
+        )
     check_contiguous(name, t)
 
 
@@ -184,8 +195,10 @@ def float64_twin(backend: str | None, *tensors: torch.Tensor) -> bool:
     if tensors[0].dtype != torch.float64:
         return False
     if backend == "triton":
-        raise ValueError("there is no float64 Triton kernel; float64 parameters are updated by the torch twin "
-                         "in float64 (pass backend=None or 'torch')")
+        raise ValueError(
+            "there is no float64 Triton kernel; float64 parameters are updated by the torch twin "
+            "in float64 (pass backend=None or 'torch')"
+        )
     for t in tensors:
         if t is not None and t.dtype != torch.float64:
             raise ValueError(f"float64 parameters need float64 gradients and state, got {t.dtype}")

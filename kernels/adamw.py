@@ -24,6 +24,7 @@ masked off, so a skipped step is decided on the device.  Parameters, gradients a
 float32, bfloat16 or float16; arithmetic is float32.  float64 buffers are updated by the torch twin in
 float64 (as torch.optim does), on any device.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,11 +33,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TILE_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_gate, check_nonnegative,
-                      check_same_layout,
-                      chunks, device_scalar, f32, float64_twin, gate_open, host_scalar, resolve_backend, round_to,
-                      require, sign, sqrt_rn_torch)
-
+from ._common import (
+    NUM_WARPS,
+    TILE_SIZE,
+    check_contiguous,
+    check_float_dtype,
+    check_gate,
+    check_nonnegative,
+    check_same_layout,
+    chunks,
+    device_scalar,
+    f32,
+    float64_twin,
+    gate_open,
+    host_scalar,
+    require,
+    resolve_backend,
+    round_to,
+    sign,
+    sqrt_rn_torch,
+)
 
 #: ``beta ** step`` by squaring covers steps below 2**STEP_BITS (a float32 step count stops at 2**24).
 STEP_BITS = 24
@@ -77,8 +93,11 @@ def device_scalars(lr: float, step: int, weight_decay: float, beta1: float, beta
     """The twin of the kernel's DEVICE_SCALARS branch: the same float64 operations on the same inputs."""
     bias_correction1 = 1.0 - power_torch(sum(split_f64(beta1)), step)
     bias_correction2 = 1.0 - power_torch(sum(split_f64(beta2)), step)
-    return dict(step_size=f32(lr / bias_correction1), bias_correction2_sqrt=f32(math.sqrt(bias_correction2)),
-                decay=f32(1.0 - lr * weight_decay))
+    return dict(
+        step_size=f32(lr / bias_correction1),
+        bias_correction2_sqrt=f32(math.sqrt(bias_correction2)),
+        decay=f32(1.0 - lr * weight_decay),
+    )
 
 
 @triton.jit(do_not_specialize=["step"])
@@ -155,9 +174,24 @@ def adamw_kernel(
     tl.store(param_ptr + pos, round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
 
-def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_minus_beta1, beta2,
-                one_minus_beta2, step_size, bias_correction2_sqrt, eps, l1, maximize, amsgrad,
-                compute=torch.float32) -> None:
+def adamw_torch(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    decay,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    step_size,
+    bias_correction2_sqrt,
+    eps,
+    l1,
+    maximize,
+    amsgrad,
+    compute=torch.float32,
+) -> None:
     """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
     is the float64 path."""
     param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq))
@@ -187,8 +221,9 @@ def adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, one_min
         param[a:b] = (w - (m.to(compute) / denom) * step_size).to(param.dtype)
 
 
-def check_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-                     amsgrad, l1, gate) -> None:
+def check_adamw_args(
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, amsgrad, l1, gate
+) -> None:
     """:func:`adamw_step_`'s argument rules, each with a one-line error."""
     check_nonnegative(lr=0.0 if isinstance(lr, torch.Tensor) else lr, eps=eps, weight_decay=weight_decay, l1=l1)
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -204,8 +239,10 @@ def check_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr,
             raise ValueError("max_exp_avg_sq must have the dtype of exp_avg_sq")
     if isinstance(step, torch.Tensor):  # a float32 count (torch.optim's capturable step) or an int64 counter
         if step.numel() != 1 or step.dtype not in (torch.float32, torch.int64) or step.device != param.device:
-            raise ValueError(f"a tensor step must be one float32 or int64 value on {param.device}, got "
-                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
+            raise ValueError(
+                f"a tensor step must be one float32 or int64 value on {param.device}, got "
+                f"{step.dtype} {tuple(step.shape)} on {step.device}"
+            )
     elif step < 1:
         raise ValueError(f"step counts from 1 (this step included), got {step}")
     check_gate(gate, param)
@@ -214,11 +251,26 @@ def check_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr,
         check_float_dtype("param", param)
 
 
-def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                max_exp_avg_sq: torch.Tensor | None = None, *, step: int | torch.Tensor, lr: float | torch.Tensor,
-                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
-                amsgrad: bool = False, maximize: bool = False, l1: float = 0.0, gate: torch.Tensor | None = None,
-                backend: str | None = None, validate_args: bool = True) -> torch.Tensor:
+def adamw_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None = None,
+    *,
+    step: int | torch.Tensor,
+    lr: float | torch.Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+    gate: torch.Tensor | None = None,
+    backend: str | None = None,
+    validate_args: bool = True,
+) -> torch.Tensor:
     """One fused AdamW step on a contiguous buffer; ``step`` counts from 1 and includes this step.
 
     ``step`` and ``lr`` are numbers (host scalars) or 1-element tensors on the device that the kernel reads
@@ -228,29 +280,62 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     Returns ``param``.
     """
     if validate_args:
-        check_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
-                         weight_decay, amsgrad, l1, gate)
+        check_adamw_args(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            step,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+            l1,
+            gate,
+        )
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
     if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
         if not gate_open(gate):
             return param
         lr, step = float(host_scalar(lr) if on_device else lr), int(host_scalar(step)) if on_device else step
-        bias_correction1 = 1.0 - beta1 ** step
-        bias_correction2 = 1.0 - beta2 ** step
-        adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
-                    float(beta2), 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), float(eps),
-                    float(l1), maximize, amsgrad, compute=torch.float64)
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2 = 1.0 - beta2**step
+        adamw_torch(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            1.0 - lr * weight_decay,
+            1.0 - beta1,
+            float(beta2),
+            1.0 - beta2,
+            lr / bias_correction1,
+            math.sqrt(bias_correction2),
+            float(eps),
+            float(l1),
+            maximize,
+            amsgrad,
+            compute=torch.float64,
+        )
         return param
     lr_tensor = device_scalar("lr", lr, param)
     step_tensor = step.reshape(1) if isinstance(step, torch.Tensor) else None
-    constants = dict(one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
-                     eps=f32(eps), l1=f32(l1))
+    constants = dict(
+        one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), eps=f32(eps), l1=f32(l1)
+    )
     triton_backend = resolve_backend(backend, param, grad) == "triton"
     if not triton_backend and not gate_open(gate):
         return param  # the twin of a closed gate (its step count may be 0: no scalars to compute)
     if not on_device:  # host scalars in float64, rounded once to float32 (as torch.optim computes them)
-        per_step = dict(decay=f32(1.0 - lr * weight_decay), step_size=f32(lr / (1.0 - beta1 ** step)),
-                        bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2 ** step)))
+        per_step = dict(
+            decay=f32(1.0 - lr * weight_decay),
+            step_size=f32(lr / (1.0 - beta1**step)),
+            bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2**step)),
+        )
     elif triton_backend:  # every program computes them from what it reads
         per_step = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=0.0)
     else:
@@ -261,20 +346,44 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
             # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x
             # the elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound)
             tile = DEVICE_SCALARS_TILE if on_device else TILE_SIZE
-            adamw_kernel[(triton.cdiv(n, tile),)](param, grad, exp_avg, exp_avg_sq,
-                                  max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
-                                  lr_tensor if lr_tensor is not None else param,
-                                  step_tensor if step_tensor is not None else param,
-                                  gate if gate is not None else param, n,
-                                  f32(lr) if on_device and lr_tensor is None else 0.0,
-                                  int(step) if on_device and step_tensor is None else 0,
-                                  f32(weight_decay), *split_f64(beta1), split_f64(beta2)[1],
-                                  **per_step, **constants,
-                                  MAXIMIZE=maximize, AMSGRAD=amsgrad, HAS_L1=l1 != 0.0, DEVICE_SCALARS=on_device,
-                                  LR_IN_MEMORY=lr_tensor is not None, STEP_IN_MEMORY=step_tensor is not None,
-                                  HAS_GATE=gate is not None, TILE_SIZE=tile,
-                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
+            adamw_kernel[(triton.cdiv(n, tile),)](
+                param,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+                max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
+                lr_tensor if lr_tensor is not None else param,
+                step_tensor if step_tensor is not None else param,
+                gate if gate is not None else param,
+                n,
+                f32(lr) if on_device and lr_tensor is None else 0.0,
+                int(step) if on_device and step_tensor is None else 0,
+                f32(weight_decay),
+                *split_f64(beta1),
+                split_f64(beta2)[1],
+                **per_step,
+                **constants,
+                MAXIMIZE=maximize,
+                AMSGRAD=amsgrad,
+                HAS_L1=l1 != 0.0,
+                DEVICE_SCALARS=on_device,
+                LR_IN_MEMORY=lr_tensor is not None,
+                STEP_IN_MEMORY=step_tensor is not None,
+                HAS_GATE=gate is not None,
+                TILE_SIZE=tile,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
     else:
-        adamw_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, maximize=maximize, amsgrad=amsgrad,
-                    **per_step, **constants)
+        adamw_torch(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            maximize=maximize,
+            amsgrad=amsgrad,
+            **per_step,
+            **constants,
+        )
     return param

@@ -5,16 +5,36 @@ copy) it writes ``x = cast(source + scale * z)`` instead, so a bf16/fp16 model i
 fp32 weights and restoring it is exact (see ``zo_update.py``).  With ``precond=h`` (a positive fp32
 curvature estimate, as kept by HiZOO) the direction is preconditioned: ``z_i / sqrt(h_i)``.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_contiguous, check_direction_range, check_float_dtype,
-                      check_same_layout, f32, inv_sqrt_rn, inv_sqrt_rn_torch, require, resolve_backend, round_to)
-from .philox import (direction_tile, is_rademacher, iter_direction_chunks, kernel_seed, seed_args, seed_value,
-                     tile_launch, tile_positions, twin_chunk)
+from ._common import (
+    check_contiguous,
+    check_direction_range,
+    check_float_dtype,
+    check_same_layout,
+    f32,
+    inv_sqrt_rn,
+    inv_sqrt_rn_torch,
+    require,
+    resolve_backend,
+    round_to,
+)
+from .philox import (
+    direction_tile,
+    is_rademacher,
+    iter_direction_chunks,
+    kernel_seed,
+    seed_args,
+    seed_value,
+    tile_launch,
+    tile_positions,
+    twin_chunk,
+)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "seed_index", "first_group"])
@@ -45,20 +65,29 @@ def perturb_kernel(
         w = tl.load(source_ptr + pos, mask=mask)
     else:
         w = tl.load(x_ptr + pos, mask=mask).to(tl.float32)
-    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, TILE_SIZE,
-                       RADEMACHER)
+    z = direction_tile(
+        kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, TILE_SIZE, RADEMACHER
+    )
     if HAS_PRECOND:
         z = z * inv_sqrt_rn(tl.load(precond_ptr + pos, mask=mask, other=1.0))
     w = w + scale * z
     tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
-def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rademacher: bool = False,
-                  source: torch.Tensor | None = None, precond: torch.Tensor | None = None) -> None:
+def perturb_torch(
+    x: torch.Tensor,
+    seed: int,
+    scale: float,
+    offset: int = 0,
+    rademacher: bool = False,
+    source: torch.Tensor | None = None,
+    precond: torch.Tensor | None = None,
+) -> None:
     """Torch twin of :func:`perturb_kernel` (same operations in the same order)."""
     flat, src = x.view(-1), (source.view(-1) if source is not None else x.view(-1))
-    for start, stop, z in iter_direction_chunks(seed, offset, flat.numel(), x.device, rademacher,
-                                                twin_chunk(rademacher)):
+    for start, stop, z in iter_direction_chunks(
+        seed, offset, flat.numel(), x.device, rademacher, twin_chunk(rademacher)
+    ):
         if precond is not None:
             z = z * inv_sqrt_rn_torch(precond.view(-1)[start:stop])
         z *= scale  # z is this chunk's own tensor
@@ -68,9 +97,19 @@ def perturb_torch(x: torch.Tensor, seed: int, scale: float, offset: int = 0, rad
             flat[start:stop] = (src[start:stop].to(torch.float32) + z).to(x.dtype)
 
 
-def perturb_(x: torch.Tensor, seed: int | torch.Tensor, scale: float, backend: str | None = None, *, offset: int = 0,
-             distribution: str = "gaussian", source: torch.Tensor | None = None,
-             precond: torch.Tensor | None = None, seed_index: int = 0, validate_args: bool = True) -> torch.Tensor:
+def perturb_(
+    x: torch.Tensor,
+    seed: int | torch.Tensor,
+    scale: float,
+    backend: str | None = None,
+    *,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    source: torch.Tensor | None = None,
+    precond: torch.Tensor | None = None,
+    seed_index: int = 0,
+    validate_args: bool = True,
+) -> torch.Tensor:
     """In place ``x += scale * z(seed + seed_index)``, ``z`` indexed by element position in ``x`` (plus ``offset``).
 
     Args:
@@ -107,12 +146,28 @@ def perturb_(x: torch.Tensor, seed: int | torch.Tensor, scale: float, backend: s
         n = x.numel()
         if n:
             t = tile_launch(offset, n, rademacher)
-            perturb_kernel[t.grid](x, source if source is not None else x, precond if precond is not None else x,
-                                   s.tensor if s.tensor is not None else x, n, s.lo, s.hi, s.index, t.first_group,
-                                   t.lead, scale, HAS_SOURCE=source is not None, HAS_PRECOND=precond is not None,
-                                   SEED_IN_MEMORY=s.tensor is not None,
-                                   RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, TILE_SIZE=t.tile_size,
-                                   num_warps=t.num_warps, enable_fp_fusion=False)
+            perturb_kernel[t.grid](
+                x,
+                source if source is not None else x,
+                precond if precond is not None else x,
+                s.tensor if s.tensor is not None else x,
+                n,
+                s.lo,
+                s.hi,
+                s.index,
+                t.first_group,
+                t.lead,
+                scale,
+                HAS_SOURCE=source is not None,
+                HAS_PRECOND=precond is not None,
+                SEED_IN_MEMORY=s.tensor is not None,
+                RADEMACHER=rademacher,
+                GROUP=t.group,
+                WIDE=t.wide,
+                TILE_SIZE=t.tile_size,
+                num_warps=t.num_warps,
+                enable_fp_fusion=False,
+            )
     else:
         perturb_torch(x, seed_value(seed, seed_index), scale, offset, rademacher, source, precond)
     return x

@@ -49,6 +49,7 @@ Twin speed.  On CPU, :func:`normal_pairs` runs the normal twin through ``torch.c
 instead of ~160 torch ops; same bits, checked on a probe before first use, eager fallback); see the comment
 above ``COMPILED_MIN_CALLS``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TILE_SIZE, NUM_WARPS, TWIN_CHUNK, check_direction_range, chunks, f32, grid, resolve_backend,
-                      split_seed, sqrt_rn_torch)
+from ._common import (
+    NUM_WARPS,
+    TILE_SIZE,
+    TWIN_CHUNK,
+    check_direction_range,
+    chunks,
+    f32,
+    grid,
+    resolve_backend,
+    split_seed,
+    sqrt_rn_torch,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Constants (all exactly representable in float32, so kernel and twin multiply by the same value)
@@ -80,8 +91,17 @@ LN2: tl.constexpr = tl.constexpr(f32(math.log(2.0)))
 # Near-minimax polynomials, fitted in float64 (Lawson iteration on 20,000 Chebyshev points) and rounded to
 # float32.  Only their values matter for the bits, so kernel and twin share these numbers.
 #   ln(1 + f) = f + f^2 (L0 + f (L1 + ... + f L5)) on f in [sqrt(1/2) - 1, sqrt(2) - 1]: relative error 1.3e-6
-LOG_C = [f32(c) for c in (-0.5000084638595581, 0.33319219946861267, -0.24919074773788452, 0.20449185371398926,
-                          -0.18587474524974823, 0.11948983371257782)]
+LOG_C = [
+    f32(c)
+    for c in (
+        -0.5000084638595581,
+        0.33319219946861267,
+        -0.24919074773788452,
+        0.20449185371398926,
+        -0.18587474524974823,
+        0.11948983371257782,
+    )
+]
 #   cos(pi y / 4) = 1 + t (C1 + t (C2 + t C3)), t = y^2, |y| < 1: absolute error 3.2e-8
 COS_C = [f32(c) for c in (-0.3084245026111603, 0.01585039682686329, -0.0003191600553691387)]
 #   sin(pi y / 4) = y (S0 + t (S1 + t (S2 + t S3))): relative error 2.4e-9
@@ -115,6 +135,7 @@ def group_size(rademacher: bool) -> int:
 
 class TileLaunch(NamedTuple):
     """How a kernel walks ``n`` elements of a direction from element ``offset`` on (see ``tile_launch``)."""
+
     grid: tuple[int]  # programs
     first_group: int  # offset // GROUP: the group holding element ``offset``
     lead: int  # offset % GROUP: elements of the first group before the buffer starts (masked off)
@@ -126,6 +147,7 @@ class TileLaunch(NamedTuple):
 
 class SeedArgs(NamedTuple):
     """How a launch receives its seed (see :func:`kernel_seed`): from memory, or as host halves."""
+
     tensor: torch.Tensor | None  # int64 [1] on the kernel's device holding the seed (SEED_IN_MEMORY), else None
     lo: int  # low 31 bits of a host seed (0 with a tensor)
     hi: int  # seed >> 31 of a host seed (0 with a tensor)
@@ -142,8 +164,10 @@ def seed_args(seed: int | torch.Tensor, seed_index: int, count: int, like: torch
         raise ValueError(f"seed_index must be an int in [0, 2**31), got {seed_index!r}")
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
-            raise ValueError(f"a tensor seed must be one int64 value on {like.device} (got {seed.dtype} "
-                             f"{tuple(seed.shape)} on {seed.device}); or pass an int")
+            raise ValueError(
+                f"a tensor seed must be one int64 value on {like.device} (got {seed.dtype} "
+                f"{tuple(seed.shape)} on {seed.device}); or pass an int"
+            )
         return SeedArgs(seed, 0, 0, seed_index)
     split_seed(seed + seed_index + count - 1)
     lo, hi = split_seed(seed + seed_index)
@@ -175,8 +199,9 @@ def tile_launch(offset: int, n: int, rademacher: bool) -> TileLaunch:
     tile = group
     first_group, lead = divmod(offset, group)
     programs = max(1, math.ceil((n + lead) / tile))
-    return TileLaunch((programs,), first_group, lead, group, tile, 8 if rademacher else NUM_WARPS,
-                      programs * tile >= 2**31)
+    return TileLaunch(
+        (programs,), first_group, lead, group, tile, 8 if rademacher else NUM_WARPS, programs * tile >= 2**31
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,8 +327,9 @@ def philox_direction_kernel(
 ):
     """out[i] = z_seed[offset + i]."""
     pos, group = tile_positions(first_group, lead, GROUP, TILE_SIZE, WIDE)
-    z = direction_tile(kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, TILE_SIZE,
-                       RADEMACHER)
+    z = direction_tile(
+        kernel_seed(seed_ptr, seed_lo, seed_hi, seed_index, SEED_IN_MEMORY), group, TILE_SIZE, RADEMACHER
+    )
     tl.store(out_ptr + pos, z, mask=(pos >= 0) & (pos < n))
 
 
@@ -463,11 +489,17 @@ def _compile_once():
                 if all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(got, want)):
                     _COMPILED["fn"] = fn
                 else:
-                    warnings.warn("subgrad: the compiled CPU twin differs from the eager twin on its probe; "
-                                  "using the eager twin (same bits, slower)")
+                    warnings.warn(
+                        "subgrad: the compiled CPU twin differs from the eager twin on its probe; "
+                        "using the eager twin (same bits, slower)",
+                        stacklevel=2,
+                    )
             except Exception as error:  # no compiler, unsupported platform, ...: the eager twin is always right
-                warnings.warn(f"subgrad: torch.compile of the CPU twin failed ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); using the eager twin")
+                warnings.warn(
+                    f"subgrad: torch.compile of the CPU twin failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); using the eager twin",
+                    stacklevel=2,
+                )
             finally:
                 cpp_log.setLevel(level)
     return _COMPILED["fn"]
@@ -484,8 +516,9 @@ def normal_pairs(seed: int, first_call: int, calls: int, device) -> tuple[torch.
     of at least COMPILED_MIN_CALLS calls, eager otherwise (same bits either way)."""
     fn = _compiled_normal_pairs() if torch.device(device).type == "cpu" and calls >= COMPILED_MIN_CALLS else None
     if fn is None:
-        return normal_pairs_torch(torch.arange(first_call, first_call + calls, dtype=torch.int64, device=device),
-                                  round_keys(seed))
+        return normal_pairs_torch(
+            torch.arange(first_call, first_call + calls, dtype=torch.int64, device=device), round_keys(seed)
+        )
     counters = torch.arange(first_call, first_call + calls, dtype=torch.int64)
     with _COMPILED_LOCK:
         return fn(counters, torch.tensor(round_keys(seed)))
@@ -499,8 +532,9 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
     group = group_size(rademacher)
     first, stop = start // group, -(-(start + n) // group)
     if rademacher:
-        w0, w1, w2, w3 = philox4x32_torch(seed, torch.arange(first * RADEMACHER_CALLS, stop * RADEMACHER_CALLS,
-                                                             dtype=torch.int64, device=device))
+        w0, w1, w2, w3 = philox4x32_torch(
+            seed, torch.arange(first * RADEMACHER_CALLS, stop * RADEMACHER_CALLS, dtype=torch.int64, device=device)
+        )
         words = torch.stack((w0, w1, w2, w3), dim=1).view(-1, 1, RADEMACHER_CALLS * 4)  # [groups, 1, 4 l + k]
         bits = (words >> _BIT_SHIFTS.to(device)) & 1  # [groups, 32 bits, 128 columns]: e = 4096 G + 128 b + 4 l + k
         z = (1 - 2 * bits).to(torch.float32).reshape(-1)
@@ -511,7 +545,7 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
         halves = [t.view(groups, NORMAL_CALLS, 2, 2).transpose(1, 2) for t in (z0, z1)]  # word 2 h + i of call g
         z = torch.stack(halves, dim=4, out=z).view(-1)  # element 1024 G + 512 h + 4 g + 2 i + s
     skip = start - first * group
-    return z[skip:skip + n]
+    return z[skip : skip + n]
 
 
 #: Chunk of a materialised Rademacher direction (philox_rademacher's twin): one Philox call gives 128
@@ -542,8 +576,9 @@ def iter_direction_chunks(seed: int, offset: int, n: int, device, rademacher: bo
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-def _direction(seed, n: int, offset: int, device, backend: str | None, rademacher: bool,
-               seed_index: int) -> torch.Tensor:
+def _direction(
+    seed, n: int, offset: int, device, backend: str | None, rademacher: bool, seed_index: int
+) -> torch.Tensor:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     check_direction_range(offset, n)
@@ -552,20 +587,35 @@ def _direction(seed, n: int, offset: int, device, backend: str | None, rademache
     if resolve_backend(backend, out) == "triton":
         if n:
             t = tile_launch(offset, n, rademacher)
-            philox_direction_kernel[t.grid](out, s.tensor if s.tensor is not None else out, n, s.lo, s.hi, s.index,
-                                            t.first_group, t.lead, SEED_IN_MEMORY=s.tensor is not None,
-                                            RADEMACHER=rademacher, GROUP=t.group, TILE_SIZE=t.tile_size,
-                                            WIDE=t.wide, num_warps=t.num_warps, enable_fp_fusion=False)
+            philox_direction_kernel[t.grid](
+                out,
+                s.tensor if s.tensor is not None else out,
+                n,
+                s.lo,
+                s.hi,
+                s.index,
+                t.first_group,
+                t.lead,
+                SEED_IN_MEMORY=s.tensor is not None,
+                RADEMACHER=rademacher,
+                GROUP=t.group,
+                TILE_SIZE=t.tile_size,
+                WIDE=t.wide,
+                num_warps=t.num_warps,
+                enable_fp_fusion=False,
+            )
     else:
         size = RADEMACHER_DIRECTION_CHUNK if rademacher else NORMAL_DIRECTION_CHUNK
-        for start, stop, z in iter_direction_chunks(seed_value(seed, seed_index), offset, n, out.device,
-                                                    rademacher, size):
+        for start, stop, z in iter_direction_chunks(
+            seed_value(seed, seed_index), offset, n, out.device, rademacher, size
+        ):
             out[start:stop] = z
     return out
 
 
-def philox_normal(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *,
-                  seed_index: int = 0) -> torch.Tensor:
+def philox_normal(
+    seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *, seed_index: int = 0
+) -> torch.Tensor:
     """Elements ``offset .. offset+n-1`` of the standard-normal direction named by ``seed + seed_index``
     (float32).
 
@@ -576,16 +626,18 @@ def philox_normal(seed: int | torch.Tensor, n: int, offset: int = 0, device=None
     return _direction(seed, n, offset, device, backend, rademacher=False, seed_index=seed_index)
 
 
-def philox_rademacher(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *,
-                      seed_index: int = 0) -> torch.Tensor:
+def philox_rademacher(
+    seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *, seed_index: int = 0
+) -> torch.Tensor:
     """Elements ``offset .. offset+n-1`` of the ±1 direction named by ``seed + seed_index`` (float32;
     ``seed`` as in :func:`philox_normal`): element ``4096 G + 128 b + 4 l + k`` is ``-1`` where bit ``b``
     of word ``k`` of Philox call ``32 G + l`` is set, else ``+1``."""
     return _direction(seed, n, offset, device, backend, rademacher=True, seed_index=seed_index)
 
 
-def philox_bits(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *,
-                seed_index: int = 0) -> torch.Tensor:
+def philox_bits(
+    seed: int | torch.Tensor, n: int, offset: int = 0, device=None, backend: str | None = None, *, seed_index: int = 0
+) -> torch.Tensor:
     """The four raw Philox words per counter, as an int32 tensor ``[n, 4]`` (uint32 bit patterns); ``seed``
     as in :func:`philox_normal`."""
     check_direction_range(offset, n)
@@ -593,9 +645,18 @@ def philox_bits(seed: int | torch.Tensor, n: int, offset: int = 0, device=None, 
     s = seed_args(seed, seed_index, 1, out)
     if resolve_backend(backend, out) == "triton":
         if n:
-            philox_bits_kernel[grid(n)](out, s.tensor if s.tensor is not None else out, n, s.lo, s.hi, s.index,
-                                        offset, SEED_IN_MEMORY=s.tensor is not None, TILE_SIZE=TILE_SIZE,
-                                        num_warps=NUM_WARPS)
+            philox_bits_kernel[grid(n)](
+                out,
+                s.tensor if s.tensor is not None else out,
+                n,
+                s.lo,
+                s.hi,
+                s.index,
+                offset,
+                SEED_IN_MEMORY=s.tensor is not None,
+                TILE_SIZE=TILE_SIZE,
+                num_warps=NUM_WARPS,
+            )
     else:
         counters = torch.arange(offset, offset + n, dtype=torch.int64, device=out.device)
         out.copy_(torch.stack(philox4x32_torch(seed_value(seed, seed_index), counters), dim=1).to(torch.int32))

@@ -11,6 +11,7 @@ directions at every replay) and the host never waits for the device.
 
 One program of one lane; the 64-bit multiplications wrap modulo 2**64 in kernel and twin alike.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,9 @@ def next_step_seed_(counter: torch.Tensor, seed_out: torch.Tensor, seed: int, ba
     """``seed_out = step_seed(seed, counter); counter += 1``, on ``counter``'s device (both int64 ``[1]``)."""
     for name, t in (("counter", counter), ("seed_out", seed_out)):
         if t.dtype != torch.int64 or t.numel() != 1 or t.device != counter.device:
-            raise ValueError(f"{name} must be one int64 value on {counter.device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{name} must be one int64 value on {counter.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     lo, hi = split_seed(seed)
     if resolve_backend(backend, counter) == "triton":
         step_seed_kernel[(1,)](counter, seed_out, lo, hi, num_warps=1)

@@ -11,15 +11,30 @@ Parameters, gradients and the momentum buffer may be float32, bfloat16 or float1
 float32 and each tensor is rounded once when stored.  float64 buffers are updated by the torch twin in
 float64 (as torch.optim does), on any device.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (TILE_SIZE, NUM_WARPS, check_contiguous, check_float_dtype, check_nonnegative,
-                      check_same_layout, chunks,
-                      device_scalar, f32, float64_twin, grid, host_scalar, resolve_backend, round_to, sign)
+from ._common import (
+    NUM_WARPS,
+    TILE_SIZE,
+    check_contiguous,
+    check_float_dtype,
+    check_nonnegative,
+    check_same_layout,
+    chunks,
+    device_scalar,
+    f32,
+    float64_twin,
+    grid,
+    host_scalar,
+    resolve_backend,
+    round_to,
+    sign,
+)
 
 
 @triton.jit
@@ -70,8 +85,20 @@ def sgd_kernel(
     tl.store(param_ptr + pos, round_to(w, param_ptr.dtype.element_ty), mask=mask)
 
 
-def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_minus_dampening, maximize,
-              first_step, nesterov, compute=torch.float32) -> None:
+def sgd_torch(
+    param,
+    grad,
+    momentum_buffer,
+    lr,
+    weight_decay,
+    l1,
+    momentum,
+    one_minus_dampening,
+    maximize,
+    first_step,
+    nesterov,
+    compute=torch.float32,
+) -> None:
     """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
     is the float64 path."""
     param, grad = param.view(-1), grad.view(-1)
@@ -96,11 +123,22 @@ def sgd_torch(param, grad, momentum_buffer, lr, weight_decay, l1, momentum, one_
         param[a:b] = (w - g * lr).to(param.dtype)
 
 
-def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None = None, *,
-              lr: float | torch.Tensor,
-              weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-              maximize: bool = False, first_step: bool = False, l1: float = 0.0,
-              backend: str | None = None, validate_args: bool = True) -> torch.Tensor:
+def sgd_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None = None,
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    l1: float = 0.0,
+    backend: str | None = None,
+    validate_args: bool = True,
+) -> torch.Tensor:
     """One fused SGD step on a contiguous buffer (usually a whole :class:`subgrad.FlatParams` group).
 
     ``l1`` adds the subgradient ``l1 * sign(w)`` (an extension; torch.optim has none).
@@ -111,8 +149,13 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
     Returns ``param``.
     """
     if validate_args:
-        check_nonnegative(lr=0.0 if isinstance(lr, torch.Tensor) else lr, weight_decay=weight_decay,
-                          momentum=momentum, dampening=dampening, l1=l1)
+        check_nonnegative(
+            lr=0.0 if isinstance(lr, torch.Tensor) else lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            dampening=dampening,
+            l1=l1,
+        )
         if nesterov and (momentum == 0.0 or dampening != 0.0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
         check_contiguous("param", param)
@@ -123,8 +166,20 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
             check_same_layout("momentum_buffer", momentum_buffer, param, "param")
     if float64_twin(backend, param, grad, momentum_buffer if momentum != 0.0 else None):
         lr = float(lr.reshape(())) if isinstance(lr, torch.Tensor) else float(lr)
-        sgd_torch(param, grad, momentum_buffer, lr, float(weight_decay), float(l1), float(momentum),
-                  1.0 - dampening, maximize, first_step, nesterov, compute=torch.float64)
+        sgd_torch(
+            param,
+            grad,
+            momentum_buffer,
+            lr,
+            float(weight_decay),
+            float(l1),
+            float(momentum),
+            1.0 - dampening,
+            maximize,
+            first_step,
+            nesterov,
+            compute=torch.float64,
+        )
         return param
     if validate_args:
         check_float_dtype("param", param)
@@ -134,15 +189,40 @@ def sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Te
     if resolve_backend(backend, param, grad) == "triton":
         n = param.numel()
         if n:
-            sgd_kernel[grid(n)](param, grad, momentum_buffer if momentum_buffer is not None else param,
-                                lr_tensor if lr_tensor is not None else param, n,
-                                0.0 if lr_tensor is not None else f32(lr), weight_decay, l1, momentum,
-                                one_minus_dampening,
-                                MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
-                                HAS_MOMENTUM=momentum != 0.0, FIRST_STEP=first_step, NESTEROV=nesterov,
-                                LR_IN_MEMORY=lr_tensor is not None,
-                                TILE_SIZE=TILE_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            sgd_kernel[grid(n)](
+                param,
+                grad,
+                momentum_buffer if momentum_buffer is not None else param,
+                lr_tensor if lr_tensor is not None else param,
+                n,
+                0.0 if lr_tensor is not None else f32(lr),
+                weight_decay,
+                l1,
+                momentum,
+                one_minus_dampening,
+                MAXIMIZE=maximize,
+                HAS_WEIGHT_DECAY=weight_decay != 0.0,
+                HAS_L1=l1 != 0.0,
+                HAS_MOMENTUM=momentum != 0.0,
+                FIRST_STEP=first_step,
+                NESTEROV=nesterov,
+                LR_IN_MEMORY=lr_tensor is not None,
+                TILE_SIZE=TILE_SIZE,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
     else:
-        sgd_torch(param, grad, momentum_buffer, host_scalar(lr), weight_decay, l1, momentum, one_minus_dampening,
-                  maximize, first_step, nesterov)
+        sgd_torch(
+            param,
+            grad,
+            momentum_buffer,
+            host_scalar(lr),
+            weight_decay,
+            l1,
+            momentum,
+            one_minus_dampening,
+            maximize,
+            first_step,
+            nesterov,
+        )
     return param

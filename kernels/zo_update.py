@@ -35,6 +35,7 @@ model after restore are bit-identical to the master rounded once; without one (f
 +eps / -2 eps / +eps cycle adds at most ~3 half-ulp roundings, i.e. a random walk of a few 1e-6
 relative over 1,000 steps at lr = 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,17 +44,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_contiguous, check_direction_range, check_float_dtype, check_gate, check_nonnegative,
-                      check_same_layout,
-                      chunks, device_scalar, f32, gate_open, host_scalar, inv_sqrt_rn, inv_sqrt_rn_torch,
-                      resolve_backend, round_to, sign)
-from .philox import (direction_tile, direction_torch, is_rademacher, kernel_seed, seed_args, seed_value, tile_launch,
-                     tile_positions, twin_chunk)
+from ._common import (
+    check_contiguous,
+    check_direction_range,
+    check_float_dtype,
+    check_gate,
+    check_nonnegative,
+    check_same_layout,
+    chunks,
+    device_scalar,
+    f32,
+    gate_open,
+    host_scalar,
+    inv_sqrt_rn,
+    inv_sqrt_rn_torch,
+    resolve_backend,
+    round_to,
+    sign,
+)
+from .philox import (
+    direction_tile,
+    direction_torch,
+    is_rademacher,
+    kernel_seed,
+    seed_args,
+    seed_value,
+    tile_launch,
+    tile_positions,
+    twin_chunk,
+)
 
 
 @triton.jit
-def direction_terms(z, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR: tl.constexpr,
-                    HAS_HESSIAN: tl.constexpr):
+def direction_terms(
+    z, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR: tl.constexpr, HAS_HESSIAN: tl.constexpr
+):
     """Direction k's contributions: c[k, b] z_k to the estimate and kappa[k, b] z_k^2 to the curvature.
     (c is gathered per element even without blocks: a scalar load lets the compiler pick the direction
     tile's layout for the loop-carried estimate, which then goes through shared memory: 72 -> 80 SASS per
@@ -140,17 +165,20 @@ def zo_update_kernel(
         for k in range(last):
             z_k = direction_tile(seed + k, group, TILE_SIZE, RADEMACHER)
             # a closed gate loads c = 0 (the load's mask), so w only restores and a NaN c never reaches it
-            term, _ = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask & apply,
-                                      C_IS_SCALAR, False)  # (a scalar c means q = 1: this loop never runs then)
+            term, _ = direction_terms(
+                z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask & apply, C_IS_SCALAR, False
+            )  # (a scalar c means q = 1: this loop never runs then)
             w = w - lr * term
         tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
         return
-    estimate, curvature = direction_terms(z, last, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask,
-                                          C_IS_SCALAR, HAS_HESSIAN)
+    estimate, curvature = direction_terms(
+        z, last, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR, HAS_HESSIAN
+    )
     for k in range(last):
         z_k = direction_tile(seed + k, group, TILE_SIZE, RADEMACHER)
-        term, kappa = direction_terms(z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask,
-                                      C_IS_SCALAR, HAS_HESSIAN)
+        term, kappa = direction_terms(
+            z_k, k, c_ptr, curvature_ptr, c_scalar, b, num_blocks, mask, C_IS_SCALAR, HAS_HESSIAN
+        )
         estimate = estimate + term
         if HAS_HESSIAN:
             curvature = curvature + kappa
@@ -183,9 +211,28 @@ def zo_update_kernel(
     tl.store(x_ptr + pos, round_to(w, x_ptr.dtype.element_ty), mask=mask)
 
 
-def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buffer, restore_scale, block_starts,
-                    offset, rademacher, master, num_directions=1, hessian=None, curvature=None,
-                    hessian_smoothing=0.0, hessian_min=0.0, apply=True) -> None:
+def zo_update_torch(
+    x,
+    seed,
+    c,
+    lr,
+    *,
+    weight_decay,
+    l1,
+    momentum,
+    momentum_buffer,
+    restore_scale,
+    block_starts,
+    offset,
+    rademacher,
+    master,
+    num_directions=1,
+    hessian=None,
+    curvature=None,
+    hessian_smoothing=0.0,
+    hessian_min=0.0,
+    apply=True,
+) -> None:
     """Torch twin of :func:`zo_update_kernel`, in cache-sized chunks like the other twins (``seed`` and ``lr``
     as host numbers; ``apply=False`` is the kernel's closed gate: restore x, leave every buffer)."""
     fold = plain_update(block_starts, master, momentum_buffer, weight_decay, l1, hessian)
@@ -201,11 +248,12 @@ def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buff
         last = num_directions - 1
         if fold:  # the kernel's FOLD path: w = x + (restore_scale - lr c_last) z_last - sum_k lr (c_k z_k)
             w = flat[start:stop].to(torch.float32)
-            w = w + direction_torch(seed + last, offset + start, stop - start, x.device, rademacher) \
-                * (restore_scale - c[last:last + 1] * lr)
+            w = w + direction_torch(seed + last, offset + start, stop - start, x.device, rademacher) * (
+                restore_scale - c[last : last + 1] * lr
+            )
             for k in range(last):
                 z_k = direction_torch(seed + k, offset + start, stop - start, x.device, rademacher)
-                w = w - (c[k:k + 1] * z_k) * lr
+                w = w - (c[k : k + 1] * z_k) * lr
             flat[start:stop] = w.to(x.dtype)
             continue
         estimate = curv = z = None
@@ -214,12 +262,12 @@ def zo_update_torch(x, seed, c, lr, *, weight_decay, l1, momentum, momentum_buff
             if isinstance(c, float):
                 c_k = c
             elif block_starts is None:
-                c_k = c[k:k + 1]
+                c_k = c[k : k + 1]
             else:
                 c_k = c[k * num_blocks + block]
             estimate = c_k * z_k if estimate is None else estimate + c_k * z_k
             if hessian is not None:
-                kappa = curvature[k:k + 1] if block_starts is None else curvature[k * num_blocks + block]
+                kappa = curvature[k : k + 1] if block_starts is None else curvature[k * num_blocks + block]
                 curv = kappa * (z_k * z_k) if curv is None else curv + kappa * (z_k * z_k)
             if k == last:
                 z = z_k
@@ -257,8 +305,14 @@ def plain_update(block_starts, master, momentum_buffer, weight_decay, l1, hessia
     """The update is ``w = x + restore_scale z_last - lr sum_k c_k z_k`` alone (one block, no master,
     momentum, decay, L1 or curvature): kernel and twin then fold the restore and the last direction's step
     into one coefficient (FOLD: 2 instead of 5 float ops per element)."""
-    return (block_starts is None and master is None and momentum_buffer is None and weight_decay == 0.0
-            and l1 == 0.0 and hessian is None)
+    return (
+        block_starts is None
+        and master is None
+        and momentum_buffer is None
+        and weight_decay == 0.0
+        and l1 == 0.0
+        and hessian is None
+    )
 
 
 def make_block_starts(block_sizes, device=None) -> torch.Tensor:
@@ -275,9 +329,26 @@ def make_block_starts(block_sizes, device=None) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int64, device=device)
 
 
-def check_zo_update_args(x, seed, c, lr, num_directions, weight_decay, l1, momentum, momentum_buffer, block_starts,
-                         offset, master, hessian, curvature, hessian_smoothing, hessian_min, gate,
-                         seed_index) -> None:
+def check_zo_update_args(
+    x,
+    seed,
+    c,
+    lr,
+    num_directions,
+    weight_decay,
+    l1,
+    momentum,
+    momentum_buffer,
+    block_starts,
+    offset,
+    master,
+    hessian,
+    curvature,
+    hessian_smoothing,
+    hessian_min,
+    gate,
+    seed_index,
+) -> None:
     """:func:`zo_update_`'s argument rules, each with a one-line error."""
     check_float_dtype("x", x)
     check_contiguous("x", x)
@@ -299,37 +370,69 @@ def check_zo_update_args(x, seed, c, lr, num_directions, weight_decay, l1, momen
             raise ValueError(f"master must be float32, got {master.dtype}")
     if not isinstance(c, torch.Tensor):
         if num_directions != 1 or block_starts is not None:
-            raise ValueError("a scalar c means one direction and one block; pass a tensor of c values "
-                             "for several directions or blocks")
+            raise ValueError(
+                "a scalar c means one direction and one block; pass a tensor of c values "
+                "for several directions or blocks"
+            )
     elif block_starts is None and c.numel() != num_directions:
-        raise ValueError(f"c has {c.numel()} values for {num_directions} direction(s) and no blocks; "
-                         "pass one value per direction, or per direction and block with block_starts "
-                         "(build it with make_block_starts(sizes))")
-    elif block_starts is not None and (block_starts.dim() != 1 or block_starts.dtype != torch.int64
-                                       or block_starts.numel() * num_directions != c.numel()):
-        raise ValueError(f"block_starts must be a 1-D int64 tensor with one entry per block, and c "
-                         f"must hold num_directions x blocks values; got block_starts "
-                         f"{tuple(block_starts.shape)} {block_starts.dtype}, c with {c.numel()} values "
-                         f"for {num_directions} direction(s)")
+        raise ValueError(
+            f"c has {c.numel()} values for {num_directions} direction(s) and no blocks; "
+            "pass one value per direction, or per direction and block with block_starts "
+            "(build it with make_block_starts(sizes))"
+        )
+    elif block_starts is not None and (
+        block_starts.dim() != 1
+        or block_starts.dtype != torch.int64
+        or block_starts.numel() * num_directions != c.numel()
+    ):
+        raise ValueError(
+            f"block_starts must be a 1-D int64 tensor with one entry per block, and c "
+            f"must hold num_directions x blocks values; got block_starts "
+            f"{tuple(block_starts.shape)} {block_starts.dtype}, c with {c.numel()} values "
+            f"for {num_directions} direction(s)"
+        )
     if hessian is not None:
         check_same_layout("hessian", hessian, x)
-        if hessian.dtype != torch.float32 or not isinstance(c, torch.Tensor) or curvature is None \
-                or curvature.numel() != c.numel():
-            raise ValueError("hessian needs a float32 buffer like x, a tensor c, and curvature with one value "
-                             "per value of c")
+        if (
+            hessian.dtype != torch.float32
+            or not isinstance(c, torch.Tensor)
+            or curvature is None
+            or curvature.numel() != c.numel()
+        ):
+            raise ValueError(
+                "hessian needs a float32 buffer like x, a tensor c, and curvature with one value per value of c"
+            )
         if not 0.0 <= hessian_smoothing <= 1.0 or not hessian_min > 0:
-            raise ValueError(f"hessian_smoothing must be in [0, 1] and hessian_min > 0, got "
-                             f"{hessian_smoothing}, {hessian_min}")
+            raise ValueError(
+                f"hessian_smoothing must be in [0, 1] and hessian_min > 0, got {hessian_smoothing}, {hessian_min}"
+            )
 
 
-def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.Tensor, *, num_directions: int = 1,
-               weight_decay: float = 0.0, l1: float = 0.0, momentum: float = 0.0,
-               momentum_buffer: torch.Tensor | None = None, restore_scale: float = 0.0,
-               block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
-               master: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
-               curvature: torch.Tensor | None = None, hessian_smoothing: float = 0.0, hessian_min: float = 1e-4,
-               gate: torch.Tensor | None = None, seed_index: int = 0, backend: str | None = None,
-               validate_args: bool = True) -> torch.Tensor:
+def zo_update_(
+    x: torch.Tensor,
+    seed: int | torch.Tensor,
+    c,
+    lr: float | torch.Tensor,
+    *,
+    num_directions: int = 1,
+    weight_decay: float = 0.0,
+    l1: float = 0.0,
+    momentum: float = 0.0,
+    momentum_buffer: torch.Tensor | None = None,
+    restore_scale: float = 0.0,
+    block_starts: torch.Tensor | None = None,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    master: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    curvature: torch.Tensor | None = None,
+    hessian_smoothing: float = 0.0,
+    hessian_min: float = 1e-4,
+    gate: torch.Tensor | None = None,
+    seed_index: int = 0,
+    backend: str | None = None,
+    validate_args: bool = True,
+) -> torch.Tensor:
     """Restore ``x`` and apply ``x -= lr * (sum_k c_k * z_k + weight_decay * x + l1 * sign(x))`` in one pass.
 
     Args:
@@ -359,9 +462,26 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
     Returns ``x``.
     """
     if validate_args:
-        check_zo_update_args(x, seed, c, lr, num_directions, weight_decay, l1, momentum, momentum_buffer,
-                             block_starts, offset, master, hessian, curvature, hessian_smoothing, hessian_min, gate,
-                             seed_index)
+        check_zo_update_args(
+            x,
+            seed,
+            c,
+            lr,
+            num_directions,
+            weight_decay,
+            l1,
+            momentum,
+            momentum_buffer,
+            block_starts,
+            offset,
+            master,
+            hessian,
+            curvature,
+            hessian_smoothing,
+            hessian_min,
+            gate,
+            seed_index,
+        )
     rademacher = is_rademacher(distribution)
     s = seed_args(seed, seed_index, num_directions, x)
     n = x.numel()
@@ -385,35 +505,88 @@ def zo_update_(x: torch.Tensor, seed: int | torch.Tensor, c, lr: float | torch.T
             fold = plain_update(block_starts, master, momentum_buffer, weight_decay, l1, hessian)
             t = tile_launch(offset, n, rademacher)
             zo_update_kernel[t.grid](
-                x, master if master is not None else x, momentum_buffer if momentum_buffer is not None else x,
-                x if c_is_scalar else c, hessian if hessian is not None else x,
-                curvature if curvature is not None else x, block_starts if block_starts is not None else x,
-                s.tensor if s.tensor is not None else x, lr_tensor if lr_tensor is not None else x,
+                x,
+                master if master is not None else x,
+                momentum_buffer if momentum_buffer is not None else x,
+                x if c_is_scalar else c,
+                hessian if hessian is not None else x,
+                curvature if curvature is not None else x,
+                block_starts if block_starts is not None else x,
+                s.tensor if s.tensor is not None else x,
+                lr_tensor if lr_tensor is not None else x,
                 gate if gate is not None else x,
-                n, num_blocks, num_directions, s.lo, s.hi, s.index, t.first_group, t.lead,
-                c if c_is_scalar else 0.0, 0.0 if lr_tensor is not None else f32(lr), weight_decay, l1, momentum,
-                restore_scale, hessian_smoothing, hessian_min,
-                C_IS_SCALAR=c_is_scalar, SEARCH_STEPS=max(0, math.ceil(math.log2(num_blocks))),
-                HAS_WEIGHT_DECAY=weight_decay != 0.0, HAS_L1=l1 != 0.0,
-                HAS_MASTER=master is not None, HAS_MOMENTUM=momentum_buffer is not None,
+                n,
+                num_blocks,
+                num_directions,
+                s.lo,
+                s.hi,
+                s.index,
+                t.first_group,
+                t.lead,
+                c if c_is_scalar else 0.0,
+                0.0 if lr_tensor is not None else f32(lr),
+                weight_decay,
+                l1,
+                momentum,
+                restore_scale,
+                hessian_smoothing,
+                hessian_min,
+                C_IS_SCALAR=c_is_scalar,
+                SEARCH_STEPS=max(0, math.ceil(math.log2(num_blocks))),
+                HAS_WEIGHT_DECAY=weight_decay != 0.0,
+                HAS_L1=l1 != 0.0,
+                HAS_MASTER=master is not None,
+                HAS_MOMENTUM=momentum_buffer is not None,
                 HAS_HESSIAN=hessian is not None,
                 FOLD=fold,
-                RADEMACHER=rademacher, GROUP=t.group, WIDE=t.wide, TILE_SIZE=t.tile_size,
-                SEED_IN_MEMORY=s.tensor is not None, LR_IN_MEMORY=lr_tensor is not None, HAS_GATE=gate is not None,
-                num_warps=t.num_warps, enable_fp_fusion=False)
+                RADEMACHER=rademacher,
+                GROUP=t.group,
+                WIDE=t.wide,
+                TILE_SIZE=t.tile_size,
+                SEED_IN_MEMORY=s.tensor is not None,
+                LR_IN_MEMORY=lr_tensor is not None,
+                HAS_GATE=gate is not None,
+                num_warps=t.num_warps,
+                enable_fp_fusion=False,
+            )
     else:
-        zo_update_torch(x, seed_value(seed, seed_index), c, host_scalar(lr), weight_decay=weight_decay, l1=l1,
-                        momentum=momentum, momentum_buffer=momentum_buffer, restore_scale=restore_scale,
-                        block_starts=block_starts, offset=offset, rademacher=rademacher, master=master,
-                        num_directions=num_directions, hessian=hessian, curvature=curvature,
-                        hessian_smoothing=hessian_smoothing, hessian_min=hessian_min,
-                        apply=gate_open(gate))
+        zo_update_torch(
+            x,
+            seed_value(seed, seed_index),
+            c,
+            host_scalar(lr),
+            weight_decay=weight_decay,
+            l1=l1,
+            momentum=momentum,
+            momentum_buffer=momentum_buffer,
+            restore_scale=restore_scale,
+            block_starts=block_starts,
+            offset=offset,
+            rademacher=rademacher,
+            master=master,
+            num_directions=num_directions,
+            hessian=hessian,
+            curvature=curvature,
+            hessian_smoothing=hessian_smoothing,
+            hessian_min=hessian_min,
+            apply=gate_open(gate),
+        )
     return x
 
 
-def zo_estimate_(out: torch.Tensor, seed: int | torch.Tensor, c, *, num_directions: int = 1,
-                 block_starts: torch.Tensor | None = None, offset: int = 0, distribution: str = "gaussian",
-                 seed_index: int = 0, backend: str | None = None, validate_args: bool = True) -> torch.Tensor:
+def zo_estimate_(
+    out: torch.Tensor,
+    seed: int | torch.Tensor,
+    c,
+    *,
+    num_directions: int = 1,
+    block_starts: torch.Tensor | None = None,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    seed_index: int = 0,
+    backend: str | None = None,
+    validate_args: bool = True,
+) -> torch.Tensor:
     """Materialise the gradient estimate ``out = sum_k c[k, b] z_k`` into a float32 buffer (ZOAdam feeds it
     to :func:`adamw_step_`); ``c``, ``block_starts``, ``offset`` and the directions as in :func:`zo_update_`.
 
@@ -424,5 +597,16 @@ def zo_estimate_(out: torch.Tensor, seed: int | torch.Tensor, c, *, num_directio
     if validate_args and out.dtype != torch.float32:
         raise ValueError(f"out must be float32 (the estimate is accumulated in fp32), got {out.dtype}")
     out.zero_()
-    return zo_update_(out, seed, -c, 1.0, num_directions=num_directions, block_starts=block_starts, offset=offset,
-                      distribution=distribution, seed_index=seed_index, backend=backend, validate_args=validate_args)
+    return zo_update_(
+        out,
+        seed,
+        -c,
+        1.0,
+        num_directions=num_directions,
+        block_starts=block_starts,
+        offset=offset,
+        distribution=distribution,
+        seed_index=seed_index,
+        backend=backend,
+        validate_args=validate_args,
+    )

@@ -6,7 +6,9 @@ parameters so each kernel pass is one launch, and ``subgrad.export`` takes train
 Importing ``subgrad`` does not import torch: the deploy runtime (``subgrad.export.runtime``) must load
 on machines that have only onnxruntime, numpy and Pillow, so torch-backed names load on first use.
 """
-from importlib.metadata import PackageNotFoundError, version as _version
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("subgrad")
@@ -19,6 +21,7 @@ _LAZY = {"FlatParams": ".flat", "FlatGroup": ".flat", "StaleFlatParamsError": ".
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'subgrad' has no attribute {name!r}")
 

@@ -1,4 +1,5 @@
 """``python -m subgrad`` = the ``subgrad`` command.  Guarded, so importing this module runs nothing."""
+
 import sys
 
 from .cli import main

@@ -19,6 +19,7 @@ on the CPU, with the Triton kernels running in the interpreter (``TRITON_INTERPR
 ``benchmarks/host_cost.py`` and ``tests/test_capture.py`` use these on every optimizer and on the
 trainer's step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,24 +31,69 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 #: ATen calls that make the host wait for the device: a value read back (item, bool, comparisons to a
 #: Python value) or an output whose size depends on the data.
-SYNC_OPS = frozenset({
-    "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
-    "aten::nonzero_static", "aten::masked_select", "aten::unique", "aten::_unique", "aten::_unique2",
-    "aten::unique_consecutive", "aten::unique_dim", "aten::bincount", "aten::histc",
-    "aten::repeat_interleave",  # without output_size its output size is read from the device
-    "aten::_assert_async", "aten::allclose",
-})
+SYNC_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::is_nonzero",
+        "aten::equal",
+        "aten::nonzero",
+        "aten::nonzero_static",
+        "aten::masked_select",
+        "aten::unique",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_consecutive",
+        "aten::unique_dim",
+        "aten::bincount",
+        "aten::histc",
+        "aten::repeat_interleave",  # without output_size its output size is read from the device
+        "aten::_assert_async",
+        "aten::allclose",
+    }
+)
 #: ATen ops a step may make that launch nothing on the device (metadata, views)
-NO_LAUNCH_OPS = frozenset({
-    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::as_strided", "aten::slice", "aten::select",
-    "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::permute", "aten::t", "aten::transpose",
-    "aten::detach", "aten::alias", "aten::view_as_real", "aten::view_as_complex", "aten::_reshape_alias",
-    "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::narrow", "aten::flatten",
-    "aten::lift_fresh", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
-    "aten::new_empty_strided", "aten::_has_compatible_shallow_copy_type",
-    "aten::is_same_size", "aten::resolve_conj", "aten::resolve_neg", "aten::numpy_T", "aten::set_",
-    "profiler::_record_function_enter_new", "profiler::_record_function_exit",  # torch.optim's step label
-})
+NO_LAUNCH_OPS = frozenset(
+    {
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::reshape",
+        "aten::as_strided",
+        "aten::slice",
+        "aten::select",
+        "aten::unsqueeze",
+        "aten::squeeze",
+        "aten::expand",
+        "aten::permute",
+        "aten::t",
+        "aten::transpose",
+        "aten::detach",
+        "aten::alias",
+        "aten::view_as_real",
+        "aten::view_as_complex",
+        "aten::_reshape_alias",
+        "aten::unbind",
+        "aten::split",
+        "aten::split_with_sizes",
+        "aten::chunk",
+        "aten::narrow",
+        "aten::flatten",
+        "aten::lift_fresh",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::empty_strided",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+        "aten::_has_compatible_shallow_copy_type",
+        "aten::is_same_size",
+        "aten::resolve_conj",
+        "aten::resolve_neg",
+        "aten::numpy_T",
+        "aten::set_",
+        "profiler::_record_function_enter_new",
+        "profiler::_record_function_exit",  # torch.optim's step label
+    }
+)
 
 
 def _op_name(func) -> str:
@@ -86,6 +132,7 @@ def _reads_back(name: str, args, kwargs) -> bool:
 @dataclasses.dataclass
 class Launch:
     """One recorded launch: a Triton kernel (``kind="triton"``) or an ATen op (``kind="aten"``)."""
+
     kind: str
     name: str
     call: Callable  # the kernel (indexable by grid) or the ATen overload
@@ -124,14 +171,22 @@ class _TritonRecorder:
                 out = dict(zip(self.fn.arg_names, args)).get("out_ptr")
                 if isinstance(out, torch.Tensor):
                     out.zero_()
+
         return launch
 
 
 def _kernel_modules():
     from .kernels import adamw, perturb, philox, seeds, sgd, zo_update
-    return ((perturb, "perturb_kernel"), (zo_update, "zo_update_kernel"), (sgd, "sgd_kernel"),
-            (adamw, "adamw_kernel"), (philox, "philox_direction_kernel"), (philox, "philox_bits_kernel"),
-            (seeds, "step_seed_kernel"))
+
+    return (
+        (perturb, "perturb_kernel"),
+        (zo_update, "zo_update_kernel"),
+        (sgd, "sgd_kernel"),
+        (adamw, "adamw_kernel"),
+        (philox, "philox_direction_kernel"),
+        (philox, "philox_bits_kernel"),
+        (seeds, "step_seed_kernel"),
+    )
 
 
 @contextlib.contextmanager
@@ -188,6 +243,7 @@ def tensors_in(*objects, depth: int = 6) -> list[torch.Tensor]:
 @dataclasses.dataclass
 class StepRecord:
     """The launches one call made, and its host synchronisations."""
+
     launches: list[Launch]
     syncs: dict[str, int]
 
@@ -197,15 +253,20 @@ class StepRecord:
         return [x for x in self.launches if x.kind == "triton" or x.name not in NO_LAUNCH_OPS]
 
     def counts(self) -> dict[str, int]:
-        return dict(triton=sum(x.kind == "triton" for x in self.device_launches),
-                    aten=sum(x.kind == "aten" for x in self.device_launches))
+        return dict(
+            triton=sum(x.kind == "triton" for x in self.device_launches),
+            aten=sum(x.kind == "aten" for x in self.device_launches),
+        )
 
     def signature(self, persistent: Iterable[torch.Tensor]) -> list[tuple]:
         """Each device launch as a graph replays it: name, grid, constexprs and non-tensor arguments
         as given, every tensor as (address, shape, strides, dtype) when it lies in one of the
         ``persistent`` buffers, else as (order of first use, shape, strides, dtype)."""
-        spans = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in persistent
-                       if t.device.type != "meta")
+        spans = sorted(
+            (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            for t in persistent
+            if t.device.type != "meta"
+        )
         temporaries: dict[int, int] = {}
 
         def persistent_at(ptr: int) -> bool:
@@ -214,7 +275,11 @@ class StepRecord:
         def name(value):
             if isinstance(value, torch.Tensor):
                 ptr = value.data_ptr()
-                where = ("buffer", ptr) if persistent_at(ptr) else ("temporary", temporaries.setdefault(ptr, len(temporaries)))
+                where = (
+                    ("buffer", ptr)
+                    if persistent_at(ptr)
+                    else ("temporary", temporaries.setdefault(ptr, len(temporaries)))
+                )
                 return (*where, tuple(value.shape), tuple(value.stride()), str(value.dtype))
             if isinstance(value, (list, tuple)):
                 return tuple(name(v) for v in value)

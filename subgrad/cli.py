@@ -3,6 +3,7 @@ package and serve in :mod:`subgrad.export.commands`.
 
 Each subcommand is a thin wrapper over a library function; errors print one line and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,25 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         if arg.startswith(("--nproc=", "--max-restarts=")):
             continue
         argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           f"--max-restarts={args.max_restarts}", "-m", "subgrad", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "subgrad",
+        *argv,
+    ]
     rc = subprocess.call(cmd)
     if rc not in (0, 130):
         out = args.resume or args.out
-        print(f"subgrad train: a rank failed (torchrun exit status {rc}); the last complete checkpoint in "
-              f"{out}/checkpoints is intact: continue with `subgrad train --resume {out} --nproc {args.nproc}`",
-              file=sys.stderr)
+        print(
+            f"subgrad train: a rank failed (torchrun exit status {rc}); the last complete checkpoint in "
+            f"{out}/checkpoints is intact: continue with `subgrad train --resume {out} --nproc {args.nproc}`",
+            file=sys.stderr,
+        )
     return rc
 
 
@@ -71,8 +83,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     if args.quiet and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: summary[k] for k in ("test_accuracy", "train_accuracy", "val_accuracy", "train_seconds")
-                          if k in summary}))
+        print(
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in ("test_accuracy", "train_accuracy", "val_accuracy", "train_seconds")
+                    if k in summary
+                }
+            )
+        )
     return 0
 
 
@@ -92,36 +111,56 @@ def build_parser(model: str = "lenet", optimizer: str = "sgd") -> argparse.Argum
     """The whole command line; ``model``/``optimizer`` pick the pair whose defaults the help shows."""
     parser = argparse.ArgumentParser(
         prog="subgrad",
-        description="Zeroth-order and fused first-order optimizers as Triton kernels, CIFAR-10 training, "
-                    "ONNX export.")
+        description="Zeroth-order and fused first-order optimizers as Triton kernels, CIFAR-10 training, ONNX export.",
+    )
     parser.add_argument("--version", action="version", version=f"subgrad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = sub.add_parser("selfcheck", help="run every Triton kernel against its torch twin and compare",
-                           description="Run every Triton kernel and its torch twin on the same data; "
-                                       "exit 1 unless all results are bit-identical.")
-    check.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                       help="where to run (auto: cuda when available)")
+    check = sub.add_parser(
+        "selfcheck",
+        help="run every Triton kernel against its torch twin and compare",
+        description="Run every Triton kernel and its torch twin on the same data; "
+        "exit 1 unless all results are bit-identical.",
+    )
+    check.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda when available)"
+    )
     check.add_argument("--n", type=int, default=70001, help="elements per test buffer (default 70001)")
     check.set_defaults(func=_cmd_selfcheck)
 
     from .training.config import add_config_arguments
 
-    tr = sub.add_parser("train", help="train a CIFAR-10 model into a run folder",
-                        description="Train lenet or resnet20 on CIFAR-10 with any subgrad optimizer. Flags left "
-                                    "out take the defaults for the model/optimizer pair (subgrad/training/config.py "
-                                    "DEFAULTS); --help after --model/--optimizer shows that pair's values.")
+    tr = sub.add_parser(
+        "train",
+        help="train a CIFAR-10 model into a run folder",
+        description="Train lenet or resnet20 on CIFAR-10 with any subgrad optimizer. Flags left "
+        "out take the defaults for the model/optimizer pair (subgrad/training/config.py "
+        "DEFAULTS); --help after --model/--optimizer shows that pair's values.",
+    )
     add_config_arguments(tr, model, optimizer)
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    tr.add_argument("--nproc", type=int, default=1, help="data-parallel processes: relaunches itself under "
-                                                         "torchrun (gloo on CPU, NCCL on GPUs)")
-    tr.add_argument("--max-restarts", dest="max_restarts", type=int, default=0,
-                    help="with --nproc: torchrun restarts after a rank failure, resuming from the last checkpoint")
+    tr.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes: relaunches itself under torchrun (gloo on CPU, NCCL on GPUs)",
+    )
+    tr.add_argument(
+        "--max-restarts",
+        dest="max_restarts",
+        type=int,
+        default=0,
+        help="with --nproc: torchrun restarts after a rank failure, resuming from the last checkpoint",
+    )
     tr.set_defaults(func=_cmd_train)
     from .export.commands import add_commands
+
     add_commands(sub)  # export, validate, bench, quantize, predict, package, serve
-    ru = sub.add_parser("run", help="the main job: train, export, validate, benchmark, report.md",
-                        description="Train (every `subgrad train` setting applies), export to ONNX, validate on the "
-                                    "test set, benchmark, and write report.md in the run folder.")
+    ru = sub.add_parser(
+        "run",
+        help="the main job: train, export, validate, benchmark, report.md",
+        description="Train (every `subgrad train` setting applies), export to ONNX, validate on the "
+        "test set, benchmark, and write report.md in the run folder.",
+    )
     add_config_arguments(ru, model, optimizer, defaults=dict(out="runs/main"))
     ru.add_argument("--bench-runs", dest="bench_runs", type=int, help="timed runs per batch size")
     ru.set_defaults(func=_cmd_run)
@@ -147,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: see exit_worker
         from .training.distributed import exit_worker
+
         exit_worker(code)
     return code
 

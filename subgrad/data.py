@@ -1,4 +1,5 @@
 """``subgrad.data`` is ``subgrad.training.data`` (the same module object): the name stays importable."""
+
 import sys
 
 from .training import data

@@ -9,6 +9,7 @@ Moving the module afterwards (``.to()``, ``.cuda()``, ``.half()``) replaces each
 tensor and silently breaks the aliasing.  Every accessor checks for that and raises a one-line error
 naming the fix (:meth:`FlatParams.repack`), rather than updating a stale buffer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -47,6 +48,7 @@ def shaped_like(flat_slice: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FlatGroup:
     """Parameters of one (device, dtype): the buffer, the views' offsets and sizes, and their names."""
+
     device: torch.device
     dtype: torch.dtype
     params: list[torch.nn.Parameter]
@@ -66,7 +68,7 @@ class FlatGroup:
     def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter ``i``'s part of a flat buffer of this layout, shaped like the parameter."""
         p, off = self.params[i], self.offsets[i]
-        return shaped_like(buffer[off:off + storage_numel(p)], p)
+        return shaped_like(buffer[off : off + storage_numel(p)], p)
 
     def grad_buffer(self, link: bool = False) -> torch.Tensor:
         """The flat gradient buffer holding every parameter's current gradient (a missing one as zero).
@@ -156,7 +158,7 @@ class FlatParams:
                 total += storage_numel(p)
             data = torch.empty(total, dtype=dtype, device=device)
             for (_, p), off in zip(members, offsets):
-                data[off:off + storage_numel(p)].copy_(as_real(p.detach()).reshape(-1))
+                data[off : off + storage_numel(p)].copy_(as_real(p.detach()).reshape(-1))
             group = FlatGroup(device, dtype, [p for _, p in members], [n for n, _ in members], offsets, data)
             for i, p in enumerate(group.params):
                 p.data = group.view(data, i)
@@ -172,7 +174,7 @@ class FlatParams:
                 if not _aliases(p.data, group.data, off):
                     if p.device != group.device or storage_dtype(p) != group.dtype:
                         self.check()  # raises the stale-buffer error with the fix
-                    group.data[off:off + storage_numel(p)].copy_(as_real(p.detach()).reshape(-1))
+                    group.data[off : off + storage_numel(p)].copy_(as_real(p.detach()).reshape(-1))
                     p.data = group.view(group.data, i)
 
     def check(self) -> None:
@@ -183,7 +185,8 @@ class FlatParams:
                     raise StaleFlatParamsError(
                         f"parameter {name!r} no longer lives in the flat buffer (now {p.dtype} on {p.device}, "
                         f"packed as {group.dtype} on {group.device}), e.g. after module.to()/.cuda(); "
-                        "call FlatParams.repack() (and rebuild the optimizer) or build FlatParams after moving")
+                        "call FlatParams.repack() (and rebuild the optimizer) or build FlatParams after moving"
+                    )
 
     # -- access ------------------------------------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ Cuts (the models of :mod:`subgrad.models`, unchanged):
 
 Everything here is forward computation; nothing needs autograd.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class SiteRecord:
     can change the loss (``active``: False where a ReLU right after switches the unit off, or a max-pool
     takes another unit of its window; such a unit's true gradient is 0, so perturbing it would only add
     noise to the layer's gradient estimate)."""
+
     layer: nn.Conv2d | nn.Linear
     x: torch.Tensor
     z: torch.Tensor
@@ -52,6 +54,7 @@ class BlockPass:
     """A block's clean pass: its output, its sites, and ``tail(j, z, rows)``: rows ``rows`` (a slice of the
     batch) of the output with site j's output replaced by ``z`` (which holds those rows only).  A tail is
     per example: ``tail(j, z[rows], rows) == tail(j, z, ALL)[rows]``."""
+
     out: torch.Tensor
     sites: list[SiteRecord]
     tail: Callable[[int, torch.Tensor, slice], torch.Tensor]
@@ -134,8 +137,9 @@ class StemBlock(LocalBlock):
         z = self.conv(h)
         out = F.relu(self.bn(z))  # the module: updates the running statistics, once per step
         stats = _batch_stats(z)
-        return BlockPass(out, [SiteRecord(self.conv, h, z, out > 0)],
-                         lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats)))
+        return BlockPass(
+            out, [SiteRecord(self.conv, h, z, out > 0)], lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats))
+        )
 
     def head_features(self, out):
         return _pooled(out, self.head_pool)
@@ -184,14 +188,23 @@ class ClassifierBlock(LocalBlock):
 def local_blocks(model: nn.Module, head_pool: int = 4) -> list[LocalBlock]:
     """The model cut into blocks (they share the model's layers; nothing is copied)."""
     if isinstance(model, LeNet):
-        return [LeNetBlock(model.conv1, "conv", head_pool), LeNetBlock(model.conv2, "conv-flatten", None),
-                LeNetBlock(model.fc1, "relu", None), LeNetBlock(model.fc2, "relu", None),
-                LeNetBlock(model.fc3, "logits", None)]
+        return [
+            LeNetBlock(model.conv1, "conv", head_pool),
+            LeNetBlock(model.conv2, "conv-flatten", None),
+            LeNetBlock(model.fc1, "relu", None),
+            LeNetBlock(model.fc2, "relu", None),
+            LeNetBlock(model.fc3, "logits", None),
+        ]
     if isinstance(model, ResNet20):
-        return ([StemBlock(model.conv, model.bn, head_pool)] + [ResidualBlock(b, head_pool) for b in model.layers]
-                + [ClassifierBlock(model.fc)])
-    raise ValueError(f"activity perturbation needs a block cut of the model, and there is one for LeNet and "
-                     f"ResNet20 only (got {type(model).__name__}); add one in subgrad/local.py or use zo-adam")
+        return (
+            [StemBlock(model.conv, model.bn, head_pool)]
+            + [ResidualBlock(b, head_pool) for b in model.layers]
+            + [ClassifierBlock(model.fc)]
+        )
+    raise ValueError(
+        f"activity perturbation needs a block cut of the model, and there is one for LeNet and "
+        f"ResNet20 only (got {type(model).__name__}); add one in subgrad/local.py or use zo-adam"
+    )
 
 
 def make_heads(blocks: list[LocalBlock], example: torch.Tensor) -> nn.ModuleList:
@@ -214,8 +227,13 @@ def make_heads(blocks: list[LocalBlock], example: torch.Tensor) -> nn.ModuleList
 
 def trained_parameters(blocks: list[LocalBlock]) -> list[nn.Parameter]:
     """The parameters the sites train: every convolution's and linear layer's, in block order."""
-    return [p for b in blocks for m in b.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-            for p in m.parameters(recurse=False)]
+    return [
+        p
+        for b in blocks
+        for m in b.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+        for p in m.parameters(recurse=False)
+    ]
 
 
 def untrained_parameters(model: nn.Module, blocks: list[LocalBlock]) -> list[str]:

@@ -5,6 +5,7 @@
 * ``resnet20``: the CIFAR ResNet-20 of He et al. (2016), 3 stages x 3 basic blocks, 16/32/64 channels,
   option-A (zero-padded identity) shortcuts, global average pool, fc 64->10 (about 0.27 M parameters).
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,7 @@ class BasicBlock(nn.Module):
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """Option A: the input, subsampled and zero-padded to the block's channels where they change."""
         if self.stride != 1 or self.pad:
-            return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+            return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return x
 
 

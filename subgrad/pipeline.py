@@ -1,4 +1,5 @@
 """``subgrad.pipeline`` is ``subgrad.training.pipeline`` (the same module object): the name stays importable."""
+
 import sys
 
 from .training import pipeline

@@ -1,4 +1,5 @@
 """``subgrad.runs`` is ``subgrad.training.runs`` (the same module object): the name stays importable."""
+
 import sys
 
 from .training import runs

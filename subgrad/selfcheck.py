@@ -4,6 +4,7 @@ Used by ``subgrad selfcheck`` and by
 ``benchmarks/gpu_check.sh``.  On a machine without CUDA the kernels run in Triton's interpreter,
 which ``subgrad selfcheck`` switches on before importing them.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,18 @@ def _cases(device: torch.device, n: int):
 
     def zo_update(backend):
         x, buf = x0.clone(), torch.zeros_like(x0)
-        K.zo_update_(x, 7, c_blocks, 1e-2, weight_decay=1e-4, momentum=0.9, momentum_buffer=buf,
-                     restore_scale=1e-3, block_starts=starts, backend=backend)
+        K.zo_update_(
+            x,
+            7,
+            c_blocks,
+            1e-2,
+            weight_decay=1e-4,
+            momentum=0.9,
+            momentum_buffer=buf,
+            restore_scale=1e-3,
+            block_starts=starts,
+            backend=backend,
+        )
         return [x, buf]
 
     def sgd(backend):
@@ -47,16 +58,22 @@ def _cases(device: torch.device, n: int):
     return [
         ("philox_normal", lambda b: [K.philox_normal(5, n, offset=11, device=device, backend=b)]),
         ("philox_rademacher", lambda b: [K.philox_rademacher(5, n, offset=11, device=device, backend=b)]),
-        ("perturb_", perturb), ("zo_update_", zo_update), ("sgd_step_", sgd), ("adamw_step_", adamw),
+        ("perturb_", perturb),
+        ("zo_update_", zo_update),
+        ("sgd_step_", sgd),
+        ("adamw_step_", adamw),
     ]
 
 
 def run_selfcheck(device: str = "auto", n: int = 70001) -> bool:
     """Print one line per kernel (bit-identical or not, time per backend); return True if all match."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    print(f"subgrad self-check on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
-          f"{n} elements; Triton {'compiled' if dev.type == 'cuda' else 'interpreted'}")
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    print(
+        f"subgrad self-check on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
+        f"{n} elements; Triton {'compiled' if dev.type == 'cuda' else 'interpreted'}"
+    )
     print(f"{'kernel':<20}{'triton vs torch twin':<24}{'triton s':>10}{'torch s':>10}")
     ok = True
     for name, run in _cases(dev, n):

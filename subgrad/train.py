@@ -1,4 +1,5 @@
 """``subgrad.train`` is ``subgrad.training.loop`` (the same module object): the name stays importable."""
+
 import sys
 
 from .training import loop

@@ -4,6 +4,7 @@
 decoration time), so it is set here, before any test module imports the package.  With CUDA, the
 same tests compile the kernels for the GPU and compare them with the twins on the device.
 """
+
 import os
 
 import pytest
@@ -36,15 +37,18 @@ def device():
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     """Equal bit patterns (so -0.0 vs 0.0 and NaN payloads count), with a readable report if not."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
         f"{what}: {actual.shape}/{actual.dtype} vs {expected.shape}/{expected.dtype}"
+    )
     int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
     a, e = actual.reshape(-1).view(int_type), expected.reshape(-1).view(int_type)
     bad = (a != e).nonzero().reshape(-1)
     if bad.numel():
         i = bad[:5].tolist()
-        raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} elements differ; first at {i}: "
-                             f"{actual.reshape(-1)[i].tolist()} vs {expected.reshape(-1)[i].tolist()}")
+        raise AssertionError(
+            f"{what}: {bad.numel()} of {a.numel()} elements differ; first at {i}: "
+            f"{actual.reshape(-1)[i].tolist()} vs {expected.reshape(-1)[i].tolist()}"
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,6 +61,7 @@ def _session_cache(tmp_path_factory):
 def real_archive():
     """Path of the team's real CIFAR-10 archive, or skip the test with the reason."""
     from cifar_subset import ARCHIVE as path
+
     if not path.exists():
         pytest.skip(f"real CIFAR-10 archive not found at {path} (team data in ../shared/data)")
     return path

@@ -5,6 +5,7 @@ steps agree bit for bit (AdamW kernel and Philox signs both have bit-identical t
 estimate is compared with the autograd gradient of the same local loss by cosine similarity (a random
 estimate, so a bound, stated at the test).
 """
+
 from __future__ import annotations
 
 import copy
@@ -79,12 +80,15 @@ def test_heads_and_untrained_parameters():
 
 def test_step_never_uses_autograd(monkeypatch):
     """No backpropagation anywhere: the step runs with autograd disabled and never calls into it."""
+
     def refusing(name):  # one function per patched name (torch._dynamo keys its rules by function)
         def refuse(*args, **kwargs):
             raise AssertionError(f"{name} was called during an ActivityZO step")
+
         return refuse
 
     import torch._dynamo  # noqa: F401  (builds its rule tables from the real functions before the patch)
+
     for owner, name in ((torch.autograd, "backward"), (torch.autograd, "grad"), (torch.Tensor, "backward")):
         monkeypatch.setattr(owner, name, refusing(name))
     torch.manual_seed(0)
@@ -135,8 +139,9 @@ def test_estimate_points_along_the_local_gradient():
     for k, bound in ((2, 0.7), (4, 0.85)):
         truth = torch.cat([g.flatten() for g in _local_loss_gradient(model, opt, x, y, k)])
         cosine = F.cosine_similarity(totals[k] / steps, truth, dim=0).item()
-        print(f"block {k}: cosine {cosine:.4f}, |estimate| {(totals[k] / steps).norm():.4g}, "
-              f"|truth| {truth.norm():.4g}")
+        print(
+            f"block {k}: cosine {cosine:.4f}, |estimate| {(totals[k] / steps).norm():.4g}, |truth| {truth.norm():.4g}"
+        )
         assert cosine >= bound, (k, cosine)
 
 
@@ -239,8 +244,10 @@ def test_data_parallel_exchanges_per_example_scalars_only(name):
         for t in threads:
             t.join()
         if step == 0:  # the first step's estimates, from the same weights
-            pairs = [(p.grad, r.grad) for p, r in zip(opt.adamw.param_groups[0]["params"],
-                                                      opts[0].adamw.param_groups[0]["params"])]
+            pairs = [
+                (p.grad, r.grad)
+                for p, r in zip(opt.adamw.param_groups[0]["params"], opts[0].adamw.param_groups[0]["params"])
+            ]
             worst = max(((g - h).abs().max() / g.abs().max().clamp_min(1e-30)).item() for g, h in pairs)
     a, b = replicas
     assert all(torch.equal(p, r) for p, r in zip(a.state_dict().values(), b.state_dict().values()))

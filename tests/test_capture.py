@@ -1,9 +1,11 @@
 """Every optimizer's step is capturable, checked on the GPU code path without a GPU (Triton kernels in the
-interpreter, ``backend="triton"``; on a CUDA machine the same tests run compiled on the device): no host synchronisation, the same launches at consecutive steps, and
+interpreter, ``backend="triton"``; on a CUDA machine the same tests run compiled on the device): no host
+synchronisation, the same launches at consecutive steps, and
 a replay of step t's launches (what a CUDA graph does) equal to an ordinary step t + 1, bit for bit.
 A non-capturable AdamW is the control: its host-side step count makes consecutive launch lists differ.
 LeNet, batch 4; the forward-only optimizers are in the slow tier (each step runs ~10 interpreted kernels
 over 62K weights: 10-30 s apiece)."""
+
 import copy
 import pathlib
 
@@ -22,8 +24,10 @@ BATCH = 4
 
 def _batch():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(BATCH, 3, 32, 32, generator=g).to(DEVICE),
-            torch.randint(0, 10, (BATCH,), generator=g).to(DEVICE))
+    return (
+        torch.randn(BATCH, 3, 32, 32, generator=g).to(DEVICE),
+        torch.randint(0, 10, (BATCH,), generator=g).to(DEVICE),
+    )
 
 
 def _lr():
@@ -34,12 +38,17 @@ def _lr():
 #: loss, "blocks" is ActivityZO's step(inputs, targets)
 OPTIMIZERS = {
     "sgd": (lambda m: SGD(m.parameters(), lr=_lr(), momentum=0.9, weight_decay=5e-4, backend="triton"), "grad"),
-    "adamw": (lambda m: AdamW(m.parameters(), lr=_lr(), weight_decay=5e-4, capturable=True, backend="triton"),
-              "grad"),
-    "zo-sgd": (lambda m: ZOSGD(m.named_parameters(), lr=_lr(), blocks="module", clip=0.2, scale_by_block_size=True,
-                               backend="triton"), "closure"),
-    "zo-adam": (lambda m: ZOAdam(m.named_parameters(), lr=_lr(), q=4, estimator="forward", backend="triton"),
-                "closure"),
+    "adamw": (lambda m: AdamW(m.parameters(), lr=_lr(), weight_decay=5e-4, capturable=True, backend="triton"), "grad"),
+    "zo-sgd": (
+        lambda m: ZOSGD(
+            m.named_parameters(), lr=_lr(), blocks="module", clip=0.2, scale_by_block_size=True, backend="triton"
+        ),
+        "closure",
+    ),
+    "zo-adam": (
+        lambda m: ZOAdam(m.named_parameters(), lr=_lr(), q=4, estimator="forward", backend="triton"),
+        "closure",
+    ),
     "hizoo": (lambda m: HiZOO(m.named_parameters(), lr=_lr(), eps=1e-2, momentum=0.9, backend="triton"), "closure"),
     "zo": (lambda m: ActivityZO(m, lr=1e-3, backend="triton"), "blocks"),
 }
@@ -78,12 +87,14 @@ def _state(model, opt):
                 walk(v)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append(torch.tensor(value))
+
     walk(opt.state_dict())
     return out
 
 
-@pytest.mark.parametrize("name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in OPTIMIZERS])
+@pytest.mark.parametrize(
+    "name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS]
+)
 def test_step_is_capturable(name):
     x, y = _batch()
     model, opt, kind = _setup(name)
@@ -97,8 +108,9 @@ def test_step_is_capturable(name):
         first = record_step(step)  # step t
     assert syncs.total == 0, f"{name}: host synchronisations in one step: {syncs.counts}"
     second = record_step(step)  # step t + 1
-    assert first.signature(persistent) == second.signature(persistent), \
+    assert first.signature(persistent) == second.signature(persistent), (
         f"{name}: the launches of two consecutive steps differ"
+    )
     first.replay()  # step t's launches, re-issued as step t + 2
     for _ in range(3):
         twin_step()
@@ -146,8 +158,9 @@ def _session(optimizer, kind=DEVICE.type):
     return setup(cfg, pathlib.Path("unused"), from_environment(kind), kind, data=data)
 
 
-@pytest.mark.parametrize("name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in OPTIMIZERS])
+@pytest.mark.parametrize(
+    "name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS]
+)
 def test_trainer_step_is_capturable(name, monkeypatch):
     """subgrad train's step (batch gathered and augmented on the device, forward, backward where
     first-order, optimizer step, loss summed on the device) on the GPU code path: what
@@ -173,13 +186,18 @@ def test_trainer_step_is_capturable(name, monkeypatch):
     for t in range(2, 5):
         twin.prepare(t)
         twin()
-    for a, b in zip(_state(step.s.model, step.s.optimizer) + [step.counter, step.loss_sum],
-                    _state(twin.s.model, twin.s.optimizer) + [twin.counter, twin.loss_sum]):
+    for a, b in zip(
+        _state(step.s.model, step.s.optimizer) + [step.counter, step.loss_sum],
+        _state(twin.s.model, twin.s.optimizer) + [twin.counter, twin.loss_sum],
+    ):
         assert_bitwise_equal(a, b, f"train:{name}: replay vs ordinary step")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real torch.cuda.graph capture "
-                    "(test_trainer_step_is_capturable checks the same step without a GPU)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: a real torch.cuda.graph capture "
+    "(test_trainer_step_is_capturable checks the same step without a GPU)",
+)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_cuda_graph_steps_equal_eager_steps(name):
     """On a GPU, ``--cuda-graph``'s CudaGraphStep (3 eager warm-ups on a side stream, one capture, replays)
@@ -196,8 +214,10 @@ def test_cuda_graph_steps_equal_eager_steps(name):
         run_graphed()
     torch.cuda.synchronize()
     assert run_graphed.graph is not None, f"{name}: the step was never captured"
-    for a, b in zip(_state(eager.s.model, eager.s.optimizer) + [eager.counter, eager.loss_sum],
-                    _state(graphed.s.model, graphed.s.optimizer) + [graphed.counter, graphed.loss_sum]):
+    for a, b in zip(
+        _state(eager.s.model, eager.s.optimizer) + [eager.counter, eager.loss_sum],
+        _state(graphed.s.model, graphed.s.optimizer) + [graphed.counter, graphed.loss_sum],
+    ):
         assert_bitwise_equal(a, b, f"cuda graph:{name}: graphed vs eager steps")
 
 
@@ -216,8 +236,15 @@ def test_gathered_batches_are_the_indexed_ones():
 def test_cuda_graph_on_without_cuda_is_refused_before_any_work(tmp_path):
     from subgrad.config import TrainConfig
     from subgrad.training.loop import train
-    cfg = TrainConfig(model="lenet", optimizer="sgd", data=str(tmp_path / "no-data"), out=str(tmp_path / "r"),
-                      device="cpu", cuda_graph="on")
+
+    cfg = TrainConfig(
+        model="lenet",
+        optimizer="sgd",
+        data=str(tmp_path / "no-data"),
+        out=str(tmp_path / "r"),
+        device="cpu",
+        cuda_graph="on",
+    )
     with pytest.raises(ValueError, match="--cuda-graph on: training on cpu, not CUDA"):
         train(cfg)
     with pytest.raises(ValueError, match="--cuda-graph must be one of"):

@@ -4,6 +4,7 @@ Runs ``benchmarks/compiled_cost.py --arch sm_90`` (real Triton compilation with 
 needed) and checks its rows.  The model and its constants are explained in that file and in
 ``benchmarks/README.md``.
 """
+
 import json
 import os
 import pathlib
@@ -39,8 +40,10 @@ def _short_of_targets(rows, keys):
     for r in rows:
         target = ZO_TARGETS.get(_key(r))
         if _key(r) in keys and min(r["predicted_fraction"].values()) < target:
-            short.append(f"{_key(r)}: predicted {r['predicted_fraction']} < {target} "
-                         f"({r['sass_per_element']} SASS/element, {r['registers']} registers)")
+            short.append(
+                f"{_key(r)}: predicted {r['predicted_fraction']} < {target} "
+                f"({r['sass_per_element']} SASS/element, {r['registers']} registers)"
+            )
     return short
 
 
@@ -48,8 +51,14 @@ def _short_of_targets(rows, keys):
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("cost") / "cost.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile real kernels
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compiled_cost.py"), "--arch", "sm_90",
-                          "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compiled_cost.py"), "--arch", "sm_90", "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())
     errors = [f"{r['kernel']} {r['dtype']} {r['options']}: {r['error']}" for r in data["kernels"] if "error" in r]
@@ -74,14 +83,20 @@ def test_every_optimizer_kernel_is_costed(rows):
 
 def test_no_variant_spills_to_local_memory(rows):
     """Reference kernels are exempt: stock tl.randn keeps a 32-byte call frame for libdevice's slow paths."""
-    spilling = [f"{_key(r)}: {r['local_memory_bytes']} B local, {r['stack_bytes']} B stack"
-                for r in rows if not r["kernel"].startswith("ref:") and (r["local_memory_bytes"] or r["stack_bytes"])]
+    spilling = [
+        f"{_key(r)}: {r['local_memory_bytes']} B local, {r['stack_bytes']} B stack"
+        for r in rows
+        if not r["kernel"].startswith("ref:") and (r["local_memory_bytes"] or r["stack_bytes"])
+    ]
     assert not spilling, "\n".join(spilling)
 
 
 def test_first_order_updates_and_copy_are_memory_bound(rows):
-    slow = [f"{_key(r)}: {r['predicted_fraction']}" for r in rows
-            if r["kernel"] in ("sgd_step_", "adamw_step_", "ref:copy") and min(r["predicted_fraction"].values()) < 1.0]
+    slow = [
+        f"{_key(r)}: {r['predicted_fraction']}"
+        for r in rows
+        if r["kernel"] in ("sgd_step_", "adamw_step_", "ref:copy") and min(r["predicted_fraction"].values()) < 1.0
+    ]
     assert not slow, "\n".join(slow)
 
 

@@ -1,4 +1,5 @@
 """subgrad/config.py: one TrainConfig, its defaults table, and the flags generated from it."""
+
 import argparse
 import dataclasses
 import json
@@ -7,8 +8,16 @@ import numpy as np
 import pytest
 
 from subgrad import cli
-from subgrad.config import (COMMON_DEFAULTS, DEFAULTS, MODEL_NAMES, OPTIMIZERS, UNUSED_SETTINGS, TrainConfig,
-                            config_from_args, defaults_for)
+from subgrad.config import (
+    COMMON_DEFAULTS,
+    DEFAULTS,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    UNUSED_SETTINGS,
+    TrainConfig,
+    config_from_args,
+    defaults_for,
+)
 from subgrad.models import MODELS
 
 LAUNCHER_FLAGS = {"resume", "nproc", "max_restarts"}  # train flags that are not training settings
@@ -26,8 +35,9 @@ def _dests(parser: argparse.ArgumentParser) -> set:
 
 def test_every_field_is_a_train_flag_and_every_setting_flag_a_field():
     dests = _dests(_subcommand("train"))
-    assert dests - LAUNCHER_FLAGS == FIELDS, (f"flags without a field: {dests - LAUNCHER_FLAGS - FIELDS}; "
-                                              f"fields without a flag: {FIELDS - dests}")
+    assert dests - LAUNCHER_FLAGS == FIELDS, (
+        f"flags without a field: {dests - LAUNCHER_FLAGS - FIELDS}; fields without a flag: {FIELDS - dests}"
+    )
 
 
 def test_run_takes_every_training_setting_too():
@@ -43,8 +53,11 @@ def test_one_default_per_setting_for_every_pair():
         unused = set(UNUSED_SETTINGS.get(pair[1], ()))
         # distribution: None is the optimizers' own rule (subgrad.optim.zo.default_distribution: rademacher
         # when q > 1), so the rule has one home
-        missing = [f for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every", "distribution"} - unused
-                   if getattr(resolved, f) is None]
+        missing = [
+            f
+            for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every", "distribution"} - unused
+            if getattr(resolved, f) is None
+        ]
         assert not missing, f"{pair}: no default for {missing}"
         assert all(getattr(resolved, f) is None for f in unused), f"{pair}: an unused setting got a value"
         assert (resolved.epochs is None) != (resolved.steps is None), f"{pair}: one training length"
@@ -76,16 +89,25 @@ def test_clip_flag_says_off(value, expected):
     assert config_from_args(args).clip == expected
 
 
-@pytest.mark.parametrize("argv", [["train", "--clip", "none"], ["train", "--blocks", "layer"],
-                                  ["train", "--epochs", "1", "--steps", "2"]])
+@pytest.mark.parametrize(
+    "argv", [["train", "--clip", "none"], ["train", "--blocks", "layer"], ["train", "--epochs", "1", "--steps", "2"]]
+)
 def test_bad_flags_exit_2_with_one_line(argv, capsys):
     assert pytest.raises(SystemExit, cli.build_parser().parse_args, argv).value.code == 2
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("settings, message", [(dict(clip=-1.0), "--clip"), (dict(blocks=0), "--blocks"),
-                                               (dict(lr=0.0), "--lr"), (dict(q=0), "--q"),
-                                               (dict(schedule="step"), "--schedule"), (dict(model="vgg"), "--model")])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(clip=-1.0), "--clip"),
+        (dict(blocks=0), "--blocks"),
+        (dict(lr=0.0), "--lr"),
+        (dict(q=0), "--q"),
+        (dict(schedule="step"), "--schedule"),
+        (dict(model="vgg"), "--model"),
+    ],
+)
 def test_resolved_refuses_bad_settings(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(optimizer="zo-sgd", **settings).resolved()
@@ -93,8 +115,17 @@ def test_resolved_refuses_bad_settings(settings, message):
 
 def test_run_folder_written_before_config_py_still_loads(tmp_path):
     """config.json of older runs: an "extra" field, clip 0 or null for off, extra keys of the record."""
-    old = dict(model="lenet", optimizer="zo-sgd", clip=0, blocks="module", extra={}, steps_total=10, mean=[0.5] * 3,
-               model_config={}, world_size=1)
+    old = dict(
+        model="lenet",
+        optimizer="zo-sgd",
+        clip=0,
+        blocks="module",
+        extra={},
+        steps_total=10,
+        mean=[0.5] * 3,
+        model_config={},
+        world_size=1,
+    )
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = TrainConfig.from_record(json.loads((tmp_path / "config.json").read_text())).resolved()
     assert (cfg.clip, cfg.blocks) == ("off", "module")
@@ -118,10 +149,18 @@ def test_defaults_for_is_the_table():
     assert defaults_for("lenet", "sgd")["clip"] == COMMON_DEFAULTS["clip"] == "off"
 
 
-@pytest.mark.parametrize("settings, flag", [(dict(estimator="forward"), "--estimator"), (dict(momentum=0.9), "--momentum"),
-                                            (dict(distribution="gaussian"), "--distribution"),
-                                            (dict(blocks="module"), "--blocks"), (dict(clip=0.1), "--clip"),
-                                            (dict(amp=True), "--amp"), (dict(validation=-1), "--validation")])
+@pytest.mark.parametrize(
+    "settings, flag",
+    [
+        (dict(estimator="forward"), "--estimator"),
+        (dict(momentum=0.9), "--momentum"),
+        (dict(distribution="gaussian"), "--distribution"),
+        (dict(blocks="module"), "--blocks"),
+        (dict(clip=0.1), "--clip"),
+        (dict(amp=True), "--amp"),
+        (dict(validation=-1), "--validation"),
+    ],
+)
 def test_zo_refuses_settings_it_has_no_use_for(settings, flag):
     """`--optimizer zo` never accepts and ignores: a setting of the shared-direction estimators is an error."""
     with pytest.raises(ValueError, match=flag):
@@ -149,6 +188,13 @@ def test_flat_module_names_are_the_training_modules():
     """subgrad.train, .config, .data, .distributed, .runs and .pipeline stay importable as the very modules
     of subgrad.training (so a monkeypatch through either name reaches the same code)."""
     import importlib
-    for old, new in [("train", "loop"), ("config", "config"), ("data", "data"), ("distributed", "distributed"),
-                     ("runs", "runs"), ("pipeline", "pipeline")]:
+
+    for old, new in [
+        ("train", "loop"),
+        ("config", "config"),
+        ("data", "data"),
+        ("distributed", "distributed"),
+        ("runs", "runs"),
+        ("pipeline", "pipeline"),
+    ]:
         assert importlib.import_module(f"subgrad.{old}") is importlib.import_module(f"subgrad.training.{new}")

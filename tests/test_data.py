@@ -1,4 +1,5 @@
 """subgrad.training.data: every accepted layout on small fixtures, the real archive, errors, the device loader."""
+
 import io
 import pickle
 import tarfile
@@ -60,6 +61,7 @@ def test_tar_gz_of_tree_and_cache_reuse(tmp_path, monkeypatch):
     archive = _tar(_tree(tmp_path / "tree"), tmp_path / "c.tar.gz")
     _check(load_cifar10(archive))
     import subgrad.data as D
+
     monkeypatch.setattr(D, "_from_tar", lambda p: (_ for _ in ()).throw(AssertionError("decoded again")))
     _check(load_cifar10(archive))  # served from the cache
 
@@ -181,7 +183,7 @@ def test_order_and_augmentation_are_functions_of_seed_epoch_batch(device):
     padded = torch.nn.functional.pad(xp, (4, 4, 4, 4), mode="reflect")
     flipped = 0
     for img, pad in zip(xa, padded):
-        crops = [c for dy in range(9) for dx in range(9) for c in (pad[:, dy:dy + 32, dx:dx + 32],)]
+        crops = [c for dy in range(9) for dx in range(9) for c in (pad[:, dy : dy + 32, dx : dx + 32],)]
         plain_hit = any(torch.equal(img, c) for c in crops)
         flip_hit = any(torch.equal(img, c.flip(2)) for c in crops)
         assert plain_hit or flip_hit

@@ -3,14 +3,24 @@ skip gate.  Each is checked Triton against twin (bit for bit), against the same 
 (bit for bit where the arithmetic is the same; a stated bound for Adam's float64 scalars), and for what
 a closed gate leaves behind.  The 70001-element cases are in the slow tier (the interpreter takes seconds
 per launch there); 1 and 1023 run in the edit loop."""
+
 import math
 
 import pytest
 import torch
 
 from conftest import DTYPES, SIZES, assert_bitwise_equal
-from subgrad.kernels import (adamw_step_, make_block_starts, next_step_seed_, perturb_, philox_normal,
-                             philox_rademacher, sgd_step_, step_seed, zo_update_)
+from subgrad.kernels import (
+    adamw_step_,
+    make_block_starts,
+    next_step_seed_,
+    perturb_,
+    philox_normal,
+    philox_rademacher,
+    sgd_step_,
+    step_seed,
+    zo_update_,
+)
 from subgrad.kernels.adamw import STEP_BITS, power_torch
 
 SEED = step_seed(11, 3)
@@ -120,15 +130,13 @@ def test_zo_update_closed_gate_only_restores(case, n, dtype, device):
     if "master" in buffers:
         restored = buffers["master"].to(dtype)
     else:
-        restored = perturb_(buffers["x"].clone(), SEED + q - 1, 1e-3, "torch", offset=9,
-                            precond=buffers.get("hessian"))
+        restored = perturb_(buffers["x"].clone(), SEED + q - 1, 1e-3, "torch", offset=9, precond=buffers.get("hessian"))
     gate = torch.zeros(1, dtype=torch.bool, device=device)
     for backend in ("triton", "torch"):
         got = {k: v.clone() for k, v in buffers.items()}
         x = got.pop("x")
         kw_nan = dict(kw, c=torch.full_like(kw["c"], math.nan))
-        zo_update_(x, _seed(device), lr=0.05, restore_scale=1e-3, offset=9, gate=gate, backend=backend,
-                   **got, **kw_nan)
+        zo_update_(x, _seed(device), lr=0.05, restore_scale=1e-3, offset=9, gate=gate, backend=backend, **got, **kw_nan)
         assert_bitwise_equal(x, restored, f"x, {backend}")
         for key, value in got.items():
             assert_bitwise_equal(value, buffers[key], f"{key} changed under a closed gate, {backend}")
@@ -140,8 +148,11 @@ def test_zo_update_closed_gate_only_restores(case, n, dtype, device):
 def test_sgd_from_a_tensor_lr(n, dtype, momentum, device):
     grad = _randn(n, device, dtype, seed=1)
     results = []
-    for backend, lr in (("torch", 0.05), ("triton", torch.tensor([0.05], device=device)),
-                        ("torch", torch.tensor(0.05, device=device))):
+    for backend, lr in (
+        ("torch", 0.05),
+        ("triton", torch.tensor([0.05], device=device)),
+        ("torch", torch.tensor(0.05, device=device)),
+    ):
         param, buf = _randn(n, device, dtype), _randn(n, device, dtype, seed=2)
         sgd_step_(param, grad, buf, lr=lr, momentum=momentum, weight_decay=1e-3, backend=backend)
         results.append((param, buf))
@@ -156,7 +167,7 @@ def test_power_by_squaring_gives_the_bias_corrections_of_pow():
     scalar rounds at 6e-8), at every bit length of the step."""
     for beta in (0.9, 0.999, 0.99999):
         for step in [1, 2, 3, 7, 100, 4097, 10**5, 2**STEP_BITS - 1]:
-            exact = 1.0 - beta ** step
+            exact = 1.0 - beta**step
             assert abs((1.0 - power_torch(beta, step)) - exact) <= 1e-9 * exact, (beta, step)
 
 
@@ -168,8 +179,20 @@ def _adam(n, dtype, device, backend, step, lr, case, gate=None):
     beta1, beta2 = kw.pop("betas", (0.9, 0.999))
     param, m = _randn(n, device, dtype), _randn(n, device, dtype, seed=1)
     v, vmax = _randn(n, device, dtype, seed=2).abs(), _randn(n, device, dtype, seed=3).abs()
-    adamw_step_(param, _randn(n, device, dtype, seed=4), m, v, vmax, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                gate=gate, backend=backend, **kw)
+    adamw_step_(
+        param,
+        _randn(n, device, dtype, seed=4),
+        m,
+        v,
+        vmax,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        gate=gate,
+        backend=backend,
+        **kw,
+    )
     return dict(param=param, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax)
 
 
@@ -207,8 +230,16 @@ def test_adamw_device_scalars_are_the_host_ones_within_a_rounding(n, case, devic
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_adamw_closed_gate_changes_nothing(n, backend, device):
     before = _adam(n, torch.float32, device, "torch", 1, 0.0, 0, gate=torch.zeros(1, dtype=torch.bool, device=device))
-    after = _adam(n, torch.float32, device, backend, torch.tensor(3.0, device=device), 1e-2, 0,
-                  gate=torch.zeros(1, dtype=torch.bool, device=device))
+    after = _adam(
+        n,
+        torch.float32,
+        device,
+        backend,
+        torch.tensor(3.0, device=device),
+        1e-2,
+        0,
+        gate=torch.zeros(1, dtype=torch.bool, device=device),
+    )
     for key in before:
         assert_bitwise_equal(after[key], before[key], key)
 

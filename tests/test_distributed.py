@@ -14,6 +14,7 @@
 * A rank that dies: clear message, last checkpoint intact; with --max-restarts the job resumes from it
   and ends bit-identical to an uninterrupted 2-rank run.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,20 @@ COMMON = ["--model", "lenet", "--device", "cpu", "--batch-size", "64", "--eval-e
 
 
 def _train(out, optimizer, *extra, nproc=1) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "subgrad", "train", "--optimizer", optimizer, "--data", str(real_archive()),
-           "--out", str(out), *COMMON, *map(str, extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "subgrad",
+        "train",
+        "--optimizer",
+        optimizer,
+        "--data",
+        str(real_archive()),
+        "--out",
+        str(out),
+        *COMMON,
+        *map(str, extra),
+    ]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -71,15 +84,35 @@ def test_two_ranks_equal_one_rank(tmp_path, optimizer, atol):
     else:  # the flat float32 gradient
         assert summary["bytes_communicated_per_step"] == 4 * sum(v.numel() for v in b.values())
     # resuming with another world size is refused with the reason
-    res = subprocess.run([sys.executable, "-m", "subgrad", "train", "--resume", str(double), "--steps", "6"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "subgrad", "train", "--resume", str(double), "--steps", "6"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 2 and "2-process run" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def _bytes_per_step(model: str, optimizer: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "benchmarks" / "distributed.py"), "--worker", "--model", model, "--optimizer", optimizer,
-           "--steps", "2", "--batch", "8", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "benchmarks" / "distributed.py"),
+        "--worker",
+        "--model",
+        model,
+        "--optimizer",
+        optimizer,
+        "--steps",
+        "2",
+        "--batch",
+        "8",
+        "--device",
+        "cpu",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("{")][0])
@@ -104,8 +137,20 @@ def test_dead_rank_leaves_checkpoint_and_restart_resumes_exactly(tmp_path):
     reference, crashed, restarted = tmp_path / "ref", tmp_path / "crash", tmp_path / "restart"
     assert _train(reference, "zo-sgd", *args, nproc=2).returncode == 0
 
-    env_cmd = [sys.executable, "-m", "subgrad", "train", "--optimizer", "zo-sgd", "--data", str(real_archive()),
-               *COMMON, *map(str, args), "--nproc", "2"]
+    env_cmd = [
+        sys.executable,
+        "-m",
+        "subgrad",
+        "train",
+        "--optimizer",
+        "zo-sgd",
+        "--data",
+        str(real_archive()),
+        *COMMON,
+        *map(str, args),
+        "--nproc",
+        "2",
+    ]
     env = dict(os.environ, SUBGRAD_FAIL_AT="1:3")
     res = subprocess.run([*env_cmd, "--out", str(crashed)], capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode != 0 and "a rank failed" in res.stderr and f"--resume {crashed}" in res.stderr
@@ -113,8 +158,9 @@ def test_dead_rank_leaves_checkpoint_and_restart_resumes_exactly(tmp_path):
     assert names == ["step-0000002.pt"], names  # complete checkpoints only, no temp files
     assert load_checkpoint(crashed / "checkpoints" / names[0])["step"] == 2
 
-    res = subprocess.run([*env_cmd, "--out", str(restarted), "--max-restarts", "1"], capture_output=True, text=True,
-                         timeout=900, env=env)
+    res = subprocess.run(
+        [*env_cmd, "--out", str(restarted), "--max-restarts", "1"], capture_output=True, text=True, timeout=900, env=env
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _weights(reference), _weights(restarted)
     assert all(torch.equal(a[k], b[k]) for k in a), "restarted run is not bit-identical to the uninterrupted one"

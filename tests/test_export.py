@@ -4,6 +4,7 @@ Models are lenet and resnet20 trained for a few steps on the real archive (sessi
 exported graphs carry real, non-random weights.  Tolerances: fp32 logits PyTorch vs onnxruntime
 <= 1e-4 (the issue's gate; measured ~1e-6), preprocessing-in-graph vs numpy <= 1e-6.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ MODELS = ["lenet", "resnet20"]
 
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "subgrad", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "subgrad", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +43,19 @@ def runs(tmp_path_factory):
     out = {}
     for name, steps, batch, lr in (("lenet", 60, 128, None), ("resnet20", 10, 64, 0.02)):
         folder = tmp_path_factory.mktemp(f"run-{name}")
-        train(TrainConfig(model=name, optimizer="sgd", data=str(archive), out=str(folder), device="cpu",
-                          steps=steps, batch_size=batch, lr=lr, quiet=True))
+        train(
+            TrainConfig(
+                model=name,
+                optimizer="sgd",
+                data=str(archive),
+                out=str(folder),
+                device="cpu",
+                steps=steps,
+                batch_size=batch,
+                lr=lr,
+                quiet=True,
+            )
+        )
         out[name] = folder
     return out
 
@@ -50,13 +63,16 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(runs):
     """{model: (plain .onnx, --with-preprocessing .onnx)}."""
-    return {name: (export_run(run, run / "model.onnx"),
-                   export_run(run, run / "model-pre.onnx", with_preprocessing=True)) for name, run in runs.items()}
+    return {
+        name: (export_run(run, run / "model.onnx"), export_run(run, run / "model-pre.onnx", with_preprocessing=True))
+        for name, run in runs.items()
+    }
 
 
 @pytest.fixture(scope="session")
 def test_pixels():
     from subgrad.data import load_cifar10
+
     data = load_cifar10(real_archive())
     return data.test_images[:140], data.test_labels[:140]
 
@@ -98,8 +114,20 @@ def test_validate_dynamic_batches_equal_pytorch(name, runs, exported):
 
 def test_validate_gate_fails_when_threshold_impossible(runs, exported):
     path, _ = exported["lenet"]
-    out = _cli("validate", path, "--run", runs["lenet"], "--data", real_archive(), "--batch-sizes", "7",
-               "--limit", "70", "--max-abs-diff", "1e-12")
+    out = _cli(
+        "validate",
+        path,
+        "--run",
+        runs["lenet"],
+        "--data",
+        real_archive(),
+        "--batch-sizes",
+        "7",
+        "--limit",
+        "70",
+        "--max-abs-diff",
+        "1e-12",
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAILED: max |logit difference|" in out.stderr
     saved = json.loads((path.parent / "validation.json").read_text())
@@ -121,8 +149,12 @@ def test_preprocessing_graph_alone_matches_numpy(tmp_path, test_pixels):
     import onnxruntime as ort
 
     mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-    path = export_module(WithPreprocessing(nn.Identity(), mean, std), tmp_path / "pre.onnx",
-                         example=torch.zeros(2, 32, 32, 3, dtype=torch.uint8), name="preprocessing")
+    path = export_module(
+        WithPreprocessing(nn.Identity(), mean, std),
+        tmp_path / "pre.onnx",
+        example=torch.zeros(2, 32, 32, 3, dtype=torch.uint8),
+        name="preprocessing",
+    )
     pixels, _ = test_pixels
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": pixels})[0]
     want = normalize(pixels, mean, std)
@@ -165,10 +197,12 @@ def test_predictor_agrees_with_pytorch_top1(name, runs, exported, test_pixels):
 
 
 def test_runtime_does_not_import_torch(exported, tmp_path):
-    code = ("import sys; from subgrad.export.runtime import Predictor; "
-            f"p = Predictor({str(exported['lenet'][0])!r}); import numpy as np; "
-            "print(p.predict([np.zeros((32, 32, 3), np.uint8)], top_k=1)[0][0][0]); "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    code = (
+        "import sys; from subgrad.export.runtime import Predictor; "
+        f"p = Predictor({str(exported['lenet'][0])!r}); import numpy as np; "
+        "print(p.predict([np.zeros((32, 32, 3), np.uint8)], top_k=1)[0][0][0]); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     label, modules = out.stdout.strip().splitlines()
@@ -197,8 +231,19 @@ def test_predict_cli_reports_bad_images_and_continues(tmp_path, exported, test_p
 def test_bench_reports_both_sides(name, runs, exported, tmp_path):
     # lenet: eager weights rebuilt from the ONNX file; resnet20 (BatchNorm folded by the exporter): --run
     extra = ("--run", runs[name]) if name == "resnet20" else ()
-    out = _cli("bench", exported[name][0], "--runs", "3", "--warmup", "1", "--batch-sizes", "1,4",
-               "--json", tmp_path / "b.json", *extra)
+    out = _cli(
+        "bench",
+        exported[name][0],
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--batch-sizes",
+        "1,4",
+        "--json",
+        tmp_path / "b.json",
+        *extra,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     (cpu,) = [r for r in report["results"] if r["provider"] == "CPUExecutionProvider"]
@@ -230,8 +275,20 @@ def test_quantize_int8_and_accuracy_gate(name, runs, exported, tmp_path):
     if name != "lenet":
         return
     # an impossible gate (accuracy must rise 100 points): refused, exit 1, nothing written
-    out = _cli("quantize", src, "--data", real_archive(), "--out", tmp_path / "refused.onnx", "--limit", "200",
-               "--calibration-images", "64", "--max-drop", "-100")
+    out = _cli(
+        "quantize",
+        src,
+        "--data",
+        real_archive(),
+        "--out",
+        tmp_path / "refused.onnx",
+        "--limit",
+        "200",
+        "--calibration-images",
+        "64",
+        "--max-drop",
+        "-100",
+    )
     assert out.returncode == 1 and "refused" in out.stderr and not (tmp_path / "refused.onnx").exists()
     assert json.loads((tmp_path / "quantization-int8.json").read_text())["written"] is False
 
@@ -253,12 +310,29 @@ def _triton_config_type():
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="subgrad_test_model_config.proto", package="inference",
-                                             syntax="proto3")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="subgrad_test_model_config.proto", package="inference", syntax="proto3"
+    )
     dt = fdp.enum_type.add(name="DataType")
-    for i, n in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
-                           "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32",
-                           "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]):
+    for i, n in enumerate(
+        [
+            "TYPE_INVALID",
+            "TYPE_BOOL",
+            "TYPE_UINT8",
+            "TYPE_UINT16",
+            "TYPE_UINT32",
+            "TYPE_UINT64",
+            "TYPE_INT8",
+            "TYPE_INT16",
+            "TYPE_INT32",
+            "TYPE_INT64",
+            "TYPE_FP16",
+            "TYPE_FP32",
+            "TYPE_FP64",
+            "TYPE_STRING",
+            "TYPE_BF16",
+        ]
+    ):
         dt.value.add(name=n, number=i)
 
     def message(name, fields):
@@ -278,17 +352,42 @@ def _triton_config_type():
     kind.field.add(name="kind", number=4, type=F.TYPE_ENUM, label=one, type_name=".inference.ModelInstanceGroup.Kind")
     kind.field.add(name="count", number=2, type=F.TYPE_INT32, label=one)
     kind.field.add(name="gpus", number=3, type=F.TYPE_INT32, label=many)
-    message("ModelInput", [("name", F.TYPE_STRING, one, None), ("data_type", F.TYPE_ENUM, one, "DataType"),
-                           ("dims", F.TYPE_INT64, many, None)])
-    message("ModelOutput", [("name", F.TYPE_STRING, one, None), ("data_type", F.TYPE_ENUM, one, "DataType"),
-                            ("dims", F.TYPE_INT64, many, None), ("label_filename", F.TYPE_STRING, one, None)])
-    message("ModelDynamicBatching", [("preferred_batch_size", F.TYPE_INT32, many, None),
-                                     ("max_queue_delay_microseconds", F.TYPE_UINT64, one, None)])
-    message("ModelConfig", [("name", F.TYPE_STRING, one, None), ("platform", F.TYPE_STRING, one, None),
-                            ("max_batch_size", F.TYPE_INT32, one, None), ("input", F.TYPE_MESSAGE, many, "ModelInput"),
-                            ("output", F.TYPE_MESSAGE, many, "ModelOutput"),
-                            ("instance_group", F.TYPE_MESSAGE, many, "ModelInstanceGroup"),
-                            ("dynamic_batching", F.TYPE_MESSAGE, one, "ModelDynamicBatching")])
+    message(
+        "ModelInput",
+        [
+            ("name", F.TYPE_STRING, one, None),
+            ("data_type", F.TYPE_ENUM, one, "DataType"),
+            ("dims", F.TYPE_INT64, many, None),
+        ],
+    )
+    message(
+        "ModelOutput",
+        [
+            ("name", F.TYPE_STRING, one, None),
+            ("data_type", F.TYPE_ENUM, one, "DataType"),
+            ("dims", F.TYPE_INT64, many, None),
+            ("label_filename", F.TYPE_STRING, one, None),
+        ],
+    )
+    message(
+        "ModelDynamicBatching",
+        [
+            ("preferred_batch_size", F.TYPE_INT32, many, None),
+            ("max_queue_delay_microseconds", F.TYPE_UINT64, one, None),
+        ],
+    )
+    message(
+        "ModelConfig",
+        [
+            ("name", F.TYPE_STRING, one, None),
+            ("platform", F.TYPE_STRING, one, None),
+            ("max_batch_size", F.TYPE_INT32, one, None),
+            ("input", F.TYPE_MESSAGE, many, "ModelInput"),
+            ("output", F.TYPE_MESSAGE, many, "ModelOutput"),
+            ("instance_group", F.TYPE_MESSAGE, many, "ModelInstanceGroup"),
+            ("dynamic_batching", F.TYPE_MESSAGE, one, "ModelDynamicBatching"),
+        ],
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
@@ -339,8 +438,11 @@ def test_bad_files_get_one_line_errors(tmp_path, exported, runs):
             package_triton(bad, tmp_path / "repo")
     with pytest.raises(ModelFileError, match="no subgrad metadata"):
         Predictor(bare)
-    for args in (("predict", junk, "x.png"), ("bench", truncated), ("validate", bare, "--run", runs["lenet"],
-                                                                        "--data", real_archive())):
+    for args in (
+        ("predict", junk, "x.png"),
+        ("bench", truncated),
+        ("validate", bare, "--run", runs["lenet"], "--data", real_archive()),
+    ):
         out = _cli(*args)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "Traceback" not in out.stderr
@@ -387,16 +489,34 @@ def test_unsupported_models_get_a_one_line_reason(tmp_path, runs):
 
 
 def test_run_command_trains_exports_validates_and_reports(tmp_path):
-    out = _cli("run", "--data", real_archive(), "--out", tmp_path / "main", "--device", "cpu", "--steps", "40",
-               "--bench-runs", "3")
+    out = _cli(
+        "run",
+        "--data",
+        real_archive(),
+        "--out",
+        tmp_path / "main",
+        "--device",
+        "cpu",
+        "--steps",
+        "40",
+        "--bench-runs",
+        "3",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     # stderr is a pipe, not a terminal: readable lines only, no progress-bar redraws
     assert "\r" not in out.stderr and len(out.stderr) < 30_000, out.stderr[:2000]
     assert "step      40  epoch   0.10" in out.stderr and "passed: top-1 agreement" in out.stderr, out.stderr
     assert out.stdout.strip() == f"report: {tmp_path / 'main' / 'report.md'}", out.stdout
     run = tmp_path / "main"
-    for name in ("model.onnx", "validation.json", "validation.md", "bench.json", "report.md", "curves.png",
-                 "summary.json"):
+    for name in (
+        "model.onnx",
+        "validation.json",
+        "validation.md",
+        "bench.json",
+        "report.md",
+        "curves.png",
+        "summary.json",
+    ):
         assert (run / name).is_file(), name
     validation = json.loads((run / "validation.json").read_text())
     assert validation["images"] == 10000 and validation["passed"]

@@ -1,4 +1,5 @@
 """Fused SGD / AdamW kernels: Triton vs torch twin (bit-identical) and vs torch.optim trajectories."""
+
 import itertools
 
 import pytest
@@ -9,8 +10,11 @@ from subgrad.kernels import adamw_step_, sgd_step_
 
 #: Trajectory tolerance against torch.optim after STEPS steps.  torch.optim rounds to the parameter
 #: dtype after every elementary op (and may use FMA); the fused kernels round once per stored tensor.
-TRAJ_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
-            torch.float16: dict(rtol=5e-3, atol=5e-3)}
+TRAJ_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+}
 STEPS = 5
 
 SGD_CONFIGS = [
@@ -62,8 +66,9 @@ def test_adamw_triton_matches_twin(n, dtype, cfg, device):
     out = {}
     for backend in ("triton", "torch"):
         state = [t.clone() for t in (param, m, v, vmax)]
-        adamw_step_(state[0], grad, state[1], state[2], state[3], step=7, beta1=beta1, beta2=beta2,
-                    backend=backend, **kw)
+        adamw_step_(
+            state[0], grad, state[1], state[2], state[3], step=7, beta1=beta1, beta2=beta2, backend=backend, **kw
+        )
         out[backend] = state
     for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), out["triton"], out["torch"]):
         assert_bitwise_equal(a, b, f"{name} {kw}")
@@ -88,24 +93,48 @@ def _run_against_torch(torch_cls, configs, fused_step, dtype, device, outlier_fr
         assert bool(torch.isfinite(mine).all()), f"group {i}: fused step produced non-finite values"
         close = torch.isclose(ref, mine, **TRAJ_TOL[dtype])
         diff = (ref - mine).abs()[~close]
-        assert (~close).float().mean().item() <= outlier_fraction, \
+        assert (~close).float().mean().item() <= outlier_fraction, (
             f"group {i} ({configs[i]}): {int((~close).sum())} of {close.numel()} differ, max {diff.max().item()}"
+        )
 
 
 def _sgd_fused(param, grad, group, st, step):
     st.setdefault("buf", torch.zeros_like(param))
-    sgd_step_(param, grad, st["buf"], lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-              nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-              first_step=step == 1, backend="triton")
+    sgd_step_(
+        param,
+        grad,
+        st["buf"],
+        lr=group["lr"],
+        momentum=group["momentum"],
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        weight_decay=group["weight_decay"],
+        maximize=group["maximize"],
+        first_step=step == 1,
+        backend="triton",
+    )
 
 
 def _adamw_fused(param, grad, group, st, step):
     for key in ("m", "v", "vmax"):
         st.setdefault(key, torch.zeros_like(param))
     beta1, beta2 = group["betas"]
-    adamw_step_(param, grad, st["m"], st["v"], st["vmax"], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                maximize=group["maximize"], backend="triton")
+    adamw_step_(
+        param,
+        grad,
+        st["m"],
+        st["v"],
+        st["vmax"],
+        step=step,
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        amsgrad=group["amsgrad"],
+        maximize=group["maximize"],
+        backend="triton",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,8 +148,14 @@ def test_adamw_matches_torch_optim(dtype, device):
     # torch.optim's float16 AdamW rounds eps to float16 (1e-8 becomes 0) and its (1 - beta2) g^2 underflows
     # for |g| below ~2e-3, so on those elements it divides by zero or by a coarse eps (about 0.4% here:
     # infinities in torch, finite steps in the fused float32 arithmetic).  Allow 1% such outliers.
-    _run_against_torch(torch.optim.AdamW, ADAMW_CONFIGS, _adamw_fused, dtype, device,
-                       outlier_fraction=0.01 if dtype == torch.float16 else 0.0)
+    _run_against_torch(
+        torch.optim.AdamW,
+        ADAMW_CONFIGS,
+        _adamw_fused,
+        dtype,
+        device,
+        outlier_fraction=0.01 if dtype == torch.float16 else 0.0,
+    )
 
 
 # -- arguments --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """FlatParams: parameters and gradients as views into one buffer per (device, dtype)."""
+
 import pytest
 import torch
 
@@ -7,8 +8,9 @@ from subgrad import FlatParams, StaleFlatParamsError
 
 def _net(device, dtype=torch.float32):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 6 * 6, 10)).to(device=device, dtype=dtype)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)
+    ).to(device=device, dtype=dtype)
 
 
 def test_params_become_views_and_model_is_unchanged(device):

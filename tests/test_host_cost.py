@@ -1,5 +1,6 @@
 """benchmarks/host_cost.py runs and reports every step as sync-free and replayable (slow tier: a
 subprocess over every optimizer and trainer step on LeNet, Triton launches stubbed)."""
+
 import json
 import pathlib
 import subprocess
@@ -15,9 +16,22 @@ pytestmark = pytest.mark.slow
 
 def test_host_cost_json_has_every_step_sync_free_and_replayable(tmp_path):
     out = tmp_path / "host-cost.json"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_cost.py"), "--models", "lenet",
-                          "--repeats", "1", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "host_cost.py"),
+            "--models",
+            "lenet",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     steps = json.loads(out.read_text())["steps"]
     names = {r["optimizer"] for r in steps}

@@ -1,5 +1,6 @@
 """The HTTP front of `subgrad serve` (export/http_guard.py) against a plain upstream: what it refuses,
 what it relays byte for byte.  Fast tier; the real server behind it is tests/test_serve.py."""
+
 from __future__ import annotations
 
 import http.client
@@ -61,14 +62,17 @@ def test_relays_requests_on_one_keep_alive_connection(guard):
     assert _request(guard, "GET", connection=connection)[0] == 200
 
 
-@pytest.mark.parametrize("case, status, message", [
-    ("json over its limit", 413, "send binary tensors"),
-    ("body over the limit", 413, "over the server's limit"),
-    ("body longer than declared", 400, "declares"),
-    ("body shorter than declared", 400, "declares"),
-    ("header length beyond the body", 400, "does not frame"),
-    ("chunked", 411, "Content-Length"),
-])
+@pytest.mark.parametrize(
+    "case, status, message",
+    [
+        ("json over its limit", 413, "send binary tensors"),
+        ("body over the limit", 413, "over the server's limit"),
+        ("body longer than declared", 400, "declares"),
+        ("body shorter than declared", 400, "declares"),
+        ("header length beyond the body", 400, "does not frame"),
+        ("chunked", 411, "Content-Length"),
+    ],
+)
 def test_refuses_what_triton_would_die_of(guard, case, status, message):
     body, headers = {
         "json over its limit": (b" " * (MAX_JSON_BYTES + 1), {}),

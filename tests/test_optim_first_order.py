@@ -1,4 +1,5 @@
 """subgrad.optim.SGD / AdamW against torch.optim: trajectories, state_dict both ways, torch.optim-style checks."""
+
 import copy
 import io
 
@@ -10,8 +11,11 @@ from conftest import DTYPES, assert_bitwise_equal
 from subgrad.optim import SGD, AdamW
 
 #: After STEPS steps (torch.optim rounds after each elementary op and may use FMA; ours rounds once).
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
-       torch.float16: dict(rtol=1e-2, atol=1e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+}
 STEPS = 8
 CASES = [
     (SGD, torch.optim.SGD, dict(lr=0.05)),
@@ -173,6 +177,7 @@ def test_l1_extension_shrinks_weights():
 
 def test_one_launch_when_all_grads_present(monkeypatch):
     import subgrad.kernels as K
+
     calls = []
     real = K.sgd_step_
     monkeypatch.setattr(K, "sgd_step_", lambda *a, **k: calls.append(a[0].numel()) or real(*a, **k))
@@ -181,25 +186,31 @@ def test_one_launch_when_all_grads_present(monkeypatch):
     assert calls == [sum(p.numel() for p in model.parameters())] * 2
 
 
-@pytest.mark.parametrize("cls, kwargs, message", [  # torch.optim's wording where torch checks the same
-    (SGD, dict(lr=-0.1), "Invalid learning rate: -0.1"),
-    (SGD, dict(lr=0.1, momentum=-1), "Invalid momentum value: -1"),
-    (SGD, dict(lr=0.1, nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
-    (SGD, dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
-    (AdamW, dict(lr=0.1, eps=0.0), "Invalid epsilon value: 0.0"),
-    (AdamW, dict(lr=0.1, betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
-    (AdamW, dict(lr=0.1, weight_decay=-1), "Invalid weight_decay value: -1"),
-    (AdamW, dict(lr=torch.tensor(0.1), foreach=True), "lr as a Tensor is not supported for capturable=False"),
-    (AdamW, dict(lr=0.1, betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
-    (AdamW, dict(lr=0.1, differentiable=True), "differentiable=True .* is not supported"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [  # torch.optim's wording where torch checks the same
+        (SGD, dict(lr=-0.1), "Invalid learning rate: -0.1"),
+        (SGD, dict(lr=0.1, momentum=-1), "Invalid momentum value: -1"),
+        (SGD, dict(lr=0.1, nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
+        (SGD, dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
+        (AdamW, dict(lr=0.1, eps=0.0), "Invalid epsilon value: 0.0"),
+        (AdamW, dict(lr=0.1, betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+        (AdamW, dict(lr=0.1, weight_decay=-1), "Invalid weight_decay value: -1"),
+        (AdamW, dict(lr=torch.tensor(0.1), foreach=True), "lr as a Tensor is not supported for capturable=False"),
+        (AdamW, dict(lr=0.1, betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
+        (AdamW, dict(lr=0.1, differentiable=True), "differentiable=True .* is not supported"),
+    ],
+)
 def test_invalid_hyperparameters(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(_net().parameters(), **kwargs)
 
 
-@pytest.mark.parametrize("cls, kw, bound", [(SGD, dict(lr=0.1, momentum=0.9), 1e-4), (AdamW, dict(lr=0.05, weight_decay=0.0), 1e-4)],
-                         ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "cls, kw, bound",
+    [(SGD, dict(lr=0.1, momentum=0.9), 1e-4), (AdamW, dict(lr=0.05, weight_decay=0.0), 1e-4)],
+    ids=["sgd", "adamw"],
+)
 def test_converges_on_least_squares(cls, kw, bound):
     g = torch.Generator().manual_seed(0)
     X, w_true = torch.randn(64, 5, generator=g), torch.randn(5, 1, generator=g)
@@ -214,8 +225,9 @@ def test_converges_on_least_squares(cls, kw, bound):
 
 
 @pytest.mark.slow  # the real archive
-@pytest.mark.parametrize("cls, kw, bound", [(SGD, dict(lr=0.02, momentum=0.9), 2.1), (AdamW, dict(lr=3e-3), 0.5)],
-                         ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "cls, kw, bound", [(SGD, dict(lr=0.02, momentum=0.9), 2.1), (AdamW, dict(lr=3e-3), 0.5)], ids=["sgd", "adamw"]
+)
 def test_trains_lenet_on_real_cifar_images(cls, kw, bound):
     """60 full-batch steps on 320 real training images: loss from 2.305 to below the bound
     (measured here: SGD 1.97, AdamW 0.07)."""
@@ -234,12 +246,13 @@ def test_trains_lenet_on_real_cifar_images(cls, kw, bound):
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameters that change under the optimizer (issue 12's silent bugs): each must match torch.optim
+# Parameters that change under the optimizer (each once a silent bug): each must match torch.optim
 # --------------------------------------------------------------------------------------------------
 def _assert_same_params(a, b, what):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, **TOL[torch.float32]), \
+        assert torch.allclose(pa, pb, **TOL[torch.float32]), (
             f"{what}: {name} differs from torch.optim by {(pa - pb).abs().max().item():.3g}"
+        )
 
 
 class _WithEmpty(torch.nn.Module):
@@ -323,8 +336,9 @@ def test_step_reads_gradients_without_replacing_them(ours, theirs, kw):
         before = [(p.grad, p.grad._version, p.grad.clone()) for p in model.parameters()]
         opt.step()
         for p, (grad, version, values) in zip(model.parameters(), before):
-            assert p.grad is grad and p.grad._version == version and torch.equal(p.grad, values), \
+            assert p.grad is grad and p.grad._version == version and torch.equal(p.grad, values), (
                 "step() replaced or modified p.grad"
+            )
 
 
 @pytest.mark.parametrize("cls", [SGD, AdamW])
@@ -369,12 +383,16 @@ def test_no_state_without_momentum_like_torch():
     assert ours.state_dict()["state"] == theirs.state_dict()["state"] == {}
 
 
-@pytest.mark.parametrize("cls, backend", [(SGD, "eager"), (AdamW, "eager"), (AdamW, "inductor")],
-                         ids=["sgd-eager", "adamw-eager", "adamw-inductor"])
+@pytest.mark.parametrize(
+    "cls, backend",
+    [(SGD, "eager"), (AdamW, "eager"), (AdamW, "inductor")],
+    ids=["sgd-eager", "adamw-eager", "adamw-inductor"],
+)
 def test_torch_compile_training_step_matches_eager(cls, backend):
     """torch.compile of a whole training step (forward, backward, step): the step runs eagerly inside it
     (a graph break); bitwise equal with the eager backend, within fp32 tolerance with inductor (which
     fuses the model's own forward/backward differently)."""
+
     def run(compiled):
         model = _net()
         opt = cls(model.parameters(), lr=1e-2)
@@ -469,8 +487,9 @@ def test_complex_parameters_like_torch(ours, theirs, kw):
             opt.step()
         results.append((z, scale, opt))
     (z1, s1, opt1), (z2, s2, opt2) = results
-    assert torch.allclose(z1, z2, **TOL[torch.float32]) and torch.allclose(s1, s2, **TOL[torch.float32]), \
+    assert torch.allclose(z1, z2, **TOL[torch.float32]) and torch.allclose(s1, s2, **TOL[torch.float32]), (
         f"complex parameter differs from torch.optim by {(z1 - z2).abs().max().item():.3g}"
+    )
     for key, value in opt1.state[z1].items():
         if isinstance(value, torch.Tensor) and key != "step":
             assert value.dtype == opt2.state[z2][key].dtype == torch.complex64, key
@@ -479,6 +498,7 @@ def test_complex_parameters_like_torch(ours, theirs, kw):
 
 def test_zeroth_order_refuses_complex_parameters():
     from subgrad.optim import ZOSGD
+
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="real parameters only"):
         ZOSGD([z], lr=0.1).step(lambda: z.abs().sum())
@@ -505,8 +525,10 @@ def test_capturable_adamw_matches_torch_and_keeps_step_on_the_device(kw, dtype):
     for a, b in zip(ours_model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, **tol)
     steps = [ours.state[p]["step"] for p in ours_model.parameters()]
-    assert all(s.dtype == torch.float32 and s.device == p.device and float(s) == 6
-               for s, p in zip(steps, ours_model.parameters()))
+    assert all(
+        s.dtype == torch.float32 and s.device == p.device and float(s) == 6
+        for s, p in zip(steps, ours_model.parameters())
+    )
     moved = torch.optim.AdamW(_net(dtype).parameters(), **kw)
     moved.load_state_dict(ours.state_dict())
     assert [float(moved.state[p]["step"]) for p in moved.param_groups[0]["params"]] == [6.0] * 4

@@ -9,14 +9,17 @@ public data is read; the checks are this file's own:
 * ``state_dict`` both ways: 3 steps, the state moved into the other library's optimizer, 2 more steps;
 * error inputs: the exception type and message torch raises (its ``error_regex``), or torch's warning.
 """
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-common = pytest.importorskip("torch.testing._internal.common_optimizers",
-                             reason="torch's OptimizerInfo data needs torch.testing._internal (and expecttest)")
+common = pytest.importorskip(
+    "torch.testing._internal.common_optimizers",
+    reason="torch's OptimizerInfo data needs torch.testing._internal (and expecttest)",
+)
 from subgrad.optim import SGD, AdamW  # noqa: E402
 
 OURS = {torch.optim.SGD: SGD, torch.optim.AdamW: AdamW}
@@ -24,8 +27,12 @@ INFOS = {info.optim_cls: info for info in common.optim_db if info.optim_cls in O
 #: elementwise |ours - torch| <= rtol |torch| + atol after 5 steps.  float32 / float64: the issue's
 #: relative bounds (atol covers weights that pass through zero); half types: one rounding of the fused
 #: float32 arithmetic vs torch's rounding after every elementary op.
-TOL = {torch.float32: (1e-6, 1e-7), torch.float64: (1e-12, 1e-14), torch.bfloat16: (2e-2, 2e-2),
-       torch.float16: (5e-3, 5e-3)}
+TOL = {
+    torch.float32: (1e-6, 1e-7),
+    torch.float64: (1e-12, 1e-14),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
 STEPS = 5
 
 
@@ -52,7 +59,10 @@ def _net(dtype):
 def _steps(model, opt, start, count):
     for i in range(start, start + count):
         g = torch.Generator().manual_seed(i)
-        x, y = torch.randn(12, 6, generator=g).to(next(model.parameters()).dtype), torch.randint(0, 3, (12,), generator=g)
+        x, y = (
+            torch.randn(12, 6, generator=g).to(next(model.parameters()).dtype),
+            torch.randint(0, 3, (12,), generator=g),
+        )
         opt.zero_grad()
         F.cross_entropy(model(x).float(), y).backward()
         opt.step()
@@ -63,9 +73,11 @@ def _compare(ours_model, torch_model, dtype, what):
     for (name, a), b in zip(ours_model.named_parameters(), torch_model.parameters()):
         a, b = a.detach().double(), b.detach().double()
         bad = (a - b).abs() > rtol * b.abs() + atol
-        assert not bad.any(), (f"{what}: {name}: {int(bad.sum())} of {a.numel()} elements differ beyond rtol {rtol} "
-                               f"atol {atol}; worst |diff| {(a - b).abs().max().item():.3g} "
-                               f"(ours {a[bad][0].item():.9g} vs torch {b[bad][0].item():.9g})")
+        assert not bad.any(), (
+            f"{what}: {name}: {int(bad.sum())} of {a.numel()} elements differ beyond rtol {rtol} "
+            f"atol {atol}; worst |diff| {(a - b).abs().max().item():.3g} "
+            f"(ours {a[bad][0].item():.9g} vs torch {b[bad][0].item():.9g})"
+        )
 
 
 def _adapt(theirs, dtype, kwargs):
@@ -97,8 +109,12 @@ def test_state_dict_moves_both_ways(theirs, dtype, i):
         second.load_state_dict(copy.deepcopy(first.state_dict()))
         _steps(a_model, first, 3, 2)
         _steps(b_model, second, 3, 2)
-        _compare(a_model if first_is_ours else b_model, b_model if first_is_ours else a_model, dtype,
-                 f"state_dict {'subgrad -> torch' if first_is_ours else 'torch -> subgrad'}")
+        _compare(
+            a_model if first_is_ours else b_model,
+            b_model if first_is_ours else a_model,
+            dtype,
+            f"state_dict {'subgrad -> torch' if first_is_ours else 'torch -> subgrad'}",
+        )
 
 
 def _error_cases():

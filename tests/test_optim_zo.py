@@ -1,4 +1,5 @@
 """subgrad.optim.ZOSGD: estimator statistics, convergence, resume, NaN handling, batched evaluation."""
+
 import copy
 import io
 import math
@@ -10,11 +11,20 @@ import torch.nn.functional as F
 
 from conftest import assert_bitwise_equal
 from subgrad.kernels import philox_normal
-from subgrad.optim import HiZOO, ZOSGD, ZOAdam, step_seed
+from subgrad.optim import ZOSGD, HiZOO, ZOAdam, step_seed
 
 D = 6
-A = torch.tensor([[2.0, 0.3, 0, 0, 0, 0.1], [0.3, 1.5, 0.2, 0, 0, 0], [0, 0.2, 1.0, 0.1, 0, 0],
-                  [0, 0, 0.1, 3.0, 0.4, 0], [0, 0, 0, 0.4, 0.7, 0], [0.1, 0, 0, 0, 0, 1.2]], dtype=torch.float64)
+A = torch.tensor(
+    [
+        [2.0, 0.3, 0, 0, 0, 0.1],
+        [0.3, 1.5, 0.2, 0, 0, 0],
+        [0, 0.2, 1.0, 0.1, 0, 0],
+        [0, 0, 0.1, 3.0, 0.4, 0],
+        [0, 0, 0, 0.4, 0.7, 0],
+        [0.1, 0, 0, 0, 0, 1.2],
+    ],
+    dtype=torch.float64,
+)
 B = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.5, 1.0], dtype=torch.float64)
 
 
@@ -41,10 +51,12 @@ def test_central_estimate_is_unbiased_within_its_variance(distribution, blocks):
     q = 1000
     mean, grad, _ = _estimate(distribution, blocks, q)
     size = D if blocks in (None, "tensor") else blocks
-    block_sq = torch.stack([grad[(i // size) * size:(i // size + 1) * size].pow(2).sum() for i in range(D)])
-    var = block_sq + grad ** 2 if distribution == "gaussian" else block_sq - grad ** 2
+    block_sq = torch.stack([grad[(i // size) * size : (i // size + 1) * size].pow(2).sum() for i in range(D)])
+    var = block_sq + grad**2 if distribution == "gaussian" else block_sq - grad**2
     bound = 5 * torch.sqrt(var / q) + 1e-4  # + float32 rounding of the update
-    assert bool(((mean - grad).abs() <= bound).all()), f"estimate {mean.tolist()} vs grad {grad.tolist()} (bound {bound.tolist()})"
+    assert bool(((mean - grad).abs() <= bound).all()), (
+        f"estimate {mean.tolist()} vs grad {grad.tolist()} (bound {bound.tolist()})"
+    )
 
 
 def test_forward_difference_scalar_has_order_eps_bias():
@@ -61,9 +73,17 @@ def test_forward_difference_scalar_has_order_eps_bias():
         assert abs(bias - expected) < 5 * spread + 1e-4, f"{estimator} eps={eps}: bias {bias}, expected {expected}"
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(estimator="forward"), dict(distribution="rademacher", momentum=0.5),
-                                    dict(blocks=2, q=2), dict(clip=5.0, weight_decay=1e-3)],
-                         ids=["central", "forward", "rademacher-momentum", "blocks-q2", "clip-wd"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(estimator="forward"),
+        dict(distribution="rademacher", momentum=0.5),
+        dict(blocks=2, q=2),
+        dict(clip=5.0, weight_decay=1e-3),
+    ],
+    ids=["central", "forward", "rademacher-momentum", "blocks-q2", "clip-wd"],
+)
 def test_converges_on_a_convex_problem(kwargs):
     x = torch.nn.Parameter(torch.zeros(D))
     opt = ZOSGD([x], lr=0.05, **kwargs)
@@ -92,9 +112,15 @@ def _final_loss_on_real_images(cls, kw, shuffle_labels: bool) -> float:
 
 
 @pytest.mark.slow  # real images
-@pytest.mark.parametrize("cls, kw, bound, gap", [(ZOSGD, dict(lr=2e-2, eps=1e-3), 2.285, 0.015),
-                                                 (ZOAdam, dict(lr=1e-3), 2.297, 0.006),
-                                                 (HiZOO, dict(lr=2e-2), 2.298, 0.005)], ids=["zosgd", "zoadam", "hizoo"])
+@pytest.mark.parametrize(
+    "cls, kw, bound, gap",
+    [
+        (ZOSGD, dict(lr=2e-2, eps=1e-3), 2.285, 0.015),
+        (ZOAdam, dict(lr=1e-3), 2.297, 0.006),
+        (HiZOO, dict(lr=2e-2), 2.298, 0.005),
+    ],
+    ids=["zosgd", "zoadam", "hizoo"],
+)
 def test_trains_lenet_on_real_cifar_images(cls, kw, bound, gap):
     """Below the bound, and ahead of the shuffled-label control by at least the gap (measured on the
     2-core VM: ZOSGD 2.2727 vs control 2.3020, ZOAdam 2.2909 vs 2.3026, HiZOO 2.2933 vs 2.3029): an
@@ -153,9 +179,16 @@ def test_load_state_dict_refuses_other_settings():
         ZOSGD(_tiny_net().parameters(), lr=0.1).load_state_dict(torch.optim.SGD(net.parameters(), lr=0.1).state_dict())
 
 
-@pytest.mark.parametrize("setting, saved, other", [("clip", 0.1, 0.2), ("clip", None, 0.2),
-                                                   ("scale_by_block_size", True, False),
-                                                   ("master_weights", True, False), ("eps", 1e-3, 1e-2)])
+@pytest.mark.parametrize(
+    "setting, saved, other",
+    [
+        ("clip", 0.1, 0.2),
+        ("clip", None, 0.2),
+        ("scale_by_block_size", True, False),
+        ("master_weights", True, False),
+        ("eps", 1e-3, 1e-2),
+    ],
+)
 def test_every_setting_that_changes_the_numbers_must_match_on_load(setting, saved, other):
     extra = {"blocks": "tensor"} if setting == "scale_by_block_size" else {}
     sd = ZOSGD(_tiny_net().parameters(), lr=0.1, **extra, **{setting: saved}).state_dict()
@@ -219,8 +252,9 @@ def _sequential_and_batched(make_optimizer):
 @pytest.mark.parametrize("estimator, blocks", [("central", None), ("central", "tensor"), ("forward", 3)])
 def test_batched_equals_sequential(estimator, blocks):
     """vmap over all 2q (or q+1) points gives the update of sequential in-place evaluation."""
-    results = _sequential_and_batched(lambda params: ZOSGD(params, lr=0.05, q=3, estimator=estimator, blocks=blocks,
-                                                           master_weights=True))
+    results = _sequential_and_batched(
+        lambda params: ZOSGD(params, lr=0.05, q=3, estimator=estimator, blocks=blocks, master_weights=True)
+    )
     # The same points are evaluated, but vmap's batched matmuls round differently from the sequential
     # ones: a loss moves by ~1 float32 ulp (2.4e-7), c = dL / (2 eps) by ~2.4e-4, and each of the 3
     # steps moves a weight by at most lr * |dc| * |z| ~ 0.05 * 2.4e-4 * 4 = 5e-5.
@@ -280,15 +314,18 @@ def test_deepcopy_and_state_dict_roundtrip():
     assert sd["subgrad"]["step"] == 1 and len(sd["state"]) == 4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=-0.1), "lr must be a finite number >= 0"),
-    (dict(lr=0.1, eps=0.0), "eps must be a finite number > 0"),
-    (dict(lr=0.1, q=0), "q must be an int in"),
-    (dict(lr=0.1, estimator="backward"), "estimator must be one of"),
-    (dict(lr=0.1, distribution="uniform"), "distribution must be one of"),
-    (dict(lr=0.1, blocks="layer"), "blocks must be None"),
-    (dict(lr=0.1, momentum=1.0), "momentum must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-0.1), "lr must be a finite number >= 0"),
+        (dict(lr=0.1, eps=0.0), "eps must be a finite number > 0"),
+        (dict(lr=0.1, q=0), "q must be an int in"),
+        (dict(lr=0.1, estimator="backward"), "estimator must be one of"),
+        (dict(lr=0.1, distribution="uniform"), "distribution must be one of"),
+        (dict(lr=0.1, blocks="layer"), "blocks must be None"),
+        (dict(lr=0.1, momentum=1.0), "momentum must be in"),
+    ],
+)
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ZOSGD([torch.nn.Parameter(torch.zeros(2))], **kwargs)
@@ -332,9 +369,11 @@ def test_hizoo_counts_three_forwards_and_updates_curvature():
 @pytest.mark.parametrize("cls, kw", OTHERS, ids=["zoadam", "hizoo"])
 def test_others_resume_bit_identically(cls, kw):
     x, y = _data()
+
     def run(model, opt, steps):
         for _ in range(steps):
             opt.step(lambda: F.cross_entropy(model(x), y))
+
     straight = _tiny_net()
     run(straight, cls(straight.parameters(), **kw), 4)
     first = _tiny_net()
@@ -353,8 +392,9 @@ def test_others_resume_bit_identically(cls, kw):
 def test_hizoo_batched_equals_sequential():
     # eps = 1e-2: the second difference divides loss rounding (~2e-7) by 2 eps^2, so with eps = 1e-3 the
     # curvature of the two evaluation orders differs by ~0.5 from float32 rounding alone.
-    results = _sequential_and_batched(lambda params: HiZOO(params, lr=0.05, eps=1e-2, q=2, hessian_smoothing=0.1,
-                                                           master_weights=True))
+    results = _sequential_and_batched(
+        lambda params: HiZOO(params, lr=0.05, eps=1e-2, q=2, hessian_smoothing=0.1, master_weights=True)
+    )
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=0, atol=1.5e-4), (a - b).abs().max()
 
@@ -373,10 +413,13 @@ def test_scale_by_block_size_multiplies_each_block_scalar():
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameters that change under the optimizer (issue 12): zero-size, new groups, frozen/unfrozen
+# Parameters that change under the optimizer: zero-size, new groups, frozen/unfrozen
 # --------------------------------------------------------------------------------------------------
-ZO_CASES = [(ZOSGD, dict(lr=0.05, momentum=0.9, blocks="module")), (ZOAdam, dict(lr=1e-2, q=2, estimator="forward")),
-            (HiZOO, dict(lr=1e-2, eps=1e-2))]
+ZO_CASES = [
+    (ZOSGD, dict(lr=0.05, momentum=0.9, blocks="module")),
+    (ZOAdam, dict(lr=1e-2, q=2, estimator="forward")),
+    (HiZOO, dict(lr=1e-2, eps=1e-2)),
+]
 ZO_IDS = ["zosgd-momentum-module", "zoadam", "hizoo"]
 
 

@@ -1,4 +1,5 @@
 """Install layout and command line."""
+
 import importlib.util
 import pathlib
 import shutil
@@ -20,8 +21,11 @@ def _python(code: str, cwd) -> subprocess.CompletedProcess:
 
 def test_namespaced_imports_and_no_top_level_kernels_or_export(tmp_path):
     """subgrad.kernels / subgrad.export import from an unrelated directory; bare names do not exist."""
-    out = _python("import importlib.util as u, subgrad.kernels, subgrad.export;"
-                  "print(u.find_spec('kernels'), u.find_spec('export'))", tmp_path)
+    out = _python(
+        "import importlib.util as u, subgrad.kernels, subgrad.export;"
+        "print(u.find_spec('kernels'), u.find_spec('export'))",
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "None"], out.stdout
 
@@ -35,8 +39,13 @@ def test_version_and_help(tmp_path):
 
 
 def test_selfcheck_command(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "subgrad", "selfcheck", "--n", "1025"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "subgrad", "selfcheck", "--n", "1025"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("bit-identical") == 6 and "self-check passed" in out.stdout
 
@@ -45,6 +54,7 @@ def test_missing_onnxruntime_message(monkeypatch):
     import builtins
 
     from subgrad.export import MissingOnnxRuntimeError, require_onnxruntime
+
     real_import = builtins.__import__
 
     def no_ort(name, *args, **kwargs):
@@ -74,8 +84,9 @@ def _source_modules() -> dict:
 
 def test_every_source_module_imports(tmp_path):
     """.ci/check_install.py walks the source tree and imports each module by its installed name."""
-    out = subprocess.run([sys.executable, str(CHECK_INSTALL), str(REPO)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(CHECK_INSTALL), str(REPO)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     count = len(_source_modules())
     assert f"{count} of {count} modules imported" in out.stdout, out.stdout
@@ -94,16 +105,35 @@ def test_wheel_contains_every_source_module(tmp_path):
         shutil.copy(REPO / name, src / name)
     for folder in ("subgrad", "kernels", "export"):
         shutil.copytree(REPO / folder, src / folder, ignore=ignore)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          str(src), "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("subgrad-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     shipped = {n for n in names if n.endswith(".py")}
-    expected = {name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
-                for name, path in _source_modules().items()}
-    assert shipped == expected, (f"missing from the wheel: {sorted(expected - shipped)}; "
-                                 f"in the wheel but not in the source tree: {sorted(shipped - expected)}")
+    expected = {
+        name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+        for name, path in _source_modules().items()
+    }
+    assert shipped == expected, (
+        f"missing from the wheel: {sorted(expected - shipped)}; "
+        f"in the wheel but not in the source tree: {sorted(shipped - expected)}"
+    )
     assert "subgrad = subgrad.cli:main" in entry_points, entry_points

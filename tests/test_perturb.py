@@ -1,4 +1,5 @@
 """perturb_: Triton vs torch twin (bit-identical) and against its definition x + scale * z."""
+
 import pytest
 import torch
 
@@ -16,8 +17,10 @@ REL_TOL = {torch.float32: 2e-7, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 def test_triton_matches_twin_and_definition(n, dtype, distribution, device):
     x0 = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(device=device, dtype=dtype)
     offset, scale = 17, 0.125
-    out = {b: perturb_(x0.clone(), 99, scale, backend=b, offset=offset, distribution=distribution)
-           for b in ("triton", "torch")}
+    out = {
+        b: perturb_(x0.clone(), 99, scale, backend=b, offset=offset, distribution=distribution)
+        for b in ("triton", "torch")
+    }
     assert_bitwise_equal(out["triton"], out["torch"], f"perturb_ {dtype} n={n}")
     make = philox_normal if distribution == "gaussian" else philox_rademacher
     z = make(99, n, offset, device, backend="torch").double()
@@ -46,10 +49,13 @@ def test_scale_is_runtime_and_in_place(device):
     assert x.data_ptr() == ptr and x.abs().max().item() < 1e-9
 
 
-@pytest.mark.parametrize("make_bad, message", [
-    (lambda d: torch.zeros(8, dtype=torch.int32, device=d), "must be float32, bfloat16 or float16"),
-    (lambda d: torch.zeros(4, 4, device=d).t(), "must be contiguous"),
-])
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda d: torch.zeros(8, dtype=torch.int32, device=d), "must be float32, bfloat16 or float16"),
+        (lambda d: torch.zeros(4, 4, device=d).t(), "must be contiguous"),
+    ],
+)
 def test_bad_input(make_bad, message, device):
     with pytest.raises(ValueError, match=message):
         perturb_(make_bad(device), 1, 1e-3)
@@ -78,9 +84,12 @@ def test_wide_indices_give_the_same_bits(distribution, offset, device, monkeypat
     """Buffers of 2**31 elements or more index in int64 (WIDE=True); forced on a small buffer, the int64
     path must give the same bits as the twin (a real 2**31-element buffer needs 8 GB)."""
     import subgrad.kernels.perturb as module
+
     real = module.tile_launch
     monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)._replace(wide=True))
     x0 = torch.randn(3000, generator=torch.Generator().manual_seed(3)).to(device)
-    out = {b: perturb_(x0.clone(), 3, 0.5, backend=b, offset=offset, distribution=distribution)
-           for b in ("triton", "torch")}
+    out = {
+        b: perturb_(x0.clone(), 3, 0.5, backend=b, offset=offset, distribution=distribution)
+        for b in ("triton", "torch")
+    }
     assert_bitwise_equal(out["triton"], out["torch"], f"WIDE perturb_ {distribution} offset={offset}")

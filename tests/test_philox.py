@@ -1,5 +1,6 @@
 """Philox directions: Triton kernel vs torch twin (bit-identical), known answers, the direction map, accuracy,
 statistics and independence."""
+
 import math
 import os
 import re
@@ -8,20 +9,26 @@ import pytest
 import torch
 
 from conftest import DEVICE, SIZES, assert_bitwise_equal
-from subgrad.kernels import philox_bits, philox_normal, philox_rademacher
 from subgrad.kernels import philox as P
+from subgrad.kernels import philox_bits, philox_normal, philox_rademacher
 
 SEEDS = [0, 1, 2**31 + 7, 2**62 - 1]
 
 
 # -- random bits ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("counter, key, expected", [
-    # Known-answer vectors of Philox4x32-10 from Random123 (kat_vectors), counter words c0..c3, key k0, k1.
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-])
+@pytest.mark.parametrize(
+    "counter, key, expected",
+    [
+        # Known-answer vectors of Philox4x32-10 from Random123 (kat_vectors), counter words c0..c3, key k0, k1.
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+)
 def test_twin_matches_philox_known_answers(counter, key, expected):
     words = [torch.tensor([c], dtype=torch.int64) for c in counter]
     out = P.philox4x32_torch(key[0] | (key[1] << 32), *words)
@@ -32,8 +39,11 @@ def test_twin_matches_philox_known_answers(counter, key, expected):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_bits_identical(n, seed, device):
     offset = 3 if n > 1 else 2**32 - 1  # also the last counter a seed can index
-    assert_bitwise_equal(philox_bits(seed, n, offset, device, backend="triton"),
-                         philox_bits(seed, n, offset, device, backend="torch"), f"bits seed={seed} n={n}")
+    assert_bitwise_equal(
+        philox_bits(seed, n, offset, device, backend="triton"),
+        philox_bits(seed, n, offset, device, backend="torch"),
+        f"bits seed={seed} n={n}",
+    )
 
 
 # -- directions -------------------------------------------------------------------------------------
@@ -42,8 +52,11 @@ def test_bits_identical(n, seed, device):
 @pytest.mark.parametrize("make", [philox_normal, philox_rademacher], ids=["normal", "rademacher"])
 def test_direction_identical_across_backends(make, n, seed, device):
     for offset in (0, 12345):
-        assert_bitwise_equal(make(seed, n, offset, device, backend="triton"),
-                             make(seed, n, offset, device, backend="torch"), f"{make.__name__} offset={offset}")
+        assert_bitwise_equal(
+            make(seed, n, offset, device, backend="triton"),
+            make(seed, n, offset, device, backend="torch"),
+            f"{make.__name__} offset={offset}",
+        )
 
 
 def test_offset_selects_a_slice(device):
@@ -63,8 +76,11 @@ def test_rademacher_map_uses_every_bit(device):
     for backend in ("triton", "torch"):
         assert_bitwise_equal(philox_rademacher(4, n, device=device, backend=backend), expected, backend)
         # an offset inside a group (a block slice of a flat buffer) reads the same map
-        assert_bitwise_equal(philox_rademacher(4, 5000, offset=3000, device=device, backend=backend),
-                             expected[3000:8000], f"{backend}, offset 3000")
+        assert_bitwise_equal(
+            philox_rademacher(4, 5000, offset=3000, device=device, backend=backend),
+            expected[3000:8000],
+            f"{backend}, offset 3000",
+        )
 
 
 def _exact_box_muller(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +112,13 @@ def test_normal_accuracy_bound():
     draw (with the extreme angles), every angle draw, and 2**20 random words."""
     radius = torch.arange(1 << 15, dtype=torch.int64)[:, None] << 16
     angle = torch.arange(1 << 16, dtype=torch.int64)[:, None]
-    words = torch.cat([(radius | torch.tensor([0, 0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xBFFF])).reshape(-1),
-                       (angle | (torch.tensor([0, 1, 2**14, 2**15 - 1]) << 16)).reshape(-1),
-                       torch.randint(0, 2**32, (1 << 20,), generator=torch.Generator().manual_seed(0))])
+    words = torch.cat(
+        [
+            (radius | torch.tensor([0, 0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xBFFF])).reshape(-1),
+            (angle | (torch.tensor([0, 1, 2**14, 2**15 - 1]) << 16)).reshape(-1),
+            torch.randint(0, 2**32, (1 << 20,), generator=torch.Generator().manual_seed(0)),
+        ]
+    )
     for got, exact in zip(P.normal_pair_torch(words.to(torch.int32)), _exact_box_muller(words)):
         err = (got.double() - exact).abs()
         worst = int(torch.argmax(err))
@@ -116,8 +136,9 @@ RADEMACHER_POSITIONS = [128 * b + 4 * 3 + k for b, k in ((0, 0), (0, 1), (0, 3),
 NORMAL_POSITIONS = [20, 21, 22, 23, 532, 533, 534, 535, 19, 24]
 
 
-@pytest.mark.parametrize("make, group", [(philox_normal, 1024), (philox_rademacher, 4096)],
-                         ids=["normal", "rademacher"])
+@pytest.mark.parametrize(
+    "make, group", [(philox_normal, 1024), (philox_rademacher, 4096)], ids=["normal", "rademacher"]
+)
 def test_outputs_of_one_philox_call_are_uncorrelated(make, group):
     """Neighbouring elements share a Philox call: every pair of positions within a call (and the squares
     of normals, which would expose a shared Box-Muller radius or angle) is uncorrelated."""
@@ -127,7 +148,7 @@ def test_outputs_of_one_philox_call_are_uncorrelated(make, group):
     for i in positions:
         for j in positions:
             if i < j:
-                for f, what in ((lambda t: t, "z"), (lambda t: t * t, "z^2"))[:2 if make is philox_normal else 1]:
+                for f, what in ((lambda t: t, "z"), (lambda t: t * t, "z^2"))[: 2 if make is philox_normal else 1]:
                     corr = torch.corrcoef(torch.stack([f(z[:, i]), f(z[:, j])]))[0, 1].item()
                     assert abs(corr) < 5 / math.sqrt(groups), f"positions {i}, {j} of a group: corr({what}) = {corr}"
 
@@ -163,13 +184,16 @@ def test_seeds_and_neighbours_independent(make):
 
 
 # -- arguments --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seed=-1, n=4), "seed must be in"),
-    (dict(seed=2**62, n=4), "seed must be in"),
-    (dict(seed=1, n=4, offset=2**32 - 3), "exceeds the 2\\*\\*32"),
-    (dict(seed=1, n=-1), "n must be >= 0"),
-    (dict(seed=1, n=4, backend="cuda"), "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=-1, n=4), "seed must be in"),
+        (dict(seed=2**62, n=4), "seed must be in"),
+        (dict(seed=1, n=4, offset=2**32 - 3), "exceeds the 2\\*\\*32"),
+        (dict(seed=1, n=-1), "n must be >= 0"),
+        (dict(seed=1, n=4, backend="cuda"), "backend must be one of"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         philox_normal(**kwargs)
@@ -177,6 +201,7 @@ def test_bad_arguments(kwargs, message):
 
 def test_environment_selects_backend(monkeypatch, device):
     from subgrad.kernels import resolve_backend
+
     x = torch.zeros(1, device=device)
     assert resolve_backend(None, x) == ("triton" if x.is_cuda else "torch")
     monkeypatch.setenv("SUBGRAD_BACKEND", "triton")
@@ -213,11 +238,15 @@ def _compile_without_compiler(fn, **kwargs):
     raise RuntimeError("no C++ compiler found")
 
 
-@pytest.mark.parametrize("compile_, env, message", [
-    (_compile_wrongly, "1", "differs from the eager twin"),
-    (_compile_without_compiler, "1", "failed \\(RuntimeError: no C\\+\\+ compiler found\\)"),
-    (_compile_wrongly, "0", None),  # switched off: not even tried
-], ids=["differs", "no-compiler", "switched-off"])
+@pytest.mark.parametrize(
+    "compile_, env, message",
+    [
+        (_compile_wrongly, "1", "differs from the eager twin"),
+        (_compile_without_compiler, "1", "failed \\(RuntimeError: no C\\+\\+ compiler found\\)"),
+        (_compile_wrongly, "0", None),  # switched off: not even tried
+    ],
+    ids=["differs", "no-compiler", "switched-off"],
+)
 def test_compiled_twin_falls_back_to_the_eager_twin(compile_, env, message, monkeypatch, recwarn):
     monkeypatch.setattr(P, "_COMPILED", {})
     monkeypatch.setattr(P.torch, "compile", compile_)
@@ -229,5 +258,8 @@ def test_compiled_twin_falls_back_to_the_eager_twin(compile_, env, message, monk
     else:
         assert len(warned) == 1 and re.search(message, warned[0]), warned
     # the eager twin runs, and gives the kernel's bits
-    assert_bitwise_equal(P.direction_torch(4, 0, 1 << 15, "cpu", False),
-                         philox_normal(4, 1 << 15, device=DEVICE, backend="triton").cpu(), "fallback twin vs kernel")
+    assert_bitwise_equal(
+        P.direction_torch(4, 0, 1 << 15, "cpu", False),
+        philox_normal(4, 1 << 15, device=DEVICE, backend="triton").cpu(),
+        "fallback twin vs kernel",
+    )

@@ -1,4 +1,5 @@
 """The +eps / -2 eps / restore cycle must not let weights drift (the guarantee in kernels/zo_update.py)."""
+
 import pytest
 import torch
 

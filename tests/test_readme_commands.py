@@ -24,7 +24,9 @@ def _subgrad_commands() -> list[str]:
             part = part.split("  #")[0].strip()
             if not part.startswith("subgrad ") or "..." in part:
                 continue
-            part = re.sub(r"\[(--[\w-]+)(?: ([^\]|]+)(?:\|[^\]]+)?)?\]", lambda m: " ".join(filter(None, m.groups())), part)
+            part = re.sub(
+                r"\[(--[\w-]+)(?: ([^\]|]+)(?:\|[^\]]+)?)?\]", lambda m: " ".join(filter(None, m.groups())), part
+            )
             found.append(part)
     return found
 

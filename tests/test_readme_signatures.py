@@ -1,6 +1,7 @@
 """The reference's signature tables (docs/optimizers.md, docs/kernels.md, linked from the README) agree with
 the code: every parameter a row names exists, every default it states is the real default, and a row
 without ``...`` lists every parameter."""
+
 import ast
 import inspect
 import pathlib

@@ -1,4 +1,5 @@
 """subgrad.training.runs: the one atomic-write helper every writer uses, and checkpoint discovery."""
+
 import numpy as np
 import pytest
 import torch
@@ -40,8 +41,10 @@ def test_checkpoints_latest_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="nothing to resume"):
         latest_checkpoint(tmp_path)
     for step in (2, 10, 7):
-        atomic_save(dict(format="subgrad-checkpoint-v1", model={"w": torch.ones(1) * step}, step=step),
-                    tmp_path / "checkpoints" / f"step-{step:07d}.pt")
+        atomic_save(
+            dict(format="subgrad-checkpoint-v1", model={"w": torch.ones(1) * step}, step=step),
+            tmp_path / "checkpoints" / f"step-{step:07d}.pt",
+        )
     assert [p.name for p in checkpoints(tmp_path)] == ["step-0000002.pt", "step-0000007.pt", "step-0000010.pt"]
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 10
     (tmp_path / "bad.pt").write_bytes(b"not a zip")

@@ -6,6 +6,7 @@ a killed stub, one-line errors).  Bound for served outputs: bit for bit equal to
 model runs in the same onnxruntime with the same session options; each image's logits do not depend
 on the batch it rides in).  Slow tier (conftest: SLOW_MODULES).
 """
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,18 @@ def model_file(tmp_path_factory):
     from subgrad.training.loop import train
 
     run = tmp_path_factory.mktemp("run-lenet")
-    train(TrainConfig(model="lenet", optimizer="sgd", data=str(real_archive()), out=str(run), device="cpu",
-                      steps=60, batch_size=128, quiet=True))
+    train(
+        TrainConfig(
+            model="lenet",
+            optimizer="sgd",
+            data=str(real_archive()),
+            out=str(run),
+            device="cpu",
+            steps=60,
+            batch_size=128,
+            quiet=True,
+        )
+    )
     return export_run(run, run / f"{MODEL}.onnx")
 
 
@@ -66,6 +77,7 @@ def images():
             Image.fromarray(im).save(buffer, format=fmt)
             out.append(buffer.getvalue())
         return out
+
     return {"pixels": pixels, "PNG": encode("PNG"), "JPEG": encode("JPEG")}
 
 
@@ -92,8 +104,13 @@ def _grpc(server):
 
 
 def _tensor_input(module, name, array, binary=True):
-    item = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else
-                             {np.float32: "FP32", np.uint8: "UINT8", np.int32: "INT32"}[array.dtype.type])
+    item = module.InferInput(
+        name,
+        list(array.shape),
+        "BYTES"
+        if array.dtype == object
+        else {np.float32: "FP32", np.uint8: "UINT8", np.int32: "INT32"}[array.dtype.type],
+    )
     if module is httpclient:
         item.set_data_from_numpy(array, binary_data=binary)
     else:
@@ -108,8 +125,9 @@ def _assert_equal(served, expected, what):
 
 
 def _post(port, body: bytes, headers=None, timeout=60):
-    request = urllib.request.Request(f"http://localhost:{port}/v2/models/{MODEL}/infer", data=body,
-                                     headers=headers or {})
+    request = urllib.request.Request(
+        f"http://localhost:{port}/v2/models/{MODEL}/infer", data=body, headers=headers or {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -134,13 +152,15 @@ def _check_still_serving(server, predictor, images):
 
 # -- health, metadata, answers ----------------------------------------------------------------------------
 
+
 def test_live_ready_and_metadata_match_the_onnx_graph(server, model_file):
     graph = onnx.load(str(model_file)).graph
     types = {onnx.TensorProto.FLOAT: "FP32"}
     for client in (_http(server), _grpc(server)):
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
-        meta = client.get_model_metadata(MODEL, **({"as_json": True} if isinstance(client, grpcclient.
-                                                                                    InferenceServerClient) else {}))
+        meta = client.get_model_metadata(
+            MODEL, **({"as_json": True} if isinstance(client, grpcclient.InferenceServerClient) else {})
+        )
         inputs = {i["name"]: (i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]}
         outputs = {o["name"]: (o["datatype"], [int(d) for d in o["shape"]]) for o in meta["outputs"]}
         for value, table in ((graph.input[0], inputs), (graph.output[0], outputs)):
@@ -173,8 +193,9 @@ def test_image_files_equal_predictor_on_the_same_files(server, predictor, images
 def test_top_k_labels_through_the_classification_extension(server, predictor, images):
     files = images["PNG"][:4]
     output = httpclient.InferRequestedOutput("logits", class_count=3)
-    result = _http(server).infer(MODEL, [_tensor_input(httpclient, IMAGE_INPUT, np.array(files, dtype=object)
-                                                       .reshape(-1, 1))], outputs=[output])
+    result = _http(server).infer(
+        MODEL, [_tensor_input(httpclient, IMAGE_INPUT, np.array(files, dtype=object).reshape(-1, 1))], outputs=[output]
+    )
     served = [[entry.decode().split(":")[2] for entry in row] for row in result.as_numpy("logits")]
     assert served == [[label for label, _ in row] for row in predictor.predict(files, top_k=3)]
 
@@ -188,8 +209,8 @@ def test_concurrent_clients_are_batched(server, predictor, images):
         client = _http(server)
         for i in range(12):
             k = (worker * 12 + i) % len(pixels)
-            out = client.infer(MODEL, [_tensor_input(httpclient, "input", predictor.preprocess(pixels[k:k + 1]))])
-            if not np.array_equal(out.as_numpy("logits"), expected[k:k + 1]):
+            out = client.infer(MODEL, [_tensor_input(httpclient, "input", predictor.preprocess(pixels[k : k + 1]))])
+            if not np.array_equal(out.as_numpy("logits"), expected[k : k + 1]):
                 failures.append(k)
 
     _run_clients(client_loop, 16)
@@ -201,11 +222,24 @@ def test_concurrent_clients_are_batched(server, predictor, images):
 
 # -- bad requests -----------------------------------------------------------------------------------------
 
+
 def _binary_request(name, array, datatype):
-    header = json.dumps({"inputs": [{"name": name, "shape": list(array.shape), "datatype": datatype,
-                                     "parameters": {"binary_data_size": array.nbytes}}]}).encode()
-    return header + array.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
-                                      "Content-Type": "application/octet-stream"}
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": datatype,
+                    "parameters": {"binary_data_size": array.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    return header + array.tobytes(), {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 def _longer_than_declared(one):
@@ -213,21 +247,28 @@ def _longer_than_declared(one):
     return body + bytes(3 << 20), headers
 
 
-_CORRUPT_IMAGE_JSON = json.dumps({"inputs": [{"name": IMAGE_INPUT, "shape": [1, 1], "datatype": "BYTES",
-                                              "data": ["not an image"]}]}).encode()
+_CORRUPT_IMAGE_JSON = json.dumps(
+    {"inputs": [{"name": IMAGE_INPUT, "shape": [1, 1], "datatype": "BYTES", "data": ["not an image"]}]}
+).encode()
 #: case -> (request (body, headers) from a feed of two model inputs, what the error message must say); built
 #: only for the case a test runs (the 64 MB one is not made at collection or for the other cases)
 BAD_HTTP_REQUESTS = {
-    "wrong input name": (lambda feed: _binary_request("pixels", feed[:1], "FP32"),
-                         "unexpected inference input 'pixels'"),
+    "wrong input name": (
+        lambda feed: _binary_request("pixels", feed[:1], "FP32"),
+        "unexpected inference input 'pixels'",
+    ),
     "wrong dtype": (lambda feed: _binary_request("input", feed[:1].astype(np.int32), "INT32"), "data-type is 'INT32'"),
     "wrong shape": (lambda feed: _binary_request("input", feed[:1, :, :16], "FP32"), "unexpected shape"),
-    "batch above max_batch_size": (lambda feed: _binary_request("input", np.repeat(feed[:1], MAX_BATCH + 1, 0),
-                                                                "FP32"), f"batch-size must be <= {MAX_BATCH}"),
+    "batch above max_batch_size": (
+        lambda feed: _binary_request("input", np.repeat(feed[:1], MAX_BATCH + 1, 0), "FP32"),
+        f"batch-size must be <= {MAX_BATCH}",
+    ),
     "empty batch": (lambda feed: _binary_request("input", feed[:0], "FP32"), "input"),
     "corrupt image bytes": (lambda feed: (_CORRUPT_IMAGE_JSON, {}), "unreadable image"),
-    "64 MB body": (lambda feed: _binary_request("input", np.zeros((64 << 20) // 4, np.float32).reshape(-1, 4), "FP32"),
-                   "over the server's limit"),
+    "64 MB body": (
+        lambda feed: _binary_request("input", np.zeros((64 << 20) // 4, np.float32).reshape(-1, 4), "FP32"),
+        "over the server's limit",
+    ),
     "4 MB of JSON": (lambda feed: (b'{"inputs": [' + b" " * (4 << 20) + b"]}", {}), "send binary tensors"),
     "body longer than its header says": (lambda feed: _longer_than_declared(feed[:1]), "declares"),
 }
@@ -246,15 +287,27 @@ def test_bad_http_request_gets_a_4xx_and_the_server_keeps_answering(server, pred
     _check_still_serving(server, predictor, images)
 
 
-@pytest.mark.parametrize("case", ["wrong input name", "wrong dtype", "wrong shape", "batch above max_batch_size",
-                                  "corrupt image bytes", "64 MB message"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong input name",
+        "wrong dtype",
+        "wrong shape",
+        "batch above max_batch_size",
+        "corrupt image bytes",
+        "64 MB message",
+    ],
+)
 def test_bad_grpc_request_gets_invalid_argument(server, predictor, images, case):
     feed = predictor.preprocess(images["pixels"][:1])
-    inputs = {"wrong input name": ("pixels", feed), "wrong dtype": ("input", feed.astype(np.int32)),
-              "wrong shape": ("input", feed[:, :, :16]), "batch above max_batch_size":
-              ("input", np.repeat(feed, MAX_BATCH + 1, 0)), "corrupt image bytes":
-              (IMAGE_INPUT, np.array([b"\x89PNG broken"], dtype=object).reshape(1, 1)),
-              "64 MB message": ("input", np.zeros(((64 << 20) // feed.nbytes, 3, 32, 32), np.float32))}
+    inputs = {
+        "wrong input name": ("pixels", feed),
+        "wrong dtype": ("input", feed.astype(np.int32)),
+        "wrong shape": ("input", feed[:, :, :16]),
+        "batch above max_batch_size": ("input", np.repeat(feed, MAX_BATCH + 1, 0)),
+        "corrupt image bytes": (IMAGE_INPUT, np.array([b"\x89PNG broken"], dtype=object).reshape(1, 1)),
+        "64 MB message": ("input", np.zeros(((64 << 20) // feed.nbytes, 3, 32, 32), np.float32)),
+    }
     name, array = inputs[case]
     client = grpcclient.InferenceServerClient(f"localhost:{server.grpc_port}")
     with pytest.raises(InferenceServerException) as caught:
@@ -266,9 +319,15 @@ def test_bad_grpc_request_gets_invalid_argument(server, predictor, images, case)
 
 # -- `subgrad serve` itself -------------------------------------------------------------------------------
 
+
 def _serve(*args, **popen):
-    return subprocess.Popen([sys.executable, "-m", "subgrad", "serve", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "subgrad", "serve", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _wait_for_line(stream, needle, timeout_s=120):
@@ -285,24 +344,42 @@ def _wait_for_line(stream, needle, timeout_s=120):
 
 def test_serve_prints_endpoints_recovers_a_killed_stub_and_stops_on_sigterm(model_file, predictor, images):
     ports = [free_port() for _ in range(3)]
-    proc = _serve(model_file, "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
-                  "--max-batch", MAX_BATCH)
+    proc = _serve(
+        model_file,
+        "--http-port",
+        ports[0],
+        "--grpc-port",
+        ports[1],
+        "--metrics-port",
+        ports[2],
+        "--max-batch",
+        MAX_BATCH,
+    )
     try:
         out = "".join(_wait_for_line(proc.stdout, "Ctrl-C"))
         assert f"http://localhost:{ports[0]}/v2/models/{MODEL}/infer" in out and f"localhost:{ports[1]}" in out
         client = httpclient.InferenceServerClient(f"localhost:{ports[0]}", network_timeout=30)
         feed = predictor.preprocess(images["pixels"][:1])
         expected = predictor.logits_from_pixels(images["pixels"][:1])
-        _assert_equal(client.infer(MODEL, [_tensor_input(httpclient, "input", feed)]).as_numpy("logits"), expected,
-                      "before the kill")
-        stubs = subprocess.run(["pgrep", "-P", str(_server_pid(proc.pid)), "-f", "triton_python_backend_stub"],
-                               capture_output=True, text=True).stdout.split()
+        _assert_equal(
+            client.infer(MODEL, [_tensor_input(httpclient, "input", feed)]).as_numpy("logits"),
+            expected,
+            "before the kill",
+        )
+        stubs = subprocess.run(
+            ["pgrep", "-P", str(_server_pid(proc.pid)), "-f", "triton_python_backend_stub"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         assert stubs, "no python-backend stub found"
         os.kill(int(stubs[0]), signal.SIGKILL)
         _wait_for_line(proc.stderr, "died")
         _wait_for_line(proc.stderr, "ready again")
-        _assert_equal(client.infer(MODEL, [_tensor_input(httpclient, "input", feed)]).as_numpy("logits"), expected,
-                      "after the reload")
+        _assert_equal(
+            client.infer(MODEL, [_tensor_input(httpclient, "input", feed)]).as_numpy("logits"),
+            expected,
+            "after the reload",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert "stopped (server exit status 0)" in proc.stdout.read()
@@ -312,8 +389,9 @@ def test_serve_prints_endpoints_recovers_a_killed_stub_and_stops_on_sigterm(mode
 
 
 def _server_pid(serve_pid):
-    children = subprocess.run(["pgrep", "-P", str(serve_pid), "-f", "tritonserver"], capture_output=True,
-                              text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(serve_pid), "-f", "tritonserver"], capture_output=True, text=True
+    ).stdout.split()
     assert children, "subgrad serve has no tritonserver child"
     return int(children[0])
 
@@ -348,8 +426,20 @@ def test_serve_errors_are_one_line(model_file, tmp_path):
     broken = tmp_path / "broken-repo"
     folder = package_triton(model_file, broken, backend="python")
     (folder / "1" / "model.onnx").write_bytes(b"not onnx")
-    one_line(_serve(broken, "--http-port", free_port(), "--grpc-port", free_port(), "--metrics-port", free_port(),
-                    "--log", tmp_path / "broken.log"), "exited before it was ready")
+    one_line(
+        _serve(
+            broken,
+            "--http-port",
+            free_port(),
+            "--grpc-port",
+            free_port(),
+            "--metrics-port",
+            free_port(),
+            "--log",
+            tmp_path / "broken.log",
+        ),
+        "exited before it was ready",
+    )
     assert (tmp_path / "broken.log").stat().st_size > 0
 
 
@@ -359,7 +449,7 @@ def test_soak_zero_failures_and_bounded_memory(server, predictor, images):
     expected = predictor.logits_from_pixels(pixels)
     warm = _http(server)
     for k in range(64):
-        warm.infer(MODEL, [_tensor_input(httpclient, "input", predictor.preprocess(pixels[k % 32:k % 32 + 1]))])
+        warm.infer(MODEL, [_tensor_input(httpclient, "input", predictor.preprocess(pixels[k % 32 : k % 32 + 1]))])
     before = server.resident_bytes()
     deadline, counts, failures = time.monotonic() + float(os.environ.get("SUBGRAD_SOAK_S", "60")), [], []
 
@@ -368,8 +458,8 @@ def test_soak_zero_failures_and_bounded_memory(server, predictor, images):
         while time.monotonic() < deadline:
             k = (worker + done) % len(pixels)
             try:
-                out = client.infer(MODEL, [_tensor_input(httpclient, "input", predictor.preprocess(pixels[k:k + 1]))])
-                if not np.array_equal(out.as_numpy("logits"), expected[k:k + 1]):
+                out = client.infer(MODEL, [_tensor_input(httpclient, "input", predictor.preprocess(pixels[k : k + 1]))])
+                if not np.array_equal(out.as_numpy("logits"), expected[k : k + 1]):
                     failures.append(f"wrong answer for image {k}")
             except Exception as exc:  # every failure counts, whatever it is
                 failures.append(repr(exc)[:200])
@@ -378,7 +468,9 @@ def test_soak_zero_failures_and_bounded_memory(server, predictor, images):
 
     _run_clients(client_loop, 16)
     growth = server.resident_bytes() - before
-    print(f"soak: {sum(counts)} requests, {len(failures)} failures, resident memory {before / 2**20:.0f} MiB "
-          f"-> +{growth / 2**20:.1f} MiB")
+    print(
+        f"soak: {sum(counts)} requests, {len(failures)} failures, resident memory {before / 2**20:.0f} MiB "
+        f"-> +{growth / 2**20:.1f} MiB"
+    )
     assert not failures, failures[:5]
     assert growth < 64 << 20, f"resident memory grew by {growth / 2**20:.1f} MiB"

@@ -1,4 +1,5 @@
 """zo_update_: Triton vs torch twin (bit-identical) and against a float64 reference of the update."""
+
 import pytest
 import torch
 
@@ -117,15 +118,18 @@ def test_per_block_scalars_apply_to_their_block_only(device):
     assert_bitwise_equal(x[1001:], z[1001:])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(c=torch.ones(3)), "one value per direction"),
-    (dict(c=0.1, num_directions=2), "scalar c means one direction"),
-    (dict(c=torch.ones(2), num_directions=0), "num_directions must be an int >= 1"),
-    (dict(c=0.1, lr=-1.0), "lr must be a finite number >= 0"),
-    (dict(c=0.1, momentum=0.9), "needs a momentum_buffer"),
-    (dict(c=torch.ones(2), block_starts=torch.tensor([0, 4, 8])), "num_directions x blocks"),
-    (dict(c=0.1, distribution="uniform"), "distribution must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(c=torch.ones(3)), "one value per direction"),
+        (dict(c=0.1, num_directions=2), "scalar c means one direction"),
+        (dict(c=torch.ones(2), num_directions=0), "num_directions must be an int >= 1"),
+        (dict(c=0.1, lr=-1.0), "lr must be a finite number >= 0"),
+        (dict(c=0.1, momentum=0.9), "needs a momentum_buffer"),
+        (dict(c=torch.ones(2), block_starts=torch.tensor([0, 4, 8])), "num_directions x blocks"),
+        (dict(c=0.1, distribution="uniform"), "distribution must be one of"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     kwargs.setdefault("lr", 0.1)
     with pytest.raises(ValueError, match=message):
@@ -148,8 +152,9 @@ def test_several_directions_in_one_pass(n, blocked, device):
     w = x0.double() + 1e-3 * philox_normal(40 + q - 1, n, device=device).double()  # restore uses the last
     g = 1e-3 * w
     for k in range(q):
-        c_k = torch.repeat_interleave(c[k * len(sizes):(k + 1) * len(sizes)].double(),
-                                      torch.tensor(sizes, device=device))
+        c_k = torch.repeat_interleave(
+            c[k * len(sizes) : (k + 1) * len(sizes)].double(), torch.tensor(sizes, device=device)
+        )
         g = g + c_k * philox_normal(40 + k, n, device=device).double()
     expected = w - 0.1 * g
     assert torch.allclose(out["triton"].double(), expected, rtol=1e-6, atol=1e-6)
@@ -167,8 +172,10 @@ def test_zo_estimate_materialises_the_sum(n, distribution, device):
     out = {b: zo_estimate_(torch.full((n,), 7.0, device=device), 9, c, backend=b, **kw) for b in ("triton", "torch")}
     assert_bitwise_equal(out["triton"], out["torch"], f"n={n} {distribution}")
     make = philox_rademacher if distribution == "rademacher" else philox_normal
-    per_element = [torch.repeat_interleave(c[k * len(sizes):(k + 1) * len(sizes)].double(),
-                                           torch.tensor(sizes, device=device)) for k in range(q)]
+    per_element = [
+        torch.repeat_interleave(c[k * len(sizes) : (k + 1) * len(sizes)].double(), torch.tensor(sizes, device=device))
+        for k in range(q)
+    ]
     expected = sum(per_element[k] * make(9 + k, n, offset=5, device=device).double() for k in range(q))
     worst = (out["torch"].double() - expected).abs().max().item()
     assert worst <= 4 * 2**-24 * 10 * q, f"max |estimate - float64 sum| = {worst}"
@@ -183,8 +190,18 @@ def test_hessian_preconditioning_reference(device):
     h0 = torch.rand(n, generator=gen).to(device) + 0.5
     h = h0.clone()
     c, kappa = torch.tensor([0.7, -0.2], device=device), torch.tensor([2.0, 0.5], device=device)
-    x = zo_update_(x0.clone(), 8, c, 0.1, num_directions=2, hessian=h, curvature=kappa, hessian_smoothing=0.25,
-                   restore_scale=1e-3, backend="triton")
+    x = zo_update_(
+        x0.clone(),
+        8,
+        c,
+        0.1,
+        num_directions=2,
+        hessian=h,
+        curvature=kappa,
+        hessian_smoothing=0.25,
+        restore_scale=1e-3,
+        backend="triton",
+    )
     z = [philox_normal(8 + k, n, device=device).double() for k in range(2)]
     s = 1 / h0.double().sqrt()
     expected = x0.double() + 1e-3 * z[1] * s - 0.1 * s * (0.7 * z[0] - 0.2 * z[1])
@@ -202,6 +219,7 @@ def test_block_sizes_validated():
 def test_wide_indices_give_the_same_bits(case, device, monkeypatch):
     """The int64-index path (WIDE, for buffers of 2**31 elements or more), forced on a small buffer."""
     import subgrad.kernels.zo_update as module
+
     real = module.tile_launch
     monkeypatch.setattr(module, "tile_launch", lambda *args: real(*args)._replace(wide=True))
     (xt, kwt), (xr, kwr) = (_run(case, 3000, torch.float32, device, b) for b in ("triton", "torch"))

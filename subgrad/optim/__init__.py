@@ -17,6 +17,7 @@ The zeroth-order family: estimation settings, one frozen ``ZOSettings`` (``zo_se
 parameters and their estimation blocks (``zo_layout.py``); the estimators as functions
 (``zo_estimate.py``); data-parallel ranks passed at construction (``replicas.py``).
 """
+
 from .activity import ActivityZO
 from .first_order import SGD, AdamW
 from .hizoo import HiZOO

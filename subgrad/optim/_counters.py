@@ -6,6 +6,7 @@ finite, without the host looking: the kernels read the seed and the skip decisio
 the step's launches are the same at every step and replay in a CUDA graph.  The host reads the counters
 only when asked (``state_dict``, metrics), and warns about skipped steps then.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -65,8 +66,12 @@ class StepCounters:
         """Steps skipped so far; the first time any are seen, one warning says so."""
         skipped = self._read_skipped()
         if skipped and not self._warned:
-            warnings.warn(f"{self.owner}: {skipped} step(s) had a non-finite loss (difference); their updates were "
-                          "skipped on the device and the weights left as before (counted in optimizer.skipped_steps; "
-                          "warning once)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.owner}: {skipped} step(s) had a non-finite loss (difference); their updates were "
+                "skipped on the device and the weights left as before (counted in optimizer.skipped_steps; "
+                "warning once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self._warned = True
         return skipped

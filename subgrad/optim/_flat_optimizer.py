@@ -1,5 +1,6 @@
 """The base of both optimizer families: parameters packed into :class:`subgrad.FlatParams` buffers, and
 per-parameter state kept as views into flat state buffers."""
+
 from __future__ import annotations
 
 import torch

@@ -25,8 +25,8 @@ counted in ``skipped_steps``, read when asked), so the whole step can be capture
 Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
 activities rather than weights divides it further by the layer's fan-in; the local losses keep each
 estimate to one block.  A step is one clean forward pass and q perturbed passes of every block's tails
-(counted as 1 + q forward passes: a perturbed pass reruns only each block's tails; a ResNet-20 basic block's tails rerun 1.5
-blocks).
+(counted as 1 + q forward passes: a perturbed pass reruns only each block's tails; a ResNet-20 basic
+block's tails rerun 1.5 blocks).
 
 Memory beyond inference: a block's activations for one batch (its sites' inputs and outputs, and their q
 directions each, kept until the block's loss differences are gathered; one perturbed tail at a time),
@@ -42,6 +42,7 @@ own clean activations and applies the same update, so replicas stay bit-identica
 gradient on the wire.  The price: the clean pass and the products are not divided among ranks, only the
 tails are (measured in benchmarks/README.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ from .replicas import Replicas
 @dataclass(frozen=True)
 class ActivitySettings:
     """What shapes the estimate (fixed for a run; saved with the state and checked on load)."""
+
     eps: float = 1e-2
     q: int = 1
     head_pool: int = 4
@@ -86,8 +88,9 @@ def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     """Set ``layer``'s gradients from the estimated gradient ``g`` of its output and its input ``x``:
     the layer's own weight-gradient product (a forward-type product, no autograd graph)."""
     if isinstance(layer, nn.Conv2d):
-        layer.weight.grad = torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, layer.stride, layer.padding,
-                                                        layer.dilation, layer.groups)
+        layer.weight.grad = torch.nn.grad.conv2d_weight(
+            x, layer.weight.shape, g, layer.stride, layer.padding, layer.dilation, layer.groups
+        )
         if layer.bias is not None:
             layer.bias.grad = g.sum((0, 2, 3))
     else:
@@ -116,10 +119,20 @@ class ActivityZO:
         replicas: data-parallel ranks (:class:`subgrad.optim.replicas.Replicas`); None: one process.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-3, eps: float = 1e-2, q: int = 1,
-                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, head_pool: int = 4,
-                 seed: int = 0, backend: str | None = None, example: torch.Tensor | None = None,
-                 replicas: Replicas | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 2e-3,
+        eps: float = 1e-2,
+        q: int = 1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        head_pool: int = 4,
+        seed: int = 0,
+        backend: str | None = None,
+        example: torch.Tensor | None = None,
+        replicas: Replicas | None = None,
+    ):
         self.settings = ActivitySettings(eps=eps, q=q, head_pool=head_pool, seed=seed)
         self.model = model
         self.blocks = local_blocks(model, head_pool)
@@ -128,8 +141,14 @@ class ActivityZO:
             example = torch.zeros(1, 3, 32, 32, device=device)
         self.heads = make_heads(self.blocks, example)  # training only: saved with the optimizer, never exported
         # capturable: the step count and bias corrections live on the device, where the skip gate acts
-        self.adamw = AdamW(trained_parameters(self.blocks) + list(self.heads.parameters()), lr=lr, betas=betas,
-                           weight_decay=weight_decay, capturable=True, backend=backend)
+        self.adamw = AdamW(
+            trained_parameters(self.blocks) + list(self.heads.parameters()),
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            capturable=True,
+            backend=backend,
+        )
         self.counters = StepCounters(type(self).__name__).on(device)
         #: data-parallel ranks: each runs the perturbed passes of its share of the batch, and the per-example
         #: differences are gathered from all (None: one process)
@@ -160,8 +179,9 @@ class ActivityZO:
     def _directions(self, seed: torch.Tensor, site: int, like: torch.Tensor) -> torch.Tensor:
         """Rademacher signs shaped like ``like`` (the global batch), from seed ``seed + site`` (``seed`` on
         the device)."""
-        return K.philox_rademacher(seed, like.numel(), device=like.device, backend=self.adamw.backend,
-                                   seed_index=site).view_as(like)
+        return K.philox_rademacher(
+            seed, like.numel(), device=like.device, backend=self.adamw.backend, seed_index=site
+        ).view_as(like)
 
     def _rows(self, n: int) -> slice:
         """This rank's contiguous share of a batch of ``n`` examples (the perturbed tails it runs)."""
@@ -233,9 +253,13 @@ class ActivityZO:
     def state_dict(self) -> dict:
         """AdamW's state, the heads, the step counter and the settings (so a resume draws the same directions)."""
         steps, skipped = self.counters.values()
-        return dict(adamw=self.adamw.state_dict(), heads=self.heads.state_dict(),
-                    subgrad=dict(kind=type(self).__name__, step=steps, skipped=skipped,
-                                 settings=dataclasses.asdict(self.settings)))
+        return dict(
+            adamw=self.adamw.state_dict(),
+            heads=self.heads.state_dict(),
+            subgrad=dict(
+                kind=type(self).__name__, step=steps, skipped=skipped, settings=dataclasses.asdict(self.settings)
+            ),
+        )
 
     def load_state_dict(self, state_dict: dict) -> None:
         meta = state_dict.get("subgrad", {})
@@ -243,8 +267,10 @@ class ActivityZO:
             raise ValueError(f"optimizer state is from {meta.get('kind')!r}, not {type(self).__name__}")
         saved = ActivitySettings(**meta["settings"])
         if saved != self.settings:
-            raise ValueError(f"optimizer state was saved with {saved}, this optimizer has {self.settings}; "
-                             "resume with the run's own settings")
+            raise ValueError(
+                f"optimizer state was saved with {saved}, this optimizer has {self.settings}; "
+                "resume with the run's own settings"
+            )
         self.heads.load_state_dict(state_dict["heads"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self.counters.load(int(meta["step"]), int(meta.get("skipped", 0)))

@@ -13,6 +13,7 @@ parameter's state moves with it.  Gradients are read, never replaced: each step 
 the flat gradient buffer (one extra pass over the gradients).  A complex parameter is stepped as its
 real view (``torch.view_as_real``), as torch.optim does; its state tensors are complex like torch's.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,17 @@ from ..flat import FlatGroup, FlatParams, as_real, storage_numel
 from ._flat_optimizer import FlatOptimizer
 from .replicas import Replicas
 
-
 #: torch.optim's wording for each hyperparameter whose rule is torch's own ("Invalid learning rate: -1").
-_WHAT = {"lr": "learning rate", "eps": "epsilon value", "momentum": "momentum value",
-         "weight_decay": "weight_decay value", "dampening": "dampening value", "l1": "l1 value",
-         "betas[0]": "beta parameter at index 0", "betas[1]": "beta parameter at index 1"}
+_WHAT = {
+    "lr": "learning rate",
+    "eps": "epsilon value",
+    "momentum": "momentum value",
+    "weight_decay": "weight_decay value",
+    "dampening": "dampening value",
+    "l1": "l1 value",
+    "betas[0]": "beta parameter at index 0",
+    "betas[1]": "beta parameter at index 1",
+}
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> float:
@@ -68,8 +75,10 @@ class _FusedOptimizer(FlatOptimizer):
         if backend not in (None, *K.BACKENDS):
             raise ValueError(f"backend must be None or one of {K.BACKENDS}, got {backend!r}")
         if defaults.get("differentiable"):
-            raise ValueError("differentiable=True (autograd through the update) is not supported: subgrad's step "
-                             "is a fused kernel outside autograd; use torch.optim for it")
+            raise ValueError(
+                "differentiable=True (autograd through the update) is not supported: subgrad's step "
+                "is a fused kernel outside autograd; use torch.optim for it"
+            )
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
@@ -140,9 +149,11 @@ class _FusedOptimizer(FlatOptimizer):
             return  # nothing to update (and nothing to pack), as in torch.optim
         for p in with_grad:
             if p.device.type not in ("cpu", "cuda"):  # torch.optim's fused check, and its wording
-                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
-                                   f"devices: ['cpu', 'cuda'] but {p.dtype} and {p.device.type} (subgrad's step is "
-                                   "always fused)")
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported "
+                    f"devices: ['cpu', 'cuda'] but {p.dtype} and {p.device.type} (subgrad's step is "
+                    "always fused)"
+                )
         for group, fg, bufs in self._pack():
             has_grad = [p.grad is not None for p in fg.params]
             if not any(has_grad):
@@ -204,10 +215,24 @@ class SGD(_FusedOptimizer):
     _buffer_keys = ("momentum_buffer",)
     _sparse_ok = True
 
-    def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
-                 differentiable: bool = False, fused=None, capturable: bool = False, l1: float = 0.0,
-                 backend: str | None = None, replicas: Replicas | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach=None,
+        differentiable: bool = False,
+        fused=None,
+        capturable: bool = False,
+        l1: float = 0.0,
+        backend: str | None = None,
+        replicas: Replicas | None = None,
+    ):
         _check_tensor_hyperparameters(lr, None, foreach, capturable=True)  # SGD's foreach takes a tensor lr
         _check_number("lr", lr, 0.0)
         _check_number("momentum", momentum, 0.0)
@@ -216,9 +241,19 @@ class SGD(_FusedOptimizer):
         _check_number("l1", l1, 0.0)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
-                        capturable=capturable, l1=l1)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+            capturable=capturable,
+            l1=l1,
+        )
         super().__init__(params, defaults, backend, replicas)
 
     def _history(self, p):
@@ -230,9 +265,21 @@ class SGD(_FusedOptimizer):
         momentum = group["momentum"]
         first = self._history(fg.params[indices[0]])
         buf = self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
-        K.sgd_step_(param, grad, buf, lr=_lr_for(group, param), weight_decay=group["weight_decay"], momentum=momentum,
-                    dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-                    first_step=first, l1=group.get("l1", 0.0), backend=self.backend, validate_args=False)
+        K.sgd_step_(
+            param,
+            grad,
+            buf,
+            lr=_lr_for(group, param),
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            first_step=first,
+            l1=group.get("l1", 0.0),
+            backend=self.backend,
+            validate_args=False,
+        )
         for i in indices:  # like torch.optim: no state at all without momentum
             if momentum:
                 self.state[fg.params[i]]["momentum_buffer"] = self._view(fg, bufs, "momentum_buffer", i)
@@ -253,10 +300,24 @@ class AdamW(_FusedOptimizer):
 
     _buffer_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
-                 capturable: bool = False, differentiable: bool = False, fused=None, l1: float = 0.0,
-                 backend: str | None = None, replicas: Replicas | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach=None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused=None,
+        l1: float = 0.0,
+        backend: str | None = None,
+        replicas: Replicas | None = None,
+    ):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         _check_tensor_hyperparameters(lr, betas, foreach, capturable)
@@ -265,9 +326,20 @@ class AdamW(_FusedOptimizer):
         betas = (_check_number("betas[0]", betas[0], 0.0, 1.0), _check_number("betas[1]", betas[1], 0.0, 1.0))
         _check_number("weight_decay", weight_decay, 0.0)
         _check_number("l1", l1, 0.0)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
-                        fused=fused, decoupled_weight_decay=True, l1=l1)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            l1=l1,
+        )
         super().__init__(params, defaults, backend, replicas)
 
     def _adopt(self, packed) -> None:
@@ -293,16 +365,30 @@ class AdamW(_FusedOptimizer):
         if gate is not None and not group["capturable"]:
             raise ValueError("a gated AdamW step needs capturable=True (the step count then lives on the device)")
         beta1, beta2 = group["betas"]
-        steps = bufs["step"][indices[0]:indices[-1] + 1]  # these parameters' steps (all of them, or one)
+        steps = bufs["step"][indices[0] : indices[-1] + 1]  # these parameters' steps (all of them, or one)
         steps.add_(gate if gate is not None else 1)
         # capturable: read by the kernel; otherwise counted on the host, so no value is read back
         step = steps[:1] if group["capturable"] else self._steps_taken.get(fg.params[indices[0]], 0) + 1
         vmax = self._flat_buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
-        K.adamw_step_(param, grad, self._flat_buffer(fg, bufs, "exp_avg")[where],
-                      self._flat_buffer(fg, bufs, "exp_avg_sq")[where], vmax, step=step, lr=_lr_for(group, param),
-                      beta1=beta1, beta2=beta2, eps=group["eps"],
-                      weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                      l1=group.get("l1", 0.0), gate=gate, backend=self.backend, validate_args=False)
+        K.adamw_step_(
+            param,
+            grad,
+            self._flat_buffer(fg, bufs, "exp_avg")[where],
+            self._flat_buffer(fg, bufs, "exp_avg_sq")[where],
+            vmax,
+            step=step,
+            lr=_lr_for(group, param),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            l1=group.get("l1", 0.0),
+            gate=gate,
+            backend=self.backend,
+            validate_args=False,
+        )
         for i in indices:
             st = self.state[fg.params[i]]
             st["step"] = bufs["step"][i]

@@ -1,11 +1,11 @@
 """HiZOO: zeroth-order SGD preconditioned by a diagonal curvature estimate, updated in the step's kernel."""
+
 from __future__ import annotations
 
-
-from .zo_layout import Segment
 from .replicas import Replicas
 from .zo import ZOSGD, ZOOptimizer
 from .zo_estimate import Estimate
+from .zo_layout import Segment
 from .zo_settings import ZOSettings, refuse_other_settings, require
 
 
@@ -29,17 +29,40 @@ class HiZOO(ZOSGD):
     needs_base_loss = True
     _buffer_keys = ("master", "momentum_buffer", "hessian")
 
-    def __init__(self, params, lr: float, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
-                 distribution: str | None = ZOSettings.distribution, blocks=ZOSettings.blocks, momentum: float = 0.0,
-                 weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = ZOSettings.clip,
-                 hessian_smoothing: float = 1e-3, hessian_min: float = 1e-4, seed: int = ZOSettings.seed,
-                 backend: str | None = ZOSettings.backend, master_weights: bool | None = ZOSettings.master_weights,
-                 scale_by_block_size: bool = ZOSettings.scale_by_block_size, replicas: Replicas | None = None):
-        require("hessian_smoothing", isinstance(hessian_smoothing, (int, float)) and 0 <= hessian_smoothing <= 1,
-               "a number in [0, 1]", hessian_smoothing)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = ZOSettings.eps,
+        q: int = ZOSettings.q,
+        distribution: str | None = ZOSettings.distribution,
+        blocks=ZOSettings.blocks,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        l1: float = 0.0,
+        clip: float | None = ZOSettings.clip,
+        hessian_smoothing: float = 1e-3,
+        hessian_min: float = 1e-4,
+        seed: int = ZOSettings.seed,
+        backend: str | None = ZOSettings.backend,
+        master_weights: bool | None = ZOSettings.master_weights,
+        scale_by_block_size: bool = ZOSettings.scale_by_block_size,
+        replicas: Replicas | None = None,
+    ):
+        require(
+            "hessian_smoothing",
+            isinstance(hessian_smoothing, (int, float)) and 0 <= hessian_smoothing <= 1,
+            "a number in [0, 1]",
+            hessian_smoothing,
+        )
         require("hessian_min", isinstance(hessian_min, (int, float)) and hessian_min > 0, "a number > 0", hessian_min)
-        ZOOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
-                             ZOSettings.from_arguments(locals(), estimator="central"), replicas)
+        ZOOptimizer.__init__(
+            self,
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
+            ZOSettings.from_arguments(locals(), estimator="central"),
+            replicas,
+        )
         self.hessian_smoothing, self.hessian_min = hessian_smoothing, hessian_min
 
     def state_dict(self) -> dict:
@@ -59,6 +82,9 @@ class HiZOO(ZOSGD):
             self._flat_buffer(seg.flat, seg.buffers, "hessian", fill=1.0)  # h = 1: plain directions at first
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
-        return dict(hessian=seg.buffers["hessian"],
-                    curvature=self._segment_c(seg, estimate.curvature / self.settings.q),
-                    hessian_smoothing=self.hessian_smoothing, hessian_min=self.hessian_min)
+        return dict(
+            hessian=seg.buffers["hessian"],
+            curvature=self._segment_c(seg, estimate.curvature / self.settings.q),
+            hessian_smoothing=self.hessian_smoothing,
+            hessian_min=self.hessian_min,
+        )

@@ -9,6 +9,7 @@ Every rank holds the same weights and its shard of each batch; the optimizers ex
 
 :class:`subgrad.training.distributed.Communicator` is one (torch.distributed, byte-counted); ``None`` is one process.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

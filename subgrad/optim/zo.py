@@ -26,6 +26,7 @@ same at every step and the whole step can be captured in a CUDA graph.  A non-fi
 side skips the update on the device (the update kernel only restores the weights) and counts it;
 ``optimizer.skipped_steps`` reads the count (and warns once) when asked.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,11 +40,18 @@ from ..kernels import step_seed  # noqa: F401 (subgrad.optim.step_seed)
 from . import zo_estimate
 from ._counters import StepCounters
 from ._flat_optimizer import FlatOptimizer
-from .zo_layout import Segment, ZOLayout, assign_blocks, block_ranges, build_segments
 from .replicas import Replicas
 from .zo_estimate import Estimate
-from .zo_settings import (BLOCK_MODES, ESTIMATORS, SAVED_SETTINGS, ZOSettings,  # noqa: F401 (subgrad.optim.zo names)
-                          default_distribution, refuse_other_settings, require)
+from .zo_layout import Segment, ZOLayout, assign_blocks, block_ranges, build_segments
+from .zo_settings import (  # noqa: F401 (subgrad.optim.zo names)
+    BLOCK_MODES,
+    ESTIMATORS,
+    SAVED_SETTINGS,
+    ZOSettings,
+    default_distribution,
+    refuse_other_settings,
+    require,
+)
 
 
 class ZOOptimizer(FlatOptimizer):
@@ -58,11 +66,19 @@ class ZOOptimizer(FlatOptimizer):
             if key in defaults:
                 value = defaults[key]
                 if key == "lr" and isinstance(value, torch.Tensor):  # read by the kernels at every step
-                    require(key, value.numel() == 1 and value.is_floating_point(), "a number or a 1-element "
-                            "floating-point tensor", value)
+                    require(
+                        key,
+                        value.numel() == 1 and value.is_floating_point(),
+                        "a number or a 1-element floating-point tensor",
+                        value,
+                    )
                     value = float(value)
-                require(key, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                        "a finite number >= 0", value)
+                require(
+                    key,
+                    isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                    "a finite number >= 0",
+                    value,
+                )
         if defaults.get("momentum", 0) >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {defaults['momentum']}")
         super().__init__(params, defaults)
@@ -92,8 +108,10 @@ class ZOOptimizer(FlatOptimizer):
                 raise ValueError("blocks='module' needs parameter names: pass model.named_parameters()")
             devices = {p.device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
-                raise ValueError(f"params are on several devices {sorted(map(str, devices))}; a zeroth-order "
-                                 "step perturbs them with one direction, so move the model to one device")
+                raise ValueError(
+                    f"params are on several devices {sorted(map(str, devices))}; a zeroth-order "
+                    "step perturbs them with one direction, so move the model to one device"
+                )
             if self.layout is not None:  # passes so far were counted at the old number of blocks
                 self._passes_counted = (self.forward_passes, self.counters.steps_taken())
             self._flats, segments = build_segments(self.param_groups, self.settings.master_weights)
@@ -145,8 +163,12 @@ class ZOOptimizer(FlatOptimizer):
         return self.replicas.all_reduce_mean_(losses.clone())
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
-             functional_closure: Callable[[dict], torch.Tensor] | None = None):
+    def step(
+        self,
+        closure: Callable[[], torch.Tensor] | None = None,
+        *,
+        functional_closure: Callable[[dict], torch.Tensor] | None = None,
+    ):
         """One zeroth-order step.  ``closure()`` returns the loss at the current weights (no backward);
         ``functional_closure(params)`` returns the loss for a dict of parameters and enables batched
         evaluation (required for ``estimator="jvp"``).  Returns the loss (mean of all evaluations for
@@ -162,11 +184,13 @@ class ZOOptimizer(FlatOptimizer):
         if settings.estimator == "jvp":
             found = zo_estimate.estimate_jvp(functional_closure, layout, seed, settings, reduce=reduce)
         elif functional_closure is not None:
-            found = zo_estimate.estimate_batched(functional_closure, layout, seed, settings,
-                                              base_loss=self.needs_base_loss, reduce=reduce)
+            found = zo_estimate.estimate_batched(
+                functional_closure, layout, seed, settings, base_loss=self.needs_base_loss, reduce=reduce
+            )
         else:
-            found = zo_estimate.estimate_sequential(closure, layout, seed, settings, base_loss=self.needs_base_loss,
-                                                 reduce=reduce)
+            found = zo_estimate.estimate_sequential(
+                closure, layout, seed, settings, base_loss=self.needs_base_loss, reduce=reduce
+            )
         finite = torch.isfinite(found.losses).all()  # decided on the device: the kernels read it
         self.counters.count_skip(finite)
         c = self.last_estimate = found.c  # [q, blocks] scalars (before clipping), on the loss device
@@ -220,9 +244,14 @@ class ZOOptimizer(FlatOptimizer):
         state_dict = super().state_dict()
         settings = self.settings
         steps, skipped = self.counters.values()
-        state_dict["subgrad"] = dict(kind=type(self).__name__, seed=settings.seed, step=steps,
-                                     skipped=skipped, forward_passes=self.forward_passes,
-                                     **{key: getattr(settings, key) for key in SAVED_SETTINGS})
+        state_dict["subgrad"] = dict(
+            kind=type(self).__name__,
+            seed=settings.seed,
+            step=steps,
+            skipped=skipped,
+            forward_passes=self.forward_passes,
+            **{key: getattr(settings, key) for key in SAVED_SETTINGS},
+        )
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -234,8 +263,9 @@ class ZOOptimizer(FlatOptimizer):
             raise ValueError(f"not a {type(self).__name__} state_dict (missing or different 'subgrad' entry)")
         refuse_other_settings(meta, {key: getattr(self.settings, key) for key in SAVED_SETTINGS})
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
-                                                        for a, b in zip(groups, self.param_groups)):
+        if len(groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
+        ):
             raise ValueError("state_dict has a different number of param groups or parameters than this optimizer")
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for seg in self._pack().segments:
@@ -285,14 +315,31 @@ class ZOSGD(ZOOptimizer):
 
     _buffer_keys = ("master", "momentum_buffer")
 
-    def __init__(self, params, lr: float, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
-                 estimator: str = ZOSettings.estimator, distribution: str | None = ZOSettings.distribution,
-                 blocks=ZOSettings.blocks, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0,
-                 clip: float | None = ZOSettings.clip, seed: int = ZOSettings.seed,
-                 backend: str | None = ZOSettings.backend, master_weights: bool | None = ZOSettings.master_weights,
-                 scale_by_block_size: bool = ZOSettings.scale_by_block_size, replicas: Replicas | None = None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
-                         ZOSettings.from_arguments(locals()), replicas)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = ZOSettings.eps,
+        q: int = ZOSettings.q,
+        estimator: str = ZOSettings.estimator,
+        distribution: str | None = ZOSettings.distribution,
+        blocks=ZOSettings.blocks,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        l1: float = 0.0,
+        clip: float | None = ZOSettings.clip,
+        seed: int = ZOSettings.seed,
+        backend: str | None = ZOSettings.backend,
+        master_weights: bool | None = ZOSettings.master_weights,
+        scale_by_block_size: bool = ZOSettings.scale_by_block_size,
+        replicas: Replicas | None = None,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, l1=l1),
+            ZOSettings.from_arguments(locals()),
+            replicas,
+        )
 
     def _init_state(self) -> None:
         for seg in self._segments:  # no momentum, no buffer (made at the first step that has momentum)
@@ -306,13 +353,26 @@ class ZOSGD(ZOOptimizer):
             buf = seg.buffers.get("momentum_buffer")
             if group["momentum"] != 0 and buf is None:  # momentum switched on after the first step
                 buf = self._segment_buffer(seg, "momentum_buffer")
-            K.zo_update_(seg.data, seed, self._segment_c(seg, c), group["lr"], num_directions=self.settings.q,
-                         weight_decay=group["weight_decay"], l1=group["l1"], momentum=group["momentum"],
-                         momentum_buffer=buf,
-                         restore_scale=-pending.level if pending and seg.master is None else 0.0,
-                         block_starts=seg.block_starts, offset=seg.dir_offset, distribution=self.settings.distribution,
-                         master=seg.master, gate=finite, backend=self.settings.backend, validate_args=False,
-                         **self._hessian_args(seg, estimate))
+            K.zo_update_(
+                seg.data,
+                seed,
+                self._segment_c(seg, c),
+                group["lr"],
+                num_directions=self.settings.q,
+                weight_decay=group["weight_decay"],
+                l1=group["l1"],
+                momentum=group["momentum"],
+                momentum_buffer=buf,
+                restore_scale=-pending.level if pending and seg.master is None else 0.0,
+                block_starts=seg.block_starts,
+                offset=seg.dir_offset,
+                distribution=self.settings.distribution,
+                master=seg.master,
+                gate=finite,
+                backend=self.settings.backend,
+                validate_args=False,
+                **self._hessian_args(seg, estimate),
+            )
 
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
         """Extra zo_update_ arguments of a curvature-aware subclass (HiZOO)."""
@@ -323,5 +383,6 @@ def __getattr__(name: str):
     """``subgrad.optim.zo.ZOAdam`` and ``.HiZOO`` still import: each lives in its own module now."""
     if name in ("ZOAdam", "HiZOO"):
         import importlib
+
         return getattr(importlib.import_module(f".{'zo_adam' if name == 'ZOAdam' else 'hizoo'}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

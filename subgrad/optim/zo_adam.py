@@ -1,4 +1,5 @@
 """ZOAdam: Adam(W) moments on the zeroth-order gradient estimate, materialised once per step."""
+
 from __future__ import annotations
 
 import torch
@@ -22,18 +23,35 @@ class ZOAdam(ZOOptimizer):
 
     _buffer_keys = ("master", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, eps: float = ZOSettings.eps, q: int = ZOSettings.q,
-                 estimator: str = ZOSettings.estimator, distribution: str | None = ZOSettings.distribution,
-                 blocks=ZOSettings.blocks, betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
-                 weight_decay: float = 0.0, l1: float = 0.0, clip: float | None = ZOSettings.clip,
-                 seed: int = ZOSettings.seed, backend: str | None = ZOSettings.backend,
-                 master_weights: bool | None = ZOSettings.master_weights,
-                 scale_by_block_size: bool = ZOSettings.scale_by_block_size, replicas: Replicas | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        eps: float = ZOSettings.eps,
+        q: int = ZOSettings.q,
+        estimator: str = ZOSettings.estimator,
+        distribution: str | None = ZOSettings.distribution,
+        blocks=ZOSettings.blocks,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        l1: float = 0.0,
+        clip: float | None = ZOSettings.clip,
+        seed: int = ZOSettings.seed,
+        backend: str | None = ZOSettings.backend,
+        master_weights: bool | None = ZOSettings.master_weights,
+        scale_by_block_size: bool = ZOSettings.scale_by_block_size,
+        replicas: Replicas | None = None,
+    ):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         require("adam_eps", isinstance(adam_eps, (int, float)) and adam_eps > 0, "a number > 0", adam_eps)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
-                         ZOSettings.from_arguments(locals()), replicas)
+        super().__init__(
+            params,
+            dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, weight_decay=weight_decay, l1=l1),
+            ZOSettings.from_arguments(locals()),
+            replicas,
+        )
 
     def _init_state(self) -> None:
         for seg in self._segments:
@@ -42,22 +60,41 @@ class ZOAdam(ZOOptimizer):
 
     def _update(self, c: torch.Tensor, seed: torch.Tensor, estimate: Estimate, finite: torch.Tensor) -> None:
         if estimate.pending is not None:
-            zo_estimate.move_block(self.layout, self.settings, None, seed, estimate.pending.index, estimate.pending.level,
-                                   0.0)
+            zo_estimate.move_block(
+                self.layout, self.settings, None, seed, estimate.pending.index, estimate.pending.level, 0.0
+            )
         scratch = None
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
             if scratch is None or scratch.numel() < seg.numel:
                 scratch = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
-            g = K.zo_estimate_(scratch[:seg.numel], seed, self._segment_c(seg, c), num_directions=self.settings.q,
-                               block_starts=seg.block_starts, offset=seg.dir_offset,
-                               distribution=self.settings.distribution, backend=self.settings.backend,
-                               validate_args=False)
+            g = K.zo_estimate_(
+                scratch[: seg.numel],
+                seed,
+                self._segment_c(seg, c),
+                num_directions=self.settings.q,
+                block_starts=seg.block_starts,
+                offset=seg.dir_offset,
+                distribution=self.settings.distribution,
+                backend=self.settings.backend,
+                validate_args=False,
+            )
             weights = seg.master if seg.master is not None else seg.data
             beta1, beta2 = group["betas"]
-            K.adamw_step_(weights, g, seg.buffers["exp_avg"], seg.buffers["exp_avg_sq"], step=self.counters.steps,
-                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["adam_eps"],
-                          weight_decay=group["weight_decay"], l1=group["l1"], backend=self.settings.backend,
-                          validate_args=False)
+            K.adamw_step_(
+                weights,
+                g,
+                seg.buffers["exp_avg"],
+                seg.buffers["exp_avg_sq"],
+                step=self.counters.steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["adam_eps"],
+                weight_decay=group["weight_decay"],
+                l1=group["l1"],
+                backend=self.settings.backend,
+                validate_args=False,
+            )
             if seg.master is not None:
                 seg.data.copy_(seg.master)

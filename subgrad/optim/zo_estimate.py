@@ -15,6 +15,7 @@ differences, returned as ``Estimate.curvature``); ``reduce`` averages a step's f
 data-parallel ranks (one collective of 2q (+1) floats: all a zeroth-order step sends).  Nothing is
 read on the host: the scalars stay on the device for the update kernels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 class PendingRestore(NamedTuple):
     """The perturbation a sequential estimate leaves in the weights, ``w0 + level * z(seed + index)`` on
     every block, for the update kernel to take back."""
+
     index: int  # the direction: seed_index of the step's seed
     level: float
 
@@ -41,6 +43,7 @@ class PendingRestore(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """What one step's estimation hands to its update; nothing of it is left on the optimizer."""
+
     c: torch.Tensor  # [q, blocks] float64 directional-derivative estimates (finite differences)
     loss: torch.Tensor  # the loss the step reports
     losses: torch.Tensor  # every float64 loss the step evaluated (the finite check reads these)
@@ -57,8 +60,9 @@ def passes_per_step(layout: ZOLayout, settings: ZOSettings, base_loss: bool = Fa
     return int(not central or base_loss) + directions * (2 if central else 1)
 
 
-def move_block(layout: ZOLayout, settings: ZOSettings, block: int | None, seed: torch.Tensor, index: int,
-               level: float, to: float) -> None:
+def move_block(
+    layout: ZOLayout, settings: ZOSettings, block: int | None, seed: torch.Tensor, index: int, level: float, to: float
+) -> None:
     """Move one block (None: everything) from ``w0 + level z`` to ``w0 + to z``, ``z`` the direction of
     seed ``seed + index`` (``seed`` on the device, read by the kernel).
 
@@ -75,11 +79,30 @@ def move_block(layout: ZOLayout, settings: ZOSettings, block: int | None, seed: 
             if seg.master is not None and to == 0.0:
                 x.copy_(seg.master[a:b])
             elif seg.master is not None:
-                K.perturb_(x, seed, to, settings.backend, offset=seg.dir_offset + a, distribution=settings.distribution,
-                           source=seg.master[a:b], precond=h, seed_index=index, validate_args=False)
+                K.perturb_(
+                    x,
+                    seed,
+                    to,
+                    settings.backend,
+                    offset=seg.dir_offset + a,
+                    distribution=settings.distribution,
+                    source=seg.master[a:b],
+                    precond=h,
+                    seed_index=index,
+                    validate_args=False,
+                )
             else:
-                K.perturb_(x, seed, to - level, settings.backend, offset=seg.dir_offset + a,
-                           distribution=settings.distribution, precond=h, seed_index=index, validate_args=False)
+                K.perturb_(
+                    x,
+                    seed,
+                    to - level,
+                    settings.backend,
+                    offset=seg.dir_offset + a,
+                    distribution=settings.distribution,
+                    precond=h,
+                    seed_index=index,
+                    validate_args=False,
+                )
 
 
 def _loss_of(closure) -> torch.Tensor:
@@ -90,8 +113,15 @@ def _loss_of(closure) -> torch.Tensor:
     return loss.detach().reshape(()).to(torch.float64)
 
 
-def estimate_sequential(closure: Callable[[], torch.Tensor], layout: ZOLayout, seed: torch.Tensor,
-                        settings: ZOSettings, *, base_loss: bool = False, reduce: Reduce | None = None) -> Estimate:
+def estimate_sequential(
+    closure: Callable[[], torch.Tensor],
+    layout: ZOLayout,
+    seed: torch.Tensor,
+    settings: ZOSettings,
+    *,
+    base_loss: bool = False,
+    reduce: Reduce | None = None,
+) -> Estimate:
     """Finite differences by in-place perturbation; the last perturbation stays in the weights (pending).
 
     Losses are collected in the batched estimator's order ([L0], then per direction and block L+ [, L-])
@@ -119,8 +149,9 @@ def estimate_sequential(closure: Callable[[], torch.Tensor], layout: ZOLayout, s
     return dataclasses.replace(estimate, pending=pending)
 
 
-def scalars(losses: torch.Tensor, layout: ZOLayout, settings: ZOSettings, *, with_base: bool,
-            reduce: Reduce | None = None) -> Estimate:
+def scalars(
+    losses: torch.Tensor, layout: ZOLayout, settings: ZOSettings, *, with_base: bool, reduce: Reduce | None = None
+) -> Estimate:
     """The estimate from the float64 losses of one step ([L0], then per direction and block L+ [, L-]),
     averaged over ranks first when ``reduce`` is given (each rank evaluated the same points on its shard)."""
     if reduce is not None:
@@ -128,7 +159,7 @@ def scalars(losses: torch.Tensor, layout: ZOLayout, settings: ZOSettings, *, wit
     q, nb, eps = settings.q, layout.num_blocks, settings.eps
     curvature = None
     if settings.estimator == "central":
-        pairs = losses[int(with_base):].reshape(-1, 2)
+        pairs = losses[int(with_base) :].reshape(-1, 2)
         c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * eps), pairs.mean()
         if with_base:
             loss = losses[0]
@@ -145,7 +176,7 @@ def points(layout: ZOLayout, seed: torch.Tensor, settings: ZOSettings) -> torch.
     masks = torch.zeros(layout.num_blocks, total, dtype=torch.bool, device=device)
     for seg in segs:
         for a, e, bid in seg.pieces:
-            masks[bid, seg.dir_offset + a:seg.dir_offset + e] = True
+            masks[bid, seg.dir_offset + a : seg.dir_offset + e] = True
     hessians = [seg.buffers.get("hessian") for seg in segs]
     scale = torch.cat([inv_sqrt_rn_torch(h) for h in hessians]) if all(h is not None for h in hessians) else None
     draw = K.philox_rademacher if settings.distribution == "rademacher" else K.philox_normal
@@ -168,18 +199,26 @@ def named_views(layout: ZOLayout, flat_rows: torch.Tensor) -> dict[str, torch.Te
     for seg in layout.segments:
         for p, off in zip(seg.flat.params, seg.flat.offsets):
             a = seg.dir_offset + off
-            out[layout.names[id(p)]] = flat_rows[:, a:a + p.numel()].reshape(-1, *p.shape).to(p.dtype)
+            out[layout.names[id(p)]] = flat_rows[:, a : a + p.numel()].reshape(-1, *p.shape).to(p.dtype)
     return out
 
 
 def base_point(layout: ZOLayout) -> torch.Tensor:
     """The unperturbed weights in direction space (fp32; from the master copy where there is one)."""
-    return torch.cat([(seg.master if seg.master is not None else seg.data).to(torch.float32)
-                      for seg in layout.segments])
+    return torch.cat(
+        [(seg.master if seg.master is not None else seg.data).to(torch.float32) for seg in layout.segments]
+    )
 
 
-def estimate_batched(functional_closure: Callable[[dict], torch.Tensor], layout: ZOLayout, seed: torch.Tensor,
-                     settings: ZOSettings, *, base_loss: bool = False, reduce: Reduce | None = None) -> Estimate:
+def estimate_batched(
+    functional_closure: Callable[[dict], torch.Tensor],
+    layout: ZOLayout,
+    seed: torch.Tensor,
+    settings: ZOSettings,
+    *,
+    base_loss: bool = False,
+    reduce: Reduce | None = None,
+) -> Estimate:
     """All perturbed points in one vmap call; the weights are never perturbed in place."""
     base = base_point(layout)[None]
     rows = base + points(layout, seed, settings)
@@ -192,8 +231,14 @@ def estimate_batched(functional_closure: Callable[[dict], torch.Tensor], layout:
     return scalars(losses, layout, settings, with_base=with_base, reduce=reduce)
 
 
-def estimate_jvp(functional_closure: Callable[[dict], torch.Tensor], layout: ZOLayout, seed: torch.Tensor,
-                 settings: ZOSettings, *, reduce: Reduce | None = None) -> Estimate:
+def estimate_jvp(
+    functional_closure: Callable[[dict], torch.Tensor],
+    layout: ZOLayout,
+    seed: torch.Tensor,
+    settings: ZOSettings,
+    *,
+    reduce: Reduce | None = None,
+) -> Estimate:
     """Exact directional derivatives along the same directions (torch.func.jvp)."""
     base = base_point(layout)
     tangents = points(layout, seed, settings) / settings.eps  # one row per (k, block): z_k restricted to the block

@@ -8,6 +8,7 @@ A *block* is a set of parameters that gets its own finite-difference scalar.  Bl
 as ranges of the direction space; each segment gets the pieces that fall inside it (``pieces``), plus
 the tables the fused update kernel reads (``block_starts`` and the global ``block_ids`` of its pieces).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ def build_segments(param_groups, master_weights: bool | None) -> tuple[list[Flat
         if not params:
             continue
         if any(p.is_complex() for p in params):
-            raise ValueError("zeroth-order optimizers support real parameters only (a direction is real); "
-                             "split a complex parameter into real and imaginary parts")
+            raise ValueError(
+                "zeroth-order optimizers support real parameters only (a direction is real); "
+                "split a complex parameter into real and imaginary parts"
+            )
         flat = FlatParams(params)
         flats.append(flat)
         for fg in flat.groups:
@@ -109,8 +112,7 @@ def assign_blocks(segments: list[Segment], ranges: list[tuple[int, int, int]]) -
         seg.pieces = [(max(a, lo) - lo, min(b, hi) - lo, bid) for a, b, bid in ranges if a < hi and b > lo]
         device = seg.data.device
         seg.block_ids = torch.tensor([bid for _, _, bid in seg.pieces], dtype=torch.int64, device=device)
-        seg.block_starts = (make_block_starts([b - a for a, b, _ in seg.pieces], device)
-                            if len(seg.pieces) > 1 else None)
+        seg.block_starts = make_block_starts([b - a for a, b, _ in seg.pieces], device) if len(seg.pieces) > 1 else None
 
 
 @dataclass
@@ -118,6 +120,7 @@ class ZOLayout:
     """What zeroth-order estimation needs to know of the packed parameters: the segments (with their
     pieces of the estimation blocks), how many blocks there are, each parameter's name (None where the
     optimizer was given bare parameters) and each block's step scale ``(d + 2) / (d_b + 2)``."""
+
     segments: list[Segment]
     num_blocks: int
     names: dict[int, str | None]  # id(parameter) -> name

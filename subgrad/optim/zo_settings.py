@@ -4,6 +4,7 @@ ZOSGD, ZOAdam and HiZOO read their signature defaults from this class (``eps: fl
 so each default has one home; a ``state_dict`` records :data:`SAVED_SETTINGS` and loading refuses a
 state saved with other values (:func:`refuse_other_settings`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ def default_distribution(q: int) -> str:
 class ZOSettings:
     """How a zeroth-order optimizer estimates: one validated, immutable object (``optimizer.settings``)
     that ZOSGD, ZOAdam and HiZOO build from their keyword arguments (documented on :class:`ZOSGD`)."""
+
     eps: float = 1e-3
     q: int = 1
     estimator: str = "central"
@@ -51,11 +53,18 @@ class ZOSettings:
         require("eps", isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "a finite number > 0", eps)
         require("q", isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 2**16, "an int in [1, 65536]", q)
         require("estimator", self.estimator in ESTIMATORS, f"one of {ESTIMATORS}", self.estimator)
-        require("distribution", self.distribution in K.philox.DISTRIBUTIONS, f"one of {K.philox.DISTRIBUTIONS}",
-               self.distribution)
-        require("blocks", blocks in BLOCK_MODES or (isinstance(blocks, int) and not isinstance(blocks, bool)
-                                                   and blocks >= 1),
-               "None, 'tensor', 'module' or an int block size >= 1", blocks)
+        require(
+            "distribution",
+            self.distribution in K.philox.DISTRIBUTIONS,
+            f"one of {K.philox.DISTRIBUTIONS}",
+            self.distribution,
+        )
+        require(
+            "blocks",
+            blocks in BLOCK_MODES or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 1),
+            "None, 'tensor', 'module' or an int block size >= 1",
+            blocks,
+        )
         require("clip", clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0", clip)
         require("seed", isinstance(seed, int) and 0 <= seed < 2**62, "an int in [0, 2**62)", seed)
         require("backend", self.backend in (None, *K.BACKENDS), f"None or one of {K.BACKENDS}", self.backend)
@@ -72,5 +81,7 @@ def refuse_other_settings(saved: dict, current: dict) -> None:
     """One-line refusal of a state saved with other settings (keys a state predates are not compared)."""
     for key, value in current.items():
         if key in saved and saved[key] != value:
-            raise ValueError(f"state_dict was saved with {key}={saved[key]!r} but this optimizer has "
-                             f"{key}={value!r}; construct it with the saved settings")
+            raise ValueError(
+                f"state_dict was saved with {key}={saved[key]!r} but this optimizer has "
+                f"{key}={value!r}; construct it with the saved settings"
+            )

@@ -5,6 +5,7 @@ Each setting is one :class:`TrainConfig` field, documented once (its ``help``). 
 "the default for this model/optimizer pair": :data:`DEFAULTS` for the pair, else :data:`COMMON_DEFAULTS`.
 A setting that can be off says so with a value (``clip="off"``, ``blocks="none"``) or is a boolean flag.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,27 +35,52 @@ DEFAULTS = {
     ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
-    ("lenet", "zo-sgd"): dict(batch_size=512, lr=1e-3, eps=1e-3, q=1, blocks="module", scale_by_block_size=True,
-                              clip=0.2, steps=1200, schedule="cosine", augment=False),
+    ("lenet", "zo-sgd"): dict(
+        batch_size=512,
+        lr=1e-3,
+        eps=1e-3,
+        q=1,
+        blocks="module",
+        scale_by_block_size=True,
+        clip=0.2,
+        steps=1200,
+        schedule="cosine",
+        augment=False,
+    ),
     # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes;
     # Rademacher directions: 34.3% vs 33.9% gaussian (new direction map), and 5x cheaper to generate on CPU
-    ("lenet", "zo-adam"): dict(batch_size=512, lr=2e-3, eps=1e-3, q=4, estimator="forward", steps=2400,
-                               schedule="cosine", augment=False, distribution="rademacher"),
-    ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine",
-                             augment=False),
-    ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30,
-                              schedule="onecycle"),
+    ("lenet", "zo-adam"): dict(
+        batch_size=512,
+        lr=2e-3,
+        eps=1e-3,
+        q=4,
+        estimator="forward",
+        steps=2400,
+        schedule="cosine",
+        augment=False,
+        distribution="rademacher",
+    ),
+    ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine", augment=False),
+    ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30, schedule="onecycle"),
     ("resnet20", "adamw"): dict(batch_size=128, lr=2e-3, weight_decay=5e-4, epochs=30, schedule="onecycle"),
-    ("resnet20", "zo-sgd"): dict(batch_size=256, lr=5e-3, eps=1e-3, q=1, momentum=0.9, steps=6000,
-                                 schedule="cosine", augment=False),
-    ("resnet20", "zo-adam"): dict(batch_size=256, lr=5e-4, eps=1e-3, q=1, steps=6000, schedule="cosine",
-                                  augment=False),
-    ("resnet20", "hizoo"): dict(batch_size=256, lr=5e-3, eps=1e-2, q=1, steps=4000, schedule="cosine",
-                                augment=False),
+    ("resnet20", "zo-sgd"): dict(
+        batch_size=256, lr=5e-3, eps=1e-3, q=1, momentum=0.9, steps=6000, schedule="cosine", augment=False
+    ),
+    ("resnet20", "zo-adam"): dict(batch_size=256, lr=5e-4, eps=1e-3, q=1, steps=6000, schedule="cosine", augment=False),
+    ("resnet20", "hizoo"): dict(batch_size=256, lr=5e-3, eps=1e-2, q=1, steps=4000, schedule="cosine", augment=False),
 }
 #: Settings a row of DEFAULTS leaves out take these (the same for every pair).
-COMMON_DEFAULTS = dict(momentum=0.0, weight_decay=0.0, eps=1e-3, q=1, estimator="central",
-                       blocks="none", clip="off", scale_by_block_size=False, augment=True)
+COMMON_DEFAULTS = dict(
+    momentum=0.0,
+    weight_decay=0.0,
+    eps=1e-3,
+    q=1,
+    estimator="central",
+    blocks="none",
+    clip="off",
+    scale_by_block_size=False,
+    augment=True,
+)
 
 
 def _clip(value: str):
@@ -88,57 +114,105 @@ ZO_GROUP = "zeroth-order (eps, q: every forward-only optimizer; the others: zo-s
 @dataclass
 class TrainConfig:
     """All settings of a run.  ``None`` means "the default for this model/optimizer" (:func:`defaults_for`)."""
+
     model: str = field(default="lenet", metadata=_setting("network to train", choices=MODEL_NAMES))
-    optimizer: str = field(default="sgd", metadata=_setting("optimizer (first-order or zeroth-order)",
-                                                            choices=OPTIMIZERS))
-    data: str = field(default="./data", metadata=_setting(
-        "CIFAR-10: .tar.gz, torchvision folder, ImageFolder tree, or a path to download to"))
+    optimizer: str = field(
+        default="sgd", metadata=_setting("optimizer (first-order or zeroth-order)", choices=OPTIMIZERS)
+    )
+    data: str = field(
+        default="./data",
+        metadata=_setting("CIFAR-10: .tar.gz, torchvision folder, ImageFolder tree, or a path to download to"),
+    )
     out: str = field(default="runs/run", metadata=_setting("run folder"))
-    device: str = field(default="auto", metadata=_setting("where to train (auto: cuda when available)",
-                                                          choices=("auto", "cpu", "cuda")))
-    seed: int = field(default=0, metadata=_setting("seeds the init, batch order, augmentation and directions",
-                                                   type=int))
-    epochs: float | None = field(default=None, metadata=_setting("training length in epochs", exclusive="length",
-                                                                 type=float))
-    steps: int | None = field(default=None, metadata=_setting("training length in optimizer steps",
-                                                              exclusive="length", type=int))
-    batch_size: int | None = field(default=None, metadata=_setting("images per step (global, over all processes)",
-                                                                   type=int))
+    device: str = field(
+        default="auto", metadata=_setting("where to train (auto: cuda when available)", choices=("auto", "cpu", "cuda"))
+    )
+    seed: int = field(
+        default=0, metadata=_setting("seeds the init, batch order, augmentation and directions", type=int)
+    )
+    epochs: float | None = field(
+        default=None, metadata=_setting("training length in epochs", exclusive="length", type=float)
+    )
+    steps: int | None = field(
+        default=None, metadata=_setting("training length in optimizer steps", exclusive="length", type=int)
+    )
+    batch_size: int | None = field(
+        default=None, metadata=_setting("images per step (global, over all processes)", type=int)
+    )
     lr: float | None = field(default=None, metadata=_setting("base learning rate", type=float))
     schedule: str | None = field(default=None, metadata=_setting("learning-rate schedule", choices=SCHEDULES))
     momentum: float | None = field(default=None, metadata=_setting("momentum (sgd, zo-sgd, hizoo)", type=float))
     weight_decay: float | None = field(default=None, metadata=_setting("L2 / decoupled weight decay", type=float))
     eps: float | None = field(default=None, metadata=_setting("perturbation size", group=ZO_GROUP, type=float))
-    q: int | None = field(default=None, metadata=_setting("directions per step (zo: per perturbed layer)",
-                                                                      group=ZO_GROUP, type=int))
-    estimator: str | None = field(default=None, metadata=_setting(
-        "finite differences: central (2 forwards per direction) or forward (1, plus a shared base loss)",
-        group=ZO_GROUP, choices=("central", "forward")))
-    distribution: str | None = field(default=None, metadata=_setting(
-        "direction distribution (default: rademacher when q > 1, else gaussian)", group=ZO_GROUP,
-        choices=("gaussian", "rademacher")))
-    blocks: str | int | None = field(default=None, metadata=_setting(
-        "blockwise estimation: none (the whole model), tensor, module, or a block size in elements",
-        group=ZO_GROUP, type=_blocks))
-    clip: float | str | None = field(default=None, metadata=_setting(
-        "clamp finite-difference scalars to [-clip, clip], or off", group=ZO_GROUP, type=_clip))
-    scale_by_block_size: bool | None = field(default=None, metadata=_setting(
-        "scale each block's step by (d + 2) / (d_block + 2)", group=ZO_GROUP, action=argparse.BooleanOptionalAction))
-    augment: bool | None = field(default=None, metadata=_setting("random crop + flip",
-                                                                 action=argparse.BooleanOptionalAction))
-    validation: int = field(default=0, metadata=_setting(
-        "hold out this many training images for validation (the same seeded subset for every --seed): "
-        "metrics gain val_loss and val_accuracy; choose settings on them, not on the test set", type=int))
+    q: int | None = field(
+        default=None, metadata=_setting("directions per step (zo: per perturbed layer)", group=ZO_GROUP, type=int)
+    )
+    estimator: str | None = field(
+        default=None,
+        metadata=_setting(
+            "finite differences: central (2 forwards per direction) or forward (1, plus a shared base loss)",
+            group=ZO_GROUP,
+            choices=("central", "forward"),
+        ),
+    )
+    distribution: str | None = field(
+        default=None,
+        metadata=_setting(
+            "direction distribution (default: rademacher when q > 1, else gaussian)",
+            group=ZO_GROUP,
+            choices=("gaussian", "rademacher"),
+        ),
+    )
+    blocks: str | int | None = field(
+        default=None,
+        metadata=_setting(
+            "blockwise estimation: none (the whole model), tensor, module, or a block size in elements",
+            group=ZO_GROUP,
+            type=_blocks,
+        ),
+    )
+    clip: float | str | None = field(
+        default=None,
+        metadata=_setting("clamp finite-difference scalars to [-clip, clip], or off", group=ZO_GROUP, type=_clip),
+    )
+    scale_by_block_size: bool | None = field(
+        default=None,
+        metadata=_setting(
+            "scale each block's step by (d + 2) / (d_block + 2)", group=ZO_GROUP, action=argparse.BooleanOptionalAction
+        ),
+    )
+    augment: bool | None = field(
+        default=None, metadata=_setting("random crop + flip", action=argparse.BooleanOptionalAction)
+    )
+    validation: int = field(
+        default=0,
+        metadata=_setting(
+            "hold out this many training images for validation (the same seeded subset for every --seed): "
+            "metrics gain val_loss and val_accuracy; choose settings on them, not on the test set",
+            type=int,
+        ),
+    )
     amp: bool = field(default=False, metadata=_setting("bfloat16 autocast on CUDA", action="store_true"))
-    cuda_graph: str = field(default="auto", metadata=_setting(
-        "capture the training step in a CUDA graph and replay it: auto (on CUDA when the step is capturable, "
-        "else say why not), on (refuse to run uncaptured), off", choices=CUDA_GRAPH_MODES))
-    eval_every: int | None = field(default=None, metadata=_setting(
-        "steps between evaluations (default: once per epoch first-order, 10 per run zeroth-order)", type=int))
-    checkpoint_every: int | None = field(default=None, metadata=_setting(
-        "steps between checkpoints (default: with every evaluation)", type=int))
-    quiet: bool = field(default=False, metadata=_setting("no progress bar; print the summary as JSON",
-                                                         action="store_true"))
+    cuda_graph: str = field(
+        default="auto",
+        metadata=_setting(
+            "capture the training step in a CUDA graph and replay it: auto (on CUDA when the step is capturable, "
+            "else say why not), on (refuse to run uncaptured), off",
+            choices=CUDA_GRAPH_MODES,
+        ),
+    )
+    eval_every: int | None = field(
+        default=None,
+        metadata=_setting(
+            "steps between evaluations (default: once per epoch first-order, 10 per run zeroth-order)", type=int
+        ),
+    )
+    checkpoint_every: int | None = field(
+        default=None, metadata=_setting("steps between checkpoints (default: with every evaluation)", type=int)
+    )
+    quiet: bool = field(
+        default=False, metadata=_setting("no progress bar; print the summary as JSON", action="store_true")
+    )
 
     def resolved(self) -> "TrainConfig":
         """A copy with every default filled in for this model/optimizer pair, validated (one-line errors)."""
@@ -148,8 +222,9 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in UNUSED_SETTINGS.get(self.optimizer, ()):
             if getattr(self, name) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to --optimizer {self.optimizer}; "
-                                 "leave it out")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} does not apply to --optimizer {self.optimizer}; leave it out"
+                )
         if self.optimizer == "zo" and self.amp:
             raise ValueError("--amp is not supported with --optimizer zo (its step runs in float32); leave it out")
         cfg = dataclasses.replace(self)
@@ -191,8 +266,13 @@ def defaults_for(model: str, optimizer: str) -> dict:
     return {k: v for k, v in {**COMMON_DEFAULTS, **DEFAULTS[(model, optimizer)]}.items() if k not in unused}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, model: str = "lenet", optimizer: str = "sgd",
-                         only: tuple[str, ...] | None = None, defaults: dict | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    model: str = "lenet",
+    optimizer: str = "sgd",
+    only: tuple[str, ...] | None = None,
+    defaults: dict | None = None,
+) -> None:
     """One flag per TrainConfig field (``--batch-size`` for ``batch_size``), help from its metadata, with
     the default resolved for ``model``/``optimizer`` (the pair given on the command line, so ``subgrad
     train --model resnet20 --optimizer zo-sgd --help`` shows that pair's values).  ``only`` restricts the
@@ -225,5 +305,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: str = "lenet", 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of parsed flags (fields a command does not expose keep their defaults)."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                          if hasattr(args, f.name)})
+    return TrainConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    )

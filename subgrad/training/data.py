@@ -19,6 +19,7 @@ skip decoding (60,000 JPEGs take ~10 s to decode on 2 cores, the cache ~0.2 s to
 ``(order_seed, epoch)`` and the augmentation only on ``(augment_seed, epoch, batch)``, so a run resumed
 at any step sees exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,10 @@ from .runs import atomic_write
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-LAYOUTS = ("a .tar.gz of train/<class>/ and test/<class>/ image folders, an extracted torchvision "
-           "cifar-10-batches-py folder, or an ImageFolder tree with train/<class>/ and test/<class>/")
+LAYOUTS = (
+    "a .tar.gz of train/<class>/ and test/<class>/ image folders, an extracted torchvision "
+    "cifar-10-batches-py folder, or an ImageFolder tree with train/<class>/ and test/<class>/"
+)
 
 
 class DataError(ValueError):
@@ -49,6 +52,7 @@ class DataError(ValueError):
 @dataclass
 class Dataset:
     """uint8 images [N, 32, 32, 3] (NHWC, RGB) and int64 labels for both splits."""
+
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
@@ -85,7 +89,9 @@ def _assemble(files: dict[str, dict[str, list[tuple[str, bytes]]]], where: str) 
     if train_classes != test_classes:
         missing = [f"test/{c}" for c in sorted(train_classes - test_classes)]
         missing += [f"train/{c}" for c in sorted(test_classes - train_classes)]
-        raise DataError(f"{where}: class folder {', '.join(missing)} missing (train and test must have the same classes)")
+        raise DataError(
+            f"{where}: class folder {', '.join(missing)} missing (train and test must have the same classes)"
+        )
     classes = tuple(sorted(train_classes))
     out = {}
     for split in ("train", "test"):
@@ -109,7 +115,8 @@ def _from_tar(path: pathlib.Path) -> dict:
                 split, cls = parts[-3], parts[-2]
                 if split in ("train", "test"):
                     files.setdefault(split, {}).setdefault(cls, []).append(
-                        (f"{path.name}:{member.name}", tar.extractfile(member).read()))
+                        (f"{path.name}:{member.name}", tar.extractfile(member).read())
+                    )
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"cannot read archive {path}: {exc}") from None
     return _assemble(files, f"archive {path}")
@@ -126,8 +133,9 @@ def _from_image_folder(root: pathlib.Path) -> dict:
     files: dict = {}
     for split in ("train", "test"):
         for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            entries = [(str(f), f.read_bytes()) for f in sorted(cls_dir.iterdir())
-                       if f.suffix.lower() in IMAGE_SUFFIXES]
+            entries = [
+                (str(f), f.read_bytes()) for f in sorted(cls_dir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES
+            ]
             files.setdefault(split, {})[cls_dir.name] = entries
     return _assemble(files, f"folder {root}")
 
@@ -157,10 +165,13 @@ def _from_torchvision(root: pathlib.Path) -> dict:
 def _download(path: pathlib.Path) -> dict:
     try:
         import torchvision
+
         torchvision.datasets.CIFAR10(str(path), train=True, download=True)
     except Exception as exc:  # urllib/socket errors vary by platform; all mean "could not fetch"
-        raise DataError(f"{path} does not exist and downloading CIFAR-10 there failed ({type(exc).__name__}: {exc}); "
-                        f"without network, point --data at {LAYOUTS}") from None
+        raise DataError(
+            f"{path} does not exist and downloading CIFAR-10 there failed ({type(exc).__name__}: {exc}); "
+            f"without network, point --data at {LAYOUTS}"
+        ) from None
     return _from_torchvision(path / "cifar-10-batches-py")
 
 
@@ -187,8 +198,14 @@ def load_cifar10(path: str | os.PathLike, download: bool = True, use_cache: bool
         if cached is not None and cached.is_file():
             try:
                 with np.load(cached, allow_pickle=False) as z:
-                    return Dataset(z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
-                                   tuple(str(c) for c in z["classes"]), str(path))
+                    return Dataset(
+                        z["train_images"],
+                        z["train_labels"],
+                        z["test_images"],
+                        z["test_labels"],
+                        tuple(str(c) for c in z["classes"]),
+                        str(path),
+                    )
             except (OSError, ValueError, KeyError):
                 pass  # a broken cache is rebuilt below
         if path.is_file():
@@ -202,11 +219,25 @@ def load_cifar10(path: str | os.PathLike, download: bool = True, use_cache: bool
         else:
             raise DataError(f"{path} is not in a known layout; expected {LAYOUTS}")
         if cached is not None:
-            atomic_write(cached, lambda tmp: np.savez(
-                tmp, train_images=arrays["train"][0], train_labels=arrays["train"][1], test_images=arrays["test"][0],
-                test_labels=arrays["test"][1], classes=np.asarray(arrays["classes"])))
-    return Dataset(arrays["train"][0], arrays["train"][1], arrays["test"][0], arrays["test"][1],
-                   tuple(arrays["classes"]), str(path))
+            atomic_write(
+                cached,
+                lambda tmp: np.savez(
+                    tmp,
+                    train_images=arrays["train"][0],
+                    train_labels=arrays["train"][1],
+                    test_images=arrays["test"][0],
+                    test_labels=arrays["test"][1],
+                    classes=np.asarray(arrays["classes"]),
+                ),
+            )
+    return Dataset(
+        arrays["train"][0],
+        arrays["train"][1],
+        arrays["test"][0],
+        arrays["test"][1],
+        tuple(arrays["classes"]),
+        str(path),
+    )
 
 
 # -- device loader ----------------------------------------------------------------------------------
@@ -227,9 +258,20 @@ class DeviceLoader:
         shuffle: new order each epoch from ``order_seed``; augmentation from ``augment_seed``.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, batch_size: int, device,
-                 augment: bool = False, shuffle: bool = False, drop_last: bool = False,
-                 order_seed: int = 0, augment_seed: int = 1):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean,
+        std,
+        batch_size: int,
+        device,
+        augment: bool = False,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        order_seed: int = 0,
+        augment_seed: int = 1,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -265,7 +307,7 @@ class DeviceLoader:
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``epoch``: the same images as :meth:`gather` at step ``epoch * len(self) + index``."""
-        idx = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        idx = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         seed = step_seed(self.augment_seed, epoch * len(self) + index) if self.augment else None
         return self._prepare(idx, seed)
 

@@ -15,6 +15,7 @@ seeds) and keeps its contiguous shard of it.  What crosses the wire per step:
 tests and ``benchmarks/distributed.py`` show that zeroth-order traffic does not grow with the model.
 Every optimizer takes it at construction (``replicas=comm``: :mod:`subgrad.optim.replicas`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,7 @@ from .runs import checkpoints
 @dataclass
 class Communicator:
     """Rank / world size and byte-counted collectives (a no-op wrapper when ``world_size == 1``)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -78,7 +80,7 @@ class Communicator:
         flat.div_(self.world_size)
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
     def sync_buffers_(self, model: torch.nn.Module) -> None:
@@ -117,7 +119,7 @@ class Communicator:
         if not self.active:
             return x
         n = x.shape[0] // self.world_size
-        return x[self.rank * n:(self.rank + 1) * n]
+        return x[self.rank * n : (self.rank + 1) * n]
 
 
 def from_environment(device_kind: str) -> Communicator:
@@ -140,10 +142,16 @@ def from_environment(device_kind: str) -> Communicator:
         # connect (seen as a flaky "Gloo connectFullMesh failed ... Connection refused").
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not agent_store, timeout=datetime.timedelta(minutes=5))
-        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"subgrad/attempt-{attempt}", store),
-                                rank=rank, world_size=world)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=rank == 0 and not agent_store,
+            timeout=datetime.timedelta(minutes=5),
+        )
+        dist.init_process_group(
+            backend=backend, store=dist.PrefixStore(f"subgrad/attempt-{attempt}", store), rank=rank, world_size=world
+        )
     return Communicator(rank=rank, world_size=world, local_rank=local)
 
 
@@ -177,6 +185,7 @@ def with_failure_drill(run: Callable[[], None], comm: Communicator) -> Callable[
             print(f"rank {comm.rank}: SUBGRAD_FAIL_AT drill, exiting at step {index}", file=sys.stderr)
             os._exit(17)
         run()
+
     return run_step
 
 

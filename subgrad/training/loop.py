@@ -17,6 +17,7 @@ the same global batch and trains on its shard; gradients (first-order) or the st
 (zeroth-order) are averaged over ranks, or for ``zo`` the per-example loss differences of each rank's
 share of the perturbed passes are gathered (``subgrad.training.distributed``); only rank 0 writes the run folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,36 @@ import torch
 
 from ..capture import CudaGraphStep
 from ..kernels import prepare_cpu_twin
-from .config import (DEFAULTS, ESTIMATOR_OPTIMIZERS, FO_OPTIMIZERS, OPTIMIZERS,  # noqa: F401 (subgrad.train's
-                     SCHEDULES, ZO_OPTIMIZERS, TrainConfig)  # names: re-exported for existing imports)
-from .distributed import from_environment, restarted_after_failure, shutdown, weights_hash, \
-    with_failure_drill
+from .config import (  # noqa: F401 (subgrad.train's
+    DEFAULTS,
+    ESTIMATOR_OPTIMIZERS,
+    FO_OPTIMIZERS,
+    OPTIMIZERS,
+    SCHEDULES,  # names: re-exported for existing imports)
+    ZO_OPTIMIZERS,
+    TrainConfig,
+)
+from .distributed import from_environment, restarted_after_failure, shutdown, weights_hash, with_failure_drill
 from .runs import atomic_save, atomic_write, atomic_write_text, load_checkpoint  # noqa: F401 (subgrad.train name)
-from .session import (VALIDATION_SEED, Session, checkpoint, evaluate, load_last_checkpoint,  # noqa: F401
-                      make_optimizer, resume_config, save_checkpoint, setup, validation_split, versions)
+from .session import (  # noqa: F401
+    VALIDATION_SEED,
+    Session,
+    checkpoint,
+    evaluate,
+    load_last_checkpoint,
+    make_optimizer,
+    resume_config,
+    save_checkpoint,
+    setup,
+    validation_split,
+    versions,
+)
 from .step import TrainStep, graph_refusal, lr_factor  # noqa: F401
 
 
 def plot_curves(metrics: list[dict], path: pathlib.Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -69,11 +88,18 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
         s.comm.all_reduce_mean_(mean_loss)
     forward_only = s.step_kind != "backprop"
     fwd = s.optimizer.forward_passes if forward_only else step
-    row = dict(step=step, epoch=round(step / s.steps_per_epoch, 3),
-               train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()), test_loss=test_loss,
-               test_accuracy=test_acc, train_accuracy=train_acc, lr=float(s.optimizer.param_groups[0]["lr"]),
-               train_seconds=round(train_seconds, 2),
-               images_per_second=step * s.cfg.batch_size / max(train_seconds, 1e-9), forward_passes=fwd)
+    row = dict(
+        step=step,
+        epoch=round(step / s.steps_per_epoch, 3),
+        train_loss=mean_loss[0].item() / max(1.0, mean_loss[1].item()),
+        test_loss=test_loss,
+        test_accuracy=test_acc,
+        train_accuracy=train_acc,
+        lr=float(s.optimizer.param_groups[0]["lr"]),
+        train_seconds=round(train_seconds, 2),
+        images_per_second=step * s.cfg.batch_size / max(train_seconds, 1e-9),
+        forward_passes=fwd,
+    )
     if s.val_loader is not None:
         row["val_loss"], row["val_accuracy"] = evaluate(s.model, s.val_loader, s.amp, s.comm)
     if s.writes:
@@ -81,12 +107,16 @@ def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torc
             f.write(json.dumps(row) + "\n")
     if not s.quiet:  # tqdm.write clears and redraws a live bar; without one it is a plain print
         from tqdm import tqdm
-        tqdm.write(f"step {step:>7}  epoch {row['epoch']:>6.2f}  loss {row['train_loss']:.4f}  "
-                   f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
-                   + (f"val acc {row['val_accuracy']:.4f}  " if "val_accuracy" in row else "")
-                   + f"{row['images_per_second']:.0f} img/s"
-                   + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if forward_only else "")
-                   + f"  {train_seconds:.0f} s", file=sys.stderr)
+
+        tqdm.write(
+            f"step {step:>7}  epoch {row['epoch']:>6.2f}  loss {row['train_loss']:.4f}  "
+            f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  train acc {train_acc:.4f}  "
+            + (f"val acc {row['val_accuracy']:.4f}  " if "val_accuracy" in row else "")
+            + f"{row['images_per_second']:.0f} img/s"
+            + (f"  {fwd / max(train_seconds, 1e-9):.0f} fwd/s" if forward_only else "")
+            + f"  {train_seconds:.0f} s",
+            file=sys.stderr,
+        )
     return row
 
 
@@ -122,8 +152,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             raise ValueError(f"--cuda-graph on: {refusal}; use --cuda-graph auto (capture where possible) or off")
         out = pathlib.Path(cfg.out)
         s = setup(cfg, out, comm, kind)
-        start, train_seconds, metrics = load_last_checkpoint(s) if resume or restarted_after_failure(out) \
-            else (0, 0.0, [])
+        start, train_seconds, metrics = (
+            load_last_checkpoint(s) if resume or restarted_after_failure(out) else (0, 0.0, [])
+        )
         return run_loop(s, start, train_seconds, metrics, refusal)
     finally:
         shutdown(comm)
@@ -133,12 +164,20 @@ def step_runner(s: Session, start: int, refusal: str | None) -> tuple[TrainStep,
     """The trainer's step from ``start`` and what runs it: a CUDA graph of it where it can be captured
     (``--cuda-graph``), else the step itself, behind the failure drill when one is set."""
     from ..optim import ZOOptimizer
-    if s.device.type == "cpu" and isinstance(s.optimizer, ZOOptimizer) and \
-            s.optimizer.settings.distribution == "gaussian":
+
+    if (
+        s.device.type == "cpu"
+        and isinstance(s.optimizer, ZOOptimizer)
+        and s.optimizer.settings.distribution == "gaussian"
+    ):
         # compile the CPU twin of normal directions before the clock starts, not inside the first step
         if not s.quiet:
-            print("preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
-                  "on a machine, cached after)", file=sys.stderr, flush=True)
+            print(
+                "preparing the compiled CPU twin of normal directions (torch.compile: ~15 s the first time "
+                "on a machine, cached after)",
+                file=sys.stderr,
+                flush=True,
+            )
         prepare_cpu_twin()
     train_step = TrainStep(s, start)
     run = train_step
@@ -153,13 +192,23 @@ def progress_bar(s: Session, start: int):
     """A live bar only on a terminal: redirected to a file, its redraws would be almost all of the log, so
     there the per-evaluation lines are the progress report."""
     from tqdm import tqdm
+
     cfg = s.cfg
     if not s.quiet:
-        tqdm.write(f"{cfg.model}/{cfg.optimizer}: steps {start}..{s.total}, batch {cfg.batch_size}, "
-                   f"{s.steps_per_epoch} steps per epoch, evaluating every {s.eval_every} steps", file=sys.stderr)
-    return tqdm(total=s.total, initial=start, disable=s.quiet or not sys.stderr.isatty(), unit="step",
-                dynamic_ncols=True, file=sys.stderr, desc=f"{cfg.model}/{cfg.optimizer}"
-                + (f" x{s.comm.world_size}" if s.comm.active else ""))
+        tqdm.write(
+            f"{cfg.model}/{cfg.optimizer}: steps {start}..{s.total}, batch {cfg.batch_size}, "
+            f"{s.steps_per_epoch} steps per epoch, evaluating every {s.eval_every} steps",
+            file=sys.stderr,
+        )
+    return tqdm(
+        total=s.total,
+        initial=start,
+        disable=s.quiet or not sys.stderr.isatty(),
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        desc=f"{cfg.model}/{cfg.optimizer}" + (f" x{s.comm.world_size}" if s.comm.active else ""),
+    )
 
 
 class _StopAtBoundary(Exception):
@@ -205,14 +254,20 @@ def run_loop(s: Session, start: int, train_seconds: float, metrics: list[dict], 
         bar.close()
         path = save_checkpoint(s, step, train_seconds + seconds_since(tick, s.device))
         if s.writes:
-            print(f"interrupted at step {step}: checkpoint written to {path}; continue with "
-                  f"`subgrad train --resume {s.out}`", file=sys.stderr)
+            print(
+                f"interrupted at step {step}: checkpoint written to {path}; continue with "
+                f"`subgrad train --resume {s.out}`",
+                file=sys.stderr,
+            )
         raise KeyboardInterrupt from None
     except KeyboardInterrupt:
         bar.close()
         if s.writes:
-            print(f"stopped at once during step {step + 1} (second signal): no checkpoint written; the last "
-                  f"complete one in {s.out / 'checkpoints'} is intact", file=sys.stderr)
+            print(
+                f"stopped at once during step {step + 1} (second signal): no checkpoint written; the last "
+                f"complete one in {s.out / 'checkpoints'} is intact",
+                file=sys.stderr,
+            )
         raise
     finally:
         for sig, handler in previous.items():
@@ -228,30 +283,48 @@ def seconds_since(tick: float, device: torch.device) -> float:
     return time.perf_counter() - tick
 
 
-def finish(s: Session, step: int, start: int, train_seconds: float, metrics: list[dict], last_eval: dict,
-           step_bytes: int) -> dict:
+def finish(
+    s: Session, step: int, start: int, train_seconds: float, metrics: list[dict], last_eval: dict, step_bytes: int
+) -> dict:
     """Check the replicas agree, write model.pt, summary.json and curves.png; return the summary."""
     s.comm.sync_buffers_(s.model)
     hashes = s.comm.all_gather_strings(weights_hash(s.model))
     if len(set(hashes)) != 1:
         raise RuntimeError(f"replicas diverged: weight hashes differ across ranks ({hashes}); this is a bug")
     cfg, device = s.cfg, s.device
-    summary = dict(model=cfg.model, optimizer=cfg.optimizer, test_accuracy=last_eval["test_accuracy"],
-                   train_accuracy=last_eval["train_accuracy"], test_loss=last_eval["test_loss"],
-                   train_seconds=round(train_seconds, 2), steps=step, epochs=round(step / s.steps_per_epoch, 3),
-                   images_per_second=last_eval["images_per_second"], forward_passes=last_eval["forward_passes"],
-                   device=str(device),
-                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                   or platform.machine(), versions=versions(), data=s.data_source, world_size=s.comm.world_size,
-                   bytes_communicated_per_step=step_bytes / max(1, step - start), weights_sha256=hashes[0])
+    summary = dict(
+        model=cfg.model,
+        optimizer=cfg.optimizer,
+        test_accuracy=last_eval["test_accuracy"],
+        train_accuracy=last_eval["train_accuracy"],
+        test_loss=last_eval["test_loss"],
+        train_seconds=round(train_seconds, 2),
+        steps=step,
+        epochs=round(step / s.steps_per_epoch, 3),
+        images_per_second=last_eval["images_per_second"],
+        forward_passes=last_eval["forward_passes"],
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        versions=versions(),
+        data=s.data_source,
+        world_size=s.comm.world_size,
+        bytes_communicated_per_step=step_bytes / max(1, step - start),
+        weights_sha256=hashes[0],
+    )
     if "val_accuracy" in last_eval:
-        summary.update(val_accuracy=last_eval["val_accuracy"], val_loss=last_eval["val_loss"],
-                       validation_images=cfg.validation)
+        summary.update(
+            val_accuracy=last_eval["val_accuracy"], val_loss=last_eval["val_loss"], validation_images=cfg.validation
+        )
     if s.writes:
         atomic_save(checkpoint(s, step, train_seconds), s.out / "model.pt")
         atomic_write_text(s.out / "summary.json", json.dumps(summary, indent=1))
         plot_curves(metrics, s.out / "curves.png", f"{cfg.model} / {cfg.optimizer}")
     if not s.quiet:
-        print(f"test accuracy {summary['test_accuracy']:.4f}, train accuracy {summary['train_accuracy']:.4f}, "
-              f"{summary['train_seconds']:.0f} s; run folder {s.out}", file=sys.stderr)
+        print(
+            f"test accuracy {summary['test_accuracy']:.4f}, train accuracy {summary['train_accuracy']:.4f}, "
+            f"{summary['train_seconds']:.0f} s; run folder {s.out}",
+            file=sys.stderr,
+        )
     return summary

@@ -3,6 +3,7 @@
 Everything lands in one run folder (default ``runs/main``): the training run's files, ``model.onnx``,
 ``validation.json`` / ``validation.md``, ``bench.json`` and ``report.md``, which links ``curves.png``.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,14 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
     """
     import dataclasses
 
-    from .config import TrainConfig
-    from .data import DataError, load_cifar10
     from subgrad.export.bench import RUNS, bench, render_table
     from subgrad.export.exporter import export_run
     from subgrad.export.validate import BATCH_SIZES, validate
-    from .runs import atomic_write_text
+
+    from .config import TrainConfig
+    from .data import DataError, load_cifar10
     from .loop import train
+    from .runs import atomic_write_text
 
     config = dataclasses.replace(config or TrainConfig(out="runs/main"), **settings)
     data, quiet = config.data, config.quiet
@@ -44,9 +46,12 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
     onnx_path = export_run(run, run / "model.onnx")
     _log(quiet, "[3/4] validating PyTorch vs onnxruntime on the test set")
     validation = validate(onnx_path, run, data, batch_sizes=validate_batch_sizes or BATCH_SIZES)
-    _log(quiet, f"      {'passed' if validation['passed'] else 'FAILED: ' + '; '.join(validation['failures'])}: "
-                f"top-1 agreement {validation['agreement']:.5f}, max |logit diff| {validation['max_abs_diff']:.3g} "
-                f"over {validation['images']} images")
+    _log(
+        quiet,
+        f"      {'passed' if validation['passed'] else 'FAILED: ' + '; '.join(validation['failures'])}: "
+        f"top-1 agreement {validation['agreement']:.5f}, max |logit diff| {validation['max_abs_diff']:.3g} "
+        f"over {validation['images']} images",
+    )
     bench_runs = RUNS if bench_runs is None else bench_runs
     _log(quiet, f"[4/4] benchmarking ({bench_runs} timed runs per batch size)")
     timing = bench(onnx_path, runs=bench_runs, run_dir=run)
@@ -59,29 +64,40 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
 
 def render_report(summary: dict, validation: dict, timing: dict) -> str:
     v = validation
-    lines = [f"# subgrad run: {summary['model']} / {summary['optimizer']}", "",
-             "## Training", "",
-             f"- test accuracy **{summary['test_accuracy']:.4f}**, train accuracy {summary['train_accuracy']:.4f}",
-             f"- {summary['steps']} steps ({summary['epochs']} epochs), {summary['train_seconds']:.1f} s on "
-             f"{summary['device']} ({summary['device_name']}), {summary['images_per_second']:.0f} img/s, "
-             f"{summary['forward_passes']} forward passes", "",
-             "![curves](curves.png)", "",
-             "## ONNX validation (`model.onnx`)", "",
-             f"- {'PASSED' if v['passed'] else 'FAILED: ' + '; '.join(v['failures'])}: top-1 agreement "
-             f"{v['agreement']:.5f}, max |logit diff| {v['max_abs_diff']:.3g} over {v['images']} test images at "
-             f"batch sizes {', '.join(str(r['batch_size']) for r in v['per_batch_size'])}",
-             f"- accuracy PyTorch {v['accuracy_torch']:.4f}, onnxruntime {v['accuracy_onnx']:.4f}", "",
-             f"## Speed (onnxruntime {timing['onnxruntime']} vs PyTorch eager, {timing['threads']} threads, "
-             f"{timing['runs']} runs, {timing['cpu']})", "",
-             "| provider | batch | eager p50 ms | onnxruntime p50 ms | p99 ms | p50 speed-up | throughput ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# subgrad run: {summary['model']} / {summary['optimizer']}",
+        "",
+        "## Training",
+        "",
+        f"- test accuracy **{summary['test_accuracy']:.4f}**, train accuracy {summary['train_accuracy']:.4f}",
+        f"- {summary['steps']} steps ({summary['epochs']} epochs), {summary['train_seconds']:.1f} s on "
+        f"{summary['device']} ({summary['device_name']}), {summary['images_per_second']:.0f} img/s, "
+        f"{summary['forward_passes']} forward passes",
+        "",
+        "![curves](curves.png)",
+        "",
+        "## ONNX validation (`model.onnx`)",
+        "",
+        f"- {'PASSED' if v['passed'] else 'FAILED: ' + '; '.join(v['failures'])}: top-1 agreement "
+        f"{v['agreement']:.5f}, max |logit diff| {v['max_abs_diff']:.3g} over {v['images']} test images at "
+        f"batch sizes {', '.join(str(r['batch_size']) for r in v['per_batch_size'])}",
+        f"- accuracy PyTorch {v['accuracy_torch']:.4f}, onnxruntime {v['accuracy_onnx']:.4f}",
+        "",
+        f"## Speed (onnxruntime {timing['onnxruntime']} vs PyTorch eager, {timing['threads']} threads, "
+        f"{timing['runs']} runs, {timing['cpu']})",
+        "",
+        "| provider | batch | eager p50 ms | onnxruntime p50 ms | p99 ms | p50 speed-up | throughput ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for res in timing["results"]:
         if "error" in res:
             lines.append(f"| {res['provider']} | failed: {res['error']} | | | | | |")
             continue
         for bs, row in res["batches"].items():
-            lines.append(f"| {res['provider_used']} | {bs} | {row['torch']['p50_ms']:.3f} | "
-                         f"{row['onnxruntime']['p50_ms']:.3f} | {row['onnxruntime']['p99_ms']:.3f} | "
-                         f"{row['p50_speedup']:.2f}x | {row['throughput_ratio']:.2f}x |")
+            lines.append(
+                f"| {res['provider_used']} | {bs} | {row['torch']['p50_ms']:.3f} | "
+                f"{row['onnxruntime']['p50_ms']:.3f} | {row['onnxruntime']['p99_ms']:.3f} | "
+                f"{row['p50_speedup']:.2f}x | {row['throughput_ratio']:.2f}x |"
+            )
     lines += ["", "Files: `model.onnx`, `validation.md`, `bench.json`, `summary.json`, `metrics.jsonl`, `model.pt`."]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ beside the target (same folder, so the rename stays on one filesystem), flushes 
 it over the target; if writing fails the target is untouched and the temporary file is removed.
 torch is imported only by the functions that need it (the export tools use this module too).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,18 +45,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
 def atomic_save(obj, path: str | os.PathLike) -> pathlib.Path:
     """``torch.save`` through :func:`atomic_write`."""
     import torch
+
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a subgrad checkpoint (``weights_only=True``) or raise a one-line error saying why not."""
     import torch
+
     path = pathlib.Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not a usable checkpoint"
-        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}); it may be truncated or not "
-                         "a subgrad checkpoint") from None
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); it may be truncated or not a subgrad checkpoint"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise ValueError(f"{path} is not a subgrad checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     return ckpt

@@ -1,5 +1,6 @@
 """A training run's setup: device, data, model and optimizer (:func:`setup` -> :class:`Session`), evaluation,
 the validation split, and checkpoints (what they hold, writing them, resuming from the last one)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,20 +28,32 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communica
 
     named = list(model.named_parameters())
     if cfg.optimizer == "zo":
-        return optim.ActivityZO(model, lr=cfg.lr, eps=cfg.eps, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                                replicas=replicas)
+        return optim.ActivityZO(
+            model, lr=cfg.lr, eps=cfg.eps, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed, replicas=replicas
+        )
     if cfg.optimizer == "sgd":
-        return optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                         replicas=replicas)
+        return optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, replicas=replicas
+        )
     if cfg.optimizer == "adamw":
         # capturable: the step count lives on the device, so the trainer's step can be a CUDA graph
-        return optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True,
-                           replicas=replicas)
+        return optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True, replicas=replicas
+        )
     blocks = None if cfg.blocks == "none" else cfg.blocks  # the optimizers' None: one block, the whole model
     clip = None if cfg.clip == "off" else cfg.clip
-    common = dict(lr=cfg.lr, eps=cfg.eps, q=cfg.q, distribution=cfg.distribution, blocks=blocks, clip=clip,
-                  weight_decay=cfg.weight_decay, seed=cfg.seed, scale_by_block_size=cfg.scale_by_block_size,
-                  replicas=replicas)
+    common = dict(
+        lr=cfg.lr,
+        eps=cfg.eps,
+        q=cfg.q,
+        distribution=cfg.distribution,
+        blocks=blocks,
+        clip=clip,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        scale_by_block_size=cfg.scale_by_block_size,
+        replicas=replicas,
+    )
     if cfg.optimizer == "zo-sgd":
         return optim.ZOSGD(named, estimator=cfg.estimator, momentum=cfg.momentum, **common)
     if cfg.optimizer == "zo-adam":
@@ -53,12 +66,11 @@ def versions() -> dict:
     out = {"subgrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
+
         out["triton"] = triton.__version__
     except ImportError:
         pass
     return out
-
-
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -86,6 +98,7 @@ def evaluate(model, loader: DeviceLoader, amp: bool, comm: Communicator | None =
 @dataclass
 class Session:
     """What one training process holds once set up (:func:`setup`); the loop reads it top to bottom."""
+
     cfg: TrainConfig
     out: pathlib.Path
     comm: Communicator
@@ -120,39 +133,76 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, da
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     if cfg.batch_size % comm.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
-                         f"({comm.world_size}): every rank trains on an equal shard of each batch")
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
+            f"({comm.world_size}): every rank trains on an equal shard of each batch"
+        )
     data = data if data is not None else load_cifar10(cfg.data)
     mean, std = data.channel_stats()  # of the whole training set, held-out images included
-    train_images, train_labels, val_images, val_labels = validation_split(data.train_images, data.train_labels,
-                                                                          cfg.validation)
+    train_images, train_labels, val_images, val_labels = validation_split(
+        data.train_images, data.train_labels, cfg.validation
+    )
     steps_per_epoch = len(train_labels) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     step_kind = "blocks" if cfg.optimizer == "zo" else "closure" if cfg.optimizer in ZO_OPTIMIZERS else "backprop"
     eval_every = cfg.eval_every or (max(1, total // 10) if step_kind != "backprop" else steps_per_epoch)
-    train_loader = DeviceLoader(train_images, train_labels, mean, std, cfg.batch_size, device,
-                                augment=cfg.augment, shuffle=True, drop_last=True, order_seed=cfg.seed,
-                                augment_seed=cfg.seed + 1)
+    train_loader = DeviceLoader(
+        train_images,
+        train_labels,
+        mean,
+        std,
+        cfg.batch_size,
+        device,
+        augment=cfg.augment,
+        shuffle=True,
+        drop_last=True,
+        order_seed=cfg.seed,
+        augment_seed=cfg.seed + 1,
+    )
     # evaluation: each rank its strided share; every 5th training image (10,000 of all classes; the archive
     # is sorted by class) for train accuracy
     r, w = comm.rank, comm.world_size
     test_loader = DeviceLoader(data.test_images[r::w], data.test_labels[r::w], mean, std, 1000, device)
     train_eval = DeviceLoader(train_images[::5][r::w], train_labels[::5][r::w], mean, std, 1000, device)
-    val_loader = (DeviceLoader(val_images[r::w], val_labels[r::w], mean, std, 1000, device)
-                  if cfg.validation else None)
+    val_loader = DeviceLoader(val_images[r::w], val_labels[r::w], mean, std, 1000, device) if cfg.validation else None
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model, comm if comm.active else None)
-    record = dict(dataclasses.asdict(cfg), steps_total=total, steps_per_epoch=steps_per_epoch, mean=mean, std=std,
-                  classes=list(data.classes), model_config={}, device_resolved=str(device), world_size=w)
-    return Session(cfg=cfg, out=out, comm=comm, device=device, amp=cfg.amp and device.type == "cuda",
-                   step_kind=step_kind, writes=comm.is_main, quiet=cfg.quiet or not comm.is_main,
-                   steps_per_epoch=steps_per_epoch, total=total, eval_every=eval_every,
-                   checkpoint_every=cfg.checkpoint_every or eval_every, train_loader=train_loader,
-                   test_loader=test_loader, train_eval=train_eval, val_loader=val_loader, model=model,
-                   optimizer=optimizer, base_lrs=[g["lr"] for g in optimizer.param_groups], record=record,
-                   data_source=str(data.source))
+    record = dict(
+        dataclasses.asdict(cfg),
+        steps_total=total,
+        steps_per_epoch=steps_per_epoch,
+        mean=mean,
+        std=std,
+        classes=list(data.classes),
+        model_config={},
+        device_resolved=str(device),
+        world_size=w,
+    )
+    return Session(
+        cfg=cfg,
+        out=out,
+        comm=comm,
+        device=device,
+        amp=cfg.amp and device.type == "cuda",
+        step_kind=step_kind,
+        writes=comm.is_main,
+        quiet=cfg.quiet or not comm.is_main,
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        eval_every=eval_every,
+        checkpoint_every=cfg.checkpoint_every or eval_every,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        train_eval=train_eval,
+        val_loader=val_loader,
+        model=model,
+        optimizer=optimizer,
+        base_lrs=[g["lr"] for g in optimizer.param_groups],
+        record=record,
+        data_source=str(data.source),
+    )
 
 
 #: The held-out subset is drawn from this seed, not from --seed, so runs with different seeds are
@@ -172,8 +222,9 @@ def validation_split(images, labels, count: int):
     return images[kept], labels[kept], images[held], labels[held]
 
 
-def resume_config(run: str | pathlib.Path, steps: int | None = None, epochs: float | None = None,
-                  quiet: bool = False) -> TrainConfig:
+def resume_config(
+    run: str | pathlib.Path, steps: int | None = None, epochs: float | None = None, quiet: bool = False
+) -> TrainConfig:
     """The config to continue the run in folder ``run`` (``subgrad train --resume RUN``); a new ``steps``
     or ``epochs`` replaces the saved training length."""
     saved = pathlib.Path(run) / "config.json"
@@ -193,26 +244,38 @@ def load_last_checkpoint(s: Session) -> tuple[int, float, list[dict]]:
     ckpt = load_checkpoint(ckpt_path)
     cfg, w = s.cfg, s.comm.world_size
     if ckpt["config"]["model"] != cfg.model or ckpt["config"]["optimizer"] != cfg.optimizer:
-        raise ValueError(f"checkpoint {ckpt_path} is a {ckpt['config']['model']}/{ckpt['config']['optimizer']} "
-                         f"run, not {cfg.model}/{cfg.optimizer}")
+        raise ValueError(
+            f"checkpoint {ckpt_path} is a {ckpt['config']['model']}/{ckpt['config']['optimizer']} "
+            f"run, not {cfg.model}/{cfg.optimizer}"
+        )
     saved_world = ckpt.get("world_size", 1)
     if saved_world != w:
-        raise ValueError(f"checkpoint {ckpt_path} was written by a {saved_world}-process run and this one has {w}; "
-                         f"resume with the same number of processes (--nproc {saved_world}), because the "
-                         "shard sums would round differently and the run would not be exact")
+        raise ValueError(
+            f"checkpoint {ckpt_path} was written by a {saved_world}-process run and this one has {w}; "
+            f"resume with the same number of processes (--nproc {saved_world}), because the "
+            "shard sums would round differently and the run would not be exact"
+        )
     s.model.load_state_dict(ckpt["model"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     metrics = []
     if (s.out / "metrics.jsonl").exists():
-        metrics = [m for m in map(json.loads, (s.out / "metrics.jsonl").read_text().splitlines())
-                   if m["step"] <= ckpt["step"]]
+        metrics = [
+            m for m in map(json.loads, (s.out / "metrics.jsonl").read_text().splitlines()) if m["step"] <= ckpt["step"]
+        ]
     return ckpt["step"], ckpt["train_seconds"], metrics
 
 
 def checkpoint(s: Session, step: int, train_seconds: float) -> dict:
     """The checkpoint format (``subgrad.training.runs.CHECKPOINT_FORMAT``): periodic checkpoints and model.pt alike."""
-    return dict(format=CHECKPOINT_FORMAT, model=s.model.state_dict(), optimizer=s.optimizer.state_dict(), step=step,
-                train_seconds=train_seconds, config=dataclasses.asdict(s.cfg), world_size=s.comm.world_size)
+    return dict(
+        format=CHECKPOINT_FORMAT,
+        model=s.model.state_dict(),
+        optimizer=s.optimizer.state_dict(),
+        step=step,
+        train_seconds=train_seconds,
+        config=dataclasses.asdict(s.cfg),
+        world_size=s.comm.world_size,
+    )
 
 
 def save_checkpoint(s: Session, step: int, train_seconds: float) -> pathlib.Path:

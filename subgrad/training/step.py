@@ -1,5 +1,6 @@
 """One training step whose every input lives on the device (:class:`TrainStep`, what ``--cuda-graph``
 captures), the learning-rate schedules it reads, and when a step cannot be captured."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,6 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     if schedule == "onecycle":  # linear warm-up over 20%, then linear decay to 0
         return t / 0.2 if t < 0.2 else max(0.0, (1 - t) / 0.8)
     return 1.0
-
-
 
 
 class TrainStep:
@@ -67,9 +66,11 @@ class TrainStep:
             x, y = s.comm.shard(x), s.comm.shard(y)
             autocast = dict(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.amp, cache_enabled=False)
             if s.step_kind == "closure":
+
                 def closure():
                     with torch.autocast(**autocast):
                         return F.cross_entropy(s.model(x).float(), y)
+
                 loss = s.optimizer.step(closure)
             else:
                 s.optimizer.zero_grad(set_to_none=False)
