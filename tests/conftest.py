@@ -14,6 +14,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("SUBGRAD_BACKEND", None)  # tests choose backends explicitly
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # -n N: N workers share the cores; torch's default (every core in each worker) oversubscribes them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 #: Sizes from the issue: a single element, one short of / one past a 1024-wide block, and a big odd one.
 SIZES = [1, 1023, 1025, 70001]

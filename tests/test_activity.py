@@ -118,6 +118,7 @@ def _local_loss_gradient(model, opt, x, y, block_index: int) -> list[torch.Tenso
         return list(torch.autograd.grad(F.cross_entropy(logits, y), list(layer.parameters())))
 
 
+@pytest.mark.slow  # 300 averaged steps: a statistical check, not the edit loop's
 def test_estimate_points_along_the_local_gradient():
     """The estimate is unbiased for each block's local gradient up to O(eps): averaged over 300 steps with
     lr 0 (weights fixed, new directions each step), its cosine with the autograd gradient of the same local
