@@ -57,6 +57,7 @@ from ..local import local_blocks, make_heads, trained_parameters
 from ._counters import StepCounters
 from .first_order import AdamW
 from .replicas import Replicas
+from .zo_settings import require
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,11 @@ class ActivitySettings:
     seed: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.q, int) and self.q >= 1):
-            raise ValueError(f"q must be an int >= 1, got {self.q!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
-        if not (isinstance(self.head_pool, int) and self.head_pool >= 1):
-            raise ValueError(f"head_pool must be an int >= 1, got {self.head_pool!r}")
-        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**62):
-            raise ValueError(f"seed must be an int in [0, 2**62), got {self.seed!r}")
+        q, eps, head_pool, seed = self.q, self.eps, self.head_pool, self.seed
+        require("q", isinstance(q, int) and not isinstance(q, bool) and q >= 1, "an int >= 1", q)
+        require("eps", isinstance(eps, (int, float)) and eps > 0, "a number > 0", eps)
+        require("head_pool", isinstance(head_pool, int) and head_pool >= 1, "an int >= 1", head_pool)
+        require("seed", isinstance(seed, int) and 0 <= seed < 2**62, "an int in [0, 2**62)", seed)
 
 
 def _scaled(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -123,12 +121,12 @@ class ActivityZO:
         self,
         model: nn.Module,
         lr: float = 2e-3,
-        eps: float = 1e-2,
-        q: int = 1,
+        eps: float = ActivitySettings.eps,
+        q: int = ActivitySettings.q,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
-        head_pool: int = 4,
-        seed: int = 0,
+        head_pool: int = ActivitySettings.head_pool,
+        seed: int = ActivitySettings.seed,
         backend: str | None = None,
         example: torch.Tensor | None = None,
         replicas: Replicas | None = None,
