@@ -13,8 +13,8 @@ perturb_               kernels/perturb.py     tests/test_perturb.py
 zo_update_             kernels/zo_update.py   tests/test_zo_update.py
 zo_estimate_           kernels/zo_update.py   tests/test_zo_update.py
 next_step_seed_        kernels/seeds.py       tests/test_device_scalars.py
-sgd_step_              kernels/sgd.py         tests/test_first_order.py
-adamw_step_            kernels/adamw.py       tests/test_first_order.py
+sgd_step_              kernels/sgd.py         tests/test_sgd_adamw.py
+adamw_step_            kernels/adamw.py       tests/test_sgd_adamw.py
 =====================  =====================  ==========================
 """
 

@@ -198,3 +198,11 @@ def test_flat_module_names_are_the_training_modules():
         ("pipeline", "pipeline"),
     ]:
         assert importlib.import_module(f"subgrad.{old}") is importlib.import_module(f"subgrad.training.{new}")
+
+
+def test_block_modes_are_the_optimizers():
+    """--blocks spells the optimizers' None (one block) "none"; every other mode is theirs, in their order."""
+    from subgrad.optim import zo_settings
+    from subgrad.training import config
+
+    assert tuple("none" if m is None else m for m in zo_settings.BLOCK_MODES) == config.BLOCK_MODES

@@ -21,7 +21,9 @@ OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
 UNUSED_SETTINGS = {"zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size")}
 SCHEDULES = ("cosine", "onecycle", "constant")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
-BLOCK_MODES = ("none", "tensor", "module")  # or a block size in elements
+#: --blocks values, or a block size in elements: the optimizers' modes (subgrad.optim.zo_settings.BLOCK_MODES)
+#: with "none" for their None (one block, the whole model); make_optimizer translates, tests check the match
+BLOCK_MODES = ("none", "tensor", "module")
 
 #: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
 #: when a flag is not given; README.md states the accuracy each reaches and how long it took.
