@@ -222,9 +222,25 @@ def adamw_torch(
 
 
 def check_adamw_args(
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, amsgrad, l1, gate
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    l1,
+    gate,
+    **_unchecked,
 ) -> None:
-    """:func:`adamw_step_`'s argument rules, each with a one-line error."""
+    """:func:`adamw_step_`'s argument rules, each with a one-line error (called with its arguments:
+    ``check_adamw_args(**locals())``)."""
     check_nonnegative(lr=0.0 if isinstance(lr, torch.Tensor) else lr, eps=eps, weight_decay=weight_decay, l1=l1)
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         require(name, isinstance(beta, (int, float)) and 0.0 <= beta < 1.0, "a number in [0, 1)", beta)
@@ -280,22 +296,7 @@ def adamw_step_(
     Returns ``param``.
     """
     if validate_args:
-        check_adamw_args(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            max_exp_avg_sq,
-            step,
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-            l1,
-            gate,
-        )
+        check_adamw_args(**locals())
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
     if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
         if not gate_open(gate):

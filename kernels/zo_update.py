@@ -334,6 +334,7 @@ def check_zo_update_args(
     seed,
     c,
     lr,
+    *,
     num_directions,
     weight_decay,
     l1,
@@ -348,8 +349,10 @@ def check_zo_update_args(
     hessian_min,
     gate,
     seed_index,
+    **_unchecked,
 ) -> None:
-    """:func:`zo_update_`'s argument rules, each with a one-line error."""
+    """:func:`zo_update_`'s argument rules, each with a one-line error (called with its arguments:
+    ``check_zo_update_args(**locals())``; ``distribution`` and ``backend`` are checked where they are used)."""
     check_float_dtype("x", x)
     check_contiguous("x", x)
     if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
@@ -462,26 +465,7 @@ def zo_update_(
     Returns ``x``.
     """
     if validate_args:
-        check_zo_update_args(
-            x,
-            seed,
-            c,
-            lr,
-            num_directions,
-            weight_decay,
-            l1,
-            momentum,
-            momentum_buffer,
-            block_starts,
-            offset,
-            master,
-            hessian,
-            curvature,
-            hessian_smoothing,
-            hessian_min,
-            gate,
-            seed_index,
-        )
+        check_zo_update_args(**locals())
     rademacher = is_rademacher(distribution)
     s = seed_args(seed, seed_index, num_directions, x)
     n = x.numel()
