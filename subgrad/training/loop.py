@@ -79,6 +79,9 @@ __all__ = [
     "TrainStep",
     "graph_refusal",
     "lr_factor",
+    "build_model",
+    "checkpoints",
+    "latest_checkpoint",
 ]
 
 
