@@ -1,0 +1,164 @@
+"""How good is a forward-only estimate, layer by layer: its cosine with the exact local gradient, and its cost.
+
+    python benchmarks/zo_variance.py --data ../shared/data/cifar10-jpeg.tar.gz
+    python benchmarks/zo_variance.py --data ... --model resnet20 --methods q1 q4 --steps 50
+
+For each method (an ActivityZO setting: ``q1`` is `--optimizer zo`'s default, one direction per example and
+layer; ``q4`` averages four) the optimizer steps ``--steps`` times at lr 0 on one fixed batch of real training
+images (the weights never move, the directions change every step).  Per layer it reports:
+
+* ``cosine_1``: the mean cosine of one step's estimate with the exact gradient of the same local loss
+  (autograd through the layer's block and head, the block's input held fixed): what a single step gets;
+* ``cosine_avg``: the cosine of the estimate averaged over the steps (variance shrinks, bias stays);
+* the step's wall time in units of one clean forward pass of the model on the batch (``step_forwards``).
+
+An idea that lowers the estimate's noise shows as a higher ``cosine_1`` in the layers it targets; the cost
+column says what it pays.  Writes results/zo-variance-<model>-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from subgrad.models import build_model
+from subgrad.optim import ActivityZO
+from subgrad.training.data import DeviceLoader, load_cifar10
+from subgrad.training.session import versions
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+#: method name -> ActivityZO keyword arguments (eps as `--optimizer zo`'s defaults)
+METHODS = {"q1": dict(q=1), "q2": dict(q=2), "q4": dict(q=4)}
+
+
+def exact_local_gradients(opt: ActivityZO, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per site layer: the autograd gradient of its block's local loss (the block's input held fixed)."""
+    grads, h = {}, x
+    for b, block in enumerate(opt.blocks):
+        with torch.no_grad():
+            layers = [site.layer for site in block.run(h).sites]
+        with torch.enable_grad():
+            out = block.run(h).out
+            features = block.head_features(out)
+            logits = out if features is None else opt.heads[b](features)
+            params = [p for layer in layers for p in layer.parameters()]
+            flat = torch.autograd.grad(F.cross_entropy(logits, y), params)
+        start = 0
+        for j, layer in enumerate(layers):
+            count = len(list(layer.parameters()))
+            grads[f"block{b}.site{j}"] = torch.cat([g.flatten() for g in flat[start : start + count]])
+            start += count
+        with torch.no_grad():
+            h = block.run(h).out
+    return grads
+
+
+def site_layers(opt: ActivityZO, x: torch.Tensor) -> dict[str, torch.nn.Module]:
+    layers, h = {}, x
+    with torch.no_grad():
+        for b, block in enumerate(opt.blocks):
+            record = block.run(h)
+            for j, site in enumerate(record.sites):
+                layers[f"block{b}.site{j}"] = site.layer
+            h = record.out
+    return layers
+
+
+def forward_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        return (time.perf_counter() - start) / repeats
+
+
+def measure(method: str, model_name: str, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(model_name).to(x.device).train()
+    opt = ActivityZO(model, lr=0.0, seed=3, example=x[:1], **METHODS[method])
+    truth = exact_local_gradients(opt, x, y)
+    layers = site_layers(opt, x)
+    single = {name: 0.0 for name in layers}
+    total = {name: torch.zeros_like(g) for name, g in truth.items()}
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(x, y)
+        for name, layer in layers.items():
+            estimate = torch.cat([p.grad.flatten() for p in layer.parameters()])
+            single[name] += F.cosine_similarity(estimate, truth[name], dim=0).item() / steps
+            total[name] += estimate
+    step_seconds = (time.perf_counter() - start) / steps
+    rows = {
+        name: dict(
+            parameters=truth[name].numel(),
+            cosine_1=round(single[name], 4),
+            cosine_avg=round(F.cosine_similarity(total[name], truth[name], dim=0).item(), 4),
+        )
+        for name in layers
+    }
+    return dict(
+        method=method,
+        settings=METHODS[method],
+        steps=steps,
+        step_seconds=step_seconds,
+        step_forwards=step_seconds / forward_seconds(model, x),
+        layers=rows,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--model", default="lenet", choices=["lenet", "resnet20"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=100, help="steps per method (lr 0, new directions each)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", type=pathlib.Path, help="default: results/zo-variance-<model>-<device>.json")
+    args = parser.parse_args(argv)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    ds = load_cifar10(args.data)
+    mean, std = ds.channel_stats()
+    loader = DeviceLoader(ds.train_images, ds.train_labels, mean, std, args.batch, device, shuffle=True, order_seed=0)
+    x, y = loader.batch(0, 0)
+    results = [measure(method, args.model, x, y, args.steps) for method in args.methods]
+    print(f"{args.model}, batch {args.batch}, {args.steps} steps at lr 0 per method, {device.type}")
+    print(f"{'layer':<14}{'params':>9}" + "".join(f"{m + ' cos1':>11}{m + ' avg':>10}" for m in args.methods))
+    for name in results[0]["layers"]:
+        cells = "".join(
+            f"{r['layers'][name]['cosine_1']:>11.3f}{r['layers'][name]['cosine_avg']:>10.3f}" for r in results
+        )
+        print(f"{name:<14}{results[0]['layers'][name]['parameters']:>9}{cells}")
+    print(f"{'step cost':<23}" + "".join(f"{r['step_forwards']:>10.1f} forwards" for r in results))
+    out = args.json or RESULTS / f"zo-variance-{args.model}-{device.type}.json"
+    out.write_text(
+        json.dumps(
+            dict(
+                model=args.model,
+                batch=args.batch,
+                device=device.type,
+                versions=versions(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                methods=results,
+            ),
+            indent=1,
+        )
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
