@@ -37,37 +37,24 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = {"q1": dict(q=1), "q2": dict(q=2), "q4": dict(q=4)}
 
 
-def exact_local_gradients(opt: ActivityZO, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per site layer: the autograd gradient of its block's local loss (the block's input held fixed)."""
-    grads, h = {}, x
+def exact_local_gradients(opt: ActivityZO, x: torch.Tensor, y: torch.Tensor):
+    """Per site layer (``block<b>.site<j>``): the layer, and the autograd gradient of its block's local loss
+    with respect to its parameters (the block's input held fixed)."""
+    layers, grads, h = {}, {}, x
     for b, block in enumerate(opt.blocks):
-        with torch.no_grad():
-            layers = [site.layer for site in block.run(h).sites]
         with torch.enable_grad():
-            out = block.run(h).out
-            features = block.head_features(out)
-            logits = out if features is None else opt.heads[b](features)
-            params = [p for layer in layers for p in layer.parameters()]
-            flat = torch.autograd.grad(F.cross_entropy(logits, y), params)
-        start = 0
-        for j, layer in enumerate(layers):
-            count = len(list(layer.parameters()))
-            grads[f"block{b}.site{j}"] = torch.cat([g.flatten() for g in flat[start : start + count]])
-            start += count
-        with torch.no_grad():
-            h = block.run(h).out
-    return grads
-
-
-def site_layers(opt: ActivityZO, x: torch.Tensor) -> dict[str, torch.nn.Module]:
-    layers, h = {}, x
-    with torch.no_grad():
-        for b, block in enumerate(opt.blocks):
             record = block.run(h)
-            for j, site in enumerate(record.sites):
-                layers[f"block{b}.site{j}"] = site.layer
-            h = record.out
-    return layers
+            features = block.head_features(record.out)
+            logits = record.out if features is None else opt.heads[b](features)
+            site_params = [list(site.layer.parameters()) for site in record.sites]
+            flat = torch.autograd.grad(F.cross_entropy(logits, y), [p for ps in site_params for p in ps])
+        start = 0
+        for j, (site, params) in enumerate(zip(record.sites, site_params)):
+            layers[f"block{b}.site{j}"] = site.layer
+            grads[f"block{b}.site{j}"] = torch.cat([g.flatten() for g in flat[start : start + len(params)]])
+            start += len(params)
+        h = record.out.detach()
+    return layers, grads
 
 
 def forward_seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
@@ -83,8 +70,7 @@ def measure(method: str, model_name: str, x: torch.Tensor, y: torch.Tensor, step
     torch.manual_seed(0)
     model = build_model(model_name).to(x.device).train()
     opt = ActivityZO(model, lr=0.0, seed=3, example=x[:1], **METHODS[method])
-    truth = exact_local_gradients(opt, x, y)
-    layers = site_layers(opt, x)
+    layers, truth = exact_local_gradients(opt, x, y)
     single = {name: 0.0 for name in layers}
     total = {name: torch.zeros_like(g) for name, g in truth.items()}
     start = time.perf_counter()

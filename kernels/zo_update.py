@@ -331,7 +331,6 @@ def make_block_starts(block_sizes, device=None) -> torch.Tensor:
 
 def check_zo_update_args(
     x,
-    seed,
     c,
     lr,
     *,
@@ -348,19 +347,20 @@ def check_zo_update_args(
     hessian_smoothing,
     hessian_min,
     gate,
-    seed_index,
     **_unchecked,
 ) -> None:
     """:func:`zo_update_`'s argument rules, each with a one-line error (called with its arguments:
-    ``check_zo_update_args(**locals())``; ``distribution`` and ``backend`` are checked where they are used)."""
+    ``check_zo_update_args(**locals())``; ``seed``, ``lr`` as a tensor, ``distribution`` and ``backend`` are
+    checked where they are used, on every launch)."""
     check_float_dtype("x", x)
     check_contiguous("x", x)
     if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
         raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
-    seed_args(seed, seed_index, num_directions, x)
     check_direction_range(offset, x.numel())
-    lr_tensor = device_scalar("lr", lr, x)
-    check_nonnegative(lr=0.0 if lr_tensor is not None else lr, weight_decay=weight_decay, l1=l1, momentum=momentum)
+    # a seed and a tensor lr are checked by seed_args and device_scalar, which every launch runs
+    check_nonnegative(
+        lr=0.0 if isinstance(lr, torch.Tensor) else lr, weight_decay=weight_decay, l1=l1, momentum=momentum
+    )
     check_gate(gate, x)
     if momentum != 0.0 and momentum_buffer is None:
         raise ValueError("momentum != 0 needs a momentum_buffer (a zero tensor like x)")
