@@ -197,6 +197,30 @@ def test_every_setting_that_changes_the_numbers_must_match_on_load(setting, save
     ZOSGD(_tiny_net().parameters(), lr=0.1, **extra, **{setting: saved}).load_state_dict(sd)  # same: loads
 
 
+@pytest.mark.parametrize("master", [False, True])
+def test_zoadam_non_finite_loss_leaves_moments_and_weights(master):
+    """ZOAdam skips a step with a NaN loss on the device as ZOSGD does: its Adam moments stay finite and
+    the weights come back (exactly from the master, within the in-place restore's rounding without)."""
+    net = _tiny_net()
+    x, y = _data()
+    opt = ZOAdam(net.parameters(), lr=0.05, master_weights=master)
+    opt.step(lambda: F.cross_entropy(net(x), y))
+    before = [p.detach().clone() for p in net.parameters()]
+    moments = [t.clone() for st in opt.state.values() for k, t in st.items() if k.startswith("exp_avg")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(lambda: F.cross_entropy(net(x), y) * float("nan"))
+        assert opt.skipped_steps == 1
+    after = [t for st in opt.state.values() for k, t in st.items() if k.startswith("exp_avg")]
+    for a, b in zip(after, moments):
+        assert_bitwise_equal(a, b, "Adam moment after a skipped step")
+    for a, b in zip(net.parameters(), before):
+        if master:
+            assert_bitwise_equal(a.detach(), b)
+        else:
+            assert torch.allclose(a.detach(), b, rtol=4e-7, atol=1e-9)
+
+
 def test_hizoo_state_records_its_curvature_settings():
     sd = HiZOO(_tiny_net().parameters(), lr=0.1, hessian_smoothing=1e-2).state_dict()
     with pytest.raises(ValueError, match="saved with hessian_smoothing=0.01"):

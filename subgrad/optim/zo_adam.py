@@ -93,6 +93,7 @@ class ZOAdam(ZOOptimizer):
                 eps=group["adam_eps"],
                 weight_decay=group["weight_decay"],
                 l1=group["l1"],
+                gate=finite,  # closed: moments and master untouched (a NaN estimate never reaches them)
                 backend=self.settings.backend,
                 validate_args=False,
             )
