@@ -34,7 +34,16 @@ from subgrad.training.session import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 #: method name -> ActivityZO keyword arguments (eps as `--optimizer zo`'s defaults)
-METHODS = {"q1": dict(q=1), "q2": dict(q=2), "q4": dict(q=4)}
+METHODS = {
+    "q1": dict(q=1),
+    "q2": dict(q=2),
+    "q4": dict(q=4),
+    "patch": dict(patches=7),
+    "patch-norm": dict(patches=7, norm=True),
+    "group2": dict(groups=2),
+    "patch-group2": dict(patches=7, groups=2),
+    "patch-q4": dict(patches=7, q=4),
+}
 
 
 def exact_local_gradients(opt: ActivityZO, x: torch.Tensor, y: torch.Tensor):
@@ -44,10 +53,9 @@ def exact_local_gradients(opt: ActivityZO, x: torch.Tensor, y: torch.Tensor):
     for b, block in enumerate(opt.blocks):
         with torch.enable_grad():
             record = block.run(h)
-            features = block.head_features(record.out)
-            logits = record.out if features is None else opt.heads[b](features)
+            loss = opt.local_losses(b, record.out, y)[0].sum(0).mean()
             site_params = [list(site.layer.parameters()) for site in record.sites]
-            flat = torch.autograd.grad(F.cross_entropy(logits, y), [p for ps in site_params for p in ps])
+            flat = torch.autograd.grad(loss, [p for ps in site_params for p in ps])
         start = 0
         for j, (site, params) in enumerate(zip(record.sites, site_params)):
             layers[f"block{b}.site{j}"] = site.layer

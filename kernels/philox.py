@@ -524,7 +524,9 @@ def normal_pairs(seed: int, first_call: int, calls: int, device) -> tuple[torch.
         return fn(counters, torch.tensor(round_keys(seed)))
 
 
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int64).view(1, 32, 1)  # one row per bit
+#: the eight signs of each byte value, bit 0 first: a word's byte j holds bits 8j .. 8j+7 (torch tensors are
+#: little-endian on every device it supports), so one table lookup per byte gives eight signs
+_BYTE_SIGNS = (1 - 2 * ((torch.arange(256).view(256, 1) >> torch.arange(8).view(1, 8)) & 1)).to(torch.float32)
 
 
 def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> torch.Tensor:
@@ -535,9 +537,10 @@ def direction_torch(seed: int, start: int, n: int, device, rademacher: bool) -> 
         w0, w1, w2, w3 = philox4x32_torch(
             seed, torch.arange(first * RADEMACHER_CALLS, stop * RADEMACHER_CALLS, dtype=torch.int64, device=device)
         )
-        words = torch.stack((w0, w1, w2, w3), dim=1).view(-1, 1, RADEMACHER_CALLS * 4)  # [groups, 1, 4 l + k]
-        bits = (words >> _BIT_SHIFTS.to(device)) & 1  # [groups, 32 bits, 128 columns]: e = 4096 G + 128 b + 4 l + k
-        z = (1 - 2 * bits).to(torch.float32).reshape(-1)
+        words = torch.stack((w0, w1, w2, w3), dim=1).to(torch.int32)  # [calls l, word k]: column 4 l + k
+        signs = _BYTE_SIGNS.to(device)[words.view(torch.uint8).long()]  # [calls, word, byte j, bit i]: b = 8 j + i
+        # e = 4096 G + 128 b + 4 l + k: rows b outside, columns 4 l + k inside
+        z = signs.view(-1, RADEMACHER_CALLS * 4, 32).transpose(1, 2).reshape(-1)
     else:
         groups = stop - first
         z0, z1 = normal_pairs(seed, first * NORMAL_CALLS, groups * NORMAL_CALLS, device)  # [calls, word]

@@ -38,15 +38,21 @@ from .models import BasicBlock, LeNet, ResNet20
 
 @dataclass
 class SiteRecord:
-    """What the clean pass leaves for one site: the layer, its input and output, and which output units
-    can change the loss (``active``: False where a ReLU right after switches the unit off, or a max-pool
-    takes another unit of its window; such a unit's true gradient is 0, so perturbing it would only add
-    noise to the layer's gradient estimate)."""
+    """What the clean pass leaves for one site: the layer, its input ``x``, the activity ``z`` the optimizer
+    perturbs, and which units of it can change the loss (``active``: False where a ReLU switches the unit
+    off; such a unit's true gradient is 0, so perturbing it would only add noise to the estimate).
+
+    ``z`` is the layer's output, or for a convolution followed by ReLU and 2x2 max-pooling the pooled
+    output: each pooled unit is one unit of the layer's output (its window's maximum) with local derivative
+    1, so perturbing it is perturbing that unit, at a quarter of the draws and without rerunning the pool.
+    ``unpool`` then carries an estimated gradient of ``z`` back to the layer's output (to its windows'
+    maxima; 0 elsewhere)."""
 
     layer: nn.Conv2d | nn.Linear
     x: torch.Tensor
     z: torch.Tensor
     active: torch.Tensor | None  # bool like z, or None: every unit counts
+    unpool: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -64,16 +70,6 @@ class BlockPass:
 ALL = slice(None)
 
 
-def _upsample2(m: torch.Tensor) -> torch.Tensor:
-    """Each value of a 2x2-pooled map repeated over its window (the window's maximum, at every position)."""
-    return m.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-
-
-def _pooled(out: torch.Tensor, pool: int) -> torch.Tensor:
-    """Head features of a convolutional block: its output average-pooled to pool x pool, flattened."""
-    return torch.flatten(F.adaptive_avg_pool2d(out, pool), 1)
-
-
 def _batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of a clean pass's batch: what training-mode BatchNorm uses."""
     var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
@@ -86,52 +82,141 @@ def _bn(bn: nn.BatchNorm2d, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Te
     return F.batch_norm(z, stats[0], stats[1], bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
+class LocalHead(nn.Module):
+    """A block's training-only local losses: its output cut into *parts*, each classified on its own.
+
+    A convolutional output ``(C, H, W)`` is cut into ``tiles x tiles`` patches (``tiles = min(patches, H, W)``,
+    which must divide H and W) and its channels into ``groups`` groups; a vector output ``(C,)`` into channel
+    groups only.  A part's features are its channels averaged over its patch to ``pool x pool`` bins (at most
+    the patch's size), standardised over the part's features when ``norm`` (mean 0, variance 1: a LayerNorm
+    without scale), and its logits come from its own linear map.  The block's loss is the mean over parts of
+    their cross-entropies, so a unit of the output moves one part's loss only (:meth:`part_map`): a
+    perturbation of it is measured on that part's loss alone, without the noise of the other parts' units.
+    """
+
+    def __init__(self, shape: tuple[int, ...], classes: int, patches: int, groups: int, pool: int, norm: bool):
+        super().__init__()
+        channels = shape[0]
+        if channels % groups:
+            raise ValueError(f"groups={groups} must divide the {channels} channels of a block output {tuple(shape)}")
+        if len(shape) == 3:
+            height, width = shape[1:]
+            tiles = min(patches, height, width)
+            if height % tiles or width % tiles:
+                divisors = [k for k in range(1, min(height, width) + 1) if height % k == 0 and width % k == 0]
+                raise ValueError(
+                    f"patches={patches} does not cut a {height}x{width} block output evenly; use {divisors}"
+                )
+            self.bins = (min(pool, height // tiles), min(pool, width // tiles))
+        else:
+            tiles, self.bins = 1, (1, 1)
+        self.shape, self.tiles, self.groups, self.norm = tuple(shape), tiles, groups, norm
+        parts, features = groups * tiles * tiles, channels // groups * self.bins[0] * self.bins[1]
+        bound = features**-0.5  # nn.Linear's initialisation, per part
+        self.weight = nn.Parameter(torch.empty(parts, features, classes).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(parts, 1, classes).uniform_(-bound, bound))
+
+    @property
+    def parts(self) -> int:
+        return self.weight.shape[0]
+
+    def features(self, out: torch.Tensor) -> torch.Tensor:
+        """``(parts, n, features)``: each part's features for each example of the block output ``out``."""
+        n, g, t = out.shape[0], self.groups, self.tiles
+        if out.dim() == 2:
+            f = out.view(n, g, -1).transpose(0, 1)
+        else:
+            c, h, w = self.shape
+            tiled = out.view(n, g, c // g, t, h // t, t, w // t).permute(1, 3, 5, 0, 2, 4, 6)
+            f = F.adaptive_avg_pool2d(tiled.reshape(-1, c // g, h // t, w // t), self.bins)
+            f = f.reshape(self.parts, n, -1)
+        if self.norm and f.shape[-1] > 1:
+            var, mean = torch.var_mean(f, dim=-1, unbiased=False, keepdim=True)
+            f = (f - mean) * torch.rsqrt(var + 1e-5)
+        return f
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(parts, n, classes)`` logits from :meth:`features`."""
+        return torch.baddbmm(self.bias, features, self.weight)
+
+    def set_grad(self, features: torch.Tensor, g: torch.Tensor) -> None:
+        """Gradients of the weights from an estimate ``g`` (like the logits) of the loss's gradient w.r.t. them."""
+        self.weight.grad = torch.bmm(features.transpose(1, 2), g)
+        self.bias.grad = g.sum(1, keepdim=True)
+
+    def part_map(self) -> torch.Tensor:
+        """The part each unit of one example's output belongs to (int64, shaped like the output)."""
+        c = self.shape[0]
+        group = torch.arange(c).div(c // self.groups, rounding_mode="floor") * self.tiles**2
+        if len(self.shape) == 1:
+            return group
+        h, w = self.shape[1:]
+        t = self.tiles
+        rows = torch.arange(h).div(h // t, rounding_mode="floor")
+        cols = torch.arange(w).div(w // t, rounding_mode="floor")
+        return group[:, None, None] + (rows[:, None] * t + cols[None, :])[None]
+
+
 class LocalBlock(nn.Module):
-    """One locally trained block; subclasses define the clean pass (:meth:`run`)."""
+    """One locally trained block; subclasses define the clean pass (:meth:`run`).  Every block of a cut but
+    the last has a head; the last block's output is the model's logits."""
+
+    num_sites = 1
 
     def run(self, h: torch.Tensor) -> BlockPass:
         raise NotImplementedError
 
-    def head_features(self, out: torch.Tensor) -> torch.Tensor | None:
-        """Input of this block's head; None for the last block (its output is the model's logits)."""
+    def head_input(self, out: torch.Tensor) -> torch.Tensor | None:
+        """The block output as its head reads it (a feature map or a vector per example); None for the last
+        block (its output is the model's logits)."""
+        return out
+
+    def site_parts(self, j: int, parts: torch.Tensor) -> torch.Tensor | None:
+        """The head part each unit of site j's output moves (shaped like one example's ``z``), given the part
+        of each unit of the head input (:meth:`LocalHead.part_map`); None when the site's tail mixes units of
+        several parts, so its perturbations are measured on the block's whole loss."""
         return None
 
 
 class LeNetBlock(LocalBlock):
     """One layer of LeNet and what follows it up to the next layer."""
 
-    def __init__(self, layer: nn.Module, kind: str, head_pool: int | None):
+    def __init__(self, layer: nn.Module, kind: str):
         super().__init__()
-        self.layer, self.kind, self.head_pool = layer, kind, head_pool
-
-    def after(self, z: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            return F.max_pool2d(F.relu(z), 2)
-        if self.kind == "conv-flatten":
-            return torch.flatten(F.max_pool2d(F.relu(z), 2), 1)
-        return F.relu(z) if self.kind == "relu" else z
+        self.layer, self.kind = layer, kind
 
     def run(self, h):
         z = self.layer(h)
-        active = None
-        if self.kind in ("conv", "conv-flatten"):  # ReLU then 2x2 max-pool: only a window's positive maximum
-            active = (z > 0) & (z == _upsample2(F.max_pool2d(z, 2)))  # moves the output
-        elif self.kind == "relu":
-            active = z > 0
-        return BlockPass(self.after(z), [SiteRecord(self.layer, h, z, active)], lambda j, zp, rows: self.after(zp))
+        if self.kind == "logits":
+            return BlockPass(z, [SiteRecord(self.layer, h, z, None)], lambda j, zp, rows: zp)
+        if self.kind == "relu":
+            return BlockPass(F.relu(z), [SiteRecord(self.layer, h, z, z > 0)], lambda j, zp, rows: F.relu(zp))
+        # ReLU then 2x2 max-pool: the site is the pooled output, where a window's positive maximum moves it
+        pooled, where = F.max_pool2d(F.relu(z), 2, return_indices=True)
+        size = z.shape[-2:]
+        site = SiteRecord(self.layer, h, pooled, pooled > 0, lambda g: F.max_unpool2d(g, where, 2, output_size=size))
+        if self.kind == "conv":
+            return BlockPass(pooled, [site], lambda j, zp, rows: zp)
+        return BlockPass(torch.flatten(pooled, 1), [site], lambda j, zp, rows: torch.flatten(zp, 1))
 
-    def head_features(self, out):
+    def head_input(self, out):
         if self.kind == "logits":
             return None
-        return _pooled(out, self.head_pool) if self.head_pool and out.dim() == 4 else torch.flatten(out, 1)
+        if self.kind == "conv-flatten":  # the pooled map before flattening
+            side = int(round((out.shape[1] // self.layer.out_channels) ** 0.5))
+            return out.view(out.shape[0], self.layer.out_channels, side, side)
+        return out
+
+    def site_parts(self, j, parts):
+        return parts  # the site is the block's output (conv-flatten: before flattening)
 
 
 class StemBlock(LocalBlock):
     """ResNet-20's first conv, BN, ReLU."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, head_pool: int):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         super().__init__()
-        self.conv, self.bn, self.head_pool = conv, bn, head_pool
+        self.conv, self.bn = conv, bn
 
     def run(self, h):
         z = self.conv(h)
@@ -141,16 +226,18 @@ class StemBlock(LocalBlock):
             out, [SiteRecord(self.conv, h, z, out > 0)], lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats))
         )
 
-    def head_features(self, out):
-        return _pooled(out, self.head_pool)
+    def site_parts(self, j, parts):
+        return parts  # BatchNorm with fixed statistics and ReLU act per unit
 
 
 class ResidualBlock(LocalBlock):
     """One basic block of ResNet-20: sites conv1 and conv2."""
 
-    def __init__(self, block: BasicBlock, head_pool: int):
+    num_sites = 2
+
+    def __init__(self, block: BasicBlock):
         super().__init__()
-        self.block, self.head_pool = block, head_pool
+        self.block = block
 
     def run(self, h):
         b = self.block
@@ -168,8 +255,8 @@ class ResidualBlock(LocalBlock):
 
         return BlockPass(out, [SiteRecord(b.conv1, h, z1, x2 > 0), SiteRecord(b.conv2, x2, z2, out > 0)], tail)
 
-    def head_features(self, out):
-        return _pooled(out, self.head_pool)
+    def site_parts(self, j, parts):
+        return parts if j == 1 else None  # conv1's tail runs through conv2, which mixes neighbouring units
 
 
 class ClassifierBlock(LocalBlock):
@@ -184,22 +271,23 @@ class ClassifierBlock(LocalBlock):
         z = self.fc(x)
         return BlockPass(z, [SiteRecord(self.fc, x, z, None)], lambda j, zp, rows: zp)
 
+    def head_input(self, out):
+        return None
 
-def local_blocks(model: nn.Module, head_pool: int = 4) -> list[LocalBlock]:
+
+def local_blocks(model: nn.Module) -> list[LocalBlock]:
     """The model cut into blocks (they share the model's layers; nothing is copied)."""
     if isinstance(model, LeNet):
         return [
-            LeNetBlock(model.conv1, "conv", head_pool),
-            LeNetBlock(model.conv2, "conv-flatten", None),
-            LeNetBlock(model.fc1, "relu", None),
-            LeNetBlock(model.fc2, "relu", None),
-            LeNetBlock(model.fc3, "logits", None),
+            LeNetBlock(model.conv1, "conv"),
+            LeNetBlock(model.conv2, "conv-flatten"),
+            LeNetBlock(model.fc1, "relu"),
+            LeNetBlock(model.fc2, "relu"),
+            LeNetBlock(model.fc3, "logits"),
         ]
     if isinstance(model, ResNet20):
         return (
-            [StemBlock(model.conv, model.bn, head_pool)]
-            + [ResidualBlock(b, head_pool) for b in model.layers]
-            + [ClassifierBlock(model.fc)]
+            [StemBlock(model.conv, model.bn)] + [ResidualBlock(b) for b in model.layers] + [ClassifierBlock(model.fc)]
         )
     raise ValueError(
         f"activity perturbation needs a block cut of the model, and there is one for LeNet and "
@@ -207,22 +295,30 @@ def local_blocks(model: nn.Module, head_pool: int = 4) -> list[LocalBlock]:
     )
 
 
-def make_heads(blocks: list[LocalBlock], example: torch.Tensor) -> nn.ModuleList:
-    """One training-only linear head per block but the last, from the block's head features to the
-    model's classes, sized by a clean pass of ``example`` (a small batch of inputs; the model's running
-    statistics are restored afterwards)."""
+def make_heads(
+    blocks: list[LocalBlock],
+    example: torch.Tensor,
+    *,
+    patches: int = 1,
+    groups: int = 1,
+    pool: int = 4,
+    norm: bool = False,
+) -> nn.ModuleList:
+    """One training-only :class:`LocalHead` per block but the last, to the model's classes, sized by a clean
+    pass of ``example`` (a small batch of inputs; the model's running statistics are restored afterwards)."""
     bns = [m for b in blocks for m in b.modules() if isinstance(m, nn.BatchNorm2d)]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
-    widths, h = [], example
+    shapes, h = [], example
     with torch.no_grad():
         for block in blocks:
             h = block.run(h).out
-            features = block.head_features(h)
-            if features is not None:
-                widths.append(features.shape[1])
+            head_input = block.head_input(h)
+            assert (head_input is None) == (block is blocks[-1]), "every block but the last has a head"
+            if head_input is not None:
+                shapes.append(head_input.shape[1:])
     for m, state in zip(bns, saved):
         m.load_state_dict(state)
-    return nn.ModuleList(nn.Linear(w, h.shape[1], device=example.device) for w in widths)
+    return nn.ModuleList(LocalHead(s, h.shape[1], patches, groups, pool, norm).to(example.device) for s in shapes)
 
 
 def trained_parameters(blocks: list[LocalBlock]) -> list[nn.Parameter]:

@@ -70,12 +70,55 @@ def test_heads_and_untrained_parameters():
     ActivityZO(lenet).step(*_batch(2))
     assert set(lenet.state_dict()) == set(build_model("lenet").state_dict())  # heads never enter the model
     heads = make_heads(local_blocks(lenet), torch.zeros(1, 3, 32, 32))
-    assert [(h.in_features, h.out_features) for h in heads] == [(96, 10), (400, 10), (120, 10), (84, 10)]
-    assert sum(p.numel() for p in heads.parameters()) == 7040
+    # (parts, features, classes): conv1's 6x14x14 and conv2's 16x5x5 pooled to 4x4, fc1, fc2
+    assert [tuple(h.weight.shape) for h in heads] == [(1, 96, 10), (1, 256, 10), (1, 120, 10), (1, 84, 10)]
+    assert sum(p.numel() for p in heads.parameters()) == 5600
+    heads = make_heads(local_blocks(lenet), torch.zeros(1, 3, 32, 32), patches=7, groups=2)
+    # conv1: 7x7 patches of 2x2 x 2 groups of 3 channels; conv2: 5x5 patches (at most its size) x 2 groups of 8
+    assert [tuple(h.weight.shape) for h in heads] == [(98, 12, 10), (50, 8, 10), (2, 60, 10), (2, 42, 10)]
     assert untrained_parameters(lenet, local_blocks(lenet)) == []
     names = untrained_parameters(resnet, local_blocks(resnet))
     assert names and all(".bn" in n or n.startswith("bn.") for n in names), names
     assert len(make_heads(local_blocks(resnet), torch.zeros(1, 3, 32, 32))) == 10  # stem + 9 basic blocks
+
+
+PART_SETTINGS = {"lenet": dict(patches=7, groups=2), "resnet20": dict(patches=4, groups=2, norm=True)}
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+def test_a_unit_moves_only_its_own_part_loss(name):
+    """What the per-part estimate relies on: changing one unit of a site's activity changes the local loss
+    of the part ``site_parts`` names for it and no other part's, and no other example's (exactly: the other
+    parts' losses are computed from unchanged values by the same ops).  Sites whose tail mixes parts
+    (ResNet-20's conv1, through conv2) are mapped to None and use the whole loss."""
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    opt = ActivityZO(model, **PART_SETTINGS[name])
+    x, y = _batch(2)
+    g = torch.Generator().manual_seed(1)
+    checked = 0
+    with torch.no_grad():
+        h = x
+        for b, block in enumerate(opt.blocks[:-1]):
+            clean = block.run(h)
+            for j, site in enumerate(clean.sites):
+                # the tail's own unperturbed output (a ResNet tail normalises apart from the clean pass)
+                loss = opt.local_losses(b, clean.tail(j, site.z, ALL), y)[0]
+                parts = opt.site_parts[b][j]
+                if parts is None:
+                    assert name == "resnet20" and j == 0
+                    continue
+                assert parts.shape == site.z.shape[1:] and int(parts.max()) + 1 == opt.heads[b].parts
+                active = site.active[0].flatten().nonzero().flatten()
+                for k in active[torch.randint(len(active), (4,), generator=g)].tolist():
+                    z = site.z.clone()
+                    z.view(2, -1)[0, k] += 0.5
+                    changed = (opt.local_losses(b, clean.tail(j, z, ALL), y)[0] != loss).nonzero().tolist()
+                    own = int(parts.flatten()[k])
+                    assert changed in ([[own, 0]], []), (b, j, k, own, changed)  # [] : the head ignores a tiny change
+                    checked += bool(changed)
+            h = clean.out
+    assert checked >= 8, checked
 
 
 def test_step_never_uses_autograd(monkeypatch):
@@ -112,10 +155,8 @@ def _local_loss_gradient(model, opt, x, y, block_index: int) -> list[torch.Tenso
     block = blocks[block_index]
     layer = block.run(h).sites[0].layer
     with torch.enable_grad():
-        out = block.run(h).out
-        features = block.head_features(out)
-        logits = out if features is None else opt.heads[block_index](features)
-        return list(torch.autograd.grad(F.cross_entropy(logits, y), list(layer.parameters())))
+        loss = opt.local_losses(block_index, block.run(h).out, y)[0].sum(0).mean()
+        return list(torch.autograd.grad(loss, list(layer.parameters())))
 
 
 @pytest.mark.slow  # 300 averaged steps: a statistical check, not the edit loop's
@@ -148,13 +189,13 @@ def test_estimate_points_along_the_local_gradient():
 
 def test_kernel_and_twin_steps_agree_bit_for_bit():
     """backend="triton" (the AdamW kernel and Philox signs; interpreted on CPU, compiled on CUDA) vs the
-    torch twins."""
+    torch twins, with per-part local losses."""
     x, y = (t.to(DEVICE) for t in _batch(2))
     weights = {}
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
         model = build_model("lenet").to(DEVICE).train()
-        opt = ActivityZO(model, lr=1e-3, seed=5, backend=backend, example=x[:1])
+        opt = ActivityZO(model, lr=1e-3, seed=5, backend=backend, example=x[:1], **PART_SETTINGS["lenet"])
         for _ in range(2):
             opt.step(x, y)
         weights[backend] = [p.detach().clone() for p in [*model.parameters(), *opt.heads.parameters()]]
@@ -187,6 +228,10 @@ def test_state_dict_resume_is_bit_exact():
     other = ActivityZO(build_model("lenet"), lr=2e-3, eps=2e-2, seed=7)
     with pytest.raises(ValueError, match="saved with"):
         other.load_state_dict(saved_opt)
+    older = copy.deepcopy(saved_opt)
+    del older["subgrad"]["settings"]["patches"]
+    with pytest.raises(ValueError, match=r"without the settings \['patches'\]"):
+        ropt.load_state_dict(older)
 
 
 class _ThreadGather:
@@ -215,8 +260,8 @@ class _ThreadRank:
         return out
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet20"])
-def test_data_parallel_exchanges_per_example_scalars_only(name):
+@pytest.mark.parametrize("name, parts", [("lenet", False), ("resnet20", False), ("lenet", True)])
+def test_data_parallel_exchanges_per_example_scalars_only(name, parts):
     """Two ranks, each running the perturbed tails of half the batch and gathering the loss differences,
     end with bit-identical replicas whose first gradient estimates equal one process's within 1e-3 of their
     scale: a tail on half a batch may sum in another order (a conv, or a CPU BLAS that picks its kernel by
@@ -224,18 +269,20 @@ def test_data_parallel_exchanges_per_example_scalars_only(name):
     a float32 loss near 2 is 2.4e-7, which the forward difference divides by eps = 1e-2.  Weights are not
     compared with the one process: Adam's first steps turn such a difference of a near-zero gradient into
     a step of +-lr.  What crosses between ranks per step: n/2 x (sites + heads) float32 values each, for a
-    LeNet (5 sites, 4 heads) and a ResNet-20 (20 sites, 10 heads) alike: per example, never per weight."""
+    LeNet (5 sites, 4 heads) and a ResNet-20 (20 sites, 10 heads) alike, times the parts of each block's
+    local loss where it has several: per example, never per weight."""
     x, y = _batch(8)
+    settings = dict(lr=1e-3, seed=4, **(PART_SETTINGS[name] if parts else {}))
     torch.manual_seed(0)
     single = build_model(name).train()
     replicas = [copy.deepcopy(single) for _ in range(2)]
     torch.manual_seed(1)  # the heads' init, as every rank of a run draws it
-    opt = ActivityZO(single, lr=1e-3, seed=4)
+    opt = ActivityZO(single, **settings)
     gather = _ThreadGather(2)
     opts = []
     for rank, model in enumerate(replicas):
         torch.manual_seed(1)
-        opts.append(ActivityZO(model, lr=1e-3, seed=4, replicas=gather.for_rank(rank)))
+        opts.append(ActivityZO(model, replicas=gather.for_rank(rank), **settings))
     worst = 0.0
     for step in range(2):
         opt.step(x, y)
@@ -257,6 +304,8 @@ def test_data_parallel_exchanges_per_example_scalars_only(name):
     assert worst <= 1e-3
     sites = {"lenet": 5, "resnet20": 20}[name]  # resnet20: stem, 2 per basic block, fc
     per_step = (8 // 2) * (sites + len(opt.heads)) * 4
+    if parts:  # each block's differences are per part: its sites' and its head's
+        per_step = (8 // 2) * 4 * (1 + sum((b.num_sites + 1) * h.parts for b, h in zip(opt.blocks, opt.heads)))
     assert gather.sent == [2 * per_step] * 2, (gather.sent, per_step)
 
 
@@ -270,6 +319,13 @@ def test_bad_settings_are_refused():
         ActivityZO(model, q=0)
     with pytest.raises(ValueError, match="training mode"):
         ActivityZO(model.eval()).step(*_batch(2))
+    with pytest.raises(ValueError, match=r"patches=4 does not cut a 14x14 block output evenly; use \[1, 2, 7, 14\]"):
+        ActivityZO(model, patches=4)
+    with pytest.raises(ValueError, match="groups=4 must divide the 6 channels"):
+        ActivityZO(model, groups=4)
+    for name, value in (("patches", 0), ("groups", 1.5), ("norm", 1)):
+        with pytest.raises(ValueError, match=name):
+            ActivityZO(model, **{name: value})
 
 
 def test_non_finite_estimate_skips_the_update():

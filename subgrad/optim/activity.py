@@ -67,19 +67,28 @@ class ActivitySettings:
     eps: float = 1e-2
     q: int = 1
     head_pool: int = 4
+    patches: int = 1
+    groups: int = 1
+    norm: bool = False
     seed: int = 0
 
     def __post_init__(self):
-        q, eps, head_pool, seed = self.q, self.eps, self.head_pool, self.seed
-        require("q", isinstance(q, int) and not isinstance(q, bool) and q >= 1, "an int >= 1", q)
-        require("eps", isinstance(eps, (int, float)) and eps > 0, "a number > 0", eps)
-        require("head_pool", isinstance(head_pool, int) and head_pool >= 1, "an int >= 1", head_pool)
-        require("seed", isinstance(seed, int) and 0 <= seed < 2**62, "an int in [0, 2**62)", seed)
+        def positive_int(value):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        for name in ("q", "head_pool", "patches", "groups"):
+            require(name, positive_int(getattr(self, name)), "an int >= 1", getattr(self, name))
+        require("eps", isinstance(self.eps, (int, float)) and self.eps > 0, "a number > 0", self.eps)
+        require("norm", isinstance(self.norm, bool), "a bool", self.norm)
+        require("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**62, "an int in [0, 2**62)", self.seed)
 
 
-def _scaled(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``d_i * u_i``: each example's direction times its loss difference (d: one value per example)."""
-    return d.view(-1, *[1] * (u.dim() - 1)) * u
+def _scaled(d: torch.Tensor, u: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
+    """Each unit's direction times the loss difference of the part it moves: ``d[parts[k], i] * u[i, k]``
+    (d: ``(parts, n)``; ``parts`` like one example's ``u``, or None: every unit moves the whole loss)."""
+    if parts is None or d.shape[0] == 1:
+        return d.sum(0).view(-1, *[1] * (u.dim() - 1)) * u
+    return d.T[:, parts.flatten()].view_as(u) * u
 
 
 def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -109,7 +118,11 @@ class ActivityZO:
             stepping; BatchNorm scale and shift are not trained by this method).
         lr, betas, weight_decay: of the AdamW update (decoupled weight decay).
         eps: activity perturbation size (finite-difference step on each unit's output).
-        head_pool: the heads of convolutional blocks see the output average-pooled to head_pool x head_pool.
+        head_pool: a head reads each patch of a convolutional block's output average-pooled to
+            head_pool x head_pool (at most the patch's size).
+        patches, groups, norm: the local losses' parts (:class:`subgrad.local.LocalHead`): each block's output
+            cut into patches x patches patches (convolutional blocks) and ``groups`` channel groups, each part
+            with its own head and loss; ``norm`` standardises each part's features before its head.
         seed: names the run's sequence of directions.
         backend: kernel backend of the update (None: Triton on CUDA, the twin elsewhere).
         example: a batch of inputs (only its shape and device matter) to size the heads; default: one
@@ -126,18 +139,36 @@ class ActivityZO:
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         head_pool: int = ActivitySettings.head_pool,
+        patches: int = ActivitySettings.patches,
+        groups: int = ActivitySettings.groups,
+        norm: bool = ActivitySettings.norm,
         seed: int = ActivitySettings.seed,
         backend: str | None = None,
         example: torch.Tensor | None = None,
         replicas: Replicas | None = None,
     ):
-        self.settings = ActivitySettings(eps=eps, q=q, head_pool=head_pool, seed=seed)
+        self.settings = settings = ActivitySettings(
+            eps=eps, q=q, head_pool=head_pool, patches=patches, groups=groups, norm=norm, seed=seed
+        )
         self.model = model
-        self.blocks = local_blocks(model, head_pool)
+        self.blocks = local_blocks(model)
         device = next(model.parameters()).device
         if example is None:
             example = torch.zeros(1, 3, 32, 32, device=device)
-        self.heads = make_heads(self.blocks, example)  # training only: saved with the optimizer, never exported
+        # training only: saved with the optimizer, never exported
+        self.heads = make_heads(
+            self.blocks,
+            example,
+            patches=settings.patches,
+            groups=settings.groups,
+            pool=settings.head_pool,
+            norm=settings.norm,
+        )
+        # per block and site: the head part each unit moves (None: the whole loss)
+        self.site_parts = [
+            [block.site_parts(j, head.part_map().to(device)) for j in range(block.num_sites)]
+            for block, head in zip(self.blocks, self.heads)
+        ] + [[None] * self.blocks[-1].num_sites]
         # capturable: the step count and bias corrections live on the device, where the skip gate acts
         self.adamw = AdamW(
             trained_parameters(self.blocks) + list(self.heads.parameters()),
@@ -188,9 +219,21 @@ class ActivityZO:
             raise ValueError(f"the batch ({n}) must divide evenly among the {world} data-parallel ranks")
         return slice(rank * n // world, (rank + 1) * n // world)
 
-    def _difference(self, logits: torch.Tensor, y: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-        """Per-example forward difference of the local loss."""
-        return (F.cross_entropy(logits, y, reduction="none") - clean) / self.settings.eps
+    def local_losses(self, b: int, out: torch.Tensor, y: torch.Tensor):
+        """Block ``b``'s local losses on its output ``out`` (labels ``y``): ``(parts, n)``, each part's
+        cross-entropy over the number of parts, so they sum to the block's loss; and the head's features and
+        logits ``(parts, n, classes)`` (the last block: no features, its output as logits)."""
+        if b == len(self.blocks) - 1:
+            return F.cross_entropy(out, y, reduction="none")[None], None, out[None]
+        head = self.heads[b]
+        features = head.features(self.blocks[b].head_input(out))
+        logits = head(features)
+        return self._losses(logits, y), features, logits
+
+    @staticmethod
+    def _losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        parts, n = logits.shape[:2]
+        return F.cross_entropy(logits.flatten(0, 1), y.repeat(parts), reduction="none").view(parts, n) / parts
 
     @torch.no_grad()
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -200,15 +243,13 @@ class ActivityZO:
         eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
         rows = self._rows(n)
         seed, site = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend), 0
-        h, heads = inputs, iter(self.heads)
+        h, last = inputs, len(self.blocks) - 1
         finite = torch.ones((), dtype=torch.bool, device=inputs.device)
-        for block in self.blocks:
+        for b, (block, site_parts) in enumerate(zip(self.blocks, self.site_parts)):
             clean = block.run(h)
-            features = block.head_features(clean.out)
-            head = next(heads) if features is not None else None
-            logits = head(features) if head is not None else clean.out
-            loss = F.cross_entropy(logits, targets, reduction="none")  # per example
-            # 1. this rank's rows of every perturbed pass: d (per example) for each site and direction
+            head = self.heads[b] if b < last else None
+            loss, features, logits = self.local_losses(b, clean.out, targets)  # (parts, n)
+            # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
             directions, diffs = [], []
             for j, rec in enumerate(clean.sites):
                 for _ in range(q):
@@ -217,33 +258,33 @@ class ActivityZO:
                     if rec.active is not None:  # a unit that cannot move the loss gets no noise
                         u = u * rec.active
                     out = clean.tail(j, rec.z[rows] + eps * u[rows], rows)
-                    perturbed = head(block.head_features(out)) if head is not None else out
                     directions.append(u)
-                    diffs.append(self._difference(perturbed, targets[rows], loss[rows]))
+                    diffs.append((self.local_losses(b, out, targets[rows])[0] - loss[:, rows]) / eps)
             if head is not None:  # the head, from a perturbation of its logits
                 v = self._directions(seed, site, logits)
                 site += 1
                 directions.append(v)
-                diffs.append(self._difference(logits[rows] + eps * v[rows], targets[rows], loss[rows]))
-            # 2. every rank's d: the only data-parallel traffic (per example and site, never per weight)
+                diffs.append((self._losses(logits[:, rows] + eps * v[:, rows], targets[rows]) - loss[:, rows]) / eps)
+            # 2. every rank's d: the only data-parallel traffic (per example, part and site, never per weight)
             d = torch.stack(diffs)
             if self.replicas is not None:
                 d = self.replicas.all_gather_examples(d)
             finite &= torch.isfinite(d).all()
             # 3. the same gradients on every rank, from the clean activations of the whole batch
             for j, rec in enumerate(clean.sites):
-                g = _scaled(d[j * q], directions[j * q])
+                g = _scaled(d[j * q], directions[j * q], site_parts[j])
                 for k in range(j * q + 1, (j + 1) * q):
-                    g = g + _scaled(d[k], directions[k])
-                _weight_grad(rec.layer, rec.x, g / (q * n))
+                    g = g + _scaled(d[k], directions[k], site_parts[j])
+                g = g / (q * n)
+                _weight_grad(rec.layer, rec.x, g if rec.unpool is None else rec.unpool(g))
             if head is not None:
-                _weight_grad(head, features, _scaled(d[-1], directions[-1]) / n)
+                head.set_grad(features, d[-1][..., None] * directions[-1] / n)
             h = clean.out
         self.counters.count_skip(finite)
         # one fused kernel per flat buffer (model layers and heads); a NaN/inf estimate closes its gate on
         # the device, so it never reaches Adam's moments
         self.adamw._step(gate=finite.reshape(1))
-        return loss.mean()
+        return loss.sum(0).mean()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none)
@@ -263,6 +304,12 @@ class ActivityZO:
         meta = state_dict.get("subgrad", {})
         if meta.get("kind") != type(self).__name__:
             raise ValueError(f"optimizer state is from {meta.get('kind')!r}, not {type(self).__name__}")
+        missing = {f.name for f in dataclasses.fields(ActivitySettings)} - set(meta["settings"])
+        if missing:
+            raise ValueError(
+                f"optimizer state was saved by a subgrad without the settings {sorted(missing)}; "
+                "its local losses differ from this one's: start a new run"
+            )
         saved = ActivitySettings(**meta["settings"])
         if saved != self.settings:
             raise ValueError(

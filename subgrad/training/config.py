@@ -17,8 +17,12 @@ ESTIMATOR_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")  # shared-direction estima
 ZO_OPTIMIZERS = ("zo",) + ESTIMATOR_OPTIMIZERS  # forward-only; "zo" is the recommended method (ActivityZO)
 FO_OPTIMIZERS = ("sgd", "adamw")
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
+LOCAL_LOSS_SETTINGS = ("patches", "groups", "norm")  # zo's local losses (subgrad.local.LocalHead)
 #: Settings an optimizer has no use for: giving one is an error, not silently ignored.
-UNUSED_SETTINGS = {"zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size")}
+UNUSED_SETTINGS = {
+    "zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size"),
+    **{name: LOCAL_LOSS_SETTINGS for name in FO_OPTIMIZERS + ESTIMATOR_OPTIMIZERS},
+}
 SCHEDULES = ("cosine", "onecycle", "constant")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 #: --blocks values, or a block size in elements: the optimizers' modes (subgrad.optim.zo_settings.BLOCK_MODES)
@@ -32,8 +36,30 @@ DEFAULTS = {
     # validation split of the training set (--validation 5000; lenet: full runs, resnet20: lr from three
     # 300-step runs); lenet 7,000 steps ~ 170 s on the 2-core VM, resnet20 7,500 ~ 54 min (65 min on a
     # slower day); benchmarks/README.md
-    ("lenet", "zo"): dict(batch_size=128, lr=2e-3, eps=1e-2, q=1, steps=7000, schedule="cosine", augment=False),
-    ("resnet20", "zo"): dict(batch_size=128, lr=2e-3, eps=1e-2, q=1, steps=7500, schedule="cosine", augment=False),
+    ("lenet", "zo"): dict(
+        batch_size=128,
+        lr=2e-3,
+        eps=1e-2,
+        q=1,
+        patches=1,
+        groups=1,
+        norm=False,
+        steps=7000,
+        schedule="cosine",
+        augment=False,
+    ),
+    ("resnet20", "zo"): dict(
+        batch_size=128,
+        lr=2e-3,
+        eps=1e-2,
+        q=1,
+        patches=1,
+        groups=1,
+        norm=False,
+        steps=7500,
+        schedule="cosine",
+        augment=False,
+    ),
     ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
     # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
@@ -183,6 +209,26 @@ class TrainConfig:
             "scale each block's step by (d + 2) / (d_block + 2)", group=ZO_GROUP, action=argparse.BooleanOptionalAction
         ),
     )
+    patches: int | None = field(
+        default=None,
+        metadata=_setting(
+            "zo: cut each convolutional block's output into patches x patches patches, each with its own local loss",
+            group=ZO_GROUP,
+            type=int,
+        ),
+    )
+    groups: int | None = field(
+        default=None,
+        metadata=_setting("zo: channel groups per block, each with its own local loss", group=ZO_GROUP, type=int),
+    )
+    norm: bool | None = field(
+        default=None,
+        metadata=_setting(
+            "zo: standardise each local loss's features before its head",
+            group=ZO_GROUP,
+            action=argparse.BooleanOptionalAction,
+        ),
+    )
     augment: bool | None = field(
         default=None, metadata=_setting("random crop + flip", action=argparse.BooleanOptionalAction)
     )
@@ -239,7 +285,7 @@ class TrainConfig:
             raise ValueError(f"--cuda-graph must be one of {CUDA_GRAPH_MODES}, got {cfg.cuda_graph!r}")
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-        for name in ("batch_size", "q"):
+        for name in ("batch_size", "q", "patches", "groups"):
             if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
         if cfg.lr is None or not cfg.lr > 0:

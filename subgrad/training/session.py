@@ -29,7 +29,16 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communica
     named = list(model.named_parameters())
     if cfg.optimizer == "zo":
         return optim.ActivityZO(
-            model, lr=cfg.lr, eps=cfg.eps, q=cfg.q, weight_decay=cfg.weight_decay, seed=cfg.seed, replicas=replicas
+            model,
+            lr=cfg.lr,
+            eps=cfg.eps,
+            q=cfg.q,
+            patches=cfg.patches,
+            groups=cfg.groups,
+            norm=cfg.norm,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+            replicas=replicas,
         )
     if cfg.optimizer == "sgd":
         return optim.SGD(
