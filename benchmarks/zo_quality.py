@@ -1,7 +1,8 @@
-"""Forward-only training quality: LeNet test accuracy against forward passes and against seconds.
+"""Forward-only training quality: test accuracy against forward passes and against seconds.
 
     python benchmarks/zo_quality.py --data ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/zo_quality.py --data ... --optimizers zo-adam sgd --points 8
+    python benchmarks/zo_quality.py --data ... --model localnet --optimizers zo sgd
 
 Every forward-only optimizer at its `subgrad train` defaults (zo, zo-sgd, zo-adam, hizoo), with backprop
 SGD at its defaults as the reference, on the full CIFAR-10 archive.  With ``--optimizers`` only those are
@@ -11,7 +12,8 @@ machines are noisy).  Each run evaluates at ``--points``
 evenly spaced steps; the test accuracy there is plotted against the forward passes spent so far and
 against training seconds (evaluation time excluded).  A backprop step counts one forward pass (its
 backward is not counted: the seconds axis shows what it costs).  Writes
-results/zo-quality-<device>.json and .png (the forward-only yardstick).
+results/zo-quality-<device>.json and .png for LeNet (the forward-only yardstick), and
+results/zo-quality-<model>-<device>.* for another ``--model``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import tempfile
 
 import torch
 
-from subgrad.config import ZO_OPTIMIZERS, TrainConfig
+from subgrad.config import MODEL_NAMES, ZO_OPTIMIZERS, TrainConfig
 from subgrad.data import load_cifar10
 from subgrad.training.loop import train
 from subgrad.training.session import versions
@@ -34,9 +36,9 @@ from subgrad.training.session import versions
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def run_curve(optimizer: str, data: str, device: str, points: int, train_images: int) -> dict:
-    """One training run at the optimizer's defaults; its evaluations as a curve."""
-    cfg = TrainConfig(model="lenet", optimizer=optimizer, data=data, device=device, quiet=True).resolved()
+def run_curve(model: str, optimizer: str, data: str, device: str, points: int, train_images: int) -> dict:
+    """One training run at the pair's defaults; its evaluations as a curve."""
+    cfg = TrainConfig(model=model, optimizer=optimizer, data=data, device=device, quiet=True).resolved()
     total = cfg.steps if cfg.steps is not None else round(cfg.epochs * (train_images // cfg.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(cfg, out=tmp, eval_every=max(1, total // points))
@@ -96,6 +98,7 @@ def plot(runs: dict, path: pathlib.Path, title: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="CIFAR-10 (any layout subgrad train accepts)")
+    parser.add_argument("--model", default="lenet", choices=MODEL_NAMES)
     parser.add_argument("--optimizers", nargs="+", default=[*ZO_OPTIMIZERS, "sgd"])
     parser.add_argument("--points", type=int, default=12, help="evaluations per run")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -103,10 +106,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     train_images = len(load_cifar10(args.data).train_labels)
-    stem = args.out / f"zo-quality-{device}"
+    stem = args.out / ("zo-quality-" + ("" if args.model == "lenet" else f"{args.model}-") + device)
     runs = json.loads(stem.with_suffix(".json").read_text())["runs"] if stem.with_suffix(".json").exists() else {}
     for optimizer in args.optimizers:
-        runs[optimizer] = run = run_curve(optimizer, args.data, device, args.points, train_images)
+        runs[optimizer] = run = run_curve(args.model, optimizer, args.data, device, args.points, train_images)
         print(
             f"{optimizer:<8} test accuracy {run['test_accuracy']:.4f}  {run['forward_passes']:>6} forward passes  "
             f"{run['train_seconds']:.0f} s",
@@ -122,13 +125,14 @@ def main(argv=None) -> int:
         device=device,
         machine=machine,
         versions=versions(),
-        model="lenet",
+        model=args.model,
         data=str(args.data),
         runs=runs,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    plot(runs, stem.with_suffix(".png"), f"LeNet on CIFAR-10, forward-only optimizers at their defaults ({machine})")
+    title = f"{args.model} on CIFAR-10, forward-only optimizers at their defaults ({machine})"
+    plot(runs, stem.with_suffix(".png"), title)
     print(f"wrote {stem}.json and {stem}.png")
     return 0
 

@@ -42,7 +42,11 @@ METHODS = {
     "patch-norm": dict(patches=7, norm=True),
     "group2": dict(groups=2),
     "patch-group2": dict(patches=7, groups=2),
-    "patch-q4": dict(patches=7, q=4),
+    "p2": dict(patches=2),
+    "p2g4": dict(patches=2, groups=4),
+    "p4g4": dict(patches=4, groups=4),
+    "g8": dict(groups=8),
+    "p2g8": dict(patches=2, groups=8),
 }
 
 
@@ -111,7 +115,7 @@ def measure(method: str, model_name: str, x: torch.Tensor, y: torch.Tensor, step
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--model", default="lenet", choices=["lenet", "resnet20"])
+    parser.add_argument("--model", default="lenet", choices=["lenet", "resnet20", "localnet"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=100, help="steps per method (lr 0, new directions each)")
     parser.add_argument("--batch", type=int, default=128)

@@ -12,6 +12,8 @@ philox_normal/_rad.    kernels/philox.py      tests/test_philox.py
 perturb_               kernels/perturb.py     tests/test_perturb.py
 zo_update_             kernels/zo_update.py   tests/test_zo_update.py
 zo_estimate_           kernels/zo_update.py   tests/test_zo_update.py
+perturb_activity       kernels/activity.py    tests/test_activity_kernels.py
+activity_gradient      kernels/activity.py    tests/test_activity_kernels.py
 next_step_seed_        kernels/seeds.py       tests/test_device_scalars.py
 sgd_step_              kernels/sgd.py         tests/test_sgd_adamw.py
 adamw_step_            kernels/adamw.py       tests/test_sgd_adamw.py
@@ -19,6 +21,7 @@ adamw_step_            kernels/adamw.py       tests/test_sgd_adamw.py
 """
 
 from ._common import BACKENDS, resolve_backend
+from .activity import activity_gradient, perturb_activity
 from .adamw import adamw_step_
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
@@ -39,6 +42,8 @@ __all__ = [
     "zo_update_",
     "zo_estimate_",
     "make_block_starts",
+    "perturb_activity",
+    "activity_gradient",
     "sgd_step_",
     "adamw_step_",
 ]

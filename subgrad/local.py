@@ -15,6 +15,7 @@ Cuts (the models of :mod:`subgrad.models`, unchanged):
 
 * ``lenet``: five blocks, one site each: conv1 -> ReLU -> pool, conv2 -> ReLU -> pool -> flatten,
   fc1 -> ReLU, fc2 -> ReLU, fc3 (the classifier).
+* ``localnet``: one block per conv (conv -> ReLU -> pool; the last one flattens) and the classifier fc.
 * ``resnet20``: the stem (conv, BN, ReLU), each of the 9 basic blocks (sites conv1 and conv2; the tail of
   conv1 runs through conv2), and the pooled classifier fc.  BatchNorm scale and shift are not trained by
   this method (they stay at 1 and 0; see :func:`untrained_parameters`); the tails normalise with the clean
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import BasicBlock, LeNet, ResNet20
+from .models import BasicBlock, LeNet, LocalNet, ResNet20
 
 
 @dataclass
@@ -178,8 +179,9 @@ class LocalBlock(nn.Module):
         return None
 
 
-class LeNetBlock(LocalBlock):
-    """One layer of LeNet and what follows it up to the next layer."""
+class PlainBlock(LocalBlock):
+    """One layer of a plain (non-residual) net and what follows it up to the next layer: ``kind`` "conv"
+    (ReLU, 2x2 max-pool), "conv-flatten" (the same, then flatten), "relu", or "logits" (nothing)."""
 
     def __init__(self, layer: nn.Module, kind: str):
         super().__init__()
@@ -279,18 +281,21 @@ def local_blocks(model: nn.Module) -> list[LocalBlock]:
     """The model cut into blocks (they share the model's layers; nothing is copied)."""
     if isinstance(model, LeNet):
         return [
-            LeNetBlock(model.conv1, "conv"),
-            LeNetBlock(model.conv2, "conv-flatten"),
-            LeNetBlock(model.fc1, "relu"),
-            LeNetBlock(model.fc2, "relu"),
-            LeNetBlock(model.fc3, "logits"),
+            PlainBlock(model.conv1, "conv"),
+            PlainBlock(model.conv2, "conv-flatten"),
+            PlainBlock(model.fc1, "relu"),
+            PlainBlock(model.fc2, "relu"),
+            PlainBlock(model.fc3, "logits"),
         ]
+    if isinstance(model, LocalNet):
+        kinds = ["conv"] * (len(model.convs) - 1) + ["conv-flatten"]
+        return [PlainBlock(conv, kind) for conv, kind in zip(model.convs, kinds)] + [PlainBlock(model.fc, "logits")]
     if isinstance(model, ResNet20):
         return (
             [StemBlock(model.conv, model.bn)] + [ResidualBlock(b) for b in model.layers] + [ClassifierBlock(model.fc)]
         )
     raise ValueError(
-        f"activity perturbation needs a block cut of the model, and there is one for LeNet and "
+        f"activity perturbation needs a block cut of the model, and there is one for LeNet, LocalNet and "
         f"ResNet20 only (got {type(model).__name__}); add one in subgrad/local.py or use zo-adam"
     )
 

@@ -4,6 +4,11 @@
   fc 400->120->84->10, ReLU (62,006 parameters).
 * ``resnet20``: the CIFAR ResNet-20 of He et al. (2016), 3 stages x 3 basic blocks, 16/32/64 channels,
   option-A (zero-padded identity) shortcuts, global average pool, fc 64->10 (about 0.27 M parameters).
+* ``localnet``: a plain convolutional net built for forward-only training with local losses: three
+  blocks of conv 3x3 (padding 1), ReLU, 2x2 max-pool (32/64/128 channels: 16x16, 8x8, 4x4 maps), flatten,
+  fc 2048->10 (113,738 parameters).  Every block is one layer whose output reaches the next block through
+  per-unit operations only, so each of its units moves one patch-and-channel-group local loss
+  (:mod:`subgrad.local`), and channel counts divide into groups of 2 to 32.
 """
 
 from __future__ import annotations
@@ -77,7 +82,21 @@ class ResNet20(nn.Module):
         return self.fc(x)
 
 
-MODELS = {"lenet": LeNet, "resnet20": ResNet20}
+class LocalNet(nn.Module):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        channels = (3, *widths)
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(channels, channels[1:]))
+        side = 32 >> len(widths)
+        self.fc = nn.Linear(widths[-1] * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.max_pool2d(F.relu(conv(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+MODELS = {"lenet": LeNet, "resnet20": ResNet20, "localnet": LocalNet}
 
 
 def build_model(name: str, **config) -> nn.Module:

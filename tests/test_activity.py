@@ -26,7 +26,7 @@ def _batch(n: int, seed: int = 0):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+@pytest.mark.parametrize("name", ["lenet", "resnet20", "localnet"])
 def test_block_cut_is_the_model_forward(name):
     torch.manual_seed(0)
     model = build_model(name).train()
@@ -42,12 +42,12 @@ def test_block_cut_is_the_model_forward(name):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+@pytest.mark.parametrize("name", ["lenet", "resnet20", "localnet"])
 def test_tails_recompute_the_block_output(name):
     """tail(j, z_j) from an unchanged z_j is the block output (what the finite difference subtracts), and a
     tail is per example: run on rows [2, 5) alone it gives those rows of the whole batch's tail (so ranks can
     split the rows).  Tolerance 1e-6: a ResNet tail normalises with the batch statistics computed apart from
-    the BatchNorm module's (another summation order); LeNet's is exact."""
+    the BatchNorm module's (another summation order); LeNet's and LocalNet's are exact."""
     torch.manual_seed(0)
     model = build_model(name).train()
     x, _ = _batch(6)
@@ -60,7 +60,7 @@ def test_tails_recompute_the_block_output(name):
                 whole = clean.tail(j, site.z + 0.1, ALL)
                 torch.testing.assert_close(clean.tail(j, site.z, ALL), clean.out, rtol=0, atol=1e-6)
                 torch.testing.assert_close(clean.tail(j, site.z[rows] + 0.1, rows), whole[rows], rtol=0, atol=1e-6)
-                if name == "lenet":
+                if name != "resnet20":
                     assert torch.equal(clean.tail(j, site.z, ALL), clean.out)
             h = clean.out
 
@@ -82,10 +82,14 @@ def test_heads_and_untrained_parameters():
     assert len(make_heads(local_blocks(resnet), torch.zeros(1, 3, 32, 32))) == 10  # stem + 9 basic blocks
 
 
-PART_SETTINGS = {"lenet": dict(patches=7, groups=2), "resnet20": dict(patches=4, groups=2, norm=True)}
+PART_SETTINGS = {
+    "lenet": dict(patches=7, groups=2),
+    "resnet20": dict(patches=4, groups=2, norm=True),
+    "localnet": dict(patches=4, groups=8, norm=True),
+}
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+@pytest.mark.parametrize("name", ["lenet", "resnet20", "localnet"])
 def test_a_unit_moves_only_its_own_part_loss(name):
     """What the per-part estimate relies on: changing one unit of a site's activity changes the local loss
     of the part ``site_parts`` names for it and no other part's, and no other example's (exactly: the other
@@ -108,7 +112,7 @@ def test_a_unit_moves_only_its_own_part_loss(name):
                 if parts is None:
                     assert name == "resnet20" and j == 0
                     continue
-                assert parts.shape == site.z.shape[1:] and int(parts.max()) + 1 == opt.heads[b].parts
+                assert parts.numel() == site.z[0].numel() and int(parts.max()) + 1 == opt.heads[b].parts
                 active = site.active[0].flatten().nonzero().flatten()
                 for k in active[torch.randint(len(active), (4,), generator=g)].tolist():
                     z = site.z.clone()
@@ -313,7 +317,7 @@ def test_bad_settings_are_refused():
     model = build_model("lenet")
     with pytest.raises(ValueError, match="eps"):
         ActivityZO(model, eps=0.0)
-    with pytest.raises(ValueError, match="LeNet and ResNet20"):
+    with pytest.raises(ValueError, match="LeNet, LocalNet and ResNet20"):
         ActivityZO(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
     with pytest.raises(ValueError, match="q must be"):
         ActivityZO(model, q=0)

@@ -23,7 +23,7 @@ from subgrad.export.runtime import ImageError, ModelFileError, ModelInfo, Predic
 
 pytestmark = pytest.mark.slow  # every test here trains, exports and validates real models
 
-MODELS = ["lenet", "resnet20"]
+MODELS = ["lenet", "resnet20", "localnet"]
 
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -35,18 +35,23 @@ def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """{model: run folder} of short real-data training runs (lenet: 60 SGD steps, resnet20: 10 at lr 0.02,
-    gentle enough that its eval-mode logits stay in a trained model's range, |logit| < 100)."""
+    gentle enough that its eval-mode logits stay in a trained model's range, |logit| < 100; localnet: 20
+    forward-only steps, whose training-only heads must stay out of model.pt and the ONNX file)."""
     from subgrad.training.config import TrainConfig
     from subgrad.training.loop import train
 
     archive = real_archive()
     out = {}
-    for name, steps, batch, lr in (("lenet", 60, 128, None), ("resnet20", 10, 64, 0.02)):
+    for name, optimizer, steps, batch, lr in (
+        ("lenet", "sgd", 60, 128, None),
+        ("resnet20", "sgd", 10, 64, 0.02),
+        ("localnet", "zo", 20, 64, None),
+    ):
         folder = tmp_path_factory.mktemp(f"run-{name}")
         train(
             TrainConfig(
                 model=name,
-                optimizer="sgd",
+                optimizer=optimizer,
                 data=str(archive),
                 out=str(folder),
                 device="cpu",

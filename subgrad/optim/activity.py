@@ -83,12 +83,9 @@ class ActivitySettings:
         require("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**62, "an int in [0, 2**62)", self.seed)
 
 
-def _scaled(d: torch.Tensor, u: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
-    """Each unit's direction times the loss difference of the part it moves: ``d[parts[k], i] * u[i, k]``
-    (d: ``(parts, n)``; ``parts`` like one example's ``u``, or None: every unit moves the whole loss)."""
-    if parts is None or d.shape[0] == 1:
-        return d.sum(0).view(-1, *[1] * (u.dim() - 1)) * u
-    return d.T[:, parts.flatten()].view_as(u) * u
+def _flat(parts: torch.Tensor | None) -> torch.Tensor | None:
+    """A part map flattened to one entry per unit; None where every unit moves the one part (or all)."""
+    return None if parts is None or int(parts.max()) == 0 else parts.reshape(-1).contiguous()
 
 
 def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -164,11 +161,17 @@ class ActivityZO:
             pool=settings.head_pool,
             norm=settings.norm,
         )
-        # per block and site: the head part each unit moves (None: the whole loss)
+        # per block and site: the head part each unit of one example moves, flat (None: the whole loss); per
+        # head: the part of each of its logits
         self.site_parts = [
-            [block.site_parts(j, head.part_map().to(device)) for j in range(block.num_sites)]
+            [_flat(block.site_parts(j, head.part_map().to(device))) for j in range(block.num_sites)]
             for block, head in zip(self.blocks, self.heads)
         ] + [[None] * self.blocks[-1].num_sites]
+        classes = self.heads[0].weight.shape[-1] if len(self.heads) else 0
+        self.head_parts = [
+            torch.arange(head.parts, device=device).repeat_interleave(classes) if head.parts > 1 else None
+            for head in self.heads
+        ]
         # capturable: the step count and bias corrections live on the device, where the skip gate acts
         self.adamw = AdamW(
             trained_parameters(self.blocks) + list(self.heads.parameters()),
@@ -205,13 +208,6 @@ class ActivityZO:
         ones (a perturbed pass reruns each block's tails: one forward pass)."""
         return (1 + self.settings.q) * self.step_count
 
-    def _directions(self, seed: torch.Tensor, site: int, like: torch.Tensor) -> torch.Tensor:
-        """Rademacher signs shaped like ``like`` (the global batch), from seed ``seed + site`` (``seed`` on
-        the device)."""
-        return K.philox_rademacher(
-            seed, like.numel(), device=like.device, backend=self.adamw.backend, seed_index=site
-        ).view_as(like)
-
     def _rows(self, n: int) -> slice:
         """This rank's contiguous share of a batch of ``n`` examples (the perturbed tails it runs)."""
         rank, world = (self.replicas.rank, self.replicas.world_size) if self.replicas is not None else (0, 1)
@@ -241,6 +237,7 @@ class ActivityZO:
         if not self.model.training:  # BatchNorm: the clean pass would use running statistics, the tails batch ones
             raise ValueError("ActivityZO.step needs the model in training mode; call model.train() first")
         eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
+        backend, trusted = self.adamw.backend, dict(validate_args=False)  # the constructor checked the settings
         rows = self._rows(n)
         seed, site = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend), 0
         h, last = inputs, len(self.blocks) - 1
@@ -250,35 +247,49 @@ class ActivityZO:
             head = self.heads[b] if b < last else None
             loss, features, logits = self.local_losses(b, clean.out, targets)  # (parts, n)
             # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
-            directions, diffs = [], []
+            diffs = []
             for j, rec in enumerate(clean.sites):
-                for _ in range(q):
-                    u = self._directions(seed, site, rec.z)
-                    site += 1
-                    if rec.active is not None:  # a unit that cannot move the loss gets no noise
-                        u = u * rec.active
-                    out = clean.tail(j, rec.z[rows] + eps * u[rows], rows)
-                    directions.append(u)
-                    diffs.append((self.local_losses(b, out, targets[rows])[0] - loss[:, rows]) / eps)
-            if head is not None:  # the head, from a perturbation of its logits
-                v = self._directions(seed, site, logits)
-                site += 1
-                directions.append(v)
-                diffs.append((self._losses(logits[:, rows] + eps * v[:, rows], targets[rows]) - loss[:, rows]) / eps)
+                for k in range(q):  # a unit that cannot move the loss (not active) gets no noise
+                    zp = K.perturb_activity(
+                        rec.z, rec.active, seed, k, rows, eps, backend, seed_index=site + j, **trusted
+                    )
+                    diffs.append(
+                        (self.local_losses(b, clean.tail(j, zp, rows), targets[rows])[0] - loss[:, rows]) / eps
+                    )
+            head_site = site + len(clean.sites)
+            if head is not None:  # the head, from a perturbation of its logits ([n, parts, classes] per example)
+                per_example = logits.transpose(0, 1).contiguous()
+                vp = K.perturb_activity(per_example, None, seed, 0, rows, eps, backend, seed_index=head_site, **trusted)
+                diffs.append((self._losses(vp.transpose(0, 1), targets[rows]) - loss[:, rows]) / eps)
             # 2. every rank's d: the only data-parallel traffic (per example, part and site, never per weight)
             d = torch.stack(diffs)
             if self.replicas is not None:
                 d = self.replicas.all_gather_examples(d)
             finite &= torch.isfinite(d).all()
-            # 3. the same gradients on every rank, from the clean activations of the whole batch
+            # 3. the same gradients on every rank, from the clean activations of the whole batch, the
+            # directions regenerated from their seed
             for j, rec in enumerate(clean.sites):
-                g = _scaled(d[j * q], directions[j * q], site_parts[j])
-                for k in range(j * q + 1, (j + 1) * q):
-                    g = g + _scaled(d[k], directions[k], site_parts[j])
-                g = g / (q * n)
+                parts = site_parts[j]
+                dj = d[j * q : (j + 1) * q]
+                if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
+                    dj = dj.sum(1, keepdim=True)
+                g = K.activity_gradient(
+                    dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, **trusted
+                )
                 _weight_grad(rec.layer, rec.x, g if rec.unpool is None else rec.unpool(g))
             if head is not None:
-                head.set_grad(features, d[-1][..., None] * directions[-1] / n)
+                g = K.activity_gradient(
+                    d[-1:],
+                    None,
+                    self.head_parts[b],
+                    seed,
+                    per_example.shape,
+                    backend,
+                    seed_index=site + j + 1,
+                    **trusted,
+                )
+                head.set_grad(features, g.transpose(0, 1))
+            site += len(clean.sites) + (head is not None)
             h = clean.out
         self.counters.count_skip(finite)
         # one fused kernel per flat buffer (model layers and heads); a NaN/inf estimate closes its gate on
