@@ -130,7 +130,11 @@ KERNEL_NAMES = {
     "sgd_kernel": "sgd_step_",
     "adamw_kernel": "adamw_step_",
     "philox_direction_kernel": "philox_direction",
+    "perturb_activity_kernel": "perturb_activity",
+    "activity_gradient_kernel": "activity_gradient",
 }
+#: kernels that draw Rademacher signs without a RADEMACHER flag, and their count of directions
+ACTIVITY_KERNELS = {"perturb_activity_kernel": None, "activity_gradient_kernel": "q"}
 #: constexpr flag -> option name in the JSON (a flag set to True adds its option)
 OPTION_FLAGS = {
     "HAS_SOURCE": "source",
@@ -231,9 +235,28 @@ def optimizer_launches(hidden: int = 16, device: str | torch.device = "cpu"):
         yield label, [(x.call, x.grid, x.args, x.kwargs) for x in launches if x.call.__name__ in KERNEL_NAMES]
 
 
+def activity_launches(device: str | torch.device = "cpu"):
+    """ActivityZO (``--optimizer zo``) on LeNet, batch 2, at q 1 and 8, with per-part local losses and
+    without: ``(label, [(fn, grid, args, kwargs)])`` of its element-wise kernels, recorded, not run."""
+    from subgrad.models import build_model
+    from subgrad.optim import ActivityZO
+
+    x = torch.randn(2, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (2,), device=device)
+    for label, settings in (("zo", dict(q=1)), ("zo-q8", dict(q=8)), ("zo-parts", dict(patches=7, groups=2))):
+        torch.manual_seed(0)
+        opt = ActivityZO(build_model("lenet").to(device).train(), lr=1e-3, backend="triton", **settings)
+        launches = []
+        with triton_launches(launches, run=False, force_triton=True):
+            opt.step(x, y)
+        yield label, [(x.call, x.grid, x.args, x.kwargs) for x in launches if x.call.__name__ in ACTIVITY_KERNELS]
+
+
 def record_optimizer_launches() -> list:
-    """Every launch of :func:`optimizer_launches` on the small CPU model: ``(label, fn, grid, args, kwargs)``."""
-    return [(label, *call) for label, calls in optimizer_launches() for call in calls]
+    """Every launch of :func:`optimizer_launches` on the small CPU model and of :func:`activity_launches`:
+    ``(label, fn, grid, args, kwargs)``."""
+    calls = [*optimizer_launches(), *activity_launches()]
+    return [(label, *call) for label, launches in calls for call in launches]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,8 +299,13 @@ def describe(fn, sig: dict, constexprs: dict, values: dict) -> dict:
     if "RADEMACHER" in constexprs:
         distribution = "rademacher" if constexprs["RADEMACHER"] else "gaussian"
     else:
-        distribution = None
-    directions = values.get("num_directions", 1) if distribution else None
+        distribution = "rademacher" if fn.__name__ in ACTIVITY_KERNELS else None
+    if fn.__name__ in ACTIVITY_KERNELS:
+        options += [opt for flag, opt in (("HAS_ACTIVE", "active"), ("HAS_PARTS", "parts")) if constexprs.get(flag)]
+        count = ACTIVITY_KERNELS[fn.__name__]
+        directions = values.get(count, 1) if count else 1
+    else:
+        directions = values.get("num_directions", 1) if distribution else None
     return dict(
         kernel=KERNEL_NAMES.get(fn.__name__, fn.__name__),
         dtype=DTYPE_NAMES[sig[first_pointer][1:]],
@@ -509,7 +537,7 @@ def streamed_bytes(ttir: str, tensors: dict, n: int | None) -> int:
 
 
 #: runtime-loop trip count of each kernel at q directions (zo_update_ loops over all but the last one)
-LOOP_TRIPS = {"zo_update_": lambda q: q - 1}
+LOOP_TRIPS = {"zo_update_": lambda q: q - 1, "activity_gradient": lambda q: q}
 
 
 def compiled(variant: dict, arch: int) -> tuple[list[tuple[int, str]], dict, int]:

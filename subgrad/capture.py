@@ -176,9 +176,11 @@ class _TritonRecorder:
 
 
 def _kernel_modules():
-    from .kernels import adamw, perturb, philox, seeds, sgd, zo_update
+    from .kernels import activity, adamw, perturb, philox, seeds, sgd, zo_update
 
     return (
+        (activity, "perturb_activity_kernel"),
+        (activity, "activity_gradient_kernel"),
         (perturb, "perturb_kernel"),
         (zo_update, "zo_update_kernel"),
         (sgd, "sgd_kernel"),

@@ -191,6 +191,22 @@ def test_estimate_points_along_the_local_gradient():
         assert cosine >= bound, (k, cosine)
 
 
+def test_an_nhwc_batch_steps_like_a_contiguous_one():
+    """A batch stored NHWC (as a loader may hand it over) gives non-contiguous conv outputs; the step makes
+    its activities contiguous for the kernels and estimates the same gradients (same directions; within
+    1e-3 of their scale: the convs sum in another order in NHWC, and the loss differences divide such a
+    last-bit change by eps, as in the data-parallel test)."""
+    x, y = _batch(4)
+    grads = []
+    for batch in (x, x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        torch.manual_seed(0)
+        model = build_model("localnet").train()
+        ActivityZO(model, lr=1e-3, seed=2, patches=2, groups=2).step(batch, y)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max(), ((a - b).abs().max(), a.abs().max())
+
+
 def test_kernel_and_twin_steps_agree_bit_for_bit():
     """backend="triton" (the AdamW kernel and Philox signs; interpreted on CPU, compiled on CUDA) vs the
     torch twins, with per-part local losses."""

@@ -2,45 +2,50 @@
 
 ``subgrad train --optimizer zo``.  After Ren, Kornblith, Liao and Hinton (2022), "Scaling forward
 gradient with local losses".  The model is cut into blocks (:mod:`subgrad.local`), each trained on its
-own loss: cross-entropy of a training-only linear head on the block's output (the last block: the model's
-own output).  At step ``t``, with autograd off, for each block in order (its input is the previous
-block's output, so no signal crosses blocks)::
+own loss: the mean over its *parts* of the cross-entropy of a training-only linear head per part
+(:class:`subgrad.local.LocalHead`: the block output cut into patches x channel groups; one part by
+default), the last block on the model's own output.  At step ``t``, with autograd off, for each block in
+order (its input is the previous block's output, so no signal crosses blocks)::
 
-    clean pass     x_j, z_j = input and output of site j (a conv/linear layer), L_i = local loss of example i
+    clean pass     x_j, z_j = input and activity of site j (a conv/linear layer's output, or its pooled
+                   output), L_pi = local loss of part p of example i
     for site j, q times (k):
-                   u = r * active_j                 r: one Rademacher sign per unit of every example, from
-                                                    its own Philox seed s_t + (site, k) (0 on units a
-                                                    ReLU switches off or a max-pool passes over)
-                   d_i = (L_i(tail_j(z_j + eps u)) - L_i) / eps      one perturbed pass of the block's tail
-                   g_j = mean over k of d[:, None] * u / n           estimates d(mean L)/dz_j
+                   u_k = r_k * active_j             r_k: a Rademacher sign per unit of every example, from
+                                                    the Philox seed s_t + site (0 on units a ReLU switches off)
+                   d_kpi = (L_pi(tail_j(z_j + eps u_k)) - L_pi) / eps     one perturbed pass of the tail
+                   g_j[i, unit] = sum over k of d_k,part(unit),i u_k[i, unit] / (q n)
+                                                    estimates d(mean_i sum_p L_pi)/dz_j: a unit's product is
+                                                    with the loss of the part it moves only (the other parts'
+                                                    units add no noise to it)
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
     for the head:  the same with a perturbation of its logits
     then one fused AdamW step (subgrad.optim.AdamW, capturable: a Triton kernel, one launch per flat
     buffer; the bit-identical torch twin on CPU) over the model's layers and the heads.
 
-The step never reads a device value on the host: the directions' seed comes from a step counter on the
-device, and a non-finite loss difference closes the AdamW kernel's gate on the device (the step is
-counted in ``skipped_steps``, read when asked), so the whole step can be captured in a CUDA graph.
+The perturbed activity and ``g_j`` are one fused kernel each (:mod:`subgrad.kernels.activity`): the q
+directions are regenerated from the seed where they are used, never stored.  The step never reads a
+device value on the host: the seed comes from a step counter on the device, and a non-finite loss
+difference closes the AdamW kernel's gate on the device (the step is counted in ``skipped_steps``, read
+when asked), so the whole step can be captured in a CUDA graph.
 
 Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
 activities rather than weights divides it further by the layer's fan-in; the local losses keep each
-estimate to one block.  A step is one clean forward pass and q perturbed passes of every block's tails
-(counted as 1 + q forward passes: a perturbed pass reruns only each block's tails; a ResNet-20 basic
-block's tails rerun 1.5 blocks).
+estimate to one block, and parts to the units of one part.  A step is one clean forward pass and q
+perturbed passes of every block's tails (counted as 1 + q forward passes: a perturbed pass reruns only
+each block's tails; a ResNet-20 basic block's tails rerun 1.5 blocks).
 
-Memory beyond inference: a block's activations for one batch (its sites' inputs and outputs, and their q
-directions each, kept until the block's loss differences are gathered; one perturbed tail at a time),
-the heads (LeNet: 7,040 parameters; ResNet-20: 56,420), a gradient buffer and Adam's two moments
-(3 x 4 bytes per trained parameter, model and heads).
+Memory beyond inference: a block's activations for one batch (its sites' inputs and activities; one
+perturbed tail at a time), the heads (LeNet: 5,600 parameters at one part per block), a gradient buffer and
+Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
 
 Data parallel, scalars only: every rank runs the clean pass of every block on the whole global batch
-(so BatchNorm sees the global batch, as one process would), draws every example's directions, and runs
-the perturbed tails for its own contiguous share of the examples only.  Per block, one all-gather of the
-per-example loss differences d (``n x (sites x q + 1)`` float32 values: per example and per site, never
-per weight) gives every rank all of them; each rank then forms the same weight gradients ``g^T x`` from its
-own clean activations and applies the same update, so replicas stay bit-identical without a weight or a
-gradient on the wire.  The price: the clean pass and the products are not divided among ranks, only the
-tails are (measured in benchmarks/README.md).
+(so BatchNorm sees the global batch, as one process would), and runs the perturbed tails for its own
+contiguous share of the examples only.  Per block, one all-gather of the per-example loss differences d
+(``n x parts x (sites x q + 1)`` float32 values: per example, part and site, never per weight) gives every
+rank all of them; each rank then forms the same weight gradients ``g^T x`` from its own clean activations
+and applies the same update, so replicas stay bit-identical without a weight or a gradient on the wire.
+The price: the clean pass and the products are not divided among ranks, only the tails are (measured in
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ class ActivitySettings:
         require("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**62, "an int in [0, 2**62)", self.seed)
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def _flat(parts: torch.Tensor | None) -> torch.Tensor | None:
     """A part map flattened to one entry per unit; None where every unit moves the one part (or all)."""
     return None if parts is None or int(parts.max()) == 0 else parts.reshape(-1).contiguous()
@@ -104,15 +113,16 @@ def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
 
 
 class ActivityZO:
-    """Forward-only training of a LeNet or ResNet-20 by per-example activity perturbation with local
-    losses (see the module docstring for the estimate).
+    """Forward-only training of a LeNet, LocalNet or ResNet-20 by per-example activity perturbation with
+    local losses (see the module docstring for the estimate).
 
     Unlike a ``torch.optim`` optimizer it runs the model itself, block by block:
     ``loss = opt.step(inputs, targets)`` returns the mean loss of the model's output on the batch.
 
     Args:
-        model: a :class:`subgrad.models.LeNet` or :class:`~subgrad.models.ResNet20` (in train mode when
-            stepping; BatchNorm scale and shift are not trained by this method).
+        model: a :class:`subgrad.models.LeNet`, :class:`~subgrad.models.LocalNet` or
+            :class:`~subgrad.models.ResNet20` (in train mode when stepping; BatchNorm scale and shift are not
+            trained by this method).
         lr, betas, weight_decay: of the AdamW update (decoupled weight decay).
         eps: activity perturbation size (finite-difference step on each unit's output).
         head_pool: a head reads each patch of a convolutional block's output average-pooled to
@@ -121,7 +131,8 @@ class ActivityZO:
             cut into patches x patches patches (convolutional blocks) and ``groups`` channel groups, each part
             with its own head and loss; ``norm`` standardises each part's features before its head.
         seed: names the run's sequence of directions.
-        backend: kernel backend of the update (None: Triton on CUDA, the twin elsewhere).
+        backend: kernel backend of the activity kernels and the update (None: Triton on CUDA, the twin
+            elsewhere).
         example: a batch of inputs (only its shape and device matter) to size the heads; default: one
             CIFAR-sized image on the model's device.
         replicas: data-parallel ranks (:class:`subgrad.optim.replicas.Replicas`); None: one process.
@@ -246,9 +257,14 @@ class ActivityZO:
             clean = block.run(h)
             head = self.heads[b] if b < last else None
             loss, features, logits = self.local_losses(b, clean.out, targets)  # (parts, n)
+            # the kernels walk activities in their logical order: an input in another memory format (an NHWC
+            # batch) gives conv outputs that are not contiguous
+            sites = [
+                dataclasses.replace(rec, z=rec.z.contiguous(), active=_contiguous(rec.active)) for rec in clean.sites
+            ]
             # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
             diffs = []
-            for j, rec in enumerate(clean.sites):
+            for j, rec in enumerate(sites):
                 for k in range(q):  # a unit that cannot move the loss (not active) gets no noise
                     zp = K.perturb_activity(
                         rec.z, rec.active, seed, k, rows, eps, backend, seed_index=site + j, **trusted
@@ -256,7 +272,7 @@ class ActivityZO:
                     diffs.append(
                         (self.local_losses(b, clean.tail(j, zp, rows), targets[rows])[0] - loss[:, rows]) / eps
                     )
-            head_site = site + len(clean.sites)
+            head_site = site + len(sites)
             if head is not None:  # the head, from a perturbation of its logits ([n, parts, classes] per example)
                 per_example = logits.transpose(0, 1).contiguous()
                 vp = K.perturb_activity(per_example, None, seed, 0, rows, eps, backend, seed_index=head_site, **trusted)
@@ -268,7 +284,7 @@ class ActivityZO:
             finite &= torch.isfinite(d).all()
             # 3. the same gradients on every rank, from the clean activations of the whole batch, the
             # directions regenerated from their seed
-            for j, rec in enumerate(clean.sites):
+            for j, rec in enumerate(sites):
                 parts = site_parts[j]
                 dj = d[j * q : (j + 1) * q]
                 if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
@@ -289,7 +305,7 @@ class ActivityZO:
                     **trusted,
                 )
                 head.set_grad(features, g.transpose(0, 1))
-            site += len(clean.sites) + (head is not None)
+            site += len(sites) + (head is not None)
             h = clean.out
         self.counters.count_skip(finite)
         # one fused kernel per flat buffer (model layers and heads); a NaN/inf estimate closes its gate on
