@@ -21,7 +21,7 @@ adamw_step_            kernels/adamw.py       tests/test_sgd_adamw.py
 """
 
 from ._common import BACKENDS, resolve_backend
-from .activity import activity_gradient, perturb_activity
+from .activity import activity_gradient, perturb_activity, site_signs
 from .adamw import adamw_step_
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
@@ -44,6 +44,7 @@ __all__ = [
     "make_block_starts",
     "perturb_activity",
     "activity_gradient",
+    "site_signs",
     "sgd_step_",
     "adamw_step_",
 ]

@@ -2,9 +2,11 @@
 with the direction regenerated from its seed in each, never stored.
 
 A site's activity ``z`` is ``[n, m]`` (n examples of m units, contiguous), and direction ``k`` of the site
-is the Rademacher direction named by ``seed + seed_index`` at elements ``k n m .. (k + 1) n m - 1``
-(``u_k[i, j] = s(k n m + i m + j)``, the map of :func:`subgrad.kernels.philox_rademacher`), times the
-site's mask ``active`` (0 on units that cannot move the loss).
+is the Rademacher direction named by ``seed + seed_index`` from element ``k S`` on, ``S`` = n m rounded up
+to a whole Philox group of 4096 (``u_k[i, j] = s(k S + i m + j)``, the map of
+:func:`subgrad.kernels.philox_rademacher`; every direction starts on a group boundary, so a kernel tile
+draws each of its directions' signs as one group), times the site's mask ``active`` (0 on units that
+cannot move the loss).
 
 * :func:`perturb_activity` -- the perturbed activity of examples ``rows``, one pass::
 
@@ -124,6 +126,14 @@ def direction_stride(total: int) -> int:
     return -(-total // GROUP) * GROUP
 
 
+def site_signs(seed: int | torch.Tensor, q: int, total: int, device, seed_index: int = 0) -> torch.Tensor:
+    """The first q directions of a site of ``total`` units (all examples), ``[q, stride]`` float32 signs
+    (direction k is row k; elements past ``total`` are the padding to a group boundary), drawn in one
+    call: what the twins read, so a CPU step draws each direction once."""
+    stride = direction_stride(total)
+    return philox_rademacher(seed, q * stride, device=device, backend="torch", seed_index=seed_index).view(q, stride)
+
+
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int, like: torch.Tensor) -> None:
     require(
         name,
@@ -144,6 +154,7 @@ def perturb_activity(
     backend: str | None = None,
     *,
     seed_index: int = 0,
+    signs: torch.Tensor | None = None,
     validate_args: bool = True,
 ) -> torch.Tensor:
     """Rows ``rows`` of ``z + eps * u_k`` (a new tensor like ``z[rows]``), ``u_k = s_k * active``: direction
@@ -156,6 +167,8 @@ def perturb_activity(
         k: the direction, >= 0.
         rows: a slice of the batch with step 1.
         eps: perturbation size.
+        signs: the twin only: the site's directions already drawn (:func:`site_signs`), so a CPU step draws
+            them once for its perturbations and its gradient; the kernel regenerates them and refuses this.
     """
     n = z.shape[0]
     start, stop, step = rows.indices(n)
@@ -171,9 +184,10 @@ def perturb_activity(
         require("rows", step == 1, "a slice with step 1", rows)
         check_direction_range(k * direction_stride(total), total)
     offset, count = k * direction_stride(total) + start * m, max(stop - start, 0) * m
-    out = torch.empty_like(z[start:stop])
     s = seed_args(seed, seed_index, 1, z)
     if resolve_backend(backend, z) == "triton":
+        require("signs", signs is None, "None with the Triton kernel (it draws them)", "a tensor")
+        out = torch.empty_like(z[start:stop])
         if count:
             t = tile_launch(offset, count, True)
             zs = z.view(-1)[start * m :]
@@ -199,10 +213,12 @@ def perturb_activity(
                 enable_fp_fusion=False,
             )
     else:
-        u = philox_rademacher(seed, count, offset, device=z.device, backend="torch", seed_index=seed_index)
+        if signs is None:
+            signs = site_signs(seed, k + 1, total, z.device, seed_index)
+        u = signs[k, start * m : stop * m]
         if active is not None:
             u = u * active.view(-1)[start * m : stop * m]
-        out.view(-1).copy_(z.view(-1)[start * m : stop * m] + f32(eps) * u)
+        out = (z.view(-1)[start * m : stop * m] + f32(eps) * u).view_as(z[start:stop])
     return out
 
 
@@ -215,6 +231,7 @@ def activity_gradient(
     backend: str | None = None,
     *,
     seed_index: int = 0,
+    signs: torch.Tensor | None = None,
     validate_args: bool = True,
 ) -> torch.Tensor:
     """The site's estimated gradient (float32, ``shape`` = the activity's ``[n, ...]``) from the loss
@@ -225,6 +242,7 @@ def activity_gradient(
         d: contiguous float32 ``[q, parts, n]``.
         active: bool of ``shape``, or None (every unit).
         parts: int64 ``[m]`` (``m`` units per example): the part each unit moves; None: ``d`` has one part.
+        signs: as in :func:`perturb_activity` (at least q directions).
     """
     q, n_parts, n = d.shape if d.dim() == 3 else (0, 0, 0)
     total = 1
@@ -251,6 +269,7 @@ def activity_gradient(
     scale = f32(1.0 / (q * n)) if n else 0.0
     s = seed_args(seed, seed_index, 1, d)
     if resolve_backend(backend, d) == "triton":
+        require("signs", signs is None, "None with the Triton kernel (it draws them)", "a tensor")
         if total:
             t = tile_launch(0, total, True)
             activity_gradient_kernel[t.grid](
@@ -279,9 +298,9 @@ def activity_gradient(
                 enable_fp_fusion=False,
             )
         return g
-    stride = direction_stride(total)
-    signs = philox_rademacher(seed, q * stride, device=d.device, backend="torch", seed_index=seed_index)
-    signs = signs.view(q, stride)[:, :total].view(q, n, m)
+    if signs is None:
+        signs = site_signs(seed, q, total, d.device, seed_index)
+    signs = signs[:q, :total].view(q, n, m)
     # d[k, part[j], i] as [n, m]: one part per unit, or the only part
     per_unit = [(d[k].T[:, parts] if parts is not None else d[k, 0][:, None]) for k in range(q)]
     acc = per_unit[0] * signs[0]

@@ -219,6 +219,13 @@ class ActivityZO:
         ones (a perturbed pass reruns each block's tails: one forward pass)."""
         return (1 + self.settings.q) * self.step_count
 
+    def _signs(self, seed: torch.Tensor, q: int, z: torch.Tensor, site: int) -> torch.Tensor | None:
+        """A site's q directions drawn once, for the twins (the CPU path), which read them for the perturbed
+        passes and the gradient; None where the Triton kernels run (they regenerate them, never stored)."""
+        if K.resolve_backend(self.adamw.backend, z) == "triton":
+            return None
+        return K.site_signs(seed, q, z.numel(), z.device, site)
+
     def _rows(self, n: int) -> slice:
         """This rank's contiguous share of a batch of ``n`` examples (the perturbed tails it runs)."""
         rank, world = (self.replicas.rank, self.replicas.world_size) if self.replicas is not None else (0, 1)
@@ -263,11 +270,11 @@ class ActivityZO:
                 dataclasses.replace(rec, z=rec.z.contiguous(), active=_contiguous(rec.active)) for rec in clean.sites
             ]
             # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
-            diffs = []
+            diffs, signs = [], [self._signs(seed, q, rec.z, site + j) for j, rec in enumerate(sites)]
             for j, rec in enumerate(sites):
                 for k in range(q):  # a unit that cannot move the loss (not active) gets no noise
                     zp = K.perturb_activity(
-                        rec.z, rec.active, seed, k, rows, eps, backend, seed_index=site + j, **trusted
+                        rec.z, rec.active, seed, k, rows, eps, backend, seed_index=site + j, signs=signs[j], **trusted
                     )
                     diffs.append(
                         (self.local_losses(b, clean.tail(j, zp, rows), targets[rows])[0] - loss[:, rows]) / eps
@@ -275,7 +282,10 @@ class ActivityZO:
             head_site = site + len(sites)
             if head is not None:  # the head, from a perturbation of its logits ([n, parts, classes] per example)
                 per_example = logits.transpose(0, 1).contiguous()
-                vp = K.perturb_activity(per_example, None, seed, 0, rows, eps, backend, seed_index=head_site, **trusted)
+                head_signs = self._signs(seed, 1, per_example, head_site)
+                vp = K.perturb_activity(
+                    per_example, None, seed, 0, rows, eps, backend, seed_index=head_site, signs=head_signs, **trusted
+                )
                 diffs.append((self._losses(vp.transpose(0, 1), targets[rows]) - loss[:, rows]) / eps)
             # 2. every rank's d: the only data-parallel traffic (per example, part and site, never per weight)
             d = torch.stack(diffs)
@@ -290,7 +300,7 @@ class ActivityZO:
                 if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
                     dj = dj.sum(1, keepdim=True)
                 g = K.activity_gradient(
-                    dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, **trusted
+                    dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, signs=signs[j], **trusted
                 )
                 _weight_grad(rec.layer, rec.x, g if rec.unpool is None else rec.unpool(g))
             if head is not None:
@@ -301,7 +311,8 @@ class ActivityZO:
                     seed,
                     per_example.shape,
                     backend,
-                    seed_index=site + j + 1,
+                    seed_index=head_site,
+                    signs=head_signs,
                     **trusted,
                 )
                 head.set_grad(features, g.transpose(0, 1))
