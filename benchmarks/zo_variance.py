@@ -1,11 +1,13 @@
 """How good is a forward-only estimate, layer by layer: its cosine with the exact local gradient, and its cost.
 
-    python benchmarks/zo_variance.py --data ../shared/data/cifar10-jpeg.tar.gz
+    python benchmarks/zo_variance.py --data ../shared/data/cifar10-jpeg.tar.gz --methods q1 q4 q8 patch-group2
+    python benchmarks/zo_variance.py --data ... --model localnet --methods q1 p2g4 p4g4 p4g8 --steps 20
     python benchmarks/zo_variance.py --data ... --model resnet20 --methods q1 q4 --steps 50
 
-For each method (an ActivityZO setting: ``q1`` is `--optimizer zo`'s default, one direction per example and
-layer; ``q4`` averages four) the optimizer steps ``--steps`` times at lr 0 on one fixed batch of real training
-images (the weights never move, the directions change every step).  Per layer it reports:
+For each method (an ActivityZO setting, METHODS: ``q1`` is one direction per example and layer with one
+local loss per block; ``q4`` averages four; ``p4g4`` cuts each block's local loss into 4 x 4 patches and 4
+channel groups, subgrad.local.LocalHead) the optimizer steps ``--steps`` times at lr 0 on one fixed batch
+of real training images (the weights never move, the directions change every step).  Per layer it reports:
 
 * ``cosine_1``: the mean cosine of one step's estimate with the exact gradient of the same local loss
   (autograd through the layer's block and head, the block's input held fixed): what a single step gets;
@@ -33,11 +35,12 @@ from subgrad.training.data import DeviceLoader, load_cifar10
 from subgrad.training.session import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-#: method name -> ActivityZO keyword arguments (eps as `--optimizer zo`'s defaults)
+#: method name -> ActivityZO keyword arguments (the others at ActivityZO's defaults; LeNet's patch is 7 x 7)
 METHODS = {
     "q1": dict(q=1),
     "q2": dict(q=2),
     "q4": dict(q=4),
+    "q8": dict(q=8),
     "patch": dict(patches=7),
     "patch-norm": dict(patches=7, norm=True),
     "group2": dict(groups=2),
@@ -45,6 +48,8 @@ METHODS = {
     "p2": dict(patches=2),
     "p2g4": dict(patches=2, groups=4),
     "p4g4": dict(patches=4, groups=4),
+    "p4g8": dict(patches=4, groups=8),
+    "p4g4-norm": dict(patches=4, groups=4, norm=True),
     "g8": dict(groups=8),
     "p2g8": dict(patches=2, groups=8),
 }
