@@ -2,14 +2,15 @@
 (:class:`subgrad.optim.ActivityZO`, ``subgrad train --optimizer zo``).
 
 A *block* maps its input ``h`` to its output ``a``; the next block starts from ``a``, so no training
-signal crosses blocks.  Each block owns one or more *sites*: the output ``z = layer(x)`` of a
-convolution or linear layer, where the optimizer perturbs activities.  For each site a block can rerun
-its *tail*, the rest of the block from a changed ``z`` (``x`` and everything before stay as they were),
-for any contiguous rows of the batch: a tail treats every example on its own (BatchNorm in a tail uses the
-clean pass's batch statistics), so data-parallel ranks can each run their share of the rows.
-A block's loss is cross-entropy of its *head*: a training-only linear classifier on its (average-pooled)
-output, or the model's own output for the last block.  Heads live in the optimizer, never in the model,
-so a trained model exports exactly as it would from backprop.
+signal crosses blocks.  Each block owns one or more *sites*: the activity ``z`` of a convolution or
+linear layer (its output ``layer(x)``, or that output after ReLU and 2x2 max-pooling, see
+:class:`SiteRecord`), where the optimizer perturbs.  For each site a block can rerun its *tail*, the rest
+of the block from a changed ``z`` (``x`` and everything before stay as they were), for any contiguous rows
+of the batch: a tail treats every example on its own (BatchNorm in a tail uses the clean pass's batch
+statistics), so data-parallel ranks can each run their share of the rows.  A block's loss comes from its
+*head* (:class:`LocalHead`): training-only linear classifiers on parts of its output (one part, the
+average-pooled output, by default), or the model's own output for the last block.  Heads live in the
+optimizer, never in the model, so a trained model exports exactly as it would from backprop.
 
 Cuts (the models of :mod:`subgrad.models`, unchanged):
 
@@ -59,7 +60,7 @@ class SiteRecord:
 @dataclass
 class BlockPass:
     """A block's clean pass: its output, its sites, and ``tail(j, z, rows)``: rows ``rows`` (a slice of the
-    batch) of the output with site j's output replaced by ``z`` (which holds those rows only).  A tail is
+    batch) of the output with site j's activity replaced by ``z`` (which holds those rows only).  A tail is
     per example: ``tail(j, z[rows], rows) == tail(j, z, ALL)[rows]``."""
 
     out: torch.Tensor
