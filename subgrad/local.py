@@ -110,6 +110,12 @@ class LocalHead(nn.Module):
                     f"patches={patches} does not cut a {height}x{width} block output evenly; use {divisors}"
                 )
             self.bins = (min(pool, height // tiles), min(pool, width // tiles))
+            # a patch's average pooling to its bins as one matrix (pixels x bins): a small matmul is several
+            # times faster on CPU than adaptive pooling with overlapping windows
+            th, tw = height // tiles, width // tiles
+            basis = torch.eye(th * tw).view(th * tw, 1, th, tw)
+            pool_matrix = F.adaptive_avg_pool2d(basis, self.bins).view(th * tw, -1)
+            self.register_buffer("pool_matrix", pool_matrix, persistent=False)
         else:
             tiles, self.bins = 1, (1, 1)
         self.shape, self.tiles, self.groups, self.norm = tuple(shape), tiles, groups, norm
@@ -130,8 +136,8 @@ class LocalHead(nn.Module):
         else:
             c, h, w = self.shape
             tiled = out.view(n, g, c // g, t, h // t, t, w // t).permute(1, 3, 5, 0, 2, 4, 6)
-            f = F.adaptive_avg_pool2d(tiled.reshape(-1, c // g, h // t, w // t), self.bins)
-            f = f.reshape(self.parts, n, -1)
+            pixels = tiled.reshape(self.parts, n, c // g, (h // t) * (w // t))
+            f = (pixels @ self.pool_matrix).reshape(self.parts, n, -1)
         if self.norm and f.shape[-1] > 1:
             var, mean = torch.var_mean(f, dim=-1, unbiased=False, keepdim=True)
             f = (f - mean) * torch.rsqrt(var + 1e-5)

@@ -247,6 +247,8 @@ class ActivityZO:
     @staticmethod
     def _losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         parts, n = logits.shape[:2]
+        if parts == 1:
+            return F.cross_entropy(logits[0], y, reduction="none")[None]
         return F.cross_entropy(logits.flatten(0, 1), y.repeat(parts), reduction="none").view(parts, n) / parts
 
     @torch.no_grad()
