@@ -54,7 +54,7 @@ def perturb_activity_kernel(
     seed_lo,  # low 31 bits of a host seed
     seed_hi,  # seed >> 31 of a host seed
     seed_index,  # added to the seed (the site)
-    first_group,  # offset // GROUP: Philox group of element 0 (offset = k n m + first row x m)
+    first_group,  # offset // GROUP: Philox group of element 0 (offset = k S + first row x m)
     lead,  # offset % GROUP: position of element 0 within its group
     eps,  # fp32 perturbation size
     HAS_ACTIVE: tl.constexpr,  # multiply the direction by the mask
