@@ -6,7 +6,7 @@
 
 Every forward-only optimizer at its `subgrad train` defaults (zo, zo-sgd, zo-adam, hizoo), with backprop
 SGD at its defaults as the reference, on the full CIFAR-10 archive.  With ``--optimizers`` only those are
-run, and the other runs of an existing JSON at ``--out`` are kept (each run records its own date), so
+run, and the other runs of an existing JSON at ``--out`` are kept (each run records its own date and machine), so
 a method can be added to the same figure; compare seconds only between runs of one invocation (the
 machines are noisy).  Each run evaluates at ``--points``
 evenly spaced steps; the test accuracy there is plotted against the forward passes spent so far and
@@ -36,6 +36,17 @@ from subgrad.training.session import versions
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def machine_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and thread count: these VMs differ by 2x from one day to the next."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
 def run_curve(model: str, optimizer: str, data: str, device: str, points: int, train_images: int) -> dict:
     """One training run at the pair's defaults; its evaluations as a curve."""
     cfg = TrainConfig(model=model, optimizer=optimizer, data=data, device=device, quiet=True).resolved()
@@ -57,6 +68,7 @@ def run_curve(model: str, optimizer: str, data: str, device: str, points: int, t
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "quiet")}
     return dict(
         date=datetime.date.today().isoformat(),
+        machine=machine_name(device),
         settings=settings,
         curve=curve,
         test_accuracy=summary["test_accuracy"],
@@ -115,11 +127,7 @@ def main(argv=None) -> int:
             f"{run['train_seconds']:.0f} s",
             flush=True,
         )
-    machine = (
-        torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    machine = machine_name(device)
     report = dict(
         date=datetime.date.today().isoformat(),
         device=device,
