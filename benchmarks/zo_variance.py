@@ -46,12 +46,14 @@ METHODS = {
     "group2": dict(groups=2),
     "patch-group2": dict(patches=7, groups=2),
     "p2": dict(patches=2),
+    "p4": dict(patches=4),
     "p2g4": dict(patches=2, groups=4),
     "p4g4": dict(patches=4, groups=4),
     "p4g8": dict(patches=4, groups=8),
     "p4g4-norm": dict(patches=4, groups=4, norm=True),
     "g8": dict(groups=8),
     "p2g8": dict(patches=2, groups=8),
+    "q2-p4g4": dict(q=2, patches=4, groups=4),  # localnet's zo default
 }
 
 

@@ -132,7 +132,7 @@ def build_parser(model: str = "lenet", optimizer: str = "sgd") -> argparse.Argum
     tr = sub.add_parser(
         "train",
         help="train a CIFAR-10 model into a run folder",
-        description="Train lenet or resnet20 on CIFAR-10 with any subgrad optimizer. Flags left "
+        description="Train lenet, resnet20 or localnet on CIFAR-10 with any subgrad optimizer. Flags left "
         "out take the defaults for the model/optimizer pair (subgrad/training/config.py "
         "DEFAULTS); --help after --model/--optimizer shows that pair's values.",
     )
