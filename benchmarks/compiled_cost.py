@@ -315,6 +315,11 @@ def describe(fn, sig: dict, constexprs: dict, values: dict) -> dict:
     )
 
 
+#: the argument that holds a kernel's element count (the size of its full-size buffers), where it is not ``n``
+#: (activity_gradient's ``n`` is the examples; its per-part loss differences are a small table)
+ELEMENT_COUNT_ARG = {"perturb_activity_kernel": "count", "activity_gradient_kernel": "total"}
+
+
 def distinct_variants(launches: list) -> list[dict]:
     """Deduplicate recorded launches; keep which optimizer configurations launch each variant."""
     variants = {}
@@ -332,7 +337,7 @@ def distinct_variants(launches: list) -> list[dict]:
                 sig=sig,
                 constexprs=constexprs,
                 attrs=attrs,
-                n=values.get("n"),
+                n=values.get(ELEMENT_COUNT_ARG.get(fn.__name__, "n")),
                 tensors=tensors,
                 options=kwargs,
                 used_by=set(),

@@ -21,7 +21,7 @@ adamw_step_            kernels/adamw.py       tests/test_sgd_adamw.py
 """
 
 from ._common import BACKENDS, resolve_backend
-from .activity import activity_gradient, perturb_activity, site_signs
+from .activity import activity_gradient, perturb_activity, site_signs, takes_twin
 from .adamw import adamw_step_
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
@@ -45,6 +45,7 @@ __all__ = [
     "perturb_activity",
     "activity_gradient",
     "site_signs",
+    "takes_twin",
     "sgd_step_",
     "adamw_step_",
 ]

@@ -126,6 +126,14 @@ def direction_stride(total: int) -> int:
     return -(-total // GROUP) * GROUP
 
 
+def takes_twin(backend: str | None, like: torch.Tensor) -> bool:
+    """Whether the activity ops run their torch twins for ``backend`` on tensors like ``like``: the twins
+    read a site's directions drawn once (:func:`site_signs`), the kernels regenerate them.  The same
+    backend choice as the ops' own, so a caller that draws the signs agrees with them (also when
+    :func:`subgrad.capture.triton_launches` forces the Triton path)."""
+    return resolve_backend(backend, like) == "torch"
+
+
 def site_signs(seed: int | torch.Tensor, q: int, total: int, device, seed_index: int = 0) -> torch.Tensor:
     """The first q directions of a site of ``total`` units (all examples), ``[q, stride]`` float32 signs
     (direction k is row k; elements past ``total`` are the padding to a group boundary), drawn in one

@@ -79,8 +79,9 @@ def test_two_ranks_equal_one_rank(tmp_path, optimizer, atol):
     assert summary["weights_sha256"] == weights_hash(model)
     if optimizer == "zo-sgd":  # lenet default: 5 module blocks x 2 central-difference losses x float64
         assert summary["bytes_communicated_per_step"] == 5 * 2 * 8
-    elif optimizer == "zo":  # per example of this rank's 32: a float32 loss difference per site (5) and head (4)
-        assert summary["bytes_communicated_per_step"] == 4 * 32 * (5 + 4)
+    elif optimizer == "zo":  # per example of this rank's 32: a float32 loss difference per site (5) and
+        # direction (lenet's default q 8), and per head (4)
+        assert summary["bytes_communicated_per_step"] == 4 * 32 * (5 * 8 + 4)
     else:  # the flat float32 gradient
         assert summary["bytes_communicated_per_step"] == 4 * sum(v.numel() for v in b.values())
     # resuming with another world size is refused with the reason

@@ -98,7 +98,7 @@ def test_export_is_checked_dynamic_and_self_describing(name, runs, exported):
     assert info.mean == record["mean"] and info.std == record["std"]
     assert (info.height, info.width, info.input_layout, info.preprocessing_in_graph) == (32, 32, "NCHW", False)
     assert info.raw["training"]["test_accuracy"] == summary["test_accuracy"]
-    assert info.raw["training"]["optimizer"] == "sgd"
+    assert info.raw["training"]["optimizer"] == record["optimizer"] == ("zo" if name == "localnet" else "sgd")
     assert {"torch", "onnx", "subgrad"} <= set(info.raw["versions"])
 
 
@@ -234,7 +234,7 @@ def test_predict_cli_reports_bad_images_and_continues(tmp_path, exported, test_p
 
 @pytest.mark.parametrize("name", MODELS)
 def test_bench_reports_both_sides(name, runs, exported, tmp_path):
-    # lenet: eager weights rebuilt from the ONNX file; resnet20 (BatchNorm folded by the exporter): --run
+    # lenet, localnet: eager weights rebuilt from the ONNX file; resnet20 (BatchNorm folded by the exporter): --run
     extra = ("--run", runs[name]) if name == "resnet20" else ()
     out = _cli(
         "bench",
@@ -252,7 +252,7 @@ def test_bench_reports_both_sides(name, runs, exported, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     (cpu,) = [r for r in report["results"] if r["provider"] == "CPUExecutionProvider"]
-    assert report["torch_weights"] == ("onnx" if name == "lenet" else f"run {runs[name]}") and report["threads"] >= 1
+    assert report["torch_weights"] == (f"run {runs[name]}" if name == "resnet20" else "onnx") and report["threads"] >= 1
     assert cpu["provider_used"] == "CPUExecutionProvider" and cpu["session_create_ms"] > 0
     for bs in ("1", "4"):
         row = cpu["batches"][bs]

@@ -116,9 +116,9 @@ def test_activity_perturbation_run_beats_chance(tmp_path):
         tmp_path,
     )
     summary = json.loads((run / "summary.json").read_text())
-    # chance is 0.10; measured test 0.2141, validation 0.2102 on the 2-core VM
+    # chance is 0.10; the bar leaves room for the machine and seed
     assert summary["test_accuracy"] >= 0.19 and summary["val_accuracy"] >= 0.19, summary
-    assert summary["forward_passes"] == 200 * 2 and summary["validation_images"] == 5000
+    assert summary["forward_passes"] == 200 * (1 + 8) and summary["validation_images"] == 5000  # q 8
     config = json.loads((run / "config.json").read_text())
     assert config["validation"] == 5000 and config["estimator"] is None  # settings zo has no use for stay unset
 

@@ -222,7 +222,7 @@ class ActivityZO:
     def _signs(self, seed: torch.Tensor, q: int, z: torch.Tensor, site: int) -> torch.Tensor | None:
         """A site's q directions drawn once, for the twins (the CPU path), which read them for the perturbed
         passes and the gradient; None where the Triton kernels run (they regenerate them, never stored)."""
-        if K.resolve_backend(self.adamw.backend, z) == "triton":
+        if not K.takes_twin(self.adamw.backend, z):
             return None
         return K.site_signs(seed, q, z.numel(), z.device, site)
 
