@@ -34,8 +34,9 @@ BLOCK_MODES = ("none", "tensor", "module")
 DEFAULTS = {
     # activity perturbation with local losses (subgrad.optim.ActivityZO); settings chosen on a 5,000-image
     # validation split of the training set (--validation 5000; benchmarks/README.md "Choosing zo's settings"):
-    # lenet q 8 x 6,000 steps ~ 190 s on the 2-core VM (q 4 x 9,000: val 54.3%, q 8: 56.0%; patch and group
-    # losses lower lenet's accuracy); resnet20: 4 x 4 patches x 4 groups (300-step validation runs: 18.6% vs
+    # lenet q 8 x 6,000 steps ~ 190 s on the 2-core Intel Xeon VM, 95 s on the AMD EPYC one (q 4 x 9,000: val
+    # 54.3%, q 8: 56.0%, 54.2% rerun with the current heads, 57.6% at seed 1; patch and group losses lower
+    # lenet's accuracy); resnet20: 4 x 4 patches x 4 groups (300-step validation runs: 18.6% vs
     # 12.7% with one loss per block), 6,000 steps so that the 1.3x costlier step stays inside the hour
     ("lenet", "zo"): dict(
         batch_size=128,
@@ -101,7 +102,8 @@ DEFAULTS = {
     # its shared-direction rows are resnet20's (not tuned for it)
     # localnet: q 2, 4 x 4 patches, 4 groups (1,500-step validation runs, benchmarks/README.md); lr 1e-3, not
     # those runs' 2e-3: Adam's steps on noisy estimates random-walk the weights by ~ lr sqrt(steps), and at
-    # 2e-3 a 25,000-step run's test loss rose past chance (3.5) by step 4,000; 22,000 steps ~ 48 min (0.13 s)
+    # 2e-3 a 25,000-step run's test loss rose past chance (3.5) by step 4,000; 22,000 steps: 43 min on the
+    # 2-core Intel Xeon VM, 29 min on the AMD EPYC one (benchmarks/README.md)
     ("localnet", "zo"): dict(
         batch_size=128,
         lr=1e-3,
