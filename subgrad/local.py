@@ -18,10 +18,10 @@ Cuts (the models of :mod:`subgrad.models`, unchanged):
   fc1 -> ReLU, fc2 -> ReLU, fc3 (the classifier).
 * ``localnet``: one block per conv (conv -> ReLU -> pool; the last one flattens) and the classifier fc.
 * ``resnet20``: the stem (conv, BN, ReLU), each of the 9 basic blocks (sites conv1 and conv2; the tail of
-  conv1 runs through conv2, see :meth:`LocalHead.window_losses`), and the pooled classifier fc.  BatchNorm
-  scale and shift are not trained by this method (they stay at 1 and 0; see :func:`untrained_parameters`);
-  the tails normalise with the clean pass's batch statistics, held fixed, and never touch the running
-  statistics, which the clean pass updates once per step.
+  conv1 runs through conv2), and the pooled classifier fc.  BatchNorm scale and shift are not trained by
+  this method (they stay at 1 and 0; see :func:`untrained_parameters`); the tails normalise with the clean
+  pass's batch statistics, held fixed, and never touch the running statistics, which the clean pass
+  updates once per step.
 
 Everything here is forward computation; nothing needs autograd.
 """
@@ -152,32 +152,6 @@ class LocalHead(nn.Module):
         self.weight.grad = torch.bmm(features.transpose(1, 2), g)
         self.bias.grad = g.sum(1, keepdim=True)
 
-    def window_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The losses a unit of a site moves when the site reaches this output through one 3x3 convolution
-        (stride 1, padding 1) and then unit by unit: every channel within one position of the unit, so the
-        parts of every channel group in the patches that window touches.  Returns, per unit of one example's
-        site (int64, shaped like the output), the index of its set of patches, and the ``(sets, parts)`` 0/1
-        matrix that sums each set's parts: the losses a unit's perturbation moves, all of them and only
-        them."""
-        if len(self.shape) == 1:  # a vector output: one set, every part
-            return torch.zeros(self.shape, dtype=torch.long), torch.ones(1, self.parts)
-        channels, height, width = self.shape
-        t = self.tiles
-
-        def reach(size):  # per row (column): the first and last patch row (column) its window touches
-            pos, side = torch.arange(size), size // t
-            first = (pos - 1).clamp(min=0).div(side, rounding_mode="floor")
-            last = (pos + 1).clamp(max=size - 1).div(side, rounding_mode="floor")
-            return first, last
-
-        (top, bottom), (left, right) = reach(height), reach(width)
-        corners = torch.stack(torch.broadcast_tensors(top[:, None], bottom[:, None], left, right), -1)
-        sets, index = torch.unique(corners.view(-1, 4), dim=0, return_inverse=True)
-        combine = torch.zeros(len(sets), self.groups, t, t)
-        for s, (r0, r1, c0, c1) in enumerate(sets.tolist()):
-            combine[s, :, r0 : r1 + 1, c0 : c1 + 1] = 1  # part index: group * t * t + row * t + col
-        return index.view(1, height, width).expand(channels, height, width), combine.view(len(sets), -1)
-
     def part_map(self) -> torch.Tensor:
         """The part each unit of one example's output belongs to (int64, shaped like the output)."""
         c = self.shape[0]
@@ -205,13 +179,11 @@ class LocalBlock(nn.Module):
         block (its output is the model's logits)."""
         return out
 
-    def site_loss(self, j: int) -> str:
-        """Which of the head's local losses a unit of site j moves, so that its perturbation is measured on
-        those only: "part" (its tail acts unit by unit and the site is shaped like the head input: the unit's
-        own part, :meth:`LocalHead.part_map`) or "window" (its tail is a 3x3 convolution, then unit by unit:
-        the parts of the patches within one position, :meth:`LocalHead.window_losses`).  Not asked of the
-        last block, which has no head."""
-        raise NotImplementedError
+    def site_parts(self, j: int, parts: torch.Tensor) -> torch.Tensor | None:
+        """The head part each unit of site j's output moves (shaped like one example's ``z``), given the part
+        of each unit of the head input (:meth:`LocalHead.part_map`); None when the site's tail mixes units of
+        several parts, so its perturbations are measured on the block's whole loss."""
+        return None
 
 
 class PlainBlock(LocalBlock):
@@ -244,8 +216,8 @@ class PlainBlock(LocalBlock):
             return out.view(out.shape[0], self.layer.out_channels, side, side)
         return out
 
-    def site_loss(self, j):
-        return "part"  # the site is the block's output (conv-flatten: before flattening)
+    def site_parts(self, j, parts):
+        return parts  # the site is the block's output (conv-flatten: before flattening)
 
 
 class StemBlock(LocalBlock):
@@ -263,14 +235,12 @@ class StemBlock(LocalBlock):
             out, [SiteRecord(self.conv, h, z, out > 0)], lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats))
         )
 
-    def site_loss(self, j):
-        return "part"  # BatchNorm with fixed statistics and ReLU act per unit
+    def site_parts(self, j, parts):
+        return parts  # BatchNorm with fixed statistics and ReLU act per unit
 
 
 class ResidualBlock(LocalBlock):
-    """One basic block of ResNet-20: sites conv1 and conv2.  conv2's units each move one part; conv1's
-    reach the output through conv2's 3x3 window, so each moves the parts of the patches within one position
-    of it ("window" losses), and its estimate reads their sum."""
+    """One basic block of ResNet-20: sites conv1 and conv2."""
 
     num_sites = 2
 
@@ -294,8 +264,8 @@ class ResidualBlock(LocalBlock):
 
         return BlockPass(out, [SiteRecord(b.conv1, h, z1, x2 > 0), SiteRecord(b.conv2, x2, z2, out > 0)], tail)
 
-    def site_loss(self, j):
-        return "part" if j == 1 else "window"  # conv1's tail runs through conv2 (3x3, stride 1)
+    def site_parts(self, j, parts):
+        return parts if j == 1 else None  # conv1's tail runs through conv2, which mixes neighbouring units
 
 
 class ClassifierBlock(LocalBlock):

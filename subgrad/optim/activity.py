@@ -13,12 +13,10 @@ order (its input is the previous block's output, so no signal crosses blocks)::
                    u_k = r_k * active_j             r_k: a Rademacher sign per unit of every example, from
                                                     the Philox seed s_t + site (0 on units a ReLU switches off)
                    d_kpi = (L_pi(tail_j(z_j + eps u_k)) - L_pi) / eps     one perturbed pass of the tail
-                   g_j[i, unit] = sum over k of D_k,loss(unit),i u_k[i, unit] / (q n)
+                   g_j[i, unit] = sum over k of d_k,part(unit),i u_k[i, unit] / (q n)
                                                     estimates d(mean_i sum_p L_pi)/dz_j: a unit's product is
-                                                    with the losses it moves only, D = the sum of their d
-                                                    (its part; or, for a ResNet conv1, whose tail runs through
-                                                    a 3x3 conv, the parts its window reaches), so the other
-                                                    parts' units add no noise to it
+                                                    with the loss of the part it moves only (the other parts'
+                                                    units add no noise to it)
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
     for the head:  the same with a perturbation of its logits
     then one fused AdamW step (subgrad.optim.AdamW, capturable: a Triton kernel, one launch per flat
@@ -94,14 +92,9 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _site_losses(kind: str, head, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """How a site's estimate reads its block's per-part loss differences, by its ``LocalBlock.site_loss``
-    kind: the loss each unit of one example moves (flat; None: one loss, every unit) and the
-    ``(losses, parts)`` 0/1 matrix that sums the parts into those losses (None: the parts themselves)."""
-    if head.parts == 1:
-        return None, None
-    index, combine = (head.part_map(), None) if kind == "part" else head.window_losses()
-    return index.reshape(-1).contiguous().to(device), None if combine is None else combine.to(device)
+def _flat(parts: torch.Tensor | None) -> torch.Tensor | None:
+    """A part map flattened to one entry per unit; None where every unit moves the one part (or all)."""
+    return None if parts is None or int(parts.max()) == 0 else parts.reshape(-1).contiguous()
 
 
 def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -179,12 +172,12 @@ class ActivityZO:
             pool=settings.head_pool,
             norm=settings.norm,
         )
-        # per block and site: the local loss each unit moves and how it is formed from the parts' losses
-        # (LocalBlock.site_loss); per head: the part of each of its logits
-        self.site_losses = [
-            [_site_losses(block.site_loss(j), head, device) for j in range(block.num_sites)]
+        # per block and site: the head part each unit of one example moves, flat (None: the whole loss); per
+        # head: the part of each of its logits
+        self.site_parts = [
+            [_flat(block.site_parts(j, head.part_map().to(device))) for j in range(block.num_sites)]
             for block, head in zip(self.blocks, self.heads)
-        ] + [[(None, None)] * self.blocks[-1].num_sites]
+        ] + [[None] * self.blocks[-1].num_sites]
         classes = self.heads[0].weight.shape[-1] if len(self.heads) else 0
         self.head_parts = [
             torch.arange(head.parts, device=device).repeat_interleave(classes) if head.parts > 1 else None
@@ -269,7 +262,7 @@ class ActivityZO:
         seed, site = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend), 0
         h, last = inputs, len(self.blocks) - 1
         finite = torch.ones((), dtype=torch.bool, device=inputs.device)
-        for b, (block, site_losses) in enumerate(zip(self.blocks, self.site_losses)):
+        for b, (block, site_parts) in enumerate(zip(self.blocks, self.site_parts)):
             clean = block.run(h)
             head = self.heads[b] if b < last else None
             loss, features, logits = self.local_losses(b, clean.out, targets)  # (parts, n)
@@ -304,10 +297,10 @@ class ActivityZO:
             # 3. the same gradients on every rank, from the clean activations of the whole batch, the
             # directions regenerated from their seed
             for j, rec in enumerate(sites):
-                parts, combine = site_losses[j]
+                parts = site_parts[j]
                 dj = d[j * q : (j + 1) * q]
-                if combine is not None:  # the losses its units move, each a sum of parts
-                    dj = torch.einsum("sp,kpn->ksn", combine, dj).contiguous()
+                if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
+                    dj = dj.sum(1, keepdim=True)
                 g = K.activity_gradient(
                     dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, signs=signs[j], **trusted
                 )
