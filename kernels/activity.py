@@ -193,7 +193,7 @@ def perturb_activity(
         check_direction_range(k * direction_stride(total), total)
     offset, count = k * direction_stride(total) + start * m, max(stop - start, 0) * m
     s = seed_args(seed, seed_index, 1, z)
-    if resolve_backend(backend, z) == "triton":
+    if not takes_twin(backend, z):
         require("signs", signs is None, "None with the Triton kernel (it draws them)", "a tensor")
         out = torch.empty_like(z[start:stop])
         if count:
@@ -276,7 +276,7 @@ def activity_gradient(
     g = torch.empty(shape, dtype=torch.float32, device=d.device)
     scale = f32(1.0 / (q * n)) if n else 0.0
     s = seed_args(seed, seed_index, 1, d)
-    if resolve_backend(backend, d) == "triton":
+    if not takes_twin(backend, d):
         require("signs", signs is None, "None with the Triton kernel (it draws them)", "a tensor")
         if total:
             t = tile_launch(0, total, True)
