@@ -41,6 +41,8 @@ METHODS = {
     "q2": dict(q=2),
     "q4": dict(q=4),
     "q8": dict(q=8),
+    "q8-linear16": dict(q=8, q_linear=16),  # more directions on the fully connected layers only
+    "q8-linear32": dict(q=8, q_linear=32),
     "patch": dict(patches=7),
     "patch-norm": dict(patches=7, norm=True),
     "group2": dict(groups=2),

@@ -222,7 +222,34 @@ def test_kernel_and_twin_steps_agree_bit_for_bit():
         assert torch.equal(a, b), (a - b).abs().max()
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(q=2, **PART_SETTINGS["lenet"])], ids=["default", "q2-parts"])
+def test_q_linear_sets_the_directions_of_linear_sites_only():
+    """A site's directions come from its own seed index and its k-th direction does not depend on how many
+    there are, so with q=2, q_linear=3 the convs get exactly the estimates of a q=2 step and the linear
+    layers those of a q=3 one (from the same weights: the first step's gradients, bit for bit)."""
+    x, y = _batch(4)
+    grads = {}
+    for q, q_linear in ((2, 3), (2, 2), (3, 3)):
+        torch.manual_seed(0)
+        model = build_model("lenet").train()
+        opt = ActivityZO(model, lr=1e-3, seed=6, q=q, q_linear=q_linear)
+        opt.step(x, y)
+        grads[q, q_linear] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        assert opt.forward_passes == 1 + max(q, q_linear)
+    for name, g in grads[2, 3].items():
+        expected = grads[3, 3] if name.startswith("fc") else grads[2, 2]
+        assert torch.equal(g, expected[name]), name
+        if name.startswith("fc"):
+            assert not torch.equal(g, grads[2, 2][name]), name  # the third direction changed the estimate
+    assert ActivityZO(build_model("lenet"), q=4).settings.q_linear == 4  # None: as many as q
+    with pytest.raises(ValueError, match="q_linear"):
+        ActivityZO(build_model("lenet"), q_linear=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(q=2, **PART_SETTINGS["lenet"]), dict(q=2, q_linear=3)],
+    ids=["default", "q2-parts", "q2-linear3"],
+)
 def test_state_dict_resume_is_bit_exact(settings):
     x1, y1 = _batch(32, seed=1)
     x2, y2 = _batch(32, seed=2)
@@ -243,7 +270,7 @@ def test_state_dict_resume_is_bit_exact(settings):
     ropt.step(x1, y1)
     for a, b in zip([*model.parameters(), *opt.heads.parameters()], [*resumed.parameters(), *ropt.heads.parameters()]):
         assert torch.equal(a, b)
-    assert ropt.forward_passes == opt.forward_passes == 3 * (1 + settings.get("q", 1))
+    assert ropt.forward_passes == opt.forward_passes == 3 * (1 + max(settings.get("q", 1), ropt.settings.q_linear))
 
     other = ActivityZO(build_model("lenet"), lr=2e-3, eps=2e-2, seed=7)
     with pytest.raises(ValueError, match="saved with"):
@@ -252,6 +279,13 @@ def test_state_dict_resume_is_bit_exact(settings):
     del older["subgrad"]["settings"]["patches"]
     with pytest.raises(ValueError, match=r"without the settings \['patches'\]"):
         ropt.load_state_dict(older)
+    older = copy.deepcopy(saved_opt)
+    del older["subgrad"]["settings"]["q_linear"]  # saved before q_linear existed: q on every layer
+    if ropt.settings.q_linear == ropt.settings.q:
+        ropt.load_state_dict(older)
+    else:
+        with pytest.raises(ValueError, match="saved with"):
+            ropt.load_state_dict(older)
 
 
 class _ThreadGather:

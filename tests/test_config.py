@@ -51,11 +51,11 @@ def test_one_default_per_setting_for_every_pair():
         assert set(row) <= FIELDS, f"{pair}: not settings: {set(row) - FIELDS}"
         resolved = TrainConfig(model=pair[0], optimizer=pair[1]).resolved()
         unused = set(UNUSED_SETTINGS.get(pair[1], ()))
-        # distribution: None is the optimizers' own rule (subgrad.optim.zo.default_distribution: rademacher
-        # when q > 1), so the rule has one home
+        # distribution and q_linear: None is the optimizers' own rule (subgrad.optim.zo.default_distribution:
+        # rademacher when q > 1; ActivitySettings: q_linear as many as q), so the rule has one home
         missing = [
             f
-            for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every", "distribution"} - unused
+            for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every", "distribution", "q_linear"} - unused
             if getattr(resolved, f) is None
         ]
         assert not missing, f"{pair}: no default for {missing}"

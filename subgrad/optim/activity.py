@@ -9,11 +9,11 @@ order (its input is the previous block's output, so no signal crosses blocks)::
 
     clean pass     x_j, z_j = input and activity of site j (a conv/linear layer's output, or its pooled
                    output), L_pi = local loss of part p of example i
-    for site j, q times (k):
+    for site j, q_j times (k):        q_j = q on a convolution, q_linear on a linear layer
                    u_k = r_k * active_j             r_k: a Rademacher sign per unit of every example, from
                                                     the Philox seed s_t + site (0 on units a ReLU switches off)
                    d_kpi = (L_pi(tail_j(z_j + eps u_k)) - L_pi) / eps     one perturbed pass of the tail
-                   g_j[i, unit] = sum over k of d_k,part(unit),i u_k[i, unit] / (q n)
+                   g_j[i, unit] = sum over k of d_k,part(unit),i u_k[i, unit] / (q_j n)
                                                     estimates d(mean_i sum_p L_pi)/dz_j: a unit's product is
                                                     with the loss of the part it moves only (the other parts'
                                                     units add no noise to it)
@@ -30,9 +30,11 @@ when asked), so the whole step can be captured in a CUDA graph.
 
 Each example has its own direction, so the estimate's variance is divided by the batch; perturbing
 activities rather than weights divides it further by the layer's fan-in; the local losses keep each
-estimate to one block, and parts to the units of one part.  A step is one clean forward pass and q
-perturbed passes of every block's tails (counted as 1 + q forward passes: a perturbed pass reruns only
-each block's tails; a ResNet-20 basic block's tails rerun 1.5 blocks).
+estimate to one block, and parts to the units of one part.  A step is one clean forward pass and
+max(q, q_linear) perturbed passes (counted as 1 + max(q, q_linear) forward passes: perturbed pass k reruns
+the tails of the sites with more than k directions; a ResNet-20 basic block's tails rerun 1.5 blocks).
+A linear layer's activity has few units (LeNet's fc1: 120 per example, against conv1's 1,176) and a tail
+that costs little, so more directions there buy a better estimate cheaply (``q_linear``).
 
 Memory beyond inference: a block's activations for one batch (its sites' inputs and activities; one
 perturbed tail at a time), the heads (LeNet: 5,600 parameters at one part per block), a gradient buffer and
@@ -41,7 +43,7 @@ Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
 Data parallel, scalars only: every rank runs the clean pass of every block on the whole global batch
 (so BatchNorm sees the global batch, as one process would), and runs the perturbed tails for its own
 contiguous share of the examples only.  Per block, one all-gather of the per-example loss differences d
-(``n x parts x (sites x q + 1)`` float32 values: per example, part and site, never per weight) gives every
+(``n x parts x (sum of the sites' q_j + 1)`` float32 values: per example, part and site, never per weight) gives every
 rank all of them; each rank then forms the same weight gradients ``g^T x`` from its own clean activations
 and applies the same update, so replicas stay bit-identical without a weight or a gradient on the wire.
 The price: the clean pass and the products are not divided among ranks, only the tails are (measured in
@@ -71,6 +73,7 @@ class ActivitySettings:
 
     eps: float = 1e-2
     q: int = 1
+    q_linear: int | None = None  # directions on a linear layer's activity; None: q
     head_pool: int = 4
     patches: int = 1
     groups: int = 1
@@ -83,9 +86,16 @@ class ActivitySettings:
 
         for name in ("q", "head_pool", "patches", "groups"):
             require(name, positive_int(getattr(self, name)), "an int >= 1", getattr(self, name))
+        require("q_linear", self.q_linear is None or positive_int(self.q_linear), "None or an int >= 1", self.q_linear)
+        if self.q_linear is None:  # one spelling of "as many as q", so saved and new settings compare equal
+            object.__setattr__(self, "q_linear", self.q)
         require("eps", isinstance(self.eps, (int, float)) and self.eps > 0, "a number > 0", self.eps)
         require("norm", isinstance(self.norm, bool), "a bool", self.norm)
         require("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**62, "an int in [0, 2**62)", self.seed)
+
+    def site_q(self, layer: nn.Module) -> int:
+        """Directions per step on the activity of a site's ``layer``: q_linear on a linear layer, else q."""
+        return self.q_linear if isinstance(layer, nn.Linear) else self.q
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -125,6 +135,8 @@ class ActivityZO:
             trained by this method).
         lr, betas, weight_decay: of the AdamW update (decoupled weight decay).
         eps: activity perturbation size (finite-difference step on each unit's output).
+        q: directions per step on each convolution's activity.
+        q_linear: directions per step on each linear layer's activity (None: q).
         head_pool: a head reads each patch of a convolutional block's output average-pooled to
             head_pool x head_pool (at most the patch's size).
         patches, groups, norm: the local losses' parts (:class:`subgrad.local.LocalHead`): each block's output
@@ -144,6 +156,7 @@ class ActivityZO:
         lr: float = 2e-3,
         eps: float = ActivitySettings.eps,
         q: int = ActivitySettings.q,
+        q_linear: int | None = ActivitySettings.q_linear,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         head_pool: int = ActivitySettings.head_pool,
@@ -156,7 +169,7 @@ class ActivityZO:
         replicas: Replicas | None = None,
     ):
         self.settings = settings = ActivitySettings(
-            eps=eps, q=q, head_pool=head_pool, patches=patches, groups=groups, norm=norm, seed=seed
+            eps=eps, q=q, q_linear=q_linear, head_pool=head_pool, patches=patches, groups=groups, norm=norm, seed=seed
         )
         self.model = model
         self.blocks = local_blocks(model)
@@ -215,9 +228,9 @@ class ActivityZO:
 
     @property
     def forward_passes(self) -> int:
-        """Forward passes so far: per step one clean pass and q perturbed
-        ones (a perturbed pass reruns each block's tails: one forward pass)."""
-        return (1 + self.settings.q) * self.step_count
+        """Forward passes so far: per step one clean pass and max(q, q_linear) perturbed ones (perturbed pass
+        k reruns the tails of the sites with more than k directions: counted as one forward pass)."""
+        return (1 + max(self.settings.q, self.settings.q_linear)) * self.step_count
 
     def _signs(self, seed: torch.Tensor, q: int, z: torch.Tensor, site: int) -> torch.Tensor | None:
         """A site's q directions drawn once, for the twins (the CPU path), which read them for the perturbed
@@ -256,7 +269,7 @@ class ActivityZO:
         """One step on the (global) batch ``(inputs, targets)``; returns the mean loss of the model's output."""
         if not self.model.training:  # BatchNorm: the clean pass would use running statistics, the tails batch ones
             raise ValueError("ActivityZO.step needs the model in training mode; call model.train() first")
-        eps, q, n = self.settings.eps, self.settings.q, inputs.shape[0]
+        eps, n = self.settings.eps, inputs.shape[0]
         backend, trusted = self.adamw.backend, dict(validate_args=False)  # the constructor checked the settings
         rows = self._rows(n)
         seed, site = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend), 0
@@ -272,9 +285,11 @@ class ActivityZO:
                 dataclasses.replace(rec, z=rec.z.contiguous(), active=_contiguous(rec.active)) for rec in clean.sites
             ]
             # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
-            diffs, signs = [], [self._signs(seed, q, rec.z, site + j) for j, rec in enumerate(sites)]
+            qs = [self.settings.site_q(rec.layer) for rec in sites]
+            first = [sum(qs[:j]) for j in range(len(sites))]  # site j's rows of d: first[j] + k
+            diffs, signs = [], [self._signs(seed, qs[j], rec.z, site + j) for j, rec in enumerate(sites)]
             for j, rec in enumerate(sites):
-                for k in range(q):  # a unit that cannot move the loss (not active) gets no noise
+                for k in range(qs[j]):  # a unit that cannot move the loss (not active) gets no noise
                     zp = K.perturb_activity(
                         rec.z, rec.active, seed, k, rows, eps, backend, seed_index=site + j, signs=signs[j], **trusted
                     )
@@ -298,7 +313,7 @@ class ActivityZO:
             # directions regenerated from their seed
             for j, rec in enumerate(sites):
                 parts = site_parts[j]
-                dj = d[j * q : (j + 1) * q]
+                dj = d[first[j] : first[j] + qs[j]]
                 if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
                     dj = dj.sum(1, keepdim=True)
                 g = K.activity_gradient(
@@ -344,7 +359,8 @@ class ActivityZO:
         meta = state_dict.get("subgrad", {})
         if meta.get("kind") != type(self).__name__:
             raise ValueError(f"optimizer state is from {meta.get('kind')!r}, not {type(self).__name__}")
-        missing = {f.name for f in dataclasses.fields(ActivitySettings)} - set(meta["settings"])
+        # a state saved before q_linear existed used q on every layer: its missing q_linear means just that
+        missing = {f.name for f in dataclasses.fields(ActivitySettings)} - set(meta["settings"]) - {"q_linear"}
         if missing:
             raise ValueError(
                 f"optimizer state was saved by a subgrad without the settings {sorted(missing)}; "

@@ -17,11 +17,12 @@ ESTIMATOR_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")  # shared-direction estima
 ZO_OPTIMIZERS = ("zo",) + ESTIMATOR_OPTIMIZERS  # forward-only; "zo" is the recommended method (ActivityZO)
 FO_OPTIMIZERS = ("sgd", "adamw")
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
-LOCAL_LOSS_SETTINGS = ("patches", "groups", "norm")  # zo's local losses (subgrad.local.LocalHead)
+#: ActivityZO's own: its directions on linear layers and its local losses (subgrad.local.LocalHead)
+ZO_ONLY_SETTINGS = ("q_linear", "patches", "groups", "norm")
 #: Settings an optimizer has no use for: giving one is an error, not silently ignored.
 UNUSED_SETTINGS = {
     "zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size"),
-    **{name: LOCAL_LOSS_SETTINGS for name in FO_OPTIMIZERS + ESTIMATOR_OPTIMIZERS},
+    **{name: ZO_ONLY_SETTINGS for name in FO_OPTIMIZERS + ESTIMATOR_OPTIMIZERS},
 }
 SCHEDULES = ("cosine", "onecycle", "constant")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
@@ -200,7 +201,16 @@ class TrainConfig:
     weight_decay: float | None = field(default=None, metadata=_setting("L2 / decoupled weight decay", type=float))
     eps: float | None = field(default=None, metadata=_setting("perturbation size", group=ZO_GROUP, type=float))
     q: int | None = field(
-        default=None, metadata=_setting("directions per step (zo: per perturbed layer)", group=ZO_GROUP, type=int)
+        default=None,
+        metadata=_setting(
+            "directions per step (zo: per perturbed layer; with --q-linear, per conv layer)", group=ZO_GROUP, type=int
+        ),
+    )
+    q_linear: int | None = field(
+        default=None,
+        metadata=_setting(
+            "zo: directions per step on each fully connected layer (default: q)", group=ZO_GROUP, type=int
+        ),
     )
     estimator: str | None = field(
         default=None,
@@ -312,7 +322,7 @@ class TrainConfig:
             raise ValueError(f"--cuda-graph must be one of {CUDA_GRAPH_MODES}, got {cfg.cuda_graph!r}")
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-        for name in ("batch_size", "q", "patches", "groups"):
+        for name in ("batch_size", "q", "q_linear", "patches", "groups"):
             if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
         if cfg.lr is None or not cfg.lr > 0:

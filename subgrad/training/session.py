@@ -33,6 +33,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communica
             lr=cfg.lr,
             eps=cfg.eps,
             q=cfg.q,
+            q_linear=cfg.q_linear,
             patches=cfg.patches,
             groups=cfg.groups,
             norm=cfg.norm,
