@@ -43,11 +43,11 @@ Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
 Data parallel, scalars only: every rank runs the clean pass of every block on the whole global batch
 (so BatchNorm sees the global batch, as one process would), and runs the perturbed tails for its own
 contiguous share of the examples only.  Per block, one all-gather of the per-example loss differences d
-(``n x parts x (sum of the sites' q_j + 1)`` float32 values: per example, part and site, never per weight) gives every
-rank all of them; each rank then forms the same weight gradients ``g^T x`` from its own clean activations
-and applies the same update, so replicas stay bit-identical without a weight or a gradient on the wire.
-The price: the clean pass and the products are not divided among ranks, only the tails are (measured in
-benchmarks/README.md).
+(``n x parts x (sum of the sites' q_j + 1)`` float32 values: per example, part, site and direction, never
+per weight) gives every rank all of them; each rank then forms the same weight gradients ``g^T x`` from its
+own clean activations and applies the same update, so replicas stay bit-identical without a weight or a
+gradient on the wire.  The price: the clean pass and the products are not divided among ranks, only the
+tails are (measured in benchmarks/README.md).
 """
 
 from __future__ import annotations
