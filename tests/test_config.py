@@ -113,6 +113,21 @@ def test_resolved_refuses_bad_settings(settings, message):
         TrainConfig(optimizer="zo-sgd", **settings).resolved()
 
 
+@pytest.mark.parametrize(
+    "optimizer, name", [(o, n) for o, names in UNUSED_SETTINGS.items() for n in names], ids=lambda v: str(v)
+)
+def test_a_setting_the_optimizer_has_no_use_for_is_refused(optimizer, name):
+    value = {"clip": 0.5, "blocks": "module", "estimator": "forward", "distribution": "gaussian", "norm": True}
+    with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} does not apply to --optimizer {optimizer}"):
+        TrainConfig(optimizer=optimizer, **{name: value.get(name, 2)}).resolved()
+
+
+def test_zo_only_settings_are_refused_by_every_other_optimizer():
+    for optimizer in OPTIMIZERS:
+        if optimizer != "zo":
+            assert {"q_linear", "patches", "groups", "norm"} <= set(UNUSED_SETTINGS[optimizer]), optimizer
+
+
 def test_run_folder_written_before_config_py_still_loads(tmp_path):
     """config.json of older runs: an "extra" field, clip 0 or null for off, extra keys of the record."""
     old = dict(
