@@ -21,6 +21,7 @@ import time
 import torch
 from zo_quality import machine_name
 
+from subgrad.local import untrained_parameters
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
 from subgrad.training.data import DeviceLoader, load_cifar10
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     # the optimizer only supplies the block cut and the heads; its own step is never called
     zo = ActivityZO(model, lr=0.0, patches=args.patches, groups=args.groups)
     trained = zo.adamw.param_groups[0]["params"]  # the sites' layers and the heads, as zo trains them
+    named = dict(model.named_parameters())
+    for name in untrained_parameters(model, zo.blocks):  # BatchNorm scale and shift: untrained, as in zo
+        named[name].requires_grad_(False)
     adamw = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(adamw, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     curve, step, start = [], 0, time.perf_counter()
@@ -64,9 +68,6 @@ def main(argv=None) -> int:
                     out = block.run(h).out
                     zo.local_losses(b, out, y)[0].sum(0).mean().backward()
                 h = out.detach()  # no signal crosses blocks
-            for p in model.parameters():  # BatchNorm scale and shift: untrained, as in zo
-                if all(p is not t for t in trained):
-                    p.grad = None
             adamw.step()
             adamw.zero_grad()
             schedule.step()

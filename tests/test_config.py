@@ -113,9 +113,7 @@ def test_resolved_refuses_bad_settings(settings, message):
         TrainConfig(optimizer="zo-sgd", **settings).resolved()
 
 
-@pytest.mark.parametrize(
-    "optimizer, name", [(o, n) for o, names in UNUSED_SETTINGS.items() for n in names], ids=lambda v: str(v)
-)
+@pytest.mark.parametrize("optimizer, name", [(o, n) for o, names in UNUSED_SETTINGS.items() for n in names], ids=str)
 def test_a_setting_the_optimizer_has_no_use_for_is_refused(optimizer, name):
     value = {"clip": 0.5, "blocks": "module", "estimator": "forward", "distribution": "gaussian", "norm": True}
     with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} does not apply to --optimizer {optimizer}"):
