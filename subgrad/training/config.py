@@ -37,8 +37,9 @@ DEFAULTS = {
     # validation split of the training set (--validation 5000; benchmarks/README.md "Choosing zo's settings"):
     # lenet q 8 on the convs, q_linear 16 on the fc layers, 9,000 steps (validation, mean of seeds 0-2: 58.6%,
     # ahead on every seed of q 8 x 7,500 steps, 57.6%, and of q 8 x 9,000 or 10,000, 57.8% / 57.5%; q_linear
-    # 32 x 9,000: 58.4% at 1.2x the time; patch and group losses lower lenet's accuracy); resnet20: 4 x 4 patches x 4 groups (300-step validation runs: 18.6%
-    # vs 12.7% with one loss per block), 6,000 steps so that the 1.3x costlier step stays inside the hour
+    # 32 x 9,000: 58.4% at 1.2x the time; patch and group losses lower lenet's accuracy); resnet20: 4 x 4
+    # patches x 4 groups (300-step validation runs: 18.6% vs 12.7% with one loss per block), 6,000 steps so
+    # that the 1.3x costlier step stays inside the hour
     ("lenet", "zo"): dict(
         batch_size=128,
         lr=2e-3,
