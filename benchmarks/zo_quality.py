@@ -34,6 +34,8 @@ from subgrad.training.loop import train
 from subgrad.training.session import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+#: the forward-only issue's bars for `zo` at its defaults on a 2-core CPU VM: (test accuracy, training seconds)
+ZO_TARGETS = {"lenet": (0.55, 200), "localnet": (0.60, 3600), "resnet20": (0.40, 3600)}
 
 
 def machine_name(device: str) -> str:
@@ -107,6 +109,16 @@ def plot(runs: dict, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
+def target_line(model: str, accuracy: float, seconds: float) -> str:
+    """Whether a `zo` run at its defaults clears its bar (``ZO_TARGETS``); a verdict for CPU runs only."""
+    bar, budget = ZO_TARGETS[model]
+    met = accuracy >= bar and seconds <= budget
+    return (
+        f"zo target on a 2-core CPU VM: >= {bar:.0%} test accuracy in <= {budget} s; "
+        f"this run {accuracy:.1%} in {seconds:.0f} s: {'met' if met else 'not met'}"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="CIFAR-10 (any layout subgrad train accepts)")
@@ -127,6 +139,8 @@ def main(argv=None) -> int:
             f"{run['train_seconds']:.0f} s",
             flush=True,
         )
+        if optimizer == "zo" and device == "cpu":
+            print(target_line(args.model, run["test_accuracy"], run["train_seconds"]), flush=True)
     machine = machine_name(device)
     report = dict(
         date=datetime.date.today().isoformat(),
