@@ -29,6 +29,7 @@ import torch
 from conftest import real_archive
 from subgrad.distributed import weights_hash
 from subgrad.models import build_model
+from subgrad.training.config import DEFAULTS
 from subgrad.training.runs import load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here runs torchrun with several processes
@@ -79,9 +80,10 @@ def test_two_ranks_equal_one_rank(tmp_path, optimizer, atol):
     assert summary["weights_sha256"] == weights_hash(model)
     if optimizer == "zo-sgd":  # lenet default: 5 module blocks x 2 central-difference losses x float64
         assert summary["bytes_communicated_per_step"] == 5 * 2 * 8
-    elif optimizer == "zo":  # per example of this rank's 32: a float32 loss difference per site (5) and
-        # direction (lenet's default q 8), and per head (4)
-        assert summary["bytes_communicated_per_step"] == 4 * 32 * (5 * 8 + 4)
+    elif optimizer == "zo":  # per example of this rank's 32: a float32 loss difference per site and
+        # direction (lenet's defaults: q on conv1 and conv2, q_linear on fc1-fc3), and per head (4)
+        row = DEFAULTS["lenet", "zo"]
+        assert summary["bytes_communicated_per_step"] == 4 * 32 * (2 * row["q"] + 3 * row["q_linear"] + 4)
     else:  # the flat float32 gradient
         assert summary["bytes_communicated_per_step"] == 4 * sum(v.numel() for v in b.values())
     # resuming with another world size is refused with the reason
