@@ -51,6 +51,8 @@ METHODS = {
     "p4": dict(patches=4),
     "p2g4": dict(patches=2, groups=4),
     "p4g4": dict(patches=4, groups=4),
+    # BatchNorm's batch statistics held fixed, as the tails measure (resnet20; the others have no BatchNorm)
+    "p4g4-fixed-stats": dict(patches=4, groups=4, through_batch_stats=False),
     "p4g8": dict(patches=4, groups=8),
     "p4g4-norm": dict(patches=4, groups=4, norm=True),
     "g8": dict(groups=8),

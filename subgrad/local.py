@@ -20,8 +20,10 @@ Cuts (the models of :mod:`subgrad.models`, unchanged):
 * ``resnet20``: the stem (conv, BN, ReLU), each of the 9 basic blocks (sites conv1 and conv2; the tail of
   conv1 runs through conv2), and the pooled classifier fc.  BatchNorm scale and shift are not trained by
   this method (they stay at 1 and 0; see :func:`untrained_parameters`); the tails normalise with the clean
-  pass's batch statistics, held fixed, and never touch the running statistics, which the clean pass
-  updates once per step.
+  pass's batch statistics, held fixed (so each example's tail is its own), and never touch the running
+  statistics, which the clean pass updates once per step.  A site's estimate is then carried through its
+  own BatchNorm's statistics in closed form (:func:`through_batch_stats`); conv1's path through bn2's
+  statistics stays held fixed.
 
 Everything here is forward computation; nothing needs autograd.
 """
@@ -48,13 +50,18 @@ class SiteRecord:
     output: each pooled unit is one unit of the layer's output (its window's maximum) with local derivative
     1, so perturbing it is perturbing that unit, at a quarter of the draws and without rerunning the pool.
     ``unpool`` then carries an estimated gradient of ``z`` back to the layer's output (to its windows'
-    maxima; 0 elsewhere)."""
+    maxima; 0 elsewhere).
+
+    ``through_stats`` (a site that training-mode BatchNorm normalises) turns an estimated gradient of ``z``
+    with the batch statistics held fixed, which is what the tails measure, into the gradient through them,
+    which is what the model's loss has (:func:`through_batch_stats`)."""
 
     layer: nn.Conv2d | nn.Linear
     x: torch.Tensor
     z: torch.Tensor
     active: torch.Tensor | None  # bool like z, or None: every unit counts
     unpool: Callable[[torch.Tensor], torch.Tensor] | None = None
+    through_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -76,6 +83,34 @@ def _batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of a clean pass's batch: what training-mode BatchNorm uses."""
     var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
     return mean, var
+
+
+def through_batch_stats(
+    bn: nn.BatchNorm2d, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For a site ``z`` that ``bn`` normalises with the clean batch's statistics ``stats``: the map from a
+    gradient ``g`` of the loss w.r.t. ``z`` with the statistics held fixed to the gradient through them.
+
+    Training-mode BatchNorm's mean and variance are functions of the whole batch, so the loss's gradient is
+    (BatchNorm's backward, per channel c, means over examples and positions, zhat = (z - mean) / std)::
+
+        g_true = g - mean_c(g) - zhat * mean_c(g * zhat)
+
+    Without it the estimate has a part no number of directions removes: the fixed-statistics gradient moves
+    a channel's mean and scale, which the normalisation then undoes (benchmarks/zo_variance.py measures the
+    difference).  Per-channel reductions over the batch, so every data-parallel rank applies it to the whole
+    batch's estimate (which each holds)."""
+    mean, var = stats
+    rstd = torch.rsqrt(var + bn.eps)
+
+    def correct(g: torch.Tensor) -> torch.Tensor:
+        count = g.numel() // g.shape[1]
+        g_mean = g.sum((0, 2, 3)) / count
+        g_zhat = ((g * z).sum((0, 2, 3)) / count - mean * g_mean) * rstd  # mean_c(g * zhat)
+        k = g_zhat * rstd  # g_true = g - k z - (g_mean - k mean): zhat's two terms in one pass over z
+        return torch.addcmul(g, z, -k[:, None, None]).sub_((g_mean - k * mean)[:, None, None])
+
+    return correct
 
 
 def _bn(bn: nn.BatchNorm2d, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -232,7 +267,9 @@ class StemBlock(LocalBlock):
         out = F.relu(self.bn(z))  # the module: updates the running statistics, once per step
         stats = _batch_stats(z)
         return BlockPass(
-            out, [SiteRecord(self.conv, h, z, out > 0)], lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats))
+            out,
+            [SiteRecord(self.conv, h, z, out > 0, through_stats=through_batch_stats(self.bn, z, stats))],
+            lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats)),
         )
 
     def site_parts(self, j, parts):
@@ -262,7 +299,11 @@ class ResidualBlock(LocalBlock):
                 zp = b.conv2(F.relu(_bn(b.bn1, zp, stats1)))
             return F.relu(_bn(b.bn2, zp, stats2) + short[rows])
 
-        return BlockPass(out, [SiteRecord(b.conv1, h, z1, x2 > 0), SiteRecord(b.conv2, x2, z2, out > 0)], tail)
+        sites = [
+            SiteRecord(b.conv1, h, z1, x2 > 0, through_stats=through_batch_stats(b.bn1, z1, stats1)),
+            SiteRecord(b.conv2, x2, z2, out > 0, through_stats=through_batch_stats(b.bn2, z2, stats2)),
+        ]
+        return BlockPass(out, sites, tail)
 
     def site_parts(self, j, parts):
         return parts if j == 1 else None  # conv1's tail runs through conv2, which mixes neighbouring units

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
-from subgrad.local import ALL, local_blocks, make_heads, untrained_parameters
+from subgrad.local import ALL, local_blocks, make_heads, through_batch_stats, untrained_parameters
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
 
@@ -397,3 +397,60 @@ def test_non_finite_estimate_skips_the_update():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     opt.step(*_batch(4))  # a finite batch updates again
     assert opt.skipped_steps == 1 and not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (8, 4, 5, 5), (3, 16, 7, 9)])  # BatchNorm needs 2 values a channel
+def test_through_batch_stats_is_batchnorm_backward(shape, dtype, tol):
+    """A gradient with the batch statistics held fixed, carried through them in closed form, equals autograd
+    through training-mode BatchNorm (relative to the gradient's scale; float64 to rounding, float32 to 1e-5)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    z = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    bn = torch.nn.BatchNorm2d(shape[1]).to(dtype).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(shape[1], generator=g, dtype=dtype) + 0.5)
+        bn.bias.copy_(torch.randn(shape[1], generator=g, dtype=dtype))
+    stats = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False))
+    zt = z.clone().requires_grad_()
+    (F.relu(bn(zt)) * w).sum().backward()
+    zf = z.clone().requires_grad_()
+    (F.relu(F.batch_norm(zf, stats[0], stats[1], bn.weight, bn.bias, False, 0.0, bn.eps)) * w).sum().backward()
+    carried = through_batch_stats(bn, z, stats)(zf.grad)
+    scale = zt.grad.abs().max().clamp_min(1.0)
+    err = (carried - zt.grad).abs().max() / scale
+    fixed_err = (zf.grad - zt.grad).abs().max() / scale
+    print(f"max |carried - autograd| / scale = {err:.3g} (the fixed-statistics gradient: {fixed_err:.3g})")
+    assert err <= tol
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20", "localnet"])
+def test_batchnorm_sites_carry_their_estimate_through_the_statistics(name):
+    """Every ResNet-20 site is normalised by BatchNorm and carries its estimate through the statistics;
+    LeNet and LocalNet have no BatchNorm, so the setting cannot change their steps."""
+    x, y = _batch(4)
+    h, flags = x, []
+    with torch.no_grad():
+        for block in local_blocks(build_model(name).train()):
+            record = block.run(h)
+            flags += [site.through_stats is not None for site in record.sites]
+            h = record.out
+    assert all(flags[:-1]) if name == "resnet20" else not any(flags), flags
+    grads = {}
+    for through in (True, False):
+        torch.manual_seed(0)
+        model = build_model(name).train()
+        opt = ActivityZO(model, lr=1e-3, seed=4, through_batch_stats=through)
+        opt.step(x, y)
+        grads[through] = [p.grad for p in model.parameters() if p.grad is not None]
+    same = all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+    assert same == (name != "resnet20")
+    # a state saved before the setting existed held the statistics fixed: refused where that differs
+    older = copy.deepcopy(opt.state_dict())
+    del older["subgrad"]["settings"]["through_batch_stats"]
+    current = ActivityZO(model, lr=1e-3, seed=4)
+    if name == "resnet20":
+        with pytest.raises(ValueError, match="through_batch_stats=False"):
+            current.load_state_dict(older)
+    else:
+        current.load_state_dict(older)

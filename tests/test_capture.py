@@ -3,8 +3,8 @@ interpreter, ``backend="triton"``; on a CUDA machine the same tests run compiled
 synchronisation, the same launches at consecutive steps, and
 a replay of step t's launches (what a CUDA graph does) equal to an ordinary step t + 1, bit for bit.
 A non-capturable AdamW is the control: its host-side step count makes consecutive launch lists differ.
-LeNet, batch 4; the forward-only optimizers are in the slow tier (each step runs ~10 interpreted kernels
-over 62K weights: 10-30 s apiece)."""
+LeNet, batch 4, and ResNet-20's zo step (BatchNorm); the forward-only optimizers are in the slow tier (each
+step runs ~10 interpreted kernels over 62K weights: 10-30 s apiece; ResNet-20's zo about a minute)."""
 
 import copy
 import pathlib
@@ -96,8 +96,20 @@ def _state(model, opt):
     "name", [n if OPTIMIZERS[n][1] == "grad" else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS]
 )
 def test_step_is_capturable(name):
+    _check_capturable(name, *_setup(name))
+
+
+@pytest.mark.slow
+def test_resnet20_zo_step_is_capturable():
+    """ResNet-20's zo step adds what LeNet's has not: BatchNorm tails and every site's estimate carried
+    through the batch statistics (per-channel reductions on the device)."""
+    torch.manual_seed(0)
+    model = build_model("resnet20").to(DEVICE).train()
+    _check_capturable("zo resnet20", model, ActivityZO(model, lr=1e-3, backend="triton"), "blocks")
+
+
+def _check_capturable(name, model, opt, kind):
     x, y = _batch()
-    model, opt, kind = _setup(name)
     step = _stepper(model, opt, kind, x, y)
     for _ in range(2):  # warm-up: state created, first-step branches taken (as before a graph capture)
         step()

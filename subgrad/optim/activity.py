@@ -16,7 +16,9 @@ order (its input is the previous block's output, so no signal crosses blocks)::
                    g_j[i, unit] = sum over k of d_k,part(unit),i u_k[i, unit] / (q_j n)
                                                     estimates d(mean_i sum_p L_pi)/dz_j: a unit's product is
                                                     with the loss of the part it moves only (the other parts'
-                                                    units add no noise to it)
+                                                    units add no noise to it); a site BatchNorm normalises:
+                                                    carried through the batch statistics the tails hold
+                                                    fixed (subgrad.local.through_batch_stats)
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
     for the head:  the same with a perturbation of its logits
     then one fused AdamW step (subgrad.optim.AdamW, capturable: a Triton kernel, one launch per flat
@@ -78,6 +80,7 @@ class ActivitySettings:
     patches: int = 1
     groups: int = 1
     norm: bool = False
+    through_batch_stats: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -90,7 +93,8 @@ class ActivitySettings:
         if self.q_linear is None:  # one spelling of "as many as q", so saved and new settings compare equal
             object.__setattr__(self, "q_linear", self.q)
         require("eps", isinstance(self.eps, (int, float)) and self.eps > 0, "a number > 0", self.eps)
-        require("norm", isinstance(self.norm, bool), "a bool", self.norm)
+        for name in ("norm", "through_batch_stats"):
+            require(name, isinstance(getattr(self, name), bool), "a bool", getattr(self, name))
         require("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**62, "an int in [0, 2**62)", self.seed)
 
     def site_q(self, layer: nn.Module) -> int:
@@ -142,6 +146,10 @@ class ActivityZO:
         patches, groups, norm: the local losses' parts (:class:`subgrad.local.LocalHead`): each block's output
             cut into patches x patches patches (convolutional blocks) and ``groups`` channel groups, each part
             with its own head and loss; ``norm`` standardises each part's features before its head.
+        through_batch_stats: estimate the gradient of a BatchNorm'd site through the batch statistics, as
+            backprop in training mode has it (:func:`subgrad.local.through_batch_stats`); False: with them
+            held fixed, as the tails measure it (a different gradient; no effect on a model without
+            BatchNorm).
         seed: names the run's sequence of directions.
         backend: kernel backend of the activity kernels and the update (None: Triton on CUDA, the twin
             elsewhere).
@@ -163,13 +171,22 @@ class ActivityZO:
         patches: int = ActivitySettings.patches,
         groups: int = ActivitySettings.groups,
         norm: bool = ActivitySettings.norm,
+        through_batch_stats: bool = ActivitySettings.through_batch_stats,
         seed: int = ActivitySettings.seed,
         backend: str | None = None,
         example: torch.Tensor | None = None,
         replicas: Replicas | None = None,
     ):
         self.settings = settings = ActivitySettings(
-            eps=eps, q=q, q_linear=q_linear, head_pool=head_pool, patches=patches, groups=groups, norm=norm, seed=seed
+            eps=eps,
+            q=q,
+            q_linear=q_linear,
+            head_pool=head_pool,
+            patches=patches,
+            groups=groups,
+            norm=norm,
+            through_batch_stats=through_batch_stats,
+            seed=seed,
         )
         self.model = model
         self.blocks = local_blocks(model)
@@ -319,6 +336,8 @@ class ActivityZO:
                 g = K.activity_gradient(
                     dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, signs=signs[j], **trusted
                 )
+                if rec.through_stats is not None and self.settings.through_batch_stats:
+                    g = rec.through_stats(g)
                 _weight_grad(rec.layer, rec.x, g if rec.unpool is None else rec.unpool(g))
             if head is not None:
                 g = K.activity_gradient(
@@ -359,14 +378,19 @@ class ActivityZO:
         meta = state_dict.get("subgrad", {})
         if meta.get("kind") != type(self).__name__:
             raise ValueError(f"optimizer state is from {meta.get('kind')!r}, not {type(self).__name__}")
-        # a state saved before q_linear existed used q on every layer: its missing q_linear means just that
-        missing = {f.name for f in dataclasses.fields(ActivitySettings)} - set(meta["settings"]) - {"q_linear"}
+        # a state saved before q_linear existed used q on every layer: its missing q_linear means just that;
+        # one saved before through_batch_stats held the statistics fixed, which only BatchNorm'd sites notice
+        settings = dict(meta["settings"])
+        if "through_batch_stats" not in settings:
+            has_bn = any(isinstance(m, nn.BatchNorm2d) for m in self.model.modules())
+            settings["through_batch_stats"] = False if has_bn else self.settings.through_batch_stats
+        missing = {f.name for f in dataclasses.fields(ActivitySettings)} - set(settings) - {"q_linear"}
         if missing:
             raise ValueError(
                 f"optimizer state was saved by a subgrad without the settings {sorted(missing)}; "
                 "its local losses differ from this one's: start a new run"
             )
-        saved = ActivitySettings(**meta["settings"])
+        saved = ActivitySettings(**settings)
         if saved != self.settings:
             raise ValueError(
                 f"optimizer state was saved with {saved}, this optimizer has {self.settings}; "
