@@ -144,13 +144,21 @@ def main(argv=None) -> int:
     x, y = loader.batch(0, 0)
     results = [measure(method, args.model, x, y, args.steps) for method in args.methods]
     print(f"{args.model}, batch {args.batch}, {args.steps} steps at lr 0 per method, {device.type}")
-    print(f"{'layer':<14}{'params':>9}" + "".join(f"{m + ' cos1':>11}{m + ' avg':>10}" for m in args.methods))
+    widths = [max(11, len(m) + 6) for m in args.methods]  # a column pair per method, wide enough for its name
+    print(
+        f"{'layer':<14}{'params':>9}"
+        + "".join(f"{m + ' cos1':>{w}}{m + ' avg':>{w}}" for m, w in zip(args.methods, widths))
+    )
     for name in results[0]["layers"]:
         cells = "".join(
-            f"{r['layers'][name]['cosine_1']:>11.3f}{r['layers'][name]['cosine_avg']:>10.3f}" for r in results
+            f"{r['layers'][name]['cosine_1']:>{w}.3f}{r['layers'][name]['cosine_avg']:>{w}.3f}"
+            for r, w in zip(results, widths)
         )
         print(f"{name:<14}{results[0]['layers'][name]['parameters']:>9}{cells}")
-    print(f"{'step cost':<23}" + "".join(f"{r['step_forwards']:>10.1f} forwards" for r in results))
+    print(
+        f"{'step cost':<23}"
+        + "".join(f"{r['step_forwards']:>{2 * w - 9}.1f} forwards" for r, w in zip(results, widths))
+    )
     out = args.json or RESULTS / f"zo-variance-{args.model}-{device.type}.json"
     out.write_text(
         json.dumps(
