@@ -133,13 +133,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import pathlib
     import signal
     import tempfile
-    import time
 
-    from subgrad.export.serve import TritonServer, find_server
+    from subgrad.export.serve import (
+        ADMIN_KEY_ENV,
+        GRPC_ADMIN_HEADER,
+        TritonServer,
+        admin_key_from_env,
+        find_server,
+        serve_until,
+    )
     from subgrad.export.triton_repo import package_triton
 
     source = pathlib.Path(args.model)
     packaging = _given(args, max_batch_size="max_batch", max_queue_delay_us="max_queue_delay_us", instances="instances")
+    if args.restarts < 0:
+        raise ValueError(f"--restarts must be 0 or more, got {args.restarts}")
+    admin_key = admin_key_from_env()
     server = find_server()
     with tempfile.TemporaryDirectory(prefix="subgrad-repo-") as scratch:
         if source.is_dir():
@@ -157,44 +166,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         def on_signal(signum, frame):
             stop.append(signal.Signals(signum).name)
 
+        def say(line):
+            print(f"subgrad serve: {line}", file=sys.stderr, flush=True)
+
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         triton = TritonServer(
-            repository, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log, server=server
+            repository,
+            args.http_port,
+            args.grpc_port,
+            args.metrics_port,
+            log_path=args.log,
+            server=server,
+            host=args.host,
+            admin_key=admin_key,
         )
         try:
             triton.start()
+            address = f"[{args.host}]" if ":" in args.host else args.host
             for name, backend in triton.models.items():
                 print(
                     f"serving {name} ({backend} backend) with Triton Inference Server {triton.version} from "
                     f"{server.origin}"
                 )
-                print(f"  HTTP     http://localhost:{args.http_port}/v2/models/{name}/infer")
-            print(f"  gRPC     localhost:{args.grpc_port}")
-            print(f"  metrics  http://localhost:{args.metrics_port}/metrics")
+                print(f"  HTTP     http://{address}:{args.http_port}/v2/models/{name}/infer")
+            print(f"  gRPC     {address}:{args.grpc_port}")
+            print(f"  metrics  http://{address}:{args.metrics_port}/metrics")
             print(f"  log      {triton.log_path}")
+            if args.host in ("127.0.0.1", "::1", "localhost"):
+                print(f"  exposed  to this machine only ({args.host}); --host 0.0.0.0 serves other machines")
+            else:
+                print(f"  exposed  on {args.host}: every machine that reaches it can send requests (no TLS, no auth)")
+            print(
+                "  admin    model repository, shared memory, trace, logging: closed "
+                + (
+                    f"without the key in {ADMIN_KEY_ENV} (HTTP header subgrad-admin-key, gRPC {GRPC_ADMIN_HEADER})"
+                    if admin_key
+                    else f"to every client (set {ADMIN_KEY_ENV} to hold a key)"
+                )
+            )
             print("Ctrl-C (or SIGTERM) drains in-flight requests and stops", flush=True)
-            while not stop:
-                time.sleep(0.2)
-                status = triton.exit_status()
-                if status is not None:
-                    print(
-                        f"subgrad serve: the Triton server exited with status {status}; its log: {triton.log_path}",
-                        file=sys.stderr,
-                    )
-                    return 1
-                for pid, model in triton.dead_stubs().items():
-                    print(
-                        f"subgrad serve: the python-backend stub of {model!r} (pid {pid}) died; its requests "
-                        "failed with 'Stub process is not healthy'; reloading the model",
-                        file=sys.stderr,
-                    )
-                    ok = triton.recover(model)
-                    print(
-                        f"subgrad serve: {model!r} "
-                        + ("is ready again" if ok else f"did not come back; its log: {triton.log_path}"),
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            status = serve_until(triton, lambda: bool(stop), say, restarts=args.restarts)
+            if status:
+                return status
             print(f"{stop[0]}: draining in-flight requests and stopping", flush=True)
         finally:  # a ServeError goes on to main(): one line, exit 2
             status = triton.stop()
@@ -323,6 +336,8 @@ def add_commands(sub) -> None:
     )
     pa.set_defaults(func=_cmd_package)
 
+    from subgrad.export.serve import DEFAULT_HOST, RESTARTS
+
     se = sub.add_parser(
         "serve",
         help="serve a model with a real NVIDIA Triton Inference Server",
@@ -332,6 +347,12 @@ def add_commands(sub) -> None:
         "endpoints; SIGINT/SIGTERM drains and stops.",
     )
     se.add_argument("model", metavar="MODEL.onnx|REPO")
+    se.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address the HTTP, gRPC and metrics ports listen on (default {DEFAULT_HOST}: this machine only; "
+        "0.0.0.0: every interface)",
+    )
     se.add_argument("--http-port", dest="http_port", type=int, default=8000)
     se.add_argument("--grpc-port", dest="grpc_port", type=int, default=8001)
     se.add_argument("--metrics-port", dest="metrics_port", type=int, default=8002)
@@ -344,4 +365,10 @@ def add_commands(sub) -> None:
     )
     se.add_argument("--instances", type=int, help="model instances")
     se.add_argument("--log", help="the server's log file (default: a file in the temp folder, printed)")
+    se.add_argument(
+        "--restarts",
+        type=int,
+        default=RESTARTS,
+        help=f"times a server that dies is started again within 10 minutes before serve exits 1 (default {RESTARTS})",
+    )
     se.set_defaults(func=_cmd_serve)

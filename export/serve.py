@@ -12,10 +12,15 @@ libraries on ``LD_LIBRARY_PATH``, a backend folder holding the python-backend st
 Python, and ``SUBGRAD_SITE_PACKAGES`` naming this environment's site-packages for the stub
 (triton_python_model.py reads it).
 
-Triton's HTTP port is bound to 127.0.0.1 on a free port and the public ``http_port`` is an
-:class:`~subgrad.export.http_guard.HttpGuard` in front of it (that module says why); gRPC and metrics
-are Triton's own.  Models are loaded explicitly, so a python-backend stub that dies is replaced by
-reloading its model (:meth:`TritonServer.recover`) instead of failing every later request.
+What clients reach (docs/deploy.md, "Security"): ``host`` (default 127.0.0.1) for the public HTTP port,
+gRPC and metrics.  Triton's own HTTP port is bound to 127.0.0.1 on a free port, behind an
+:class:`~subgrad.export.http_guard.HttpGuard` on the public port (that module says why).  Models are
+loaded in explicit mode, so a python-backend stub that dies is replaced by reloading its model
+(:meth:`TritonServer.recover`) in seconds, without dropping the other models or the gRPC port; the
+model-repository API that mode opens, and shared memory, trace and logging, are restricted on both
+protocols to requests carrying ``admin_key`` (Triton's ``--http-restricted-api`` /
+``--grpc-restricted-protocol``; HTTP 403, gRPC UNAVAILABLE without it).  A server that dies is started
+again by :func:`serve_until`, a bounded number of times.
 
 Failures before the server is ready raise :class:`ServeError` with one line saying what and how to fix
 it; the server's own output goes to ``log_path``.
@@ -27,6 +32,7 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import signal
 import site
@@ -39,11 +45,24 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .http_guard import HttpGuard
+from .http_guard import ADMIN_HEADER, HttpGuard
+from .infer_check import ModelSpec
 
 STUB_NAME = "triton_python_backend_stub"
 #: How long a stop waits for in-flight requests (the guard's, then Triton's own) before it forces the exit.
 EXIT_TIMEOUT_S = 30.0
+#: Where the ports listen unless the user says otherwise: this machine's clients only.
+DEFAULT_HOST = "127.0.0.1"
+#: Triton's API groups that need the admin key: loading code, reading host memory, writing files.
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+#: The environment variable a user sets to hold the admin key (else each start draws one nobody sees).
+ADMIN_KEY_ENV = "SUBGRAD_ADMIN_KEY"
+#: gRPC metadata key of the admin key: Triton prefixes a restricted protocol's key with this.
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+#: A server that dies is started again at most this many times within RESTART_WINDOW_S, waiting 1, 2,
+#: 4, ... s first; past that `subgrad serve` exits 1 for its supervisor (systemd, Kubernetes) to act.
+RESTARTS = 3
+RESTART_WINDOW_S = 600.0
 
 
 class ServeError(RuntimeError):
@@ -101,11 +120,12 @@ def repository_models(repository: pathlib.Path) -> dict[str, str]:
     return models
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def port_in_use(port: int, host: str = DEFAULT_HOST) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((host, port))
         except OSError:
             return True
     return False
@@ -117,13 +137,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _last_error(log_path: pathlib.Path) -> str:
-    """The server log's most telling line: a failed model load, else the last error line."""
-    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+def admin_key_from_env() -> str | None:
+    """The admin key the user chose in ``SUBGRAD_ADMIN_KEY`` (None when unset); ServeError when weak."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{16,256}", key):
+        raise ServeError(
+            f"{ADMIN_KEY_ENV} must be 16 to 256 letters, digits or '._~-' (for example: "
+            'python -c "import secrets; print(secrets.token_urlsafe(32))")'
+        )
+    return key
+
+
+def _log_errors(text: str) -> list[str]:
+    """The lines of a server log that tell what failed: failed model loads, then Triton's error lines."""
+    lines = text.splitlines()
     failed = [line for line in lines if "failed to load" in line]
-    errors = [line for line in lines if re.match(r"E\d{4} ", line) or line.startswith("error:")]
-    if failed or errors:  # Triton's error lines start with E and the date (E1202 16:49:54.96 ...)
-        line = failed[0] if failed else errors[-1]
+    # Triton's error lines start with E and the date (E1202 16:49:54.96 ...)
+    return failed + [line for line in lines if re.match(r"E\d{4} ", line) or line.startswith("error:")]
+
+
+def _last_error(log_path: pathlib.Path, offset: int = 0) -> str:
+    """The server log's most telling line since ``offset``: a failed model load, else the last error line."""
+    text = log_path.read_bytes()[offset:].decode(errors="replace") if log_path.exists() else ""
+    errors = _log_errors(text)
+    if errors:
+        line = errors[0] if "failed to load" in errors[0] else errors[-1]
         return line.split("] ", 1)[-1].strip().strip('"').split("\\n")[0][:300]
     return "no error in its log"
 
@@ -140,9 +178,13 @@ class TritonServer:
         log_path=None,
         server: ServerBinary | None = None,
         startup_timeout_s: float = 120.0,
+        host: str = DEFAULT_HOST,
+        admin_key: str | None = None,
     ):
         self.repository = pathlib.Path(repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host
+        self.admin_key = admin_key or secrets.token_urlsafe(32)
         self.server = server
         self.log_path = (
             pathlib.Path(log_path)
@@ -154,8 +196,11 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.guard: HttpGuard | None = None
         self.version = "?"
+        self.starts = 0  # processes started (1 + restarts)
         self._internal_http_port = 0
+        self._log_offset = 0  # where the running process's lines start in the log
         self._workdir: pathlib.Path | None = None
+        self._env: dict[str, str] = {}
         self._stubs: dict[int, str] = {}  # stub pid -> model name
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -179,10 +224,39 @@ class TritonServer:
             ("--grpc-port", self.grpc_port),
             ("--metrics-port", self.metrics_port),
         ):
-            if port_in_use(port):
-                raise ServeError(f"port {port} is in use; pass {flag} with a free port")
-        self._internal_http_port = free_port()
+            if port_in_use(port, self.host):
+                raise ServeError(f"port {port} is in use on {self.host}; pass {flag} with a free port")
         self._workdir = pathlib.Path(tempfile.mkdtemp(prefix="subgrad-serve-"))
+        self._env = dict(os.environ)
+        if self.server.python_backend is not None:
+            backend = self._workdir / "backends" / "python"
+            backend.mkdir(parents=True)
+            for entry in self.server.python_backend.iterdir():
+                (backend / entry.name).symlink_to(entry)
+            shutil.copy(self.server.stub, backend / STUB_NAME)
+        if self.server.library_path is not None:
+            self._env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [str(self.server.library_path), self._env.get("LD_LIBRARY_PATH")])
+            )
+        self._env["SUBGRAD_SITE_PACKAGES"] = os.pathsep.join(site.getsitepackages())
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        try:
+            self._launch()
+            specs = {
+                name: ModelSpec.from_config(json.loads(self._get(f"/v2/models/{name}/config")[1]))
+                for name in self.models
+            }
+            self.guard = HttpGuard(
+                self.http_port, self._internal_http_port, self.host, models=specs, admin_key=self.admin_key
+            ).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _command(self) -> list[str]:
+        restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}"
         command = [
             str(self.server.executable),
             f"--model-repository={self.repository}",
@@ -190,45 +264,46 @@ class TritonServer:
             "--load-model=*",
             "--http-address=127.0.0.1",
             f"--http-port={self._internal_http_port}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--grpc-restricted-protocol={restricted}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--log-info=true",
             f"--exit-timeout-secs={int(EXIT_TIMEOUT_S)}",
         ]
-        env = dict(os.environ)
         if self.server.python_backend is not None:
-            backend = self._workdir / "backends" / "python"
-            backend.mkdir(parents=True)
-            for entry in self.server.python_backend.iterdir():
-                (backend / entry.name).symlink_to(entry)
-            shutil.copy(self.server.stub, backend / STUB_NAME)
-            command.append(f"--backend-directory={backend.parent}")
-        if self.server.library_path is not None:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                filter(None, [str(self.server.library_path), env.get("LD_LIBRARY_PATH")])
-            )
-        env["SUBGRAD_SITE_PACKAGES"] = os.pathsep.join(site.getsitepackages())
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
+            command.append(f"--backend-directory={self._workdir / 'backends'}")
+        return command
+
+    def _launch(self) -> None:
+        """Start a tritonserver process (its output appended to the log) and wait until every model is ready."""
+        self._internal_http_port = free_port()
+        self._log_offset = self.log_path.stat().st_size
+        with open(self.log_path, "ab") as log:
             # own session: a terminal's Ctrl-C reaches `subgrad serve`, which drains and stops the server
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self._command(), stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
             )
-        try:
-            self._wait_ready()
-            self.guard = HttpGuard(self.http_port, self._internal_http_port).start()
-        except BaseException:
-            self.stop()
-            raise
+        self.starts += 1
+        self._wait_ready()
         self._stubs = self._stub_pids()
-        return self
+
+    def restart(self) -> None:
+        """Start the server again after its process ended; the HTTP front relays to the new one."""
+        if self.exit_status() is None:
+            raise ServeError("restart() is for a server whose process has ended")
+        self._launch()
+        if self.guard is not None:
+            self.guard.retarget(self._internal_http_port)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServeError(
-                    f"the Triton server exited before it was ready ({_last_error(self.log_path)}); "
+                    f"the Triton server exited before it was ready ({_last_error(self.log_path, self._log_offset)}); "
                     f"its log: {self.log_path}"
                 )
             try:
@@ -271,7 +346,10 @@ class TritonServer:
 
     # -- health ---------------------------------------------------------------------------------------
     def _get(self, path: str, method: str = "GET", timeout_s: float = 5.0) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self._internal_http_port}{path}", method=method)
+        """A request to Triton's own HTTP port, with the admin key."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self._internal_http_port}{path}", method=method, headers={ADMIN_HEADER: self.admin_key}
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return response.status, response.read()
@@ -295,6 +373,11 @@ class TritonServer:
 
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+    def last_log_lines(self, count: int = 5) -> list[str]:
+        """The last ``count`` lines the running (or last) process wrote to the log."""
+        text = self.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
+        return [line for line in text.splitlines() if line.strip()][-count:]
 
     def dead_stubs(self) -> dict[int, str]:
         """{pid: model} of stubs that were running at the last check and are gone now."""
@@ -320,3 +403,42 @@ class TritonServer:
             except OSError:
                 pass
         return total
+
+
+def serve_until(triton: TritonServer, stopping, say, restarts: int = RESTARTS) -> int:
+    """Keep ``triton`` serving until ``stopping()`` is true: reload a model whose stub died, start the
+    server again when it dies (at most ``restarts`` times within RESTART_WINDOW_S, after 1, 2, 4, ... s).
+    ``say(line)`` reports each event.  0 when stopped as asked, 1 when the server stayed down."""
+    recent: list[float] = []  # times of the restarts within the window
+    while not stopping():
+        time.sleep(0.2)
+        status = triton.exit_status()
+        if status is not None:
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < RESTART_WINDOW_S]
+            last = " | ".join(triton.last_log_lines())
+            if len(recent) >= restarts:
+                say(
+                    f"the Triton server exited with status {status}, its {len(recent) + 1}th exit within "
+                    f"{RESTART_WINDOW_S:.0f} s; giving up (its log: {triton.log_path}; last lines: {last})"
+                )
+                return 1
+            delay = 2.0 ** len(recent)
+            say(f"the Triton server exited with status {status}; restarting in {delay:.0f} s (last log lines: {last})")
+            recent.append(now)
+            time.sleep(delay)
+            try:
+                triton.restart()
+            except ServeError as exc:
+                say(f"the restart failed: {exc}")
+                continue
+            say(f"the Triton server is serving again (start {triton.starts})")
+            continue
+        for pid, model in triton.dead_stubs().items():
+            say(
+                f"the python-backend stub of {model!r} (pid {pid}) died; its requests failed with "
+                "'Stub process is not healthy'; reloading the model"
+            )
+            ok = triton.recover(model)
+            say(f"{model!r} " + ("is ready again" if ok else f"did not come back; its log: {triton.log_path}"))
+    return 0
