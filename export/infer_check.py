@@ -58,6 +58,25 @@ _REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
 _INPUT_FIELDS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_FIELDS = {"name", "parameters"}
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_UNSIGNED = "a non-negative integer"
+#: Parameters Triton reads itself, and the JSON type it reads each as (it answers 500 to another type).
+_RESERVED = {
+    "request": {
+        "binary_data_output": "a boolean",
+        "priority": _UNSIGNED,
+        "timeout": _UNSIGNED,
+        "sequence_id": "a non-negative integer or a string",
+        "sequence_start": "a boolean",
+        "sequence_end": "a boolean",
+    },
+    "input": {"binary_data_size": _UNSIGNED},
+    "output": {"binary_data": "a boolean", "classification": _UNSIGNED},
+}
+_KINDS = {
+    "a boolean": lambda v: isinstance(v, bool),
+    _UNSIGNED: lambda v: _is_int(v) and 0 <= v < 1 << 64,
+    "a non-negative integer or a string": lambda v: isinstance(v, str) or (_is_int(v) and 0 <= v < 1 << 64),
+}
 
 
 class BadRequest(ValueError):
@@ -110,7 +129,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _scalar_parameters(parameters, where: str) -> dict:
+def _scalar_parameters(parameters, where: str, level: str) -> dict:
+    """``parameters`` of the request, an input or an output (``level``): scalars, Triton's own of their type."""
     if parameters is None:
         return {}
     if not isinstance(parameters, dict):
@@ -118,6 +138,9 @@ def _scalar_parameters(parameters, where: str) -> dict:
     for key, value in parameters.items():
         if not isinstance(value, (str, int, float, bool)):
             raise BadRequest(f"{where}: parameter {key!r} must be a string, number or boolean")
+        kind = _RESERVED[level].get(key)
+        if kind is not None and not _KINDS[kind](value):
+            raise BadRequest(f"{where}: parameter {key!r} must be {kind}")
     return parameters
 
 
@@ -201,7 +224,7 @@ def _check_input(entry, spec: ModelSpec, binary: memoryview, offset: int, admin:
             f"{where}: shape {shape} holds {count} elements, more than model {spec.name!r} takes "
             f"(max_batch_size {spec.max_batch_size} x {list(spec.inputs[name])})"
         )
-    parameters = _scalar_parameters(entry.get("parameters"), where)
+    parameters = _scalar_parameters(entry.get("parameters"), where, "input")
     if any(key in parameters for key in _SHARED_MEMORY):
         if not admin:
             raise BadRequest(f"{where}: shared-memory inputs need the admin key")
@@ -210,7 +233,7 @@ def _check_input(entry, spec: ModelSpec, binary: memoryview, offset: int, admin:
     if size is not None:
         if "data" in entry:
             raise BadRequest(f"{where}: has both 'data' and 'binary_data_size'")
-        if not _is_int(size) or size < 0 or offset + size > len(binary):
+        if offset + size > len(binary):
             raise BadRequest(f"{where}: binary_data_size {size!r} is not within the request's binary data")
         element = DATATYPE_BYTES[datatype]
         if element:
@@ -241,7 +264,7 @@ def check_infer_request(header, binary: bytes, spec: ModelSpec, admin: bool = Fa
         raise BadRequest(f"unknown field {sorted(set(header) - _REQUEST_FIELDS)[0]!r} in the inference request")
     if "id" in header and not isinstance(header["id"], str):
         raise BadRequest("'id' must be a string")
-    _scalar_parameters(header.get("parameters"), "the request")
+    _scalar_parameters(header.get("parameters"), "the request", "request")
     inputs, outputs = header.get("inputs"), header.get("outputs", [])
     if not isinstance(inputs, list) or not isinstance(outputs, list):
         raise BadRequest("'inputs' (and 'outputs', when given) must be JSON arrays")
@@ -260,6 +283,6 @@ def check_infer_request(header, binary: bytes, spec: ModelSpec, admin: bool = Fa
             raise BadRequest("every entry of 'outputs' must be a JSON object with a 'name' string")
         if set(entry) - _OUTPUT_FIELDS:
             raise BadRequest(f"output {entry['name']!r}: unknown field {sorted(set(entry) - _OUTPUT_FIELDS)[0]!r}")
-        parameters = _scalar_parameters(entry.get("parameters"), f"output {entry['name']!r}")
+        parameters = _scalar_parameters(entry.get("parameters"), f"output {entry['name']!r}", "output")
         if any(key in parameters for key in _SHARED_MEMORY) and not admin:
             raise BadRequest(f"output {entry['name']!r}: shared-memory outputs need the admin key")

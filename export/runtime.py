@@ -135,6 +135,12 @@ class ImageError(ValueError):
     """An input image could not be read or has the wrong shape."""
 
 
+#: Largest encoded image decoded (width x height): 4096 x 4096, 48 MiB as RGB.  A few hundred bytes of
+#: PNG can declare far more (a decompression bomb), and a served model decodes what clients send; the
+#: size is read from the file's header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 def load_image(image, height: int = 32, width: int = 32) -> np.ndarray:
     """One image (path, encoded file bytes, PIL image or uint8 HWC/HW array) as uint8 [height, width, 3] RGB."""
     from PIL import Image
@@ -144,8 +150,15 @@ def load_image(image, height: int = 32, width: int = 32) -> np.ndarray:
         where = f"{len(image)} bytes" if encoded else image
         try:
             with Image.open(io.BytesIO(image) if encoded else image) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(
+                        f"{where}: a {img.width} x {img.height} image, over the limit of {MAX_IMAGE_PIXELS:,} "
+                        "pixels decoded per image; send smaller images"
+                    )
                 img.load()
                 image = img.convert("RGB")
+        except ImageError:
+            raise
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             detail = "not a JPEG, PNG or other image file Pillow reads" if encoded else str(exc)[:120]
             raise ImageError(f"{where}: unreadable image ({type(exc).__name__}: {detail})") from None

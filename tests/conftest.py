@@ -68,3 +68,27 @@ def real_archive():
     if not path.exists():
         pytest.skip(f"real CIFAR-10 archive not found at {path} (team data in ../shared/data)")
     return path
+
+
+@pytest.fixture(scope="session")
+def served_lenet_onnx(tmp_path_factory):
+    """A LeNet trained 60 steps on the real archive and exported: the model the serving tests serve
+    (test_serve.py, test_serve_attack.py), trained once per session."""
+    from subgrad.export.exporter import export_run
+    from subgrad.training.config import TrainConfig
+    from subgrad.training.loop import train
+
+    run = tmp_path_factory.mktemp("run-lenet")
+    train(
+        TrainConfig(
+            model="lenet",
+            optimizer="sgd",
+            data=str(real_archive()),
+            out=str(run),
+            device="cpu",
+            steps=60,
+            batch_size=128,
+            quiet=True,
+        )
+    )
+    return export_run(run, run / "lenet.onnx")

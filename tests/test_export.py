@@ -188,6 +188,33 @@ def test_predictor_takes_paths_pil_and_arrays(tmp_path, exported, test_pixels):
         load_image(tmp_path / "missing.png")
 
 
+def _black_png(width: int, height: int) -> bytes:
+    """A grayscale PNG of black pixels, written chunk by chunk (a large one is a decompression bomb)."""
+    import zlib
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    pixels = zlib.compress(bytes(width + 1) * height, 9)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(4096, 4096), (4097, 4096), (5000, 5000), (100, 400_000)])
+def test_load_image_refuses_images_over_its_pixel_limit_before_decoding(width, height, monkeypatch):
+    from PIL import ImageFile
+
+    from subgrad.export.runtime import MAX_IMAGE_PIXELS
+
+    encoded = _black_png(width, height)
+    if width * height <= MAX_IMAGE_PIXELS:
+        assert load_image(encoded).shape == (32, 32, 3)
+        return
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("a refused image was decoded"))
+    with pytest.raises(ImageError, match=f"{width} x {height} image, over the limit of {MAX_IMAGE_PIXELS:,}"):
+        load_image(encoded)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_predictor_agrees_with_pytorch_top1(name, runs, exported, test_pixels):
     from subgrad.export.exporter import load_run

@@ -42,25 +42,8 @@ MODEL = "lenet"
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    from subgrad.export.exporter import export_run
-    from subgrad.training.config import TrainConfig
-    from subgrad.training.loop import train
-
-    run = tmp_path_factory.mktemp("run-lenet")
-    train(
-        TrainConfig(
-            model="lenet",
-            optimizer="sgd",
-            data=str(real_archive()),
-            out=str(run),
-            device="cpu",
-            steps=60,
-            batch_size=128,
-            quiet=True,
-        )
-    )
-    return export_run(run, run / f"{MODEL}.onnx")
+def model_file(served_lenet_onnx):
+    return served_lenet_onnx
 
 
 @pytest.fixture(scope="module")
