@@ -229,7 +229,9 @@ class HttpGuard:
         upstream = None  # (reader, writer, generation), opened for the first relayed request
         try:
             if self._clients > self.max_connections:
-                await self._refuse(client_w, Refusal(503, "Service Unavailable", "too many connections; retry"))
+                await self._refuse(
+                    client_r, client_w, Refusal(503, "Service Unavailable", "too many connections; retry")
+                )
                 return
             while True:
                 head = await self._read_head(client_r, client_w)
@@ -238,20 +240,20 @@ class HttpGuard:
                 try:
                     body = await self._read_checked(head, client_r, client_w)
                 except Refusal as refusal:
-                    await self._refuse(client_w, refusal)
-                    if refusal.status in (411, 413):  # body left unread: let the client finish sending
-                        await self._linger(client_r, head.length)
+                    await self._refuse(client_r, client_w, refusal)
                     return
                 if upstream is None or upstream[2] != self._generation or upstream[0].at_eof():
                     self._close(upstream)
                     try:
                         reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5.0)
                     except (OSError, asyncio.TimeoutError):
-                        await self._refuse(client_w, Refusal(503, "Service Unavailable", "the server is restarting"))
+                        await self._refuse(
+                            client_r, client_w, Refusal(503, "Service Unavailable", "the server is restarting")
+                        )
                         return
                     self._writers.add(writer)
                     upstream = (reader, writer, self._generation)
-                if not await self._relay(head, body, upstream, client_w) or not head.keep_alive:
+                if not await self._relay(head, body, upstream, client_r, client_w) or not head.keep_alive:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return  # the client went away
@@ -278,7 +280,7 @@ class HttpGuard:
             return None
         except Refusal as exc:
             refusal = exc
-        await self._refuse(writer, refusal)
+        await self._refuse(reader, writer, refusal)
         return None
 
     async def _read_checked(self, head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
@@ -360,7 +362,7 @@ class HttpGuard:
                 raise Refusal(503, "Service Unavailable", "the server is restarting") from None
         return self.models[name]
 
-    async def _relay(self, head: Head, body: bytes, upstream, client_w: asyncio.StreamWriter) -> bool:
+    async def _relay(self, head: Head, body: bytes, upstream, client_r, client_w) -> bool:
         """Send one request upstream and its answer back; False when either connection is finished."""
         upstream_r, upstream_w, _ = upstream
         self._in_flight += 1
@@ -384,33 +386,33 @@ class HttpGuard:
             return headers.get("connection", "").lower() != "close"
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             if not answered:
-                await self._refuse(client_w, Refusal(502, "Bad Gateway", "the server failed during the request"))
+                await self._refuse(
+                    client_r, client_w, Refusal(502, "Bad Gateway", "the server failed during the request")
+                )
             return False
         finally:
             self._in_flight -= 1
 
-    async def _refuse(self, writer: asyncio.StreamWriter, refusal: Refusal) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: Refusal) -> None:
+        """Answer ``refusal`` and end the connection: half-close, then read and drop what the client still
+        sends (up to LINGER_S), so that it reads the answer instead of a reset."""
         self.refused += 1
         writer.write(_response(refusal.status, refusal.reason, str(refusal)))
         try:
             await writer.drain()
-        except ConnectionError:
-            pass
-
-    async def _linger(self, reader: asyncio.StreamReader, length: int) -> None:
-        """Read and drop what the client still sends, briefly, so it reads our answer, not a reset."""
-
-        async def drop(length):
-            while length > 0:
-                chunk = await reader.read(min(length, _READ_CHUNK))
-                if not chunk:
-                    return
-                length -= len(chunk)
-
-        try:
-            await asyncio.wait_for(drop(length), LINGER_S)
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.wait_for(self._drop(reader), LINGER_S)
         except (asyncio.TimeoutError, ConnectionError):
             pass
+
+    async def _drop(self, reader: asyncio.StreamReader) -> None:
+        dropped = 0
+        while dropped < self.max_body_bytes:
+            chunk = await reader.read(_READ_CHUNK)
+            if not chunk:
+                return
+            dropped += len(chunk)
 
     def _close(self, upstream) -> None:
         if upstream is not None:

@@ -268,7 +268,7 @@ def check_infer_request(header, binary: bytes, spec: ModelSpec, admin: bool = Fa
     inputs, outputs = header.get("inputs"), header.get("outputs", [])
     if not isinstance(inputs, list) or not isinstance(outputs, list):
         raise BadRequest("'inputs' (and 'outputs', when given) must be JSON arrays")
-    names = [entry.get("name") if isinstance(entry, dict) else None for entry in inputs]
+    names = [entry["name"] for entry in inputs if isinstance(entry, dict) and isinstance(entry.get("name"), str)]
     if len(set(names)) != len(names):
         raise BadRequest("an input appears twice in the request")
     binary, offset = memoryview(binary), 0
