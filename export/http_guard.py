@@ -49,7 +49,7 @@ MAX_CONNECTIONS = 256
 HEAD_TIMEOUT_S = 10.0  # from a request's first byte to the end of its head
 IDLE_TIMEOUT_S = 60.0  # a keep-alive connection waiting for its next request
 BODY_TIMEOUT_S = 30.0  # longest wait for the next bytes of a body
-LINGER_S = 2.0  # after refusing a body unread, how long its bytes are read and dropped before closing
+LINGER_S = 5.0  # after a refusal, how long what the client still sends is read and dropped before closing
 #: The request header that carries the admin key (Triton's --http-restricted-api names the same).
 ADMIN_HEADER = "subgrad-admin-key"
 _READ_CHUNK = 1 << 20
@@ -406,13 +406,10 @@ class HttpGuard:
         except (asyncio.TimeoutError, ConnectionError):
             pass
 
-    async def _drop(self, reader: asyncio.StreamReader) -> None:
-        dropped = 0
-        while dropped < self.max_body_bytes:
-            chunk = await reader.read(_READ_CHUNK)
-            if not chunk:
-                return
-            dropped += len(chunk)
+    @staticmethod
+    async def _drop(reader: asyncio.StreamReader) -> None:
+        while await reader.read(_READ_CHUNK):
+            pass
 
     def _close(self, upstream) -> None:
         if upstream is not None:

@@ -244,7 +244,7 @@ BAD_HTTP_REQUESTS = {
     "wrong shape": (lambda feed: _binary_request("input", feed[:1, :, :16], "FP32"), "unexpected shape"),
     "batch above max_batch_size": (
         lambda feed: _binary_request("input", np.repeat(feed[:1], MAX_BATCH + 1, 0), "FP32"),
-        f"batch-size must be <= {MAX_BATCH}",
+        f"max_batch_size {MAX_BATCH}",
     ),
     "empty batch": (lambda feed: _binary_request("input", feed[:0], "FP32"), "input"),
     "corrupt image bytes": (lambda feed: (_CORRUPT_IMAGE_JSON, {}), "unreadable image"),
@@ -253,7 +253,7 @@ BAD_HTTP_REQUESTS = {
         "over the server's limit",
     ),
     "4 MB of JSON": (lambda feed: (b'{"inputs": [' + b" " * (4 << 20) + b"]}", {}), "send binary tensors"),
-    "body longer than its header says": (lambda feed: _longer_than_declared(feed[:1]), "declares"),
+    "body longer than its header says": (lambda feed: _longer_than_declared(feed[:1]), "inputs declare"),
 }
 
 
@@ -340,7 +340,8 @@ def test_serve_prints_endpoints_recovers_a_killed_stub_and_stops_on_sigterm(mode
     )
     try:
         out = "".join(_wait_for_line(proc.stdout, "Ctrl-C"))
-        assert f"http://localhost:{ports[0]}/v2/models/{MODEL}/infer" in out and f"localhost:{ports[1]}" in out
+        assert f"http://127.0.0.1:{ports[0]}/v2/models/{MODEL}/infer" in out and f"127.0.0.1:{ports[1]}" in out
+        assert "to this machine only" in out and "closed to every client" in out
         client = httpclient.InferenceServerClient(f"localhost:{ports[0]}", network_timeout=30)
         feed = predictor.preprocess(images["pixels"][:1])
         expected = predictor.logits_from_pixels(images["pixels"][:1])
@@ -401,11 +402,14 @@ def test_serve_errors_are_one_line(model_file, tmp_path):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
-        one_line(_serve(model_file, "--http-port", busy.getsockname()[1]), "is in use; pass --http-port")
+        one_line(_serve(model_file, "--http-port", busy.getsockname()[1]), "is in use on 127.0.0.1; pass --http-port")
     onnx_repo = tmp_path / "onnx-repo"
     package_triton(model_file, onnx_repo)
     one_line(_serve(onnx_repo, "--http-port", free_port()), "package it with --backend python")
     one_line(_serve(onnx_repo, "--max-batch", 4), "apply when serving MODEL.onnx")
+    one_line(_serve(model_file, "--restarts", -1), "--restarts must be 0 or more")
+    weak = {**os.environ, "SUBGRAD_ADMIN_KEY": "short"}
+    one_line(_serve(model_file, "--http-port", free_port(), env=weak), "SUBGRAD_ADMIN_KEY must be 16 to 256")
     broken = tmp_path / "broken-repo"
     folder = package_triton(model_file, broken, backend="python")
     (folder / "1" / "model.onnx").write_bytes(b"not onnx")
