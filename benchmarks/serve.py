@@ -1,18 +1,24 @@
-"""Requests per second and latency of a model served by `subgrad serve`, against Predictor in process.
+"""Requests per second and latency of a model served by `subgrad serve`, against Predictor in process,
+and the cost of subgrad's HTTP front against Triton's own HTTP port in the same run.
 
-    python benchmarks/serve.py [--json PATH] [--plot PATH] [--model MODEL.onnx] [--seconds 4]
+    python benchmarks/serve.py [--json PATH] [--plot PATH] [--model MODEL.onnx] [--seconds 4] [--rounds 4]
 
 Starts ``subgrad serve MODEL.onnx`` as a user does (its own process: the serve extra's Triton server,
-python backend, dynamic batching, the HTTP front) on loopback ports, then for each protocol (HTTP through
-the front, gRPC) and client concurrency (1, 4, 16, 64) sends batch-1 requests of real CIFAR-10 test images
-as binary tensors from asyncio clients (tritonclient's aio API; one event loop, so client and server share the cores as
-they would on one machine) for ``--seconds`` or ``--max-requests``, whichever comes first.  Beside it,
-in the same run, the same images through ``Predictor`` in process at batch 1 and batch 16.  Every
-answer is checked against Predictor's logits (bit for bit); a wrong or failed answer counts as an error.
+python backend, dynamic batching, the HTTP front) on loopback ports, then for each path (HTTP through
+the front; HTTP straight to Triton's own port behind it, read from the server's log; gRPC) and client
+concurrency (1, 4, 16, 64) sends batch-1 requests of real CIFAR-10 test images as binary tensors from
+asyncio clients (tritonclient's aio API; one event loop, so client and server share the cores as they
+would on one machine) for ``--seconds`` or ``--max-requests``, whichever comes first, split into
+``--rounds`` turns in which the paths alternate (the machine's speed drifts; each path sees the same
+drift).  Beside it, in the same run, the same images through ``Predictor`` in process at batch 1 and
+batch 16.  Every answer is checked against Predictor's logits (bit for bit); a wrong or failed answer
+counts as an error.
 
-Rows: ``path`` (``http``, ``grpc``, ``predictor``), ``concurrency``, ``batch``, ``requests``,
-``errors``, ``seconds``, ``requests_per_s``, ``images_per_s``, ``p50_ms``, ``p99_ms``.  Without
-``--model`` a LeNet is trained for 30 steps on the team's archive (its weights do not change the cost).
+Rows: ``path`` (``http``, ``http-direct``, ``grpc``, ``predictor``), ``concurrency``, ``batch``,
+``requests``, ``errors``, ``seconds``, ``requests_per_s``, ``images_per_s``, ``p50_ms``, ``p99_ms``.
+``targets.front_cost_c1_p50``: the HTTP concurrency-1 median through the front over the direct one
+(goal: at most 1.10).  Without ``--model`` a LeNet is trained for 30 steps on the team's archive (its
+weights do not change the cost).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import datetime
 import json
 import pathlib
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +42,11 @@ import numpy as np
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CONCURRENCY = (1, 4, 16, 64)
+#: http: through subgrad's HTTP front (what clients get); http-direct: Triton's own HTTP port behind it
+#: (loopback only; the front's cost is the difference); grpc: Triton's own gRPC port.
+PATHS = ("http", "http-direct", "grpc")
+#: The issue's bound on the front's cost: HTTP batch-1 median at concurrency 1, front over direct.
+FRONT_COST_BOUND = 1.10
 MODEL = "lenet"
 
 
@@ -58,8 +70,9 @@ def row(path, concurrency, batch, latencies, errors, seconds):
 
 
 async def load(protocol, port, feeds, expected, concurrency, seconds, max_requests):
-    """``concurrency`` tasks sending batch-1 requests until the time or request budget is spent."""
-    if protocol == "http":
+    """``concurrency`` tasks sending batch-1 requests until the time or request budget is spent:
+    (latencies of the right answers, errors, seconds)."""
+    if protocol.startswith("http"):
         import tritonclient.http.aio as client_module
 
         client = client_module.InferenceServerClient(f"localhost:{port}", conn_limit=concurrency)
@@ -92,7 +105,32 @@ async def load(protocol, port, feeds, expected, concurrency, seconds, max_reques
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - start
     await client.close()
-    return row(protocol, concurrency, 1, latencies, errors[0], elapsed)
+    return latencies, errors[0], elapsed
+
+
+def served_rows(ports, feeds, expected, seconds, max_requests, rounds):
+    """Rows of every path and concurrency.  Each path's rows pool ``rounds`` runs of ``seconds / rounds``,
+    the paths taking turns within a round, so that the front and Triton's own port see the same machine."""
+    pooled = {}
+    for _ in range(rounds):
+        for concurrency in CONCURRENCY:
+            for path in PATHS:
+                latencies, errors, elapsed = asyncio.run(
+                    load(path, ports[path], feeds, expected, concurrency, seconds / rounds, max_requests // rounds)
+                )
+                total = pooled.setdefault((path, concurrency), [[], 0, 0.0])
+                total[0] += latencies
+                total[1] += errors
+                total[2] += elapsed
+    return [row(path, c, 1, *pooled[(path, c)]) for path in PATHS for c in CONCURRENCY]
+
+
+def internal_http_port(log_path: str) -> int:
+    """Triton's own HTTP port (loopback, behind the front), from the line its server logs at start."""
+    found = re.findall(r"Started HTTPService at 127\.0\.0\.1:(\d+)", pathlib.Path(log_path).read_text())
+    if not found:
+        raise SystemExit(f"no 'Started HTTPService' line in {log_path}")
+    return int(found[-1])
 
 
 def predictor_rows(predictor, pixels, seconds, max_requests):
@@ -138,7 +176,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for protocol, marker in (("http", "o"), ("grpc", "s")):
+    for protocol, marker in (("http", "o"), ("http-direct", "^"), ("grpc", "s")):
         points = [r for r in rows if r["path"] == protocol]
         ax.plot(
             [r["concurrency"] for r in points],
@@ -165,6 +203,7 @@ def main() -> int:
     parser.add_argument("--data", type=pathlib.Path, default=ARCHIVE, help="CIFAR-10 archive for the test images")
     parser.add_argument("--seconds", type=float, default=4.0, help="time budget of each row")
     parser.add_argument("--max-requests", dest="max_requests", type=int, default=20000, help="request budget per row")
+    parser.add_argument("--rounds", type=int, default=4, help="turns the paths take within each row's time")
     args = parser.parse_args()
 
     from subgrad import __version__
@@ -196,16 +235,12 @@ def main() -> int:
                 if not banner[-1]:
                     raise SystemExit("subgrad serve exited before it was ready")
             version = banner[0].split("Triton Inference Server ")[1].split()[0]
-            for protocol in ("http", "grpc"):
-                asyncio.run(load(protocol, ports[protocol], feeds, expected, 1, 1.0, 200))  # warm-up, not reported
-                for concurrency in CONCURRENCY:
-                    rows.append(
-                        asyncio.run(
-                            load(
-                                protocol, ports[protocol], feeds, expected, concurrency, args.seconds, args.max_requests
-                            )
-                        )
-                    )
+            ports["http-direct"] = internal_http_port(
+                next(b for b in banner if b.strip().startswith("log")).split()[-1]
+            )
+            for path in PATHS:
+                asyncio.run(load(path, ports[path], feeds, expected, 1, 1.0, 200))  # warm-up, not reported
+            rows += served_rows(ports, feeds, expected, args.seconds, args.max_requests, args.rounds)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
@@ -219,9 +254,15 @@ def main() -> int:
     by = {(r["path"], r["concurrency"]): r for r in rows if r["path"] != "predictor"}
     targets = {
         "http_c1_p50_ms": by[("http", 1)]["p50_ms"],
+        "front_cost_c1_p50": round(by[("http", 1)]["p50_ms"] / by[("http-direct", 1)]["p50_ms"], 3),
         "http_c16_over_c1_throughput": round(by[("http", 16)]["requests_per_s"] / by[("http", 1)]["requests_per_s"], 2),
         "grpc_c16_over_c1_throughput": round(by[("grpc", 16)]["requests_per_s"] / by[("grpc", 1)]["requests_per_s"], 2),
     }
+    print(
+        f"the HTTP front's cost: batch-1 median at concurrency 1 through the front over Triton's own port "
+        f"{targets['front_cost_c1_p50']:.3f}x (goal <= {FRONT_COST_BOUND}x: "
+        f"{'met' if targets['front_cost_c1_p50'] <= FRONT_COST_BOUND else 'not met'})"
+    )
     print(
         f"targets: HTTP batch-1 median at concurrency 1 {targets['http_c1_p50_ms']:.3f} ms (goal <= 1 ms); "
         f"throughput at concurrency 16 over 1: HTTP {targets['http_c16_over_c1_throughput']}x, gRPC "

@@ -34,6 +34,7 @@ import asyncio
 import hmac
 import json
 import re
+import sys
 import threading
 import urllib.parse
 
@@ -67,6 +68,16 @@ _ADMIN_ROUTE = re.compile(
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _REQUEST_LINE = re.compile(rb"(?P<method>[A-Z]+) (?P<target>/[\x21-\x7e]*) HTTP/1\.(?P<minor>[01])")
+
+
+async def _within(awaitable, seconds: float):
+    """``await awaitable``, raising asyncio.TimeoutError after ``seconds``.  asyncio.timeout (Python 3.11+)
+    runs it in the current task; wait_for, the fallback, starts a task per call: on the hot path of every
+    request that cost a quarter of the front's time."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 class Refusal(Exception):
@@ -245,7 +256,7 @@ class HttpGuard:
                 if upstream is None or upstream[2] != self._generation or upstream[0].at_eof():
                     self._close(upstream)
                     try:
-                        reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5.0)
+                        reader, writer = await _within(asyncio.open_connection(*self.upstream), 5.0)
                     except (OSError, asyncio.TimeoutError):
                         await self._refuse(
                             client_r, client_w, Refusal(503, "Service Unavailable", "the server is restarting")
@@ -266,11 +277,11 @@ class HttpGuard:
     async def _read_head(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Head | None:
         """The next request's head; None when the connection is finished (idle, closed or answered)."""
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), self.idle_timeout_s)
+            first = await _within(reader.readexactly(1), self.idle_timeout_s)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError):
             return None
         try:
-            raw = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout_s)
+            raw = first + await _within(reader.readuntil(b"\r\n\r\n"), self.head_timeout_s)
             return Head(raw)
         except asyncio.TimeoutError:
             refusal = Refusal(408, "Request Timeout", f"request head not complete within {self.head_timeout_s:g} s")
@@ -337,7 +348,7 @@ class HttpGuard:
         chunks = []
         while length > 0:
             try:
-                chunk = await asyncio.wait_for(reader.read(min(length, _READ_CHUNK)), self.body_timeout_s)
+                chunk = await _within(reader.read(min(length, _READ_CHUNK)), self.body_timeout_s)
             except asyncio.TimeoutError:
                 raise Refusal(408, "Request Timeout", f"no body bytes for {self.body_timeout_s:g} s") from None
             if not chunk:
@@ -350,9 +361,9 @@ class HttpGuard:
         """The spec of a served model, learnt from Triton's config endpoint the first time it is named."""
         if name not in self.models:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5.0)
+                reader, writer = await _within(asyncio.open_connection(*self.upstream), 5.0)
                 writer.write(f"GET /v2/models/{name}/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                answer = await asyncio.wait_for(reader.read(), 10.0)
+                answer = await _within(reader.read(), 10.0)
                 writer.close()
                 status, _, body = answer.partition(b"\r\n\r\n")
                 if b" 200 " not in status.split(b"\r\n")[0]:
@@ -373,15 +384,19 @@ class HttpGuard:
             raw = await upstream_r.readuntil(b"\r\n\r\n")  # Triton's answer: read its length and connection
             lines = (line.partition(":") for line in raw.decode("latin-1").split("\r\n")[1:])
             headers = {name.strip().lower(): value.strip() for name, _, value in lines}
-            client_w.write(raw)
-            answered = True
             remaining = int(headers.get("content-length", "0") or 0)
-            while remaining > 0:
-                chunk = await upstream_r.read(min(remaining, _READ_CHUNK))
-                if not chunk:
-                    return False
-                client_w.write(chunk)
-                remaining -= len(chunk)
+            if remaining <= _READ_CHUNK:  # the usual answer: one write (one packet) to the client
+                client_w.write(raw + await upstream_r.readexactly(remaining))
+                answered = True
+            else:
+                client_w.write(raw)
+                answered = True
+                while remaining > 0:
+                    chunk = await upstream_r.read(min(remaining, _READ_CHUNK))
+                    if not chunk:
+                        return False
+                    client_w.write(chunk)
+                    remaining -= len(chunk)
             await client_w.drain()
             return headers.get("connection", "").lower() != "close"
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -402,7 +417,7 @@ class HttpGuard:
             await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
-            await asyncio.wait_for(self._drop(reader), LINGER_S)
+            await _within(self._drop(reader), LINGER_S)
         except (asyncio.TimeoutError, ConnectionError):
             pass
 

@@ -166,6 +166,14 @@ def _last_error(log_path: pathlib.Path, offset: int = 0) -> str:
     return "no error in its log"
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class TritonServer:
     """A tritonserver process serving ``repository``; see the module docstring."""
 
@@ -380,10 +388,12 @@ class TritonServer:
         return [line for line in text.splitlines() if line.strip()][-count:]
 
     def dead_stubs(self) -> dict[int, str]:
-        """{pid: model} of stubs that were running at the last check and are gone now."""
-        alive = self._stub_pids()
-        dead = {pid: model for pid, model in self._stubs.items() if pid not in alive}
-        self._stubs = alive
+        """{pid: model} of stubs that were running at the last check and are gone now (exited or zombie).
+        Reads one /proc file per known stub: it runs every 0.2 s beside the HTTP front, which shares this
+        process's interpreter."""
+        dead = {pid: model for pid, model in self._stubs.items() if not _running(pid)}
+        for pid in dead:
+            del self._stubs[pid]
         return dead
 
     def recover(self, model: str) -> bool:
