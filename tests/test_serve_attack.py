@@ -558,3 +558,70 @@ def test_serve_restarts_a_dead_server_and_exits_1_past_its_bound(served_lenet_on
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- NVIDIA's container path: the documented tritonserver command -----------------------------------------
+
+
+def _documented_tritonserver_args(key: str) -> list[str]:
+    """The flags of the `tritonserver` command docs/deploy.md gives for NVIDIA's container, $KEY filled."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    start = text.index("tritonserver --model-repository")
+    command = text[start : text.index("\n\n", start)].replace("\\\n", " ").split()
+    assert command[0] == "tritonserver", command
+    return [arg.replace("$KEY", key) for arg in command[1:] if not arg.startswith("--model-repository")]
+
+
+def test_the_documented_container_command_closes_the_admin_api(served_lenet_onnx, predictor, tmp_path, monkeypatch):
+    """The bundled Triton 2.51 started with exactly the documented flags (plus ports and, for the
+    bundled server, its backend folder): model-control none, the admin API refused on both protocols,
+    an uploaded model refused and its code not run, inference answered."""
+    args = _documented_tritonserver_args(ADMIN_KEY)
+    assert not any(arg.startswith("--model-control-mode") for arg in args), args
+    repo = tmp_path / "repo"
+    package_triton(served_lenet_onnx, repo, name=MODEL, backend="python", max_batch_size=MAX_BATCH)
+    triton = TritonServer(
+        repo, free_port(), free_port(), free_port(), log_path=tmp_path / "docs.log", admin_key=ADMIN_KEY
+    )
+
+    def documented_command():
+        return [
+            str(triton.server.executable),
+            f"--model-repository={triton.repository}",
+            *args,
+            "--http-address=127.0.0.1",
+            f"--http-port={triton._internal_http_port}",
+            f"--grpc-port={triton.grpc_port}",
+            f"--metrics-port={triton.metrics_port}",
+            f"--backend-directory={triton._workdir / 'backends'}",
+        ]
+
+    monkeypatch.setattr(triton, "_command", documented_command)
+    with triton:
+        direct = triton._internal_http_port  # Triton's own HTTP port: the container has no front
+        for method, path, body in ADMIN_HTTP:
+            raw = f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+            status, answer = _raw_http(direct, raw.encode() + body)
+            assert status == 403, (path, status, answer)
+        marker = tmp_path / "marker"
+        config, files = _uploaded_model(marker)
+        load = json.dumps({"parameters": {"config": config, **files}}).encode()
+        head = f"POST /v2/repository/models/evil/load HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        head += f"{ADMIN_HEADER}: {ADMIN_KEY}\r\nContent-Length: {len(load)}\r\n\r\n"
+        status, answer = _raw_http(direct, head.encode() + load)
+        assert status != 200, "model-control none must refuse a load even with the key"
+        client = grpcclient.InferenceServerClient(f"localhost:{triton.grpc_port}")
+        for call in (
+            client.get_model_repository_index,
+            client.get_system_shared_memory_status,
+            client.get_log_settings,
+        ):
+            with pytest.raises(InferenceServerException) as caught:
+                call()
+            assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
+        feed = np.zeros((1, 3, 32, 32), np.float32)
+        item = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
+        item.set_data_from_numpy(feed)
+        assert np.array_equal(client.infer(MODEL, [item]).as_numpy("logits"), _expected_logits(predictor, feed))
+        time.sleep(1)
+        assert not marker.exists(), "the uploaded model's code ran"
