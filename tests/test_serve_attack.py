@@ -606,7 +606,7 @@ def test_the_documented_container_command_closes_the_admin_api(served_lenet_onnx
         marker = tmp_path / "marker"
         config, files = _uploaded_model(marker)
         load = json.dumps({"parameters": {"config": config, **files}}).encode()
-        head = f"POST /v2/repository/models/evil/load HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        head = "POST /v2/repository/models/evil/load HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
         head += f"{ADMIN_HEADER}: {ADMIN_KEY}\r\nContent-Length: {len(load)}\r\n\r\n"
         status, answer = _raw_http(direct, head.encode() + load)
         assert status != 200, "model-control none must refuse a load even with the key"
