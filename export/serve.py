@@ -45,7 +45,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .http_guard import ADMIN_HEADER, HttpGuard
+from .http_framing import ADMIN_HEADER
+from .http_guard import HttpGuard
 from .infer_check import ModelSpec
 
 STUB_NAME = "triton_python_backend_stub"

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from subgrad.export.http_guard import ADMIN_HEADER, MAX_JSON_BYTES, HttpGuard
+from subgrad.export.http_framing import ADMIN_HEADER
+from subgrad.export.http_guard import MAX_JSON_BYTES, HttpGuard
 from subgrad.export.infer_check import ModelSpec
 from subgrad.export.serve import free_port
 

@@ -43,7 +43,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from subgrad.export.http_guard import ADMIN_HEADER
+from subgrad.export.http_framing import ADMIN_HEADER
 from subgrad.export.infer_check import DATATYPE_BYTES
 from subgrad.export.runtime import Predictor
 from subgrad.export.serve import GRPC_ADMIN_HEADER, TritonServer, free_port
