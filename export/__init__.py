@@ -7,8 +7,11 @@
     runtime      Predictor: onnxruntime + numpy + Pillow only (no torch import)
     triton_repo  NVIDIA Triton Inference Server model repository (onnxruntime or python backend)
     triton_python_model  the python-backend model that repository runs (copied as model.py)
-    serve        `subgrad serve`: a real Triton Inference Server on such a repository
-    http_guard   the bounded HTTP front that keeps that server alive under oversized requests
+    serve        `subgrad serve`: a real Triton Inference Server on such a repository, loopback by default,
+                 its admin API behind a key, restarted when it dies
+    http_guard   the HTTP front before that server: connection bounds, the open API only, checked requests
+    http_framing strict HTTP/1.1 request heads, the open routes, the front's own answers
+    infer_check  an inference request against its model: every declared tensor backed by the data sent
 
 This file imports nothing heavy (runtime.py needs only numpy until a session opens), so
 ``subgrad.export.runtime`` stays torch-free.

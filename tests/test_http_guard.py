@@ -287,3 +287,15 @@ def test_an_upstream_that_is_down_gets_503_then_retarget_serves_again(guard, ups
     assert got == 503 and "restarting" in json.loads(body)["error"]
     guard.retarget(upstream.server_address[1])
     assert _raw(guard, b"GET /v2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")[0] == 200
+
+
+def test_a_header_that_passed_passes_again_only_with_the_same_binary_length(guard):
+    header = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "parameters": {"binary_data_size": 12}}]}
+    assert _raw(guard, _infer(header, bytes(12)))[0] == 200
+    assert len(guard.passed) == 1
+    assert _raw(guard, _infer(header, bytes(12)))[0] == 200
+    assert _raw(guard, _infer(header, bytes(16)))[0] == 400  # same header, other length: checked again
+    strings = {"inputs": [{"name": "s", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": 7}}]}
+    assert _raw(guard, _infer(strings, b"\x03\x00\x00\x00abc"))[0] == 200
+    assert _raw(guard, _infer(strings, b"\x09\x00\x00\x00abc"))[0] == 400  # BYTES: their framing is read each time
+    assert len(guard.passed) == 1
