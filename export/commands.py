@@ -195,7 +195,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             if args.host in ("127.0.0.1", "::1", "localhost"):
                 print(f"  exposed  to this machine only ({args.host}); --host 0.0.0.0 serves other machines")
             else:
-                print(f"  exposed  on {args.host}: every machine that reaches it can send inference requests (no TLS, no client authentication)")
+                print(
+                    f"  exposed  on {args.host}: every machine that reaches it can send inference requests "
+                    "(no TLS, no client authentication)"
+                )
             print(
                 "  admin    model repository, shared memory, trace, logging: closed "
                 + (
