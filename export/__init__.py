@@ -9,7 +9,9 @@
     triton_python_model  the python-backend model that repository runs (copied as model.py)
     serve        `subgrad serve`: a real Triton Inference Server on such a repository, loopback by default,
                  its admin API behind a key, restarted when it dies
+    triton_install  which Triton server: tritonserver on PATH or the serve extra's
     http_guard   the HTTP front before that server: connection bounds, the open API only, checked requests
+    http_relay   the front's connections (asyncio protocols): client state machine, Triton connection
     http_framing strict HTTP/1.1 request heads, the open routes, the front's own answers
     infer_check  an inference request against its model: every declared tensor backed by the data sent
 

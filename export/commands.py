@@ -139,9 +139,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         GRPC_ADMIN_HEADER,
         TritonServer,
         admin_key_from_env,
-        find_server,
         serve_until,
     )
+    from subgrad.export.triton_install import find_server
     from subgrad.export.triton_repo import package_triton
 
     source = pathlib.Path(args.model)

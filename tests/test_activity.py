@@ -46,8 +46,9 @@ def test_block_cut_is_the_model_forward(name):
 def test_tails_recompute_the_block_output(name):
     """tail(j, z_j) from an unchanged z_j is the block output (what the finite difference subtracts), and a
     tail is per example: run on rows [2, 5) alone it gives those rows of the whole batch's tail (so ranks can
-    split the rows).  Tolerance 1e-6: a ResNet tail normalises with the batch statistics computed apart from
-    the BatchNorm module's (another summation order); LeNet's and LocalNet's are exact."""
+    split the rows).  Tolerance 1e-6 absolute plus 1e-6 relative (a few float32 ulps of outputs near 3): a
+    ResNet tail normalises with the batch statistics computed apart from the BatchNorm module's (another
+    summation order, which differs between CPUs' vector widths); LeNet's and LocalNet's are exact."""
     torch.manual_seed(0)
     model = build_model(name).train()
     x, _ = _batch(6)
@@ -58,8 +59,8 @@ def test_tails_recompute_the_block_output(name):
             clean = block.run(h)
             for j, site in enumerate(clean.sites):
                 whole = clean.tail(j, site.z + 0.1, ALL)
-                torch.testing.assert_close(clean.tail(j, site.z, ALL), clean.out, rtol=0, atol=1e-6)
-                torch.testing.assert_close(clean.tail(j, site.z[rows] + 0.1, rows), whole[rows], rtol=0, atol=1e-6)
+                torch.testing.assert_close(clean.tail(j, site.z, ALL), clean.out, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(clean.tail(j, site.z[rows] + 0.1, rows), whole[rows], rtol=1e-6, atol=1e-6)
                 if name != "resnet20":
                     assert torch.equal(clean.tail(j, site.z, ALL), clean.out)
             h = clean.out
