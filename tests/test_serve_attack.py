@@ -28,7 +28,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 import zlib
 
@@ -48,6 +47,7 @@ from subgrad.export.infer_check import DATATYPE_BYTES
 from subgrad.export.runtime import Predictor
 from subgrad.export.serve import GRPC_ADMIN_HEADER, TritonServer, free_port
 from subgrad.export.triton_repo import package_triton
+from test_serve import _serve, _wait_for_line
 
 pytestmark = pytest.mark.slow  # a real Triton Inference Server
 
@@ -505,27 +505,6 @@ def test_every_port_listens_on_loopback_by_default(server):
 # -- a server that dies ---------------------------------------------------------------------------------
 
 
-def _serve_process(model, *args):
-    return subprocess.Popen(
-        [sys.executable, "-m", "subgrad", "serve", str(model), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for(stream, needle, timeout_s=120):
-    lines, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return "".join(lines)
-    raise AssertionError(f"no line with {needle!r} within {timeout_s} s; got {lines}")
-
-
 def _tritonserver_child(pid: int) -> int:
     out = subprocess.run(["pgrep", "-P", str(pid), "-f", "tritonserver"], capture_output=True, text=True).stdout
     assert out.split(), "subgrad serve has no tritonserver child"
@@ -534,26 +513,26 @@ def _tritonserver_child(pid: int) -> int:
 
 def test_serve_restarts_a_dead_server_and_exits_1_past_its_bound(served_lenet_onnx, predictor):
     http_port, grpc_port = free_port(), free_port()
-    proc = _serve_process(
+    proc = _serve(
         served_lenet_onnx, "--http-port", http_port, "--grpc-port", grpc_port, "--metrics-port", free_port(),
         "--restarts", 1,
     )  # fmt: skip
     try:
-        _wait_for(proc.stdout, "Ctrl-C")
+        _wait_for_line(proc.stdout, "Ctrl-C")
         feed = np.ones((1, 3, 32, 32), np.float32)
         expected = _expected_logits(predictor, feed)
         for crash in range(2):
             os.kill(_tritonserver_child(proc.pid), signal.SIGKILL)
             if crash == 1:
                 break
-            _wait_for(proc.stderr, "restarting")
-            _wait_for(proc.stderr, "serving again")
+            _wait_for_line(proc.stderr, "restarting")
+            _wait_for_line(proc.stderr, "serving again")
             for module, port in ((httpclient, http_port), (grpcclient, grpc_port)):
                 item = module.InferInput("input", [1, 3, 32, 32], "FP32")
                 item.set_data_from_numpy(feed)
                 served = module.InferenceServerClient(f"localhost:{port}").infer(MODEL, [item]).as_numpy("logits")
                 assert np.array_equal(served, expected), f"{module.__name__} after the restart"
-        assert "giving up" in _wait_for(proc.stderr, "giving up")
+        _wait_for_line(proc.stderr, "giving up")
         assert proc.wait(60) == 1
     finally:
         if proc.poll() is None:
