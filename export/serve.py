@@ -373,14 +373,17 @@ def serve_until(triton: TritonServer, stopping, say, restarts: int = RESTARTS) -
             last = " | ".join(triton.last_log_lines())
             if len(recent) >= restarts:
                 say(
-                    f"the Triton server exited with status {status}, its {len(recent) + 1}th exit within "
-                    f"{RESTART_WINDOW_S:.0f} s; giving up (its log: {triton.log_path}; last lines: {last})"
+                    f"the Triton server exited with status {status} after {len(recent)} restarts within "
+                    f"{RESTART_WINDOW_S:.0f} s (--restarts {restarts}); giving up (its log: {triton.log_path}; "
+                    f"last lines: {last})"
                 )
                 return 1
             delay = 2.0 ** len(recent)
             say(f"the Triton server exited with status {status}; restarting in {delay:.0f} s (last log lines: {last})")
             recent.append(now)
             time.sleep(delay)
+            if stopping():
+                break
             try:
                 triton.restart()
             except ServeError as exc:
