@@ -294,8 +294,11 @@ def test_quantize_int8_and_accuracy_gate(name, runs, exported, tmp_path):
     from subgrad.export.quantize import quantize
 
     src = exported[name][0]
-    report = quantize(src, real_archive(), tmp_path / "q.onnx", calibration_images=128, limit=300)
-    assert report["written"] and (tmp_path / "q.onnx").is_file()
+    # The gate at the bound this test states for the drop (5 points), not the CLI's default 1 point: these
+    # 60-step models are near chance (15-30% by CPU), where 300 images resolve 0.33 points and int8 flips
+    # a few low-margin predictions (1.33 points on an AMD EPYC VM). The gate itself is checked below.
+    report = quantize(src, real_archive(), tmp_path / "q.onnx", calibration_images=128, limit=300, max_drop=5.0)
+    assert report["written"] and (tmp_path / "q.onnx").is_file(), report["reason"]
     assert report["size_ratio"] < 0.5, report  # int8 weights: about a quarter of fp32 plus QDQ scales
     assert report["accuracy_quantized"] is not None and report["speedup_batch256"] > 0
     if name == "lenet":  # (the 10-step resnet20 is near chance: its int8 accuracy says little)
