@@ -15,18 +15,18 @@ zo_estimate_           kernels/zo_update.py   tests/test_zo_update.py
 perturb_activity       kernels/activity.py    tests/test_activity_kernels.py
 activity_gradient      kernels/activity.py    tests/test_activity_kernels.py
 next_step_seed_        kernels/seeds.py       tests/test_device_scalars.py
-sgd_step_              kernels/sgd.py         tests/test_sgd_adamw.py
-adamw_step_            kernels/adamw.py       tests/test_sgd_adamw.py
+sgd_step_, _launcher   kernels/sgd.py         tests/test_sgd_adamw.py
+adamw_step_, _launcher kernels/adamw.py       tests/test_sgd_adamw.py
 =====================  =====================  ==========================
 """
 
 from ._common import BACKENDS, resolve_backend
 from .activity import activity_gradient, perturb_activity, site_signs, takes_twin
-from .adamw import adamw_step_
+from .adamw import adamw_launcher, adamw_step_
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
 from .seeds import next_step_seed_, step_seed
-from .sgd import sgd_step_
+from .sgd import sgd_launcher, sgd_step_
 from .zo_update import make_block_starts, zo_estimate_, zo_update_
 
 __all__ = [
@@ -47,5 +47,7 @@ __all__ = [
     "site_signs",
     "takes_twin",
     "sgd_step_",
+    "sgd_launcher",
     "adamw_step_",
+    "adamw_launcher",
 ]

@@ -92,6 +92,12 @@ def device_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor | None:
     return value.reshape(1).to(torch.float32)
 
 
+def stale_copy(scalar: torch.Tensor | None, value) -> bool:
+    """Whether :func:`device_scalar` returned a converted copy of ``value`` (not float32): a launcher
+    prepared once must then convert it again at each call to see its current value."""
+    return scalar is not None and value.dtype != torch.float32
+
+
 def require(name: str, ok: bool, expected: str, value) -> None:
     """The one check style of subgrad's public boundaries: ``name must be <expected>, got <value>``."""
     if not ok:

@@ -22,12 +22,14 @@ Where the per-step scalars come from:
 An optional ``gate`` (a bool on the device) makes the step a no-op where it is False: every store is
 masked off, so a skipped step is decided on the device.  Parameters, gradients and the moments may be
 float32, bfloat16 or float16; arithmetic is float32.  float64 buffers are updated by the torch twin in
-float64 (as torch.optim does), on any device.
+float64 (as torch.optim does), on any device.  ``grad`` is a flat buffer like ``param`` or a
+:class:`GradTable` of the gradients where backward left them (grad_table.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -52,7 +54,9 @@ from ._common import (
     round_to,
     sign,
     sqrt_rn_torch,
+    stale_copy,
 )
+from .grad_table import GradTable, table_tile, twin_views
 
 #: ``beta ** step`` by squaring covers steps below 2**STEP_BITS (a float32 step count stops at 2**24).
 STEP_BITS = 24
@@ -103,14 +107,15 @@ def device_scalars(lr: float, step: int, weight_decay: float, beta1: float, beta
 @triton.jit(do_not_specialize=["step"])
 def adamw_kernel(
     param_ptr,  # *float [n]: parameters, updated in place
-    grad_ptr,  # *float [n]: gradients (read only)
+    grad_ptr,  # *float [n]: gradients (read only); with GRAD_TABLE: *int64 [parameters], their addresses
     exp_avg_ptr,  # *float [n]: first moment m
     exp_avg_sq_ptr,  # *float [n]: second moment v
     max_exp_avg_sq_ptr,  # *float [n]: running max of v when AMSGRAD (else unused)
     lr_ptr,  # *fp32 [1]: learning rate when LR_IN_MEMORY (else unused)
     step_ptr,  # *fp32 or *int64 [1]: the step count, this step included, when STEP_IN_MEMORY (else unused)
     gate_ptr,  # *bool [1]: when HAS_GATE, False leaves every buffer as it was (a skipped step)
-    n,  # number of elements
+    tiles_ptr,  # *int64 [programs, 4]: with GRAD_TABLE, each program's tile (grad_table.py; else unused)
+    n,  # number of elements (without GRAD_TABLE)
     lr,  # fp32 learning rate (DEVICE_SCALARS without LR_IN_MEMORY)
     step,  # int32 step count (DEVICE_SCALARS without STEP_IN_MEMORY)
     weight_decay,  # fp32 decoupled weight decay (DEVICE_SCALARS)
@@ -132,10 +137,15 @@ def adamw_kernel(
     LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr
     STEP_IN_MEMORY: tl.constexpr,  # read the step from step_ptr
     HAS_GATE: tl.constexpr,  # read the apply flag from gate_ptr
+    GRAD_TABLE: tl.constexpr,  # gradients through an address table, programs through a tile table
     TILE_SIZE: tl.constexpr,  # elements per program
 ):
-    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
-    mask = pos < n
+    if GRAD_TABLE:
+        pos, mask, grad_at = table_tile(tiles_ptr, grad_ptr, param_ptr, TILE_SIZE)
+    else:
+        pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
+        mask = pos < n
+        grad_at = grad_ptr + pos
     if HAS_GATE:
         mask = mask & (tl.load(gate_ptr) != 0)  # a closed gate: no element is stored
     if DEVICE_SCALARS:
@@ -151,7 +161,7 @@ def adamw_kernel(
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
         decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)
     w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + pos, mask=mask).to(tl.float32)
+    g = tl.load(grad_at, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + pos, mask=mask).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + pos, mask=mask).to(tl.float32)
     if MAXIMIZE:
@@ -245,6 +255,7 @@ def check_adamw_args(
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         require(name, isinstance(beta, (int, float)) and 0.0 <= beta < 1.0, "a number in [0, 1)", beta)
     check_contiguous("param", param)
+    grad = grad.like if isinstance(grad, GradTable) else grad
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_same_layout(name, t, param, "param")
     if amsgrad:
@@ -269,7 +280,7 @@ def check_adamw_args(
 
 def adamw_step_(
     param: torch.Tensor,
-    grad: torch.Tensor,
+    grad: torch.Tensor | GradTable,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     max_exp_avg_sq: torch.Tensor | None = None,
@@ -297,94 +308,169 @@ def adamw_step_(
     """
     if validate_args:
         check_adamw_args(**locals())
+    adamw_launcher(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        l1=l1,
+        gate=gate,
+        backend=backend,
+    )(step if isinstance(step, int) else None)
+    return param
+
+
+def adamw_launcher(
+    param: torch.Tensor,
+    grad: torch.Tensor | GradTable,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    *,
+    step: int | torch.Tensor,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    l1: float,
+    gate: torch.Tensor | None,
+    backend: str | None,
+) -> Callable[[int | None], None]:
+    """:func:`adamw_step_` (arguments unchecked) prepared once; each call of the returned function is one
+    step.  It takes this step's count when ``step`` is a host number (None: ``step`` as given here); a
+    tensor ``step`` / ``lr`` is read at each call (by the kernel from memory, or by the twin)."""
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
-    if float64_twin(backend, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
-        if not gate_open(gate):
-            return param
-        lr, step = float(host_scalar(lr) if on_device else lr), int(host_scalar(step)) if on_device else step
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
-        adamw_torch(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            max_exp_avg_sq,
-            1.0 - lr * weight_decay,
-            1.0 - beta1,
-            float(beta2),
-            1.0 - beta2,
-            lr / bias_correction1,
-            math.sqrt(bias_correction2),
-            float(eps),
-            float(l1),
-            maximize,
-            amsgrad,
-            compute=torch.float64,
-        )
-        return param
+    table = grad if isinstance(grad, GradTable) else None
+    flat_grad = table.like if table else grad
+    if float64_twin(backend, param, flat_grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
+
+        def float64_step(count=None):
+            if not gate_open(gate):
+                return
+            rate = float(host_scalar(lr)) if isinstance(lr, torch.Tensor) else float(lr)
+            t = int(host_scalar(step)) if isinstance(step, torch.Tensor) else count or step
+            bias_correction1 = 1.0 - beta1**t
+            bias_correction2 = 1.0 - beta2**t
+            for where, g in twin_views(grad):
+                vmax = max_exp_avg_sq[where] if amsgrad else None
+                adamw_torch(
+                    param[where],
+                    g,
+                    exp_avg[where],
+                    exp_avg_sq[where],
+                    vmax,
+                    1.0 - rate * weight_decay,
+                    1.0 - beta1,
+                    float(beta2),
+                    1.0 - beta2,
+                    rate / bias_correction1,
+                    math.sqrt(bias_correction2),
+                    float(eps),
+                    float(l1),
+                    maximize,
+                    amsgrad,
+                    compute=torch.float64,
+                )
+
+        return float64_step
     lr_tensor = device_scalar("lr", lr, param)
     step_tensor = step.reshape(1) if isinstance(step, torch.Tensor) else None
     constants = dict(
         one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), eps=f32(eps), l1=f32(l1)
     )
-    triton_backend = resolve_backend(backend, param, grad) == "triton"
-    if not triton_backend and not gate_open(gate):
-        return param  # the twin of a closed gate (its step count may be 0: no scalars to compute)
-    if not on_device:  # host scalars in float64, rounded once to float32 (as torch.optim computes them)
-        per_step = dict(
+
+    def host_scalars(t: int) -> dict:  # in float64, rounded once to float32 (as torch.optim computes them)
+        return dict(
             decay=f32(1.0 - lr * weight_decay),
-            step_size=f32(lr / (1.0 - beta1**step)),
-            bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2**step)),
+            step_size=f32(lr / (1.0 - beta1**t)),
+            bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2**t)),
         )
-    elif triton_backend:  # every program computes them from what it reads
-        per_step = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=0.0)
-    else:
-        per_step = device_scalars(host_scalar(lr), int(host_scalar(step)), f32(weight_decay), beta1, beta2)
-    if triton_backend:
-        n = param.numel()
-        if n:
-            # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x
-            # the elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound)
-            tile = DEVICE_SCALARS_TILE if on_device else TILE_SIZE
-            adamw_kernel[(triton.cdiv(n, tile),)](
-                param,
-                grad,
-                exp_avg,
-                exp_avg_sq,
-                max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
-                lr_tensor if lr_tensor is not None else param,
-                step_tensor if step_tensor is not None else param,
-                gate if gate is not None else param,
-                n,
-                f32(lr) if on_device and lr_tensor is None else 0.0,
-                int(step) if on_device and step_tensor is None else 0,
-                f32(weight_decay),
-                *split_f64(beta1),
-                split_f64(beta2)[1],
-                **per_step,
-                **constants,
-                MAXIMIZE=maximize,
-                AMSGRAD=amsgrad,
-                HAS_L1=l1 != 0.0,
-                DEVICE_SCALARS=on_device,
-                LR_IN_MEMORY=lr_tensor is not None,
-                STEP_IN_MEMORY=step_tensor is not None,
-                HAS_GATE=gate is not None,
-                TILE_SIZE=tile,
-                num_warps=NUM_WARPS,
-                enable_fp_fusion=False,
-            )
-    else:
-        adamw_torch(
+
+    if resolve_backend(backend, param, flat_grad) != "triton":
+
+        def twin_step(count=None):
+            if not gate_open(gate):
+                return  # the twin of a closed gate (its step count may be 0: no scalars to compute)
+            if on_device:
+                t = int(host_scalar(step)) if step_tensor is not None else count or step
+                per_step = device_scalars(host_scalar(lr), t, f32(weight_decay), beta1, beta2)
+            else:
+                per_step = host_scalars(count or step)
+            for where, g in twin_views(grad):
+                vmax = max_exp_avg_sq[where] if amsgrad else None
+                adamw_torch(
+                    param[where],
+                    g,
+                    exp_avg[where],
+                    exp_avg_sq[where],
+                    vmax,
+                    maximize=maximize,
+                    amsgrad=amsgrad,
+                    **per_step,
+                    **constants,
+                )
+
+        return twin_step
+    n = table.numel if table else param.numel()
+    # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x
+    # the elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound)
+    tile = DEVICE_SCALARS_TILE if on_device else TILE_SIZE
+    tiles = table.tiles(tile) if table else param
+    programs = (len(tiles),) if table else (triton.cdiv(n, tile),)
+    buffers = (
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq,
+        lr_tensor if lr_tensor is not None else param,
+        step_tensor if step_tensor is not None else param,
+        gate if gate is not None else param,
+        tiles,
+        n,
+    )
+    betas = (f32(weight_decay), *split_f64(beta1), split_f64(beta2)[1])
+    constexprs = dict(
+        MAXIMIZE=maximize,
+        AMSGRAD=amsgrad,
+        HAS_L1=l1 != 0.0,
+        DEVICE_SCALARS=on_device,
+        LR_IN_MEMORY=lr_tensor is not None,
+        STEP_IN_MEMORY=step_tensor is not None,
+        HAS_GATE=gate is not None,
+        GRAD_TABLE=table is not None,
+        TILE_SIZE=tile,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+        **constants,
+    )
+    fresh_lr = stale_copy(lr_tensor, lr)
+    device_step = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=0.0)  # every program computes them
+
+    def kernel_step(count=None):
+        if not n:
+            return
+        t = count or (step if step_tensor is None else 0)
+        scalars = (f32(lr) if lr_tensor is None else 0.0, t) if on_device else (0.0, 0)
+        found = buffers if not fresh_lr else (*buffers[:3], device_scalar("lr", lr, param), *buffers[4:])
+        adamw_kernel[programs](
             param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            max_exp_avg_sq,
-            maximize=maximize,
-            amsgrad=amsgrad,
-            **per_step,
-            **constants,
+            table.addresses() if table else grad,
+            *found,
+            *scalars,
+            *betas,
+            **(device_step if on_device else host_scalars(t)),
+            **constexprs,
         )
-    return param
+
+    return kernel_step

@@ -10,9 +10,14 @@
 Parameters, gradients and the momentum buffer may be float32, bfloat16 or float16; arithmetic is
 float32 and each tensor is rounded once when stored.  float64 buffers are updated by the torch twin in
 float64 (as torch.optim does), on any device.
+
+``grad`` is a flat buffer like ``param``, or a :class:`GradTable` of the gradients where backward left
+them (the same launch, each program reading its parameter's gradient through the table).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -34,16 +39,19 @@ from ._common import (
     resolve_backend,
     round_to,
     sign,
+    stale_copy,
 )
+from .grad_table import GradTable, table_tile, twin_views
 
 
 @triton.jit
 def sgd_kernel(
     param_ptr,  # *float [n]: parameters, updated in place
-    grad_ptr,  # *float [n]: gradients (read only)
+    grad_ptr,  # *float [n]: gradients (read only); with GRAD_TABLE: *int64 [parameters], their addresses
     momentum_ptr,  # *float [n]: momentum buffer when HAS_MOMENTUM (else unused)
     lr_ptr,  # *fp32 [1]: the learning rate when LR_IN_MEMORY (else unused)
-    n,  # number of elements
+    tiles_ptr,  # *int64 [programs, 4]: with GRAD_TABLE, each program's tile (grad_table.py; else unused)
+    n,  # number of elements (without GRAD_TABLE)
     lr,  # fp32 learning rate (unless LR_IN_MEMORY)
     weight_decay,  # fp32 L2 coefficient
     l1,  # fp32 L1 coefficient (subgradient l1 * sign(w))
@@ -56,14 +64,19 @@ def sgd_kernel(
     FIRST_STEP: tl.constexpr,  # momentum buffer is initialised to g (torch.optim semantics)
     NESTEROV: tl.constexpr,  # Nesterov momentum
     LR_IN_MEMORY: tl.constexpr,  # read lr from lr_ptr (a tensor lr: no host read, replayable launches)
+    GRAD_TABLE: tl.constexpr,  # gradients through an address table, programs through a tile table
     TILE_SIZE: tl.constexpr,  # elements per program
 ):
     if LR_IN_MEMORY:
         lr = tl.load(lr_ptr)
-    pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
-    mask = pos < n
+    if GRAD_TABLE:
+        pos, mask, grad_at = table_tile(tiles_ptr, grad_ptr, param_ptr, TILE_SIZE)
+    else:
+        pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
+        mask = pos < n
+        grad_at = grad_ptr + pos
     w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + pos, mask=mask).to(tl.float32)
+    g = tl.load(grad_at, mask=mask).to(tl.float32)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -125,7 +138,7 @@ def sgd_torch(
 
 def sgd_step_(
     param: torch.Tensor,
-    grad: torch.Tensor,
+    grad: torch.Tensor | GradTable,
     momentum_buffer: torch.Tensor | None = None,
     *,
     lr: float | torch.Tensor,
@@ -144,7 +157,8 @@ def sgd_step_(
     ``l1`` adds the subgradient ``l1 * sign(w)`` (an extension; torch.optim has none).
     ``first_step`` says the momentum buffer is new (``torch.optim`` sets it to the gradient instead of
     decaying it).  ``lr`` may be a 1-element tensor on the device, which the kernel reads (no host read;
-    a replayed launch uses its current value).  ``validate_args``: check every argument first (one-line
+    a replayed launch uses its current value).  ``grad``: a buffer like ``param`` or a :class:`GradTable`
+    (only the parameters it covers are updated).  ``validate_args``: check every argument first (one-line
     errors); :class:`subgrad.optim.SGD` passes False (it validated its settings at construction).
     Returns ``param``.
     """
@@ -159,70 +173,115 @@ def sgd_step_(
         if nesterov and (momentum == 0.0 or dampening != 0.0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
         check_contiguous("param", param)
-        check_same_layout("grad", grad, param, "param")
+        if not isinstance(grad, GradTable):
+            check_same_layout("grad", grad, param, "param")
         if momentum != 0.0:
             if momentum_buffer is None:
                 raise ValueError("momentum != 0 needs a momentum_buffer like param")
             check_same_layout("momentum_buffer", momentum_buffer, param, "param")
-    if float64_twin(backend, param, grad, momentum_buffer if momentum != 0.0 else None):
-        lr = float(lr.reshape(())) if isinstance(lr, torch.Tensor) else float(lr)
-        sgd_torch(
-            param,
-            grad,
-            momentum_buffer,
-            lr,
-            float(weight_decay),
-            float(l1),
-            float(momentum),
-            1.0 - dampening,
-            maximize,
-            first_step,
-            nesterov,
-            compute=torch.float64,
-        )
-        return param
-    if validate_args:
+    if validate_args and param.dtype != torch.float64:
         check_float_dtype("param", param)
+    sgd_launcher(
+        param,
+        grad,
+        momentum_buffer,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+        l1=l1,
+        backend=backend,
+    )()
+    return param
+
+
+def sgd_launcher(
+    param: torch.Tensor,
+    grad: torch.Tensor | GradTable,
+    momentum_buffer: torch.Tensor | None,
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    l1: float,
+    backend: str | None,
+) -> Callable[[], None]:
+    """:func:`sgd_step_` (arguments unchecked) prepared once: backend, scalars, grid and constexprs are
+    settled here; each call of the returned function is one step (an optimizer keeps it between steps
+    while the hyperparameters stay the same).  A tensor ``lr`` is read at each call (the kernel reads
+    it from memory; the twin reads its value)."""
+    table = grad if isinstance(grad, GradTable) else None
+    flat_grad = table.like if table else grad
+    if float64_twin(backend, param, flat_grad, momentum_buffer if momentum != 0.0 else None):
+        scalars = (float(weight_decay), float(l1), float(momentum), 1.0 - dampening, maximize, first_step, nesterov)
+
+        def float64_step():
+            rate = float(lr.reshape(())) if isinstance(lr, torch.Tensor) else float(lr)
+            for where, g in twin_views(grad):
+                buf = momentum_buffer[where] if momentum_buffer is not None else None
+                sgd_torch(param[where], g, buf, rate, *scalars, compute=torch.float64)
+
+        return float64_step
     lr_tensor = device_scalar("lr", lr, param)
     weight_decay, l1, momentum = f32(weight_decay), f32(l1), f32(momentum)
     one_minus_dampening = f32(1.0 - dampening)
-    if resolve_backend(backend, param, grad) == "triton":
-        n = param.numel()
-        if n:
-            sgd_kernel[grid(n)](
-                param,
-                grad,
-                momentum_buffer if momentum_buffer is not None else param,
-                lr_tensor if lr_tensor is not None else param,
-                n,
-                0.0 if lr_tensor is not None else f32(lr),
-                weight_decay,
-                l1,
-                momentum,
-                one_minus_dampening,
-                MAXIMIZE=maximize,
-                HAS_WEIGHT_DECAY=weight_decay != 0.0,
-                HAS_L1=l1 != 0.0,
-                HAS_MOMENTUM=momentum != 0.0,
-                FIRST_STEP=first_step,
-                NESTEROV=nesterov,
-                LR_IN_MEMORY=lr_tensor is not None,
-                TILE_SIZE=TILE_SIZE,
-                num_warps=NUM_WARPS,
-                enable_fp_fusion=False,
-            )
-    else:
-        sgd_torch(
-            param,
-            grad,
-            momentum_buffer,
-            host_scalar(lr),
-            weight_decay,
-            l1,
-            momentum,
-            one_minus_dampening,
-            maximize,
-            first_step,
-            nesterov,
-        )
-    return param
+    if resolve_backend(backend, param, flat_grad) != "triton":
+        scalars = (weight_decay, l1, momentum, one_minus_dampening, maximize, first_step, nesterov)
+
+        def twin_step():
+            rate = host_scalar(lr)
+            for where, g in twin_views(grad):
+                buf = momentum_buffer[where] if momentum_buffer is not None else None
+                sgd_torch(param[where], g, buf, rate, *scalars)
+
+        return twin_step
+    n = table.numel if table else param.numel()
+    tiles = table.tiles() if table else param
+    args = (
+        momentum_buffer if momentum_buffer is not None else param,
+        lr_tensor if lr_tensor is not None else param,
+        tiles,
+        n,
+        0.0 if lr_tensor is not None else f32(lr),
+        weight_decay,
+        l1,
+        momentum,
+        one_minus_dampening,
+    )
+    constexprs = dict(
+        MAXIMIZE=maximize,
+        HAS_WEIGHT_DECAY=weight_decay != 0.0,
+        HAS_L1=l1 != 0.0,
+        HAS_MOMENTUM=momentum != 0.0,
+        FIRST_STEP=first_step,
+        NESTEROV=nesterov,
+        LR_IN_MEMORY=lr_tensor is not None,
+        GRAD_TABLE=table is not None,
+        TILE_SIZE=TILE_SIZE,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )
+    programs = (len(tiles),) if table else grid(n)
+
+    if stale_copy(lr_tensor, lr):
+
+        def kernel_step():  # lr converted to float32 at each call: the kernel must see its current value
+            if n:
+                lr_now = device_scalar("lr", lr, param)
+                grads = table.addresses() if table else grad
+                sgd_kernel[programs](param, grads, args[0], lr_now, *args[2:], **constexprs)
+
+        return kernel_step
+
+    def kernel_step():
+        if n:  # the module's kernel looked up at each call, so subgrad.capture's recorder sees it
+            sgd_kernel[programs](param, table.addresses() if table else grad, *args, **constexprs)
+
+    return kernel_step

@@ -3,15 +3,16 @@
 Drop-in replacements: same constructor arguments, param groups, ``state_dict()`` layout (loadable both
 ways with torch.optim), ``lr_scheduler`` and ``GradScaler`` support.  Each param group is packed into
 flat buffers (:class:`subgrad.FlatParams`); its optimizer state lives in flat buffers of the same
-layout and ``optimizer.state[p]`` holds views into them.  When every parameter of a buffer has a
-gradient and the same state history, the step is one launch; otherwise (some ``p.grad is None``,
-which torch.optim skips) each parameter is updated on its own view, with identical arithmetic.
+layout and ``optimizer.state[p]`` holds views into them.  A step is one launch per flat buffer: the
+kernel reads each gradient where backward left it, through a table of their addresses (parameters
+without a gradient, which torch.optim skips, are not in the table); see ``_step_plan.py``.  The plan of
+that launch is kept between steps, so a step's host work is reading ``p.grad`` of each parameter and
+launching.
 
 The packing follows the parameters: a group added with ``add_param_group``, a parameter frozen or
 unfrozen (``requires_grad``) between steps, is picked up at the next step by repacking, and every
-parameter's state moves with it.  Gradients are read, never replaced: each step copies ``p.grad`` into
-the flat gradient buffer (one extra pass over the gradients).  A complex parameter is stepped as its
-real view (``torch.view_as_real``), as torch.optim does; its state tensors are complex like torch's.
+parameter's state moves with it.  Gradients are read, never replaced.  A complex parameter is stepped
+as its real view (``torch.view_as_real``), as torch.optim does; its state tensors are complex like torch's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import math
 import torch
 
 from .. import kernels as K
-from ..flat import FlatGroup, FlatParams, as_real, storage_numel
+from ..flat import FlatGroup, FlatParams
 from ._flat_optimizer import FlatOptimizer
+from ._step_plan import StepPlan, Unit, flat_slice, loose_gradient
 from .replicas import Replicas
 
 #: torch.optim's wording for each hyperparameter whose rule is torch's own ("Invalid learning rate: -1").
@@ -87,8 +89,10 @@ class _FusedOptimizer(FlatOptimizer):
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
         self._flats: list[FlatParams] = []
         #: steps each parameter has taken, counted on the host: which parameters can share a launch is
-        #: decided from these, never from state on the device (no host read of a device value per step)
+        #: decided from these, never from state on the device (no host read of a device value per step).
+        #: Between plans the count lives in each unit's ``history`` (:meth:`_settle`).
         self._steps_taken: dict[torch.Tensor, int] = {}
+        self._plan: StepPlan | None = None
         #: data-parallel ranks: the gradients are averaged over them before the update (None: one process)
         self.replicas = replicas
 
@@ -124,8 +128,16 @@ class _FusedOptimizer(FlatOptimizer):
             # where the step count lives is this optimizer's setting, not the saved state's: a graph captured
             # from a capturable optimizer must not start passing host step counts after a resume
             group["capturable"] = flag
-        self._steps_taken = {}
+        self._steps_taken, self._plan = {}, None
         self._adopt(self._pack())
+
+    def __getstate__(self) -> dict:
+        self._settle()
+        return {k: v for k, v in super().__getstate__().items() if k != "_plan"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._plan = None
 
     # Under torch.compile the step runs eagerly (a graph break): it is already one fused kernel per flat
     # buffer, and tracing its host-side scalar preparation sent dynamo into endless recursion.  (The
@@ -144,9 +156,25 @@ class _FusedOptimizer(FlatOptimizer):
     def _step(self, gate: torch.Tensor | None) -> None:
         """The update of every parameter that has a gradient; a device bool ``gate`` that is False makes
         it a no-op decided on the device (AdamW only: :class:`subgrad.optim.ActivityZO` skips that way)."""
+        plan = self._plan
+        if plan is not None:
+            grads = [p.grad for p in plan.params]
+            if not plan.reusable(grads, self.param_groups):
+                plan = None
+        if plan is None:
+            plan = self._replan()
+            if plan is None:
+                return  # no gradient anywhere: nothing to update (and nothing to pack), as in torch.optim
+            grads = plan.grads
+        for unit in plan.units:
+            self._launch_unit(unit, grads, gate)
+
+    def _replan(self) -> StepPlan | None:
+        """A new plan for the current parameters and gradients (after checking them as torch.optim does)."""
+        self._settle()
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not with_grad:
-            return  # nothing to update (and nothing to pack), as in torch.optim
+            return None
         for p in with_grad:
             if p.device.type not in ("cpu", "cuda"):  # torch.optim's fused check, and its wording
                 raise RuntimeError(
@@ -154,39 +182,85 @@ class _FusedOptimizer(FlatOptimizer):
                     f"devices: ['cpu', 'cuda'] but {p.dtype} and {p.device.type} (subgrad's step is "
                     "always fused)"
                 )
-        for group, fg, bufs in self._pack():
-            has_grad = [p.grad is not None for p in fg.params]
-            if not any(has_grad):
-                continue
-            if not self._sparse_ok and any(p.grad is not None and p.grad.is_sparse for p in fg.params):
+            if not self._sparse_ok and p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (as torch.optim's)")
-            histories = {self._history(p) for p in fg.params}
-            if all(has_grad) and len(histories) == 1:
-                grad = fg.grad_buffer(link=False)
-                if self.replicas is not None:
-                    self.replicas.all_reduce_mean_(grad)  # one collective over the whole flat buffer
-                indices = list(range(len(fg.params)))
-                self._step_views(group, fg, bufs, fg.data, grad, slice(None), indices, gate)
-            else:  # torch.optim skips params without gradients: update the others one by one
-                for i, p in enumerate(fg.params):
-                    if p.grad is not None:
-                        off = fg.offsets[i]
-                        grad = as_real(p.grad.to_dense() if p.grad.is_sparse else p.grad)
-                        if self.replicas is not None:  # reduce a copy: p.grad is never modified
-                            grad = self.replicas.all_reduce_mean_(grad.clone())
-                        where = slice(off, off + storage_numel(p))
-                        self._step_views(group, fg, bufs, fg.data[where], grad.reshape(-1), where, [i], gate)
-            for i, p in enumerate(fg.params):
-                if has_grad[i]:
-                    self._steps_taken[p] = self._steps_taken.get(p, 0) + 1
+        self._plan = StepPlan(self.param_groups, self._pack(), self._history, use_table=self.replicas is None)
+        return self._plan
+
+    def _settle(self) -> None:
+        """Hand each unit's history back to the per-parameter record (before a new plan or a copy)."""
+        if self._plan is not None:
+            for unit in self._plan.units:
+                self._record_history(unit)
+            self._plan = None
+
+    def _record_history(self, unit: Unit) -> None:
+        """Per-parameter record of what ``unit.history`` advanced to (AdamW: the host step counts)."""
+
+    def _launch_unit(self, unit: Unit, grads: list, gate) -> None:
+        """One unit's update: one launch on its gradients where they are, or per span / per parameter
+        when they must be copied (replicas average a flat buffer; loose gradients are densified)."""
+        group, fg, bufs = unit.group, unit.fg, unit.bufs
+        self._begin(unit, gate)
+        if unit.grad is not None and (self.replicas is None or not isinstance(unit.grad, torch.Tensor)):
+            if not isinstance(unit.grad, torch.Tensor):  # an address table: this step's gradients
+                unit.grad.set_grads(unit.gradients(grads))
+            # the whole buffer at once, with a launcher prepared while the settings stay the same
+            key = self._settings(group, unit, gate)
+            if unit.launcher is None or unit.launcher[0] != key:
+                unit.launcher = (key, self._launcher(group, fg, bufs, fg.data, unit.grad, slice(None), unit, gate))
+            unit.launcher[1](*self._call_args(unit))
+        else:
+            for run in unit.runs:  # each run of parameters as one flat span, its gradients copied in
+                first, last = flat_slice(fg, run.start), flat_slice(fg, run.stop - 1)
+                where = slice(first.start, last.stop)
+                if unit.grad is None:  # loose: one parameter
+                    grad = loose_gradient(fg.params[run.start])
+                else:
+                    if fg.grad is None:
+                        fg.grad = torch.zeros_like(fg.data)
+                    grad = fg.grad[where]
+                    views = [fg.view(fg.grad, i) for i in range(run.start, run.stop)]
+                    torch._foreach_copy_(views, [fg.params[i].grad for i in range(run.start, run.stop)])
+                if self.replicas is not None:  # one collective per span; p.grad is never modified
+                    self.replicas.all_reduce_mean_(grad)
+                self._launcher(group, fg, bufs, fg.data[where], grad, where, unit, gate)(*self._call_args(unit))
+        self._finish(unit)
+
+    def _begin(self, unit: Unit, gate) -> None:
+        """Before a unit's launch (AdamW: advance the step counts the kernel reads)."""
+
+    def _finish(self, unit: Unit) -> None:
+        """After a unit's launch: its state views on a first step, and its history advanced."""
 
     def _history(self, p) -> object:
         """What must agree for parameters to share one launch, known on the host (AdamW: steps taken)."""
         return self._steps_taken.get(p, 0)
 
-    def _step_views(self, group, fg, bufs, param, grad, where: slice, indices: list[int], gate) -> None:
-        """Update ``param`` (all of ``fg`` or one parameter's view, ``where`` in the flat buffers)."""
+    def _settings(self, group: dict, unit: Unit, gate) -> tuple:
+        """What a prepared launcher depends on besides the buffers (a tensor by identity: the launcher
+        holds it, so its id stays its own)."""
         raise NotImplementedError
+
+    def _launcher(self, group, fg, bufs, param, grad, where: slice, unit: Unit, gate):
+        """A function that updates ``param`` (``where`` in the flat buffers) from ``grad`` (a flat buffer
+        like it, or an address table of the unit's gradients) when called with :meth:`_call_args`."""
+        raise NotImplementedError
+
+    def _call_args(self, unit: Unit) -> tuple:
+        """What a launcher takes at each call (AdamW: the host step count)."""
+        return ()
+
+
+def _identity(value):
+    """A settings-key entry: a tensor by identity (never compared by value: that would read it back)."""
+    return ("tensor", id(value)) if isinstance(value, torch.Tensor) else value
+
+
+def _lr_key(group: dict, unit: Unit):
+    """The settings-key entry of the lr: its value where the launch takes it as a number (:func:`_lr_for`)."""
+    lr = _lr_for(group, unit.fg.data)
+    return _identity(lr)
 
 
 def _lr_for(group: dict, param: torch.Tensor):
@@ -259,30 +333,35 @@ class SGD(_FusedOptimizer):
     def _history(self, p):
         return self.state.get(p, {}).get("momentum_buffer") is None  # first step or not
 
-    def _step_views(self, group, fg, bufs, param, grad, where, indices, gate):
+    def _settings(self, group, unit, gate):
         if gate is not None:
             raise ValueError("SGD has no device gate (a skipped SGD step is the caller's decision)")
+        keys = ("weight_decay", "momentum", "dampening", "nesterov", "maximize", "l1")
+        return (_lr_key(group, unit), unit.history, *(group.get(k) for k in keys))
+
+    def _launcher(self, group, fg, bufs, param, grad, where, unit, gate):
         momentum = group["momentum"]
-        first = self._history(fg.params[indices[0]])
-        buf = self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None
-        K.sgd_step_(
+        return K.sgd_launcher(
             param,
             grad,
-            buf,
+            self._flat_buffer(fg, bufs, "momentum_buffer")[where] if momentum != 0 else None,
             lr=_lr_for(group, param),
             weight_decay=group["weight_decay"],
             momentum=momentum,
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            first_step=first,
+            first_step=unit.history,
             l1=group.get("l1", 0.0),
             backend=self.backend,
-            validate_args=False,
         )
-        for i in indices:  # like torch.optim: no state at all without momentum
-            if momentum:
-                self.state[fg.params[i]]["momentum_buffer"] = self._view(fg, bufs, "momentum_buffer", i)
+
+    def _finish(self, unit):
+        if unit.history and unit.group["momentum"]:  # like torch.optim: no state at all without momentum
+            for i in unit.indices:
+                self.state[unit.fg.params[i]]["momentum_buffer"] = self._view(unit.fg, unit.bufs, "momentum_buffer", i)
+            unit.history = False
+            self._plan = None  # plan again: units that differed only by this may share a launch now
 
 
 class AdamW(_FusedOptimizer):
@@ -361,21 +440,31 @@ class AdamW(_FusedOptimizer):
                     view.copy_(torch.as_tensor(step, dtype=torch.float32))
                     self.state[p]["step"] = view
 
-    def _step_views(self, group, fg, bufs, param, grad, where, indices, gate):
-        if gate is not None and not group["capturable"]:
+    def _begin(self, unit, gate):
+        if gate is not None and not unit.group["capturable"]:
             raise ValueError("a gated AdamW step needs capturable=True (the step count then lives on the device)")
+        steps = unit.bufs["step"]
+        for run in unit.runs:  # these parameters' step counts: usually one run, often the whole vector
+            (steps if run.stop - run.start == len(steps) else steps[run]).add_(gate if gate is not None else 1)
+
+    def _settings(self, group, unit, gate):
+        keys = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "l1")
+        return (_lr_key(group, unit), _identity(gate), *(group.get(k) for k in keys))
+
+    def _call_args(self, unit):
+        return (unit.history + 1,)  # this step's count, on the host (a capturable kernel reads its own)
+
+    def _launcher(self, group, fg, bufs, param, grad, where, unit, gate):
         beta1, beta2 = group["betas"]
-        steps = bufs["step"][indices[0] : indices[-1] + 1]  # these parameters' steps (all of them, or one)
-        steps.add_(gate if gate is not None else 1)
+        first = unit.indices[0]
         # capturable: read by the kernel; otherwise counted on the host, so no value is read back
-        step = steps[:1] if group["capturable"] else self._steps_taken.get(fg.params[indices[0]], 0) + 1
-        vmax = self._flat_buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None
-        K.adamw_step_(
+        step = bufs["step"][first : first + 1] if group["capturable"] else unit.history + 1
+        return K.adamw_launcher(
             param,
             grad,
             self._flat_buffer(fg, bufs, "exp_avg")[where],
             self._flat_buffer(fg, bufs, "exp_avg_sq")[where],
-            vmax,
+            self._flat_buffer(fg, bufs, "max_exp_avg_sq")[where] if group["amsgrad"] else None,
             step=step,
             lr=_lr_for(group, param),
             beta1=beta1,
@@ -387,12 +476,20 @@ class AdamW(_FusedOptimizer):
             l1=group.get("l1", 0.0),
             gate=gate,
             backend=self.backend,
-            validate_args=False,
         )
-        for i in indices:
-            st = self.state[fg.params[i]]
-            st["step"] = bufs["step"][i]
-            st["exp_avg"] = self._view(fg, bufs, "exp_avg", i)
-            st["exp_avg_sq"] = self._view(fg, bufs, "exp_avg_sq", i)
-            if group["amsgrad"]:
-                st["max_exp_avg_sq"] = self._view(fg, bufs, "max_exp_avg_sq", i)
+
+    def _finish(self, unit):
+        if unit.history == 0:  # a first step: the state appears, as views of the flat buffers
+            fg, bufs = unit.fg, unit.bufs
+            for i in unit.indices:
+                st = self.state[fg.params[i]]
+                st["step"] = bufs["step"][i]
+                st["exp_avg"] = self._view(fg, bufs, "exp_avg", i)
+                st["exp_avg_sq"] = self._view(fg, bufs, "exp_avg_sq", i)
+                if unit.group["amsgrad"]:
+                    st["max_exp_avg_sq"] = self._view(fg, bufs, "max_exp_avg_sq", i)
+        unit.history += 1
+
+    def _record_history(self, unit):
+        for p in unit.params:
+            self._steps_taken[p] = unit.history
