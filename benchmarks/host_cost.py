@@ -1,6 +1,6 @@
 """Host cost of every optimizer step and of the trainer's step, measured without a GPU.
 
-    python benchmarks/host_cost.py [--json PATH] [--models lenet resnet20] [--repeats 10]
+    python benchmarks/host_cost.py [--json PATH] [--models lenet resnet20] [--repeats 10] [--threads 1]
 
 What a GPU step costs besides its kernels is host work: Python, argument checks, ATen dispatch, Triton
 launches, and any wait for the device.  This measures it on the CPU, on the GPU code path (every subgrad
@@ -15,6 +15,18 @@ defaults (``make_optimizer``, tensor learning rates as the trainer sets them), f
   (:meth:`subgrad.capture.StepRecord.signature`), so a CUDA graph of one replays the next;
 * ``host_us_per_step``: median wall time of one step here with the Triton launches stubbed: Python,
   dispatch and launch preparation, plus the CPU compute of the ATen ops at batch 2 (so an upper bound).
+
+Against torch.optim, in the same run on the same parameters (their values and gradients copied):
+
+* ``torch_fused_us_per_step`` / ``torch_foreach_us_per_step``: torch.optim's fused and foreach CPU steps at
+  the same hyperparameters (``sgd``, ``adamw``; for the zeroth-order rows, ``SGD(momentum=0.9, fused=True)``,
+  the issue's yardstick for an optimizer's own host work);
+* ``sgd`` / ``adamw``: ``host_us_per_step_realloc`` (gradients reallocated before every step, as
+  ``zero_grad(set_to_none=True)`` and backward leave them), ``cpu_us_per_step`` (the real CPU step: the
+  twins computing), and the ratios ``host_vs_torch_fused`` and ``cpu_vs_torch_foreach``;
+* ``zo-sgd``, ``zo-adam``, ``hizoo``: ``optimizer_host_us_per_step``, the step's host time less the time
+  spent in its loss closure (the forward passes), and ``optimizer_host_vs_torch_fused``.  ``zo`` interleaves
+  its block forwards with its own kernels, so its row has no such split (null).
 
 ``optimizer`` is ``sgd``, ``adamw``, ``zo-sgd``, ``zo-adam``, ``hizoo``, ``zo`` (the optimizer's step alone:
 gradients given, or its loss closure) or ``train:<optimizer>`` (the trainer's whole step, what
@@ -74,6 +86,65 @@ def optimizer_step(s, x, y):
     return lambda: s.optimizer.step(x, y)
 
 
+def median_us(step, prepare, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``step()`` in microseconds, ``prepare(t)`` run untimed before each call."""
+    samples = []
+    for t in range(warmup + repeats):
+        prepare(t)
+        start = time.perf_counter()
+        step()
+        if t >= warmup:
+            samples.append(time.perf_counter() - start)
+    return round(statistics.median(samples) * 1e6, 1)
+
+
+def torch_baselines(s, name: str, repeats: int) -> dict:
+    """torch.optim's fused and foreach CPU steps on copies of the session's parameters and gradients."""
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    if name in ("sgd", "adamw"):
+        group = s.optimizer.param_groups[0]
+        keys = (
+            ("lr", "momentum", "weight_decay", "nesterov") if name == "sgd" else ("lr", "betas", "eps", "weight_decay")
+        )
+        settings = {k: float(group[k]) if k == "lr" else group[k] for k in keys}
+        cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+    else:  # the yardstick for a zeroth-order optimizer's own host work
+        settings, cls = dict(lr=1e-3, momentum=0.9), torch.optim.SGD
+    out = {}
+    for impl in ("fused", "foreach"):
+        torch.manual_seed(0)
+        copies = [p.detach().clone().requires_grad_() for p in params]
+        for c in copies:
+            c.grad = torch.randn_like(c)
+        opt = cls(copies, **settings, **{impl: True})
+        out[f"torch_{impl}_us_per_step"] = median_us(opt.step, lambda t: None, max(repeats, 20))
+    return out
+
+
+def realloc_gradients(model):
+    """A ``prepare`` that gives every parameter a fresh gradient tensor (same values) before each step."""
+    params = [p for p in model.parameters() if p.grad is not None]
+
+    def prepare(t):
+        for p in params:
+            p.grad = p.grad.clone()
+
+    return prepare
+
+
+def timed_closure(step_fn, s, x, y):
+    """A zeroth-order step whose loss closure's time is summed into ``spent[0]``: the forward passes."""
+    spent = [0.0]
+
+    def closure():
+        start = time.perf_counter()
+        loss = F.cross_entropy(s.model(x), y)
+        spent[0] += time.perf_counter() - start
+        return loss
+
+    return (lambda: s.optimizer.step(closure)), spent
+
+
 def measure(label: str, step, prepare, persistent_of, repeats: int) -> dict:
     """Launch counts, syncs and replayability from recorded steps; host time with launches stubbed."""
     with triton_launches([], run=False, force_triton=True):
@@ -115,18 +186,65 @@ def last_gpu_figures() -> tuple[dict, str | None]:
     return {(r["model"], r["step"]): r["seconds"] for r in rows}, str(files[-1].relative_to(RESULTS.parent.parent))
 
 
+def versus_torch(s, name: str, x, y, repeats: int) -> dict:
+    """This row's comparison with torch.optim (module docstring), measured now on the same parameters."""
+    out = torch_baselines(s, name, repeats)
+    if s.step_kind == "backprop":
+        step = optimizer_step(s, x, y)
+        with triton_launches([], run=False, force_triton=True):
+            realloc = median_us(step, realloc_gradients(s.model), repeats)
+        cpu = median_us(step, lambda t: None, repeats)
+        out.update(host_us_per_step_realloc=realloc, cpu_us_per_step=cpu)
+        out["cpu_vs_torch_foreach"] = round(cpu / out["torch_foreach_us_per_step"], 2)
+    elif s.step_kind == "closure":
+        step, spent = timed_closure(s.optimizer.step, s, x, y)
+        with triton_launches([], run=False, force_triton=True):
+            total = median_us(lambda: (spent.__setitem__(0, 0.0), step()), lambda t: None, 1, warmup=2)
+            samples = []
+            for _ in range(repeats):
+                spent[0] = 0.0
+                start = time.perf_counter()
+                step()
+                samples.append(time.perf_counter() - start - spent[0])
+        del total
+        out["optimizer_host_us_per_step"] = round(statistics.median(samples) * 1e6, 1)
+        out["optimizer_host_vs_torch_fused"] = round(
+            out["optimizer_host_us_per_step"] / out["torch_fused_us_per_step"], 2
+        )
+    else:
+        out["optimizer_host_us_per_step"] = None
+    return out
+
+
+def versus_text(row: dict) -> str:
+    if "host_vs_torch_fused" in row:
+        return (
+            f"host {row['host_vs_torch_fused']}x fused ({row['torch_fused_us_per_step']} us), realloc "
+            f"{row['host_us_per_step_realloc']} us; CPU {row['cpu_us_per_step']} us = {row['cpu_vs_torch_foreach']}x "
+            f"foreach ({row['torch_foreach_us_per_step']} us)"
+        )
+    if row.get("optimizer_host_us_per_step") is not None:
+        return (
+            f"own host {row['optimizer_host_us_per_step']} us = {row['optimizer_host_vs_torch_fused']}x "
+            f"SGD fused ({row['torch_fused_us_per_step']} us)"
+        )
+    return ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"], choices=["lenet", "resnet20"])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=pathlib.Path, help="write the results here")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the step's own ops)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     gpu, gpu_file = last_gpu_figures()
     steps = []
     print(
         f"{'model':<9}{'step':<15}{'launches':>9}{'triton':>7}{'aten':>6}{'syncs':>6}{'replay':>7}{'host us':>10}"
-        f"{'GPU ms (last measured)':>24}"
+        f"{'GPU ms (last measured)':>24}  vs torch.optim (same run)"
     )
     for model in args.models:
         for name in args.optimizers:
@@ -150,6 +268,11 @@ def main(argv=None) -> int:
                     args.repeats,
                 ),
             ]
+            rows[0].update(versus_torch(s, name, x, y, args.repeats))
+            if "host_us_per_step_realloc" in rows[0]:
+                rows[0]["host_vs_torch_fused"] = round(
+                    rows[0]["host_us_per_step"] / rows[0]["torch_fused_us_per_step"], 2
+                )
             for row in rows:
                 row["model"] = model
                 seconds = gpu.get((model, GPU_ROWS.get(row["optimizer"])))
@@ -158,13 +281,14 @@ def main(argv=None) -> int:
                 print(
                     f"{model:<9}{row['optimizer']:<15}{row['launches_per_step']:>9}{row['triton_launches_per_step']:>7}"
                     f"{row['aten_launches_per_step']:>6}{row['syncs_per_step']:>6}{str(row['replayable']):>7}"
-                    f"{row['host_us_per_step']:>10.1f}{row['gpu_ms_last_measured'] or '':>24}",
+                    f"{row['host_us_per_step']:>10.1f}{row['gpu_ms_last_measured'] or '':>24}  {versus_text(row)}",
                     flush=True,
                 )
     result = dict(
         steps=steps,
         batch=BATCH,
         repeats=args.repeats,
+        threads=args.threads,
         gpu_figures=gpu_file,
         machine=platform.processor() or platform.machine(),
         python=sys.version.split()[0],

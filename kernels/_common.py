@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 
 import torch
 import triton
@@ -49,6 +50,11 @@ MAX_DIRECTION_ELEMENTS = 2**32
 #: Seeds are passed to kernels as two non-negative int32 halves so that every seed gives the same
 #: kernel signature (no recompiles); the full seed is ``hi << 31 | lo``.
 MAX_SEED = 2**62
+
+
+#: Bumped whenever the way kernels launch changes (subgrad.capture's recorder patches the kernels and
+#: ``resolve_backend``): a launcher prepared before (``sgd_launcher``, ``adamw_launcher``) is stale then.
+launch_epoch = 0
 
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
@@ -179,6 +185,24 @@ def sqrt_rn_torch(x: torch.Tensor) -> torch.Tensor:
 #: Elements a torch twin processes at once: 64K-element float32 temporaries stay in cache, which is
 #: several times faster on CPU than whole-buffer temporaries (benchmarks/kernels.py).
 TWIN_CHUNK = 1 << 16
+
+
+#: Elements per chunk of the first-order twins' in-place path (:func:`workspace`): there a step is a
+#: dozen ops per chunk, and per-op dispatch, not cache size, dominates at model sizes on a CPU
+#: (benchmarks/host_cost.py); temporaries stay bounded at 4 MB (float32) each.
+INPLACE_CHUNK = 1 << 20
+_workspaces = threading.local()  # per thread: data-parallel replicas may step in threads of one process
+
+
+def workspace(count: int, n: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """``count`` scratch vectors of ``n`` elements, kept between calls (a twin's temporaries, written with
+    ``out=`` and in-place ops: the same arithmetic as fresh tensors, without allocating them each step)."""
+    kept = _workspaces.__dict__
+    key = (count, dtype, device)
+    found = kept.get(key)
+    if found is None or found[0].numel() < n:
+        found = kept[key] = [torch.empty(n, dtype=dtype, device=device) for _ in range(count)]
+    return [t[:n] for t in found]
 
 
 def chunks(n: int, size: int = TWIN_CHUNK):

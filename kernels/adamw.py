@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    INPLACE_CHUNK,
     NUM_WARPS,
     TILE_SIZE,
     check_contiguous,
@@ -55,6 +56,7 @@ from ._common import (
     sign,
     sqrt_rn_torch,
     stale_copy,
+    workspace,
 )
 from .grad_table import GradTable, table_tile, twin_views
 
@@ -203,11 +205,17 @@ def adamw_torch(
     compute=torch.float32,
 ) -> None:
     """Torch twin of :func:`adamw_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
-    is the float64 path."""
+    is the float64 path.  Buffers already in the compute dtype take :func:`_adamw_in_place`."""
     param, grad, exp_avg, exp_avg_sq = (t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq))
     # A divisor on the tensors' device: CUDA torch turns division by a CPU scalar into multiplication by
     # its reciprocal (up to 1 ulp off IEEE division; seen on an H200 before this), the kernel divides.
     bias_correction2_sqrt = torch.tensor(bias_correction2_sqrt, dtype=compute, device=param.device)
+    dtypes = {param.dtype, grad.dtype, exp_avg.dtype, exp_avg_sq.dtype, max_exp_avg_sq.dtype if amsgrad else compute}
+    if dtypes == {compute}:
+        vmax = max_exp_avg_sq.view(-1) if amsgrad else None
+        scalars = (decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, l1)
+        _adamw_in_place(param, grad, exp_avg, exp_avg_sq, vmax, *scalars, maximize)
+        return
     for a, b in chunks(param.numel()):
         w = param[a:b].to(compute)
         g = grad[a:b].to(compute)
@@ -229,6 +237,33 @@ def adamw_torch(
             vmax.copy_(v.to(vmax.dtype))
         denom = sqrt_rn_torch(v) / bias_correction2_sqrt + eps
         param[a:b] = (w - (m.to(compute) / denom) * step_size).to(param.dtype)
+
+
+def _adamw_in_place(
+    param, grad, m_all, v_all, vmax_all, decay, omb1, beta2, omb2, step_size, bc2_sqrt, eps, l1, maximize
+):
+    """:func:`adamw_torch` when every buffer is in the compute dtype: the same operations in the same
+    order, each written into the buffers or a kept workspace (``out=``) rather than a fresh tensor."""
+    n, dtype, device = param.numel(), param.dtype, param.device
+    for a, b in chunks(n, INPLACE_CHUNK):
+        w, g, m, v = param[a:b], grad[a:b], m_all[a:b], v_all[a:b]
+        g_new, tmp = workspace(2, b - a, dtype, device)
+        if maximize or l1 != 0.0:
+            g = torch.neg(g, out=g_new) if maximize else g_new.copy_(g)
+            if l1 != 0.0:
+                g.add_(torch.sign(w, out=tmp).mul_(l1))
+        w.mul_(decay)
+        m.add_(torch.sub(g, m, out=tmp).mul_(omb1))
+        v.mul_(beta2).add_(torch.mul(g, g, out=tmp).mul_(omb2))
+        if vmax_all is not None:
+            v = torch.maximum(vmax_all[a:b], v, out=vmax_all[a:b])
+        if dtype == torch.float64:
+            denom = torch.sqrt(v, out=tmp)
+        else:  # sqrt_rn_torch: the float64 root rounded once
+            (root,) = workspace(1, b - a, torch.float64, device)
+            denom = tmp.copy_(root.copy_(v).sqrt_())
+        denom.div_(bc2_sqrt).add_(eps)
+        w.sub_(torch.div(m, denom, out=tmp).mul_(step_size))
 
 
 def check_adamw_args(
@@ -460,7 +495,7 @@ def adamw_launcher(
     def kernel_step(count=None):
         if not n:
             return
-        t = count or (step if step_tensor is None else 0)
+        t = 0 if step_tensor is not None else count or step  # a step in memory: a replayable launch
         scalars = (f32(lr) if lr_tensor is None else 0.0, t) if on_device else (0.0, 0)
         found = buffers if not fresh_lr else (*buffers[:3], device_scalar("lr", lr, param), *buffers[4:])
         adamw_kernel[programs](

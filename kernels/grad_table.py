@@ -107,17 +107,15 @@ class GradTable:
             table = self._tiles[tile_size] = table.to(self.device)
         return table
 
+    def moved(self) -> bool:
+        """Whether a gradient is not where the uploaded table says (the next :meth:`addresses` copies)."""
+        return [g.data_ptr() for g in self.grads] != self._uploaded
+
     def addresses(self) -> torch.Tensor:
         """The device address table of the current gradients: one host-to-device copy when an address
         changed since the last upload, none otherwise."""
         ptrs = [g.data_ptr() for g in self.grads]
         if ptrs != self._uploaded:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                # a captured copy would replay from a host buffer the allocator may have reused since
-                raise RuntimeError(
-                    "the gradients moved during CUDA graph capture; capture a step whose gradients stay at "
-                    "the addresses of the warm-up steps (FlatParams.grads() links them into one buffer)"
-                )
             host = torch.tensor(ptrs, dtype=torch.int64)
             if self._addresses is None or self._addresses.numel() != len(ptrs):
                 self._addresses = torch.empty(len(ptrs), dtype=torch.int64, device=self.device)

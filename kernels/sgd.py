@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    INPLACE_CHUNK,
     NUM_WARPS,
     TILE_SIZE,
     check_contiguous,
@@ -40,6 +41,7 @@ from ._common import (
     round_to,
     sign,
     stale_copy,
+    workspace,
 )
 from .grad_table import GradTable, table_tile, twin_views
 
@@ -113,9 +115,24 @@ def sgd_torch(
     compute=torch.float32,
 ) -> None:
     """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
-    is the float64 path."""
+    is the float64 path.  Buffers already in the compute dtype take :func:`_sgd_in_place`."""
     param, grad = param.view(-1), grad.view(-1)
     momentum_buffer = momentum_buffer.view(-1) if momentum_buffer is not None else None
+    if param.dtype == grad.dtype == compute and (momentum_buffer is None or momentum_buffer.dtype == compute):
+        _sgd_in_place(
+            param,
+            grad,
+            momentum_buffer,
+            lr,
+            weight_decay,
+            l1,
+            momentum,
+            one_minus_dampening,
+            maximize,
+            first_step,
+            nesterov,
+        )
+        return
     for a, b in chunks(param.numel()):
         w = param[a:b].to(compute)
         g = grad[a:b].to(compute)
@@ -134,6 +151,29 @@ def sgd_torch(
             momentum_buffer[a:b] = buf
             g = g + buf.to(compute) * momentum if nesterov else buf.to(compute)
         param[a:b] = (w - g * lr).to(param.dtype)
+
+
+def _sgd_in_place(param, grad, buf, lr, weight_decay, l1, momentum, one_minus_dampening, maximize, first, nesterov):
+    """:func:`sgd_torch` when every buffer is in the compute dtype: the same operations in the same order,
+    each written into the buffers or a kept workspace (``out=``) rather than a fresh tensor."""
+    for a, b in chunks(param.numel(), INPLACE_CHUNK):
+        w, g = param[a:b], grad[a:b]
+        g_new, tmp = workspace(2, b - a, param.dtype, param.device)
+        if maximize or weight_decay != 0.0 or l1 != 0.0 or (momentum != 0.0 and nesterov):
+            torch.neg(g, out=g_new) if maximize else g_new.copy_(g)
+            g = g_new  # modified below; p.grad is never written
+        if weight_decay != 0.0:
+            g.add_(torch.mul(w, weight_decay, out=tmp))
+        if l1 != 0.0:
+            g.add_(torch.sign(w, out=tmp).mul_(l1))
+        if momentum != 0.0:
+            m = buf[a:b]
+            if first:
+                m.copy_(g)
+            else:
+                m.mul_(momentum).add_(torch.mul(g, one_minus_dampening, out=tmp))
+            g = g.add_(torch.mul(m, momentum, out=tmp)) if nesterov else m
+        w.sub_(torch.mul(g, lr, out=tmp))
 
 
 def sgd_step_(

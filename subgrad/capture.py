@@ -161,15 +161,17 @@ class _TritonRecorder:
 
     def __init__(self, fn, launches: list[Launch], run: bool):
         self.fn, self.launches, self.run = fn, launches, run
+        self.out_index = fn.arg_names.index("out_ptr") if "out_ptr" in fn.arg_names else None
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append(Launch("triton", self.fn.__name__, self.fn, grid, args, kwargs))
-            with _disable_current_modes():
-                if self.run:
+            if self.run:
+                with _disable_current_modes():
                     return self.fn[grid](*args, **kwargs)
-                out = dict(zip(self.fn.arg_names, args)).get("out_ptr")
-                if isinstance(out, torch.Tensor):
+            out = args[self.out_index] if self.out_index is not None and self.out_index < len(args) else None
+            if isinstance(out, torch.Tensor):
+                with _disable_current_modes():
                     out.zero_()
 
         return launch
@@ -196,7 +198,10 @@ def triton_launches(launches: list[Launch], run: bool = True, force_triton: bool
     """Within the block every subgrad kernel launch is appended to ``launches`` (and run unless
     ``run=False``).  ``force_triton`` makes every op take its Triton path whatever the tensors' device
     (the GPU code path on CPU tensors: with ``run=False``, or under ``TRITON_INTERPRET=1``)."""
+    from .kernels import _common
+
     saved = []
+    _common.launch_epoch += 1  # launchers prepared outside the block are stale inside it, and the reverse
     for module, name in _kernel_modules():
         saved.append((module, name, getattr(module, name)))
         setattr(module, name, _TritonRecorder(getattr(module, name), launches, run))
@@ -208,6 +213,7 @@ def triton_launches(launches: list[Launch], run: bool = True, force_triton: bool
     finally:
         for module, name, value in reversed(saved):
             setattr(module, name, value)
+        _common.launch_epoch += 1
 
 
 def tensors_in(*objects, depth: int = 6) -> list[torch.Tensor]:

@@ -33,10 +33,12 @@ class Unit:
     indices: list[int]  # positions in ``fg.params``
     pick: slice | list[int]  # positions of their gradients in the plan's gradient list
     history: object  # what they share (see module docstring), advanced by the optimizer after each step
-    grad: torch.Tensor | GradTable | None = None  # None: loose (a launch per parameter)
+    grad: torch.Tensor | GradTable | None = None  # None: copied into the flat gradient buffer first
+    loose: bool = False  # one parameter whose gradient is sparse or strided (densified each step)
     real_views: bool = False  # a complex gradient among them: read as its real view
     runs: list[slice] = field(default_factory=list)  # consecutive runs of ``indices``
     launcher: tuple | None = None  # (settings, prepared launch function), kept while the settings hold
+    step_mask: torch.Tensor | None = None  # AdamW: 1 at these parameters' step counts, 0 elsewhere
 
     def __post_init__(self):
         start = self.indices[0]
@@ -103,7 +105,7 @@ class StepPlan:
                 self.units.append(unit)
             for i in loose:
                 p = fg.params[i]
-                self.units.append(Unit(group, fg, bufs, [i], [position[id(p)]], history(p)))
+                self.units.append(Unit(group, fg, bufs, [i], [position[id(p)]], history(p), loose=True))
 
     def reusable(self, grads: list, param_groups: list[dict]) -> bool:
         """Whether this step may reuse the plan: same groups and parameter storage, each gradient present

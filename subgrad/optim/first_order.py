@@ -23,6 +23,7 @@ import torch
 
 from .. import kernels as K
 from ..flat import FlatGroup, FlatParams
+from ..kernels.grad_table import GradTable
 from ._flat_optimizer import FlatOptimizer
 from ._step_plan import StepPlan, Unit, flat_slice, loose_gradient
 from .replicas import Replicas
@@ -132,7 +133,9 @@ class _FusedOptimizer(FlatOptimizer):
         self._adopt(self._pack())
 
     def __getstate__(self) -> dict:
-        self._settle()
+        if self._plan is not None:  # the copy plans afresh; this optimizer keeps its plan
+            for unit in self._plan.units:
+                self._record_history(unit)
         return {k: v for k, v in super().__getstate__().items() if k != "_plan"}
 
     def __setstate__(self, state: dict) -> None:
@@ -202,11 +205,17 @@ class _FusedOptimizer(FlatOptimizer):
         when they must be copied (replicas average a flat buffer; loose gradients are densified)."""
         group, fg, bufs = unit.group, unit.fg, unit.bufs
         self._begin(unit, gate)
-        if unit.grad is not None and (self.replicas is None or not isinstance(unit.grad, torch.Tensor)):
-            if not isinstance(unit.grad, torch.Tensor):  # an address table: this step's gradients
-                unit.grad.set_grads(unit.gradients(grads))
-            # the whole buffer at once, with a launcher prepared while the settings stay the same
-            key = self._settings(group, unit, gate)
+        table = unit.grad if isinstance(unit.grad, GradTable) else None
+        if table is not None:
+            table.set_grads(unit.gradients(grads))
+        # linked gradients are read in place unless replicas must average them first (in a copy)
+        direct = table is not None or (unit.grad is not None and self.replicas is None)
+        if table is not None and fg.data.is_cuda and torch.cuda.is_current_stream_capturing() and table.moved():
+            # a new address table would be copied from host memory that a replay cannot trust: copy the
+            # gradients into the flat buffer instead (captured kernels; replays read the same gradients)
+            direct = False
+        if direct:  # the whole buffer at once, with a launcher prepared while the settings stay the same
+            key = (K._common.launch_epoch, *self._settings(group, unit, gate))
             if unit.launcher is None or unit.launcher[0] != key:
                 unit.launcher = (key, self._launcher(group, fg, bufs, fg.data, unit.grad, slice(None), unit, gate))
             unit.launcher[1](*self._call_args(unit))
@@ -214,7 +223,7 @@ class _FusedOptimizer(FlatOptimizer):
             for run in unit.runs:  # each run of parameters as one flat span, its gradients copied in
                 first, last = flat_slice(fg, run.start), flat_slice(fg, run.stop - 1)
                 where = slice(first.start, last.stop)
-                if unit.grad is None:  # loose: one parameter
+                if unit.loose:  # one parameter
                     grad = loose_gradient(fg.params[run.start])
                 else:
                     if fg.grad is None:
@@ -444,8 +453,13 @@ class AdamW(_FusedOptimizer):
         if gate is not None and not unit.group["capturable"]:
             raise ValueError("a gated AdamW step needs capturable=True (the step count then lives on the device)")
         steps = unit.bufs["step"]
-        for run in unit.runs:  # these parameters' step counts: usually one run, often the whole vector
-            (steps if run.stop - run.start == len(steps) else steps[run]).add_(gate if gate is not None else 1)
+        if len(unit.indices) == len(steps):
+            steps.add_(gate if gate is not None else 1)
+        else:  # these parameters' step counts, in one op whatever their positions
+            if unit.step_mask is None:
+                unit.step_mask = torch.zeros_like(steps)
+                unit.step_mask[unit.indices] = 1.0
+            steps.add_(unit.step_mask if gate is None else unit.step_mask * gate)
 
     def _settings(self, group, unit, gate):
         keys = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "l1")
