@@ -21,7 +21,7 @@ from subgrad.kernels import (
     step_seed,
     zo_update_,
 )
-from subgrad.kernels.adamw import STEP_BITS, power_torch
+from subgrad.kernels.adamw_scalars import STEP_BITS, power_torch
 
 SEED = step_seed(11, 3)
 #: the issue's sizes (1, one short of a 1024-wide block, a big odd one), the big one in the slow tier
