@@ -4,7 +4,9 @@ launch per unit."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 
@@ -82,6 +84,7 @@ class _FusedOptimizer(FlatOptimizer):
         self._plan: StepPlan | None = None
         #: data-parallel ranks: the gradients are averaged over them before the update (None: one process)
         self.replicas = replicas
+        self._handle = _register(self)
 
     def _pack(self) -> list[tuple[dict, FlatGroup, dict[str, torch.Tensor]]]:
         """The packed groups; repacked (state carried over) when the trainable parameters changed."""
@@ -127,11 +130,8 @@ class _FusedOptimizer(FlatOptimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plan = None
+        self._handle = _register(self)
 
-    # Under torch.compile the step runs eagerly (a graph break): it is already one fused kernel per flat
-    # buffer, and tracing its host-side scalar preparation sent dynamo into endless recursion.  (The
-    # decorator torch.optim itself uses: it imports dynamo on first call, not at import.)
-    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; ``closure`` (optional) re-evaluates the model and returns the loss."""
@@ -139,41 +139,50 @@ class _FusedOptimizer(FlatOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step(gate=None)
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: the whole step is one opaque op of the graph, which runs this
+            # optimizer's eager step on the gradients the graph computed (bit-identical to eager)
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.ops.subgrad.fused_optimizer_step(self._handle, params, [p.grad for p in params])
+        else:
+            self._step(gate=None)
         return loss
 
-    def _step(self, gate: torch.Tensor | None) -> None:
+    def _step(self, gate: torch.Tensor | None, grads: list | None = None) -> None:
         """The update of every parameter that has a gradient; a device bool ``gate`` that is False makes
-        it a no-op decided on the device (AdamW only: :class:`subgrad.optim.ActivityZO` skips that way)."""
-        plan = self._plan
+        it a no-op decided on the device (AdamW only: :class:`subgrad.optim.ActivityZO` skips that way).
+        ``grads``: each parameter's gradient in ``param_groups`` order (None: their ``.grad``)."""
+        plan, given = self._plan, grads
         if plan is not None:
-            grads = [p.grad for p in plan.params]
+            grads = [p.grad for p in plan.params] if given is None else given
             if not plan.reusable(grads, self.param_groups):
                 plan = None
         if plan is None:
-            plan = self._replan()
+            plan = self._replan(given)
             if plan is None:
                 return  # no gradient anywhere: nothing to update (and nothing to pack), as in torch.optim
             grads = plan.grads
         for unit in plan.units:
             self._launch_unit(unit, grads, gate)
 
-    def _replan(self) -> StepPlan | None:
+    def _replan(self, grads: list | None = None) -> StepPlan | None:
         """A new plan for the current parameters and gradients (after checking them as torch.optim does)."""
         self._settle()
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params] if grads is None else grads
+        with_grad = [(p, g) for p, g in zip(params, grads) if g is not None]
         if not with_grad:
             return None
-        for p in with_grad:
+        for p, g in with_grad:
             if p.device.type not in ("cpu", "cuda"):  # torch.optim's fused check, and its wording
                 raise RuntimeError(
                     "`fused=True` requires all the params to be floating point Tensors of supported "
                     f"devices: ['cpu', 'cuda'] but {p.dtype} and {p.device.type} (subgrad's step is "
                     "always fused)"
                 )
-            if not self._sparse_ok and p.grad.is_sparse:
+            if not self._sparse_ok and g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (as torch.optim's)")
-        self._plan = StepPlan(self.param_groups, self._pack(), self._history, use_table=self.replicas is None)
+        self._plan = StepPlan(self.param_groups, grads, self._pack(), self._history, use_table=self.replicas is None)
         return self._plan
 
     def _settle(self) -> None:
@@ -206,17 +215,18 @@ class _FusedOptimizer(FlatOptimizer):
                 unit.launcher = (key, self._launcher(group, fg, bufs, fg.data, unit.grad, slice(None), unit, gate))
             unit.launcher[1](*self._call_args(unit))
         else:
+            given = dict(zip(unit.indices, unit.picked(grads)))
             for run in unit.runs:  # each run of parameters as one flat span, its gradients copied in
                 first, last = flat_slice(fg, run.start), flat_slice(fg, run.stop - 1)
                 where = slice(first.start, last.stop)
                 if unit.loose:  # one parameter
-                    grad = loose_gradient(fg.params[run.start])
+                    grad = loose_gradient(given[run.start])
                 else:
                     if fg.grad is None:
                         fg.grad = torch.zeros_like(fg.data)
                     grad = fg.grad[where]
                     views = [fg.view(fg.grad, i) for i in range(run.start, run.stop)]
-                    torch._foreach_copy_(views, [fg.params[i].grad for i in range(run.start, run.stop)])
+                    torch._foreach_copy_(views, [given[i] for i in range(run.start, run.stop)])
                 if self.replicas is not None:  # one collective per span; p.grad is never modified
                     self.replicas.all_reduce_mean_(grad)
                 self._launcher(group, fg, bufs, fg.data[where], grad, where, unit, gate)(*self._call_args(unit))
@@ -266,3 +276,32 @@ def _lr_for(group: dict, param: torch.Tensor):
     if isinstance(lr, torch.Tensor) and lr.device != param.device:
         return float(lr)
     return lr
+
+
+#: Live optimizers by handle: the compiled step's op names its optimizer by this number (an op takes no
+#: Python objects); weak, so an optimizer's lifetime is its owner's.
+_LIVE: weakref.WeakValueDictionary[int, _FusedOptimizer] = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+def _register(optimizer: _FusedOptimizer) -> int:
+    handle = next(_handles)
+    _LIVE[handle] = optimizer
+    return handle
+
+
+@torch.library.custom_op("subgrad::fused_optimizer_step", mutates_args=("params",))
+def fused_optimizer_step(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """``step()`` of a subgrad SGD / AdamW as one op of a torch.compile graph: opaque to Inductor, which
+    therefore cannot re-derive (and re-round) its arithmetic; ``grads`` are the graph's gradients,
+    ``params`` what it updates in place."""
+    optimizer = _LIVE.get(handle)
+    if optimizer is None:
+        raise RuntimeError(f"the optimizer of this compiled step (handle {handle}) no longer exists")
+    with torch.no_grad():
+        optimizer._step(gate=None, grads=list(grads))
+
+
+@fused_optimizer_step.register_fake
+def _(handle, params, grads) -> None:
+    return None

@@ -51,8 +51,13 @@ class Unit:
     def params(self) -> list[torch.Tensor]:
         return [self.fg.params[i] for i in self.indices]
 
+    def picked(self, grads: list) -> list[torch.Tensor]:
+        """These parameters' gradients, from the step's list of every parameter's."""
+        return grads[self.pick] if isinstance(self.pick, slice) else [grads[i] for i in self.pick]
+
     def gradients(self, grads: list) -> list[torch.Tensor]:
-        picked = grads[self.pick] if isinstance(self.pick, slice) else [grads[i] for i in self.pick]
+        """:meth:`picked`, a complex one as its real view (what a kernel reads)."""
+        picked = self.picked(grads)
         return [as_real(g) for g in picked] if self.real_views else picked
 
 
@@ -66,13 +71,14 @@ def _pick(positions: list[int]) -> slice | list[int]:
 class StepPlan:
     """Units of one step, and what must not change for the next step to reuse them."""
 
-    def __init__(self, param_groups: list[dict], packed, history, use_table: bool):
-        """``packed``: ``(group, FlatGroup, buffers)`` of the packed parameters; ``history(p)``: what
-        parameters must share to share a launch; ``use_table``: read gradients through address tables
-        (False: data-parallel replicas, which average a flat gradient buffer)."""
+    def __init__(self, param_groups: list[dict], grads: list, packed, history, use_table: bool):
+        """``grads``: each parameter's gradient in ``param_groups`` order; ``packed``: ``(group, FlatGroup,
+        buffers)`` of the packed parameters; ``history(p)``: what parameters must share to share a launch;
+        ``use_table``: read gradients through address tables (False: data-parallel replicas, which
+        average a flat gradient buffer)."""
         self.groups_key = _groups_key(param_groups)
         self.params = [p for group in param_groups for p in group["params"]]
-        self.grads = [p.grad for p in self.params]
+        self.grads = grads
         self.param_ptrs = [p.data_ptr() for p in self.params]
         # a sparse gradient has no address: the next step, unable to read one, plans again
         self.grad_ptrs = [None if g is None else -1 if g.is_sparse else g.data_ptr() for g in self.grads]
@@ -82,7 +88,7 @@ class StepPlan:
             by_history: dict[object, list[int]] = {}
             loose = []
             for i, p in enumerate(fg.params):
-                g = p.grad
+                g = grads[position[id(p)]]
                 if g is None:
                     continue
                 if g.is_sparse or not g.is_contiguous():
@@ -96,7 +102,7 @@ class StepPlan:
                 if (
                     covers_all
                     and fg.grad is not None
-                    and all(_aliases(p.grad, fg.grad, off) for p, off in zip(fg.params, fg.offsets))
+                    and all(_aliases(grads[position[id(p)]], fg.grad, off) for p, off in zip(fg.params, fg.offsets))
                 ):
                     unit.grad = fg.grad  # linked by FlatParams.grads(): already one flat buffer
                 elif use_table:
@@ -131,9 +137,9 @@ def _groups_key(param_groups: list[dict]) -> tuple:
     return tuple((id(group["params"]), len(group["params"])) for group in param_groups)
 
 
-def loose_gradient(p: torch.Tensor) -> torch.Tensor:
+def loose_gradient(g: torch.Tensor) -> torch.Tensor:
     """A sparse or strided gradient as a dense, contiguous flat tensor (a copy)."""
-    g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+    g = g.to_dense() if g.is_sparse else g
     return as_real(g).reshape(-1).contiguous()
 
 
