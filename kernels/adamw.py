@@ -67,6 +67,10 @@ def adamw_kernel(
     step_ptr,  # *fp32 or *int64 [1]: the step count, this step included, when STEP_IN_MEMORY (else unused)
     gate_ptr,  # *bool [1]: when HAS_GATE, False leaves every buffer as it was (a skipped step)
     tiles_ptr,  # *int64 [programs, 4]: with GRAD_TABLE, each program's tile (grad_table.py; else unused)
+    counter_ptr,  # *int32 [1]: with ADVANCE_STEPS, programs finished (the last one re-arms it to 0)
+    counts_ptr,  # *fp32 [num_counts]: with ADVANCE_STEPS, step counts to advance (step_ptr is one of them)
+    increments_ptr,  # *fp32 [num_counts]: with HAS_INCREMENTS, 1 where a count advances, 0 where not
+    num_counts,  # length of counts_ptr
     n,  # number of elements (without GRAD_TABLE)
     lr,  # fp32 learning rate (DEVICE_SCALARS without LR_IN_MEMORY)
     step,  # int32 step count (DEVICE_SCALARS without STEP_IN_MEMORY)
@@ -90,6 +94,8 @@ def adamw_kernel(
     STEP_IN_MEMORY: tl.constexpr,  # read the step from step_ptr
     HAS_GATE: tl.constexpr,  # read the apply flag from gate_ptr
     GRAD_TABLE: tl.constexpr,  # gradients through an address table, programs through a tile table
+    ADVANCE_STEPS: tl.constexpr,  # step_ptr holds the count before this step; advance counts_ptr (+gate)
+    HAS_INCREMENTS: tl.constexpr,  # advance only where increments_ptr is 1 (else every count)
     TILE_SIZE: tl.constexpr,  # elements per program
 ):
     if GRAD_TABLE:
@@ -105,6 +111,8 @@ def adamw_kernel(
             lr = tl.load(lr_ptr)
         if STEP_IN_MEMORY:
             step = tl.load(step_ptr).to(tl.int32)
+            if ADVANCE_STEPS:
+                step = step + 1
         lr64 = tl.cast(lr, tl.float64)
         bias_correction1 = 1.0 - power(tl.cast(beta1, tl.float64) + tl.cast(beta1_low, tl.float64), step)
         bias_correction2 = 1.0 - power(tl.cast(beta2, tl.float64) + tl.cast(beta2_low, tl.float64), step)
@@ -134,6 +142,29 @@ def adamw_kernel(
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     w = w - step_size * tl.math.div_rn(m.to(tl.float32), denom)
     tl.store(param_ptr + pos, round_to(w, param_ptr.dtype.element_ty), mask=mask)
+    if ADVANCE_STEPS:
+        advance_counts(counter_ptr, counts_ptr, increments_ptr, num_counts, gate_ptr, HAS_GATE, HAS_INCREMENTS)
+
+
+@triton.jit
+def advance_counts(counter_ptr, counts_ptr, increments_ptr, num_counts, gate_ptr, HAS_GATE, HAS_INCREMENTS):
+    """The step counts advance (by the gate: 1 or 0) once every program has read them: each program takes
+    a ticket after its reads (acquire-release), and the one holding the last ticket writes and re-arms the
+    counter, so a replayed launch starts from 0 again."""
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        by = 1.0
+        if HAS_GATE:
+            by = (tl.load(gate_ptr) != 0).to(tl.float32)
+        for start in range(0, num_counts, 128):
+            offs = start + tl.arange(0, 128)
+            inside = offs < num_counts
+            increment = by
+            if HAS_INCREMENTS:
+                increment = tl.load(increments_ptr + offs, mask=inside, other=0.0) * by
+            counts = tl.load(counts_ptr + offs, mask=inside)
+            tl.store(counts_ptr + offs, counts + increment, mask=inside)
+        tl.atomic_xchg(counter_ptr, 0)
 
 
 def adamw_torch(
@@ -285,16 +316,32 @@ def adamw_launcher(
     l1: float,
     gate: torch.Tensor | None,
     backend: str | None,
+    advance: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Callable[[int | None], None]:
     """:func:`adamw_step_` (arguments unchecked) prepared once; each call of the returned function is one
     step.  It takes this step's count when ``step`` is a host number (None: ``step`` as given here); a
-    tensor ``step`` / ``lr`` is read at each call (by the kernel from memory, or by the twin)."""
+    tensor ``step`` / ``lr`` is read at each call (by the kernel from memory, or by the twin).
+
+    ``advance``: ``(counts, increments)``, float32 step counts on the device of which the tensor ``step`` is
+    one, and None or 0/1 per count: each call first advances them by the gate (1 without one), where
+    ``increments`` is 1 (everywhere without it); the kernel does it in the same launch (its last program,
+    after every program read ``step``), so a capturable step is one launch."""
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
+    if advance is not None and not isinstance(step, torch.Tensor):
+        raise ValueError("advance= needs the step as a tensor (one of the counts it advances)")
+
+    def advance_counts_torch():  # what the kernel's last program does, for the twins
+        counts, increments = advance
+        by = gate if gate is not None else 1
+        counts.add_(by if increments is None else increments if gate is None else increments * gate)
+
     table = grad if isinstance(grad, GradTable) else None
     flat_grad = table.like if table else grad
     if float64_twin(backend, param, flat_grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None):
 
         def float64_step(count=None):
+            if advance is not None:
+                advance_counts_torch()
             if not gate_open(gate):
                 return
             rate = float(host_scalar(lr)) if isinstance(lr, torch.Tensor) else float(lr)
@@ -324,6 +371,8 @@ def adamw_launcher(
     if resolve_backend(backend, param, flat_grad) != "triton":
 
         def twin_step(count=None):
+            if advance is not None:
+                advance_counts_torch()
             if not gate_open(gate):
                 return  # the twin of a closed gate (its step count may be 0: no scalars to compute)
             if on_device:
@@ -347,9 +396,11 @@ def adamw_launcher(
 
         return twin_step
     n = table.numel if table else param.numel()
-    # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x
-    # the elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound)
-    tile = DEVICE_SCALARS_TILE if on_device else TILE_SIZE
+    # device scalars: every thread computes them (~40 float64 instructions), so a program takes 4x the
+    # elements to spread that over 32 per thread (benchmarks/compiled_cost.py: memory bound).  Not through
+    # a table: its unaligned, unvectorised loads then hold 32 values per array per thread, which spilled
+    # (255 registers and a stack frame on sm_90; 2x the elements still took 190 registers)
+    tile = DEVICE_SCALARS_TILE if on_device and table is None else TILE_SIZE
     tiles = table.tiles(tile) if table else param
     programs = (len(tiles),) if table else (triton.cdiv(n, tile),)
     buffers = (
@@ -360,6 +411,10 @@ def adamw_launcher(
         step_tensor if step_tensor is not None else param,
         gate if gate is not None else param,
         tiles,
+        torch.zeros(1, dtype=torch.int32, device=param.device) if advance is not None else param,  # ticket counter
+        advance[0] if advance is not None else param,
+        advance[1] if advance is not None and advance[1] is not None else param,
+        advance[0].numel() if advance is not None else 0,
         n,
     )
     betas = (f32(weight_decay), *split_f64(beta1), split_f64(beta2)[1])
@@ -372,6 +427,8 @@ def adamw_launcher(
         STEP_IN_MEMORY=step_tensor is not None,
         HAS_GATE=gate is not None,
         GRAD_TABLE=table is not None,
+        ADVANCE_STEPS=advance is not None,
+        HAS_INCREMENTS=advance is not None and advance[1] is not None,
         TILE_SIZE=tile,
         num_warps=NUM_WARPS,
         enable_fp_fusion=False,
@@ -382,6 +439,8 @@ def adamw_launcher(
 
     def kernel_step(count=None):
         if not n:
+            if advance is not None:
+                advance_counts_torch()  # nothing to update, but the counts still advance
             return
         t = 0 if step_tensor is not None else count or step  # a step in memory: a replayable launch
         scalars = (f32(lr) if lr_tensor is None else 0.0, t) if on_device else (0.0, 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, SIZES, assert_bitwise_equal
-from subgrad.kernels import adamw_step_, sgd_step_
+from subgrad.kernels import adamw_launcher, adamw_step_, sgd_step_
 
 #: Trajectory tolerance against torch.optim after STEPS steps.  torch.optim rounds to the parameter
 #: dtype after every elementary op (and may use FMA); the fused kernels round once per stored tensor.
@@ -175,3 +175,70 @@ def test_bad_arguments(dtype):
         adamw_step_(x, x.clone(), x.clone(), x.clone(), step=1, lr=1e-3, amsgrad=True)
     with pytest.raises(ValueError, match="step counts from 1"):
         adamw_step_(x, x.clone(), x.clone(), x.clone(), step=0, lr=1e-3)
+
+
+# -- gradients through an address table ---------------------------------------------------------------
+#: parameter shapes of one flat buffer (one spans two tiles, one is tiny), and which have a gradient
+TABLE_SHAPES = [(3, 5), (7,), (2, 600), (1030,)]
+
+
+def _table_case(dtype, device, covered):
+    from subgrad.kernels.grad_table import GradTable
+
+    sizes = [torch.Size(s).numel() for s in TABLE_SHAPES]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in TABLE_SHAPES]
+    table = GradTable([offsets[i] for i in covered], [TABLE_SHAPES[i] for i in covered], torch.empty(sum(sizes)))
+    table.set_grads([grads[i] for i in covered])
+    return table, sum(sizes), [(offsets[i], offsets[i] + sizes[i]) for i in range(len(sizes)) if i not in covered]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("covered", [[0, 1, 2, 3], [0, 2, 3]], ids=["all", "one-missing"])
+def test_grad_table_kernels_match_twins(dtype, covered, device):
+    """SGD and AdamW (host and device scalars, with the step counts advanced in the same launch, a gate
+    open and closed) reading gradients through an address table: kernel and twin agree bit for bit, and
+    a parameter the table does not cover is left as it was."""
+    table, n, untouched = _table_case(dtype, device, covered)
+    param, buf, m, v = _tensors(n, dtype, device, 4)
+    v = v.abs()
+    out = {}
+    for backend in ("triton", "torch"):
+        p, b = param.clone(), buf.clone()
+        sgd_step_(p, table, b, lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
+        results = [p, b]
+        for gate in (None, torch.tensor(True, device=device), torch.tensor(False, device=device)):
+            p, mm, vv = param.clone(), m.clone(), v.clone()
+            counts = torch.tensor([3.0, 5.0, 3.0, 3.0], device=device)
+            increments = torch.tensor([1.0, 0.0, 1.0, 1.0], device=device)
+            launch = adamw_launcher(
+                p,
+                table,
+                mm,
+                vv,
+                None,
+                step=counts[:1],
+                lr=torch.tensor(1e-2, device=device),
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=1e-2,
+                amsgrad=False,
+                maximize=False,
+                l1=0.0,
+                gate=gate,
+                backend=backend,
+                advance=(counts, increments),
+            )
+            launch()
+            launch()  # twice: the ticket counter re-arms itself
+            results += [p, mm, vv, counts]
+        out[backend] = results
+    for i, (a, b) in enumerate(zip(out["triton"], out["torch"])):
+        assert_bitwise_equal(a, b, f"result {i}")
+    p = out["torch"][0]
+    for start, stop in untouched:
+        assert_bitwise_equal(p[start:stop], param[start:stop], "a parameter without a gradient")
+    assert out["torch"][5].tolist() == [5.0, 5.0, 5.0, 5.0], "two open steps advance the covered counts by 2"
+    assert out["torch"][-1].tolist() == [3.0, 5.0, 3.0, 3.0], "a closed gate advances nothing"

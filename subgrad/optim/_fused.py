@@ -199,7 +199,6 @@ class _FusedOptimizer(FlatOptimizer):
         """One unit's update: one launch on its gradients where they are, or per span / per parameter
         when they must be copied (replicas average a flat buffer; loose gradients are densified)."""
         group, fg, bufs = unit.group, unit.fg, unit.bufs
-        self._begin(unit, gate)
         table = unit.grad if isinstance(unit.grad, GradTable) else None
         if table is not None:
             table.set_grads(unit.gradients(grads))
@@ -209,6 +208,8 @@ class _FusedOptimizer(FlatOptimizer):
             # a new address table would be copied from host memory that a replay cannot trust: copy the
             # gradients into the flat buffer instead (captured kernels; replays read the same gradients)
             direct = False
+        unit.direct = direct
+        self._begin(unit, gate)
         if direct:  # the whole buffer at once, with a launcher prepared while the settings stay the same
             key = (K._common.launch_epoch, *self._settings(group, unit, gate))
             if unit.launcher is None or unit.launcher[0] != key:
@@ -233,7 +234,8 @@ class _FusedOptimizer(FlatOptimizer):
         self._finish(unit)
 
     def _begin(self, unit: Unit, gate) -> None:
-        """Before a unit's launch (AdamW: advance the step counts the kernel reads)."""
+        """Before a unit's launches (AdamW: advance the step counts the kernel reads, unless its one launch
+        does: ``unit.direct``)."""
 
     def _finish(self, unit: Unit) -> None:
         """After a unit's launch: its state views on a first step, and its history advanced."""

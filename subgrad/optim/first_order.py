@@ -194,14 +194,21 @@ class AdamW(_FusedOptimizer):
     def _begin(self, unit, gate):
         if gate is not None and not unit.group["capturable"]:
             raise ValueError("a gated AdamW step needs capturable=True (the step count then lives on the device)")
+        if unit.direct and unit.group["capturable"]:
+            return  # the launch advances the counts it reads (adamw_launcher's advance=)
+        steps, mask = unit.bufs["step"], self._step_mask(unit)
+        by = gate if gate is not None else 1
+        steps.add_(by if mask is None else mask if gate is None else mask * gate)  # these counts, in one op
+
+    def _step_mask(self, unit) -> torch.Tensor | None:
+        """1 at the unit's parameters' step counts, 0 elsewhere; None when it has them all."""
         steps = unit.bufs["step"]
         if len(unit.indices) == len(steps):
-            steps.add_(gate if gate is not None else 1)
-        else:  # these parameters' step counts, in one op whatever their positions
-            if unit.step_mask is None:
-                unit.step_mask = torch.zeros_like(steps)
-                unit.step_mask[unit.indices] = 1.0
-            steps.add_(unit.step_mask if gate is None else unit.step_mask * gate)
+            return None
+        if unit.step_mask is None:
+            unit.step_mask = torch.zeros_like(steps)
+            unit.step_mask[unit.indices] = 1.0
+        return unit.step_mask
 
     def _settings(self, group, unit, gate):
         keys = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "l1")
@@ -232,6 +239,7 @@ class AdamW(_FusedOptimizer):
             l1=group.get("l1", 0.0),
             gate=gate,
             backend=self.backend,
+            advance=(bufs["step"], self._step_mask(unit)) if group["capturable"] and unit.direct else None,
         )
 
     def _finish(self, unit):
