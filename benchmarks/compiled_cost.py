@@ -148,6 +148,8 @@ OPTION_FLAGS = {
     "HAS_L1": "l1",
     "MAXIMIZE": "maximize",
     "AMSGRAD": "amsgrad",
+    "GRAD_TABLE": "grad_table",
+    "DEVICE_SCALARS": "device_scalars",
 }
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
@@ -549,7 +551,10 @@ def compiled(variant: dict, arch: int) -> tuple[list[tuple[int, str]], dict, int
     """Compile one variant for one arch: its SASS, resource usage and DRAM bytes per element."""
     kernel = compile_variant(variant, arch)
     instructions, resources = read_sass(kernel.asm["cubin"])
-    return instructions, resources, streamed_bytes(kernel.asm["ttir"], variant["tensors"], variant["n"])
+    nbytes = streamed_bytes(kernel.asm["ttir"], variant["tensors"], variant["n"])
+    if variant["constexprs"].get("GRAD_TABLE"):  # gradients read through their addresses, not a buffer
+        nbytes += variant["tensors"]["param_ptr"].element_size()
+    return instructions, resources, nbytes
 
 
 def cost(variant: dict, arch: int, directions: int | None, binary) -> dict:

@@ -200,6 +200,14 @@ class AdamW(_FusedOptimizer):
         by = gate if gate is not None else 1
         steps.add_(by if mask is None else mask if gate is None else mask * gate)  # these counts, in one op
 
+    def _table_pays(self, unit):
+        # 16-bit parameters with device scalars: each 1024-element program computes the bias corrections
+        # in float64 over fewer bytes than in float32, and through a table (unaligned loads) that is
+        # predicted at 0.63 of copy bandwidth on an H200, slower than copying the gradients first
+        group = unit.group
+        device_scalars = group["capturable"] or isinstance(_lr_for(group, unit.fg.data), torch.Tensor)
+        return not (device_scalars and unit.fg.data.element_size() == 2)
+
     def _step_mask(self, unit) -> torch.Tensor | None:
         """1 at the unit's parameters' step counts, 0 elsewhere; None when it has them all."""
         steps = unit.bufs["step"]
