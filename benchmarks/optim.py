@@ -8,6 +8,8 @@ Rows, each timed in this run:
   zosgd q=1 / q=8, batched     ZOSGD.step(functional_closure=...): the 2q points in one torch.func.vmap
   sgd / adamw                  subgrad.optim.SGD/AdamW.step() vs torch.optim's fastest path here
                                (fused on CUDA when supported, else foreach; plain on CPU), gradients given
+  sgd / adamw compiled         torch.compile(opt.step) (PyTorch's recipe for compiling an optimizer) vs
+                               the same recipe on torch.optim's default implementation
   zo-sgd / zo-adam defaults    the `subgrad train --model lenet` zeroth-order defaults (batch 512):
                                the optimizer's own share of a step = 1 - (forward passes x one
                                forward's time) / step time, i.e. what perturbation, update and
@@ -146,6 +148,19 @@ def bench_model(name, device, batch, repeats):
             measure(ours.step, device, repeats),
             baseline=t_theirs,
             baseline_name=f"torch.optim.{torch_cls.__name__}({how})",
+        )
+        ours_model, their_model = copy.deepcopy(base), copy.deepcopy(base)
+        for m in (ours_model, their_model):
+            F.cross_entropy(m(x), y).backward()
+        ours_compiled = torch.compile(ours_cls(ours_model.parameters(), **kw).step)
+        theirs_compiled = torch.compile(torch_cls(their_model.parameters(), **kw).step)
+        for _ in range(3):  # compilation and warm-up
+            ours_compiled(), theirs_compiled()
+        add(
+            f"{ours_cls.__name__.lower()} compiled",
+            measure(ours_compiled, device, repeats),
+            baseline=measure(theirs_compiled, device, repeats),
+            baseline_name=f"torch.compile(torch.optim.{torch_cls.__name__}.step)",
         )
     if device.type == "cuda":
         rows += graphed_rows(name, base, x, y, device, repeats)
