@@ -213,7 +213,7 @@ def test_one_launch_per_step_on_the_gradients_where_they_are(cls, missing):
         (AdamW, dict(lr=0.1, weight_decay=-1), "Invalid weight_decay value: -1"),
         (AdamW, dict(lr=torch.tensor(0.1), foreach=True), "lr as a Tensor is not supported for capturable=False"),
         (AdamW, dict(lr=0.1, betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
-        (AdamW, dict(lr=0.1, differentiable=True), "differentiable=True .* is not supported"),
+        (AdamW, dict(lr=0.1, differentiable=True, l1=1e-3), "differentiable=True runs torch.optim's own update"),
     ],
 )
 def test_invalid_hyperparameters(cls, kwargs, message):
@@ -600,3 +600,29 @@ def _train_with(model, step, opt, steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         step()
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES[:-1], ids=IDS[:-1])  # amsgrad: torch's own fails here too
+def test_differentiable_step_lets_autograd_through_like_torch(ours, theirs, kw):
+    """``differentiable=True``: the update is recorded by autograd (a hyper-gradient reaches the initial
+    weights through two steps), with torch.optim's own numbers (its single-tensor path, in plain ops).
+    AmsGrad is left out: torch.optim's differentiable AmsGrad writes its running max in place, so the
+    second backward fails for torch's AdamW as for this one."""
+    results = []
+    for cls in (ours, theirs):
+        torch.manual_seed(0)
+        start = torch.randn(4, 3, requires_grad=True)
+        w = start.clone()  # a non-leaf the optimizer updates in place, as torch's own tests do
+        opt = cls([w], differentiable=True, **kw)
+        for i in range(2):
+            x = torch.randn(5, 3, generator=torch.Generator().manual_seed(i))
+            loss = (x @ w.T).pow(2).sum()
+            (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+            w.grad = grad
+            opt.step()
+        (hyper,) = torch.autograd.grad(w.sum(), start)
+        results.append((w.detach(), hyper))
+    (ours_w, ours_h), (torch_w, torch_h) = results
+    assert torch.equal(ours_w, torch_w), (ours_w - torch_w).abs().max()
+    assert torch.equal(ours_h, torch_h), (ours_h - torch_h).abs().max()
+    assert ours_h.abs().sum() > 0

@@ -65,10 +65,10 @@ class _FusedOptimizer(FlatOptimizer):
     def __init__(self, params, defaults: dict, backend: str | None, replicas: Replicas | None):
         if backend not in (None, *K.BACKENDS):
             raise ValueError(f"backend must be None or one of {K.BACKENDS}, got {backend!r}")
-        if defaults.get("differentiable"):
+        if defaults.get("differentiable") and (defaults.get("l1") or replicas is not None):
             raise ValueError(
-                "differentiable=True (autograd through the update) is not supported: subgrad's step "
-                "is a fused kernel outside autograd; use torch.optim for it"
+                "differentiable=True runs torch.optim's own update (autograd through it), which has no l1 "
+                "term and no replicas; drop them or differentiable=True"
             )
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -119,7 +119,8 @@ class _FusedOptimizer(FlatOptimizer):
             # from a capturable optimizer must not start passing host step counts after a resume
             group["capturable"] = flag
         self._steps_taken, self._plan = {}, None
-        self._adopt(self._pack())
+        if not self.defaults.get("differentiable"):  # the differentiable path keeps torch's own state
+            self._adopt(self._pack())
 
     def __getstate__(self) -> dict:
         if self._plan is not None:  # the copy plans afresh; this optimizer keeps its plan
@@ -139,7 +140,10 @@ class _FusedOptimizer(FlatOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if torch.compiler.is_compiling():
+        if self.defaults.get("differentiable"):
+            with torch.enable_grad():  # autograd records the update, as torch.optim's differentiable step
+                self._differentiable_step()
+        elif torch.compiler.is_compiling():
             # traced by torch.compile: the whole step is one opaque op of the graph, which runs this
             # optimizer's eager step on the gradients the graph computed (bit-identical to eager)
             params = [p for group in self.param_groups for p in group["params"]]
@@ -147,6 +151,11 @@ class _FusedOptimizer(FlatOptimizer):
         else:
             self._step(gate=None)
         return loss
+
+    def _differentiable_step(self) -> None:
+        """``differentiable=True``: torch.optim's single-tensor update in plain torch ops, with its own
+        per-parameter state (no flat buffers, no kernels: autograd must see every operation)."""
+        raise NotImplementedError
 
     def _step(self, gate: torch.Tensor | None, grads: list | None = None) -> None:
         """The update of every parameter that has a gradient; a device bool ``gate`` that is False makes

@@ -18,6 +18,9 @@ as its real view (``torch.view_as_real``), as torch.optim does; its state tensor
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
+from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.sgd import sgd as torch_sgd
 
 from .. import kernels as K
 from ._fused import _check_number, _check_tensor_hyperparameters, _FusedOptimizer, _identity, _lr_for, _lr_key
@@ -83,6 +86,29 @@ class SGD(_FusedOptimizer):
 
     def _history(self, p):
         return self.state.get(p, {}).get("momentum_buffer") is None  # first step or not
+
+    def _differentiable_step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            torch_sgd(
+                params,
+                [p.grad for p in params],
+                buffers,
+                has_sparse_grad=any(p.grad.is_sparse for p in params),
+                foreach=False,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+            )
+            if group["momentum"] != 0:
+                for p, buffer in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buffer
 
     def _settings(self, group, unit, gate):
         if gate is not None:
@@ -199,6 +225,42 @@ class AdamW(_FusedOptimizer):
         steps, mask = unit.bufs["step"], self._step_mask(unit)
         by = gate if gate is not None else 1
         steps.add_(by if mask is None else mask if gate is None else mask * gate)  # these counts, in one op
+
+    def _differentiable_step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:  # torch.optim's lazy state: a float32 step (on the device when capturable)
+                    device = p.device if group["capturable"] else None
+                    state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            torch_adamw(
+                params,
+                [p.grad for p in params],
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
+                [st["step"] for st in states],
+                foreach=False,
+                capturable=group["capturable"],
+                differentiable=True,
+                has_complex=any(p.is_complex() for p in params),
+                amsgrad=group["amsgrad"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+            )
 
     def _table_pays(self, unit):
         # 16-bit parameters with device scalars: each 1024-element program computes the bias corrections
