@@ -316,14 +316,15 @@ def adamw_launcher(
     l1: float,
     gate: torch.Tensor | None,
     backend: str | None,
-    advance: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    advance: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> Callable[[int | None], None]:
     """:func:`adamw_step_` (arguments unchecked) prepared once; each call of the returned function is one
     step.  It takes this step's count when ``step`` is a host number (None: ``step`` as given here); a
     tensor ``step`` / ``lr`` is read at each call (by the kernel from memory, or by the twin).
 
-    ``advance``: ``(counts, increments)``, float32 step counts on the device of which the tensor ``step`` is
-    one, and None or 0/1 per count: each call first advances them by the gate (1 without one), where
+    ``advance``: ``(counts, increments, tickets)``, float32 step counts on the device of which the tensor
+    ``step`` is one, None or 0/1 per count, and one int32 zero on the device (the kernel's ticket counter,
+    kept by the caller): each call first advances the counts by the gate (1 without one), where
     ``increments`` is 1 (everywhere without it); the kernel does it in the same launch (its last program,
     after every program read ``step``), so a capturable step is one launch."""
     on_device = isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor)
@@ -331,7 +332,7 @@ def adamw_launcher(
         raise ValueError("advance= needs the step as a tensor (one of the counts it advances)")
 
     def advance_counts_torch():  # what the kernel's last program does, for the twins
-        counts, increments = advance
+        counts, increments, _ = advance
         by = gate if gate is not None else 1
         counts.add_(by if increments is None else increments if gate is None else increments * gate)
 
@@ -411,7 +412,7 @@ def adamw_launcher(
         step_tensor if step_tensor is not None else param,
         gate if gate is not None else param,
         tiles,
-        torch.zeros(1, dtype=torch.int32, device=param.device) if advance is not None else param,  # ticket counter
+        advance[2] if advance is not None else param,
         advance[0] if advance is not None else param,
         advance[1] if advance is not None and advance[1] is not None else param,
         advance[0].numel() if advance is not None else 0,

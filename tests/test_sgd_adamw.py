@@ -229,7 +229,7 @@ def test_grad_table_kernels_match_twins(dtype, covered, device):
                 l1=0.0,
                 gate=gate,
                 backend=backend,
-                advance=(counts, increments),
+                advance=(counts, increments, torch.zeros(1, dtype=torch.int32, device=device)),
             )
             launch()
             launch()  # twice: the ticket counter re-arms itself

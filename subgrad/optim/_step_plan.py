@@ -39,6 +39,7 @@ class Unit:
     runs: list[slice] = field(default_factory=list)  # consecutive runs of ``indices``
     launcher: tuple | None = None  # (settings, prepared launch function), kept while the settings hold
     step_mask: torch.Tensor | None = None  # AdamW: 1 at these parameters' step counts, 0 elsewhere
+    tickets: torch.Tensor | None = None  # AdamW: the update kernel's ticket counter (one int32, kept at 0)
     direct: bool = True  # this step launches once on the whole buffer (else per span, gradients copied)
 
     def __post_init__(self):

@@ -270,6 +270,12 @@ class AdamW(_FusedOptimizer):
         device_scalars = group["capturable"] or isinstance(_lr_for(group, unit.fg.data), torch.Tensor)
         return not (device_scalars and unit.fg.data.element_size() == 2)
 
+    def _advance(self, unit) -> tuple:
+        """What the kernel needs to advance the unit's step counts itself (``adamw_launcher``'s advance=)."""
+        if unit.tickets is None:
+            unit.tickets = torch.zeros(1, dtype=torch.int32, device=unit.fg.data.device)
+        return unit.bufs["step"], self._step_mask(unit), unit.tickets
+
     def _step_mask(self, unit) -> torch.Tensor | None:
         """1 at the unit's parameters' step counts, 0 elsewhere; None when it has them all."""
         steps = unit.bufs["step"]
@@ -309,7 +315,7 @@ class AdamW(_FusedOptimizer):
             l1=group.get("l1", 0.0),
             gate=gate,
             backend=self.backend,
-            advance=(bufs["step"], self._step_mask(unit)) if group["capturable"] and unit.direct else None,
+            advance=self._advance(unit) if group["capturable"] and unit.direct else None,
         )
 
     def _finish(self, unit):
