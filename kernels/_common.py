@@ -134,7 +134,7 @@ def gate_open(gate: torch.Tensor | None) -> bool:
 def host_scalar(value) -> float:
     """What a twin computes with: the float32 value of a number or of a 1-element tensor (read on the
     host: twins run on the CPU, where that is no synchronisation)."""
-    return f32(float(value.reshape(())) if isinstance(value, torch.Tensor) else value)
+    return f32(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def split_seed(seed: int) -> tuple[int, int]:

@@ -113,9 +113,11 @@ def sgd_torch(
     first_step,
     nesterov,
     compute=torch.float32,
+    grad_writable: bool = False,
 ) -> None:
     """Torch twin of :func:`sgd_kernel` (cache-sized chunks of the flat buffers); ``compute=float64``
-    is the float64 path.  Buffers already in the compute dtype take :func:`_sgd_in_place`."""
+    is the float64 path.  Buffers already in the compute dtype take :func:`_sgd_in_place`, which may
+    compute in ``grad`` itself when ``grad_writable`` (a private copy, not ``p.grad``)."""
     param, grad = param.view(-1), grad.view(-1)
     momentum_buffer = momentum_buffer.view(-1) if momentum_buffer is not None else None
     if param.dtype == grad.dtype == compute and (momentum_buffer is None or momentum_buffer.dtype == compute):
@@ -131,6 +133,7 @@ def sgd_torch(
             maximize,
             first_step,
             nesterov,
+            grad_writable,
         )
         return
     for a, b in chunks(param.numel()):
@@ -153,15 +156,21 @@ def sgd_torch(
         param[a:b] = (w - g * lr).to(param.dtype)
 
 
-def _sgd_in_place(param, grad, buf, lr, weight_decay, l1, momentum, one_minus_dampening, maximize, first, nesterov):
+def _sgd_in_place(
+    param, grad, buf, lr, weight_decay, l1, momentum, one_minus_dampening, maximize, first, nesterov, grad_writable
+):
     """:func:`sgd_torch` when every buffer is in the compute dtype: the same operations in the same order,
     each written into the buffers or a kept workspace (``out=``) rather than a fresh tensor."""
     for a, b in chunks(param.numel(), INPLACE_CHUNK):
         w, g = param[a:b], grad[a:b]
         g_new, tmp = workspace(2, b - a, param.dtype, param.device)
         if maximize or weight_decay != 0.0 or l1 != 0.0 or (momentum != 0.0 and nesterov):
-            torch.neg(g, out=g_new) if maximize else g_new.copy_(g)
-            g = g_new  # modified below; p.grad is never written
+            target = g if grad_writable else g_new  # modified below; p.grad is never written
+            if maximize:
+                torch.neg(g, out=target)
+            elif target is not g:
+                target.copy_(g)
+            g = target
         if weight_decay != 0.0:
             g.add_(torch.mul(w, weight_decay, out=tmp))
         if l1 != 0.0:
@@ -171,7 +180,8 @@ def _sgd_in_place(param, grad, buf, lr, weight_decay, l1, momentum, one_minus_da
             if first:
                 m.copy_(g)
             else:
-                m.mul_(momentum).add_(torch.mul(g, one_minus_dampening, out=tmp))
+                # g * 1.0 is g, bit for bit: no dampening, no multiplication
+                m.mul_(momentum).add_(g if one_minus_dampening == 1.0 else torch.mul(g, one_minus_dampening, out=tmp))
             g = g.add_(torch.mul(m, momentum, out=tmp)) if nesterov else m
         w.sub_(torch.mul(g, lr, out=tmp))
 
@@ -266,7 +276,7 @@ def sgd_launcher(
             rate = float(lr.reshape(())) if isinstance(lr, torch.Tensor) else float(lr)
             for where, g in twin_views(grad):
                 buf = momentum_buffer[where] if momentum_buffer is not None else None
-                sgd_torch(param[where], g, buf, rate, *scalars, compute=torch.float64)
+                sgd_torch(param[where], g, buf, rate, *scalars, compute=torch.float64, grad_writable=table is not None)
 
         return float64_step
     lr_tensor = device_scalar("lr", lr, param)
@@ -279,7 +289,7 @@ def sgd_launcher(
             rate = host_scalar(lr)
             for where, g in twin_views(grad):
                 buf = momentum_buffer[where] if momentum_buffer is not None else None
-                sgd_torch(param[where], g, buf, rate, *scalars)
+                sgd_torch(param[where], g, buf, rate, *scalars, grad_writable=table is not None)
 
         return twin_step
     n = table.numel if table else param.numel()
