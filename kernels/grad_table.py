@@ -65,6 +65,7 @@ class GradTable:
         self._tiles: dict[int, torch.Tensor] = {}  # tile size -> device tile table
         self._addresses: torch.Tensor | None = None  # device address table, or None: upload at next use
         self._uploaded: list[int] | None = None
+        self._ptrs: list[int] | None = None  # this step's addresses, when given with the gradients
         #: contiguous runs of covered parameters: (flat start, flat stop, first index, stop index)
         self.spans: list[tuple[int, int, int, int]] = []
         for i, (off, size) in enumerate(zip(self.offsets, self.sizes)):
@@ -90,9 +91,10 @@ class GradTable:
             ]
         return self._scratch
 
-    def set_grads(self, grads: list[torch.Tensor]) -> None:
-        """This step's gradients (contiguous, the parameters' dtype and device: checked by the caller)."""
-        self.grads = grads
+    def set_grads(self, grads: list[torch.Tensor], ptrs: list[int] | None = None) -> None:
+        """This step's gradients (contiguous, the parameters' dtype and device: checked by the caller),
+        and their addresses when the caller has read them already."""
+        self.grads, self._ptrs = grads, ptrs
 
     def tiles(self, tile_size: int = TILE_SIZE) -> torch.Tensor:
         """The device tile table for programs of ``tile_size`` elements (built once per size)."""
@@ -109,12 +111,15 @@ class GradTable:
 
     def moved(self) -> bool:
         """Whether a gradient is not where the uploaded table says (the next :meth:`addresses` copies)."""
-        return [g.data_ptr() for g in self.grads] != self._uploaded
+        return self._current() != self._uploaded
+
+    def _current(self) -> list[int]:
+        return self._ptrs if self._ptrs is not None else [g.data_ptr() for g in self.grads]
 
     def addresses(self) -> torch.Tensor:
         """The device address table of the current gradients: one host-to-device copy when an address
         changed since the last upload, none otherwise."""
-        ptrs = [g.data_ptr() for g in self.grads]
+        ptrs = self._current()
         if ptrs != self._uploaded:
             host = torch.tensor(ptrs, dtype=torch.int64)
             if self._addresses is None or self._addresses.numel() != len(ptrs):

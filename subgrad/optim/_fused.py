@@ -118,6 +118,8 @@ class _FusedOptimizer(FlatOptimizer):
             # where the step count lives is this optimizer's setting, not the saved state's: a graph captured
             # from a capturable optimizer must not start passing host step counts after a resume
             group["capturable"] = flag
+            for key, value in self.defaults.items():  # a torch.optim state has no subgrad extras (l1)
+                group.setdefault(key, value)
         self._steps_taken, self._plan = {}, None
         if not self.defaults.get("differentiable"):  # the differentiable path keeps torch's own state
             self._adopt(self._pack())
@@ -172,7 +174,7 @@ class _FusedOptimizer(FlatOptimizer):
                 return  # no gradient anywhere: nothing to update (and nothing to pack), as in torch.optim
             grads = plan.grads
         for unit in plan.units:
-            self._launch_unit(unit, grads, gate)
+            self._launch_unit(unit, grads, gate, plan.grad_ptrs)
 
     def _replan(self, grads: list | None = None) -> StepPlan | None:
         """A new plan for the current parameters and gradients (after checking them as torch.optim does)."""
@@ -204,13 +206,14 @@ class _FusedOptimizer(FlatOptimizer):
     def _record_history(self, unit: Unit) -> None:
         """Per-parameter record of what ``unit.history`` advanced to (AdamW: the host step counts)."""
 
-    def _launch_unit(self, unit: Unit, grads: list, gate) -> None:
+    def _launch_unit(self, unit: Unit, grads: list, gate, ptrs: list) -> None:
         """One unit's update: one launch on its gradients where they are, or per span / per parameter
-        when they must be copied (replicas average a flat buffer; loose gradients are densified)."""
+        when they must be copied (replicas average a flat buffer; loose gradients are densified).
+        ``ptrs``: the addresses of ``grads``, as the plan read them this step."""
         group, fg, bufs = unit.group, unit.fg, unit.bufs
         table = unit.grad if isinstance(unit.grad, GradTable) else None
         if table is not None:
-            table.set_grads(unit.gradients(grads))
+            table.set_grads(unit.gradients(grads), unit.picked(ptrs))
         # linked gradients are read in place unless replicas must average them first (in a copy)
         direct = table is not None or (unit.grad is not None and self.replicas is None)
         if table is not None and not self._table_pays(unit):

@@ -17,6 +17,8 @@ as its real view (``torch.view_as_real``), as torch.optim does; its state tensor
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.optimizer import _get_scalar_dtype
@@ -25,6 +27,10 @@ from torch.optim.sgd import sgd as torch_sgd
 from .. import kernels as K
 from ._fused import _check_number, _check_tensor_hyperparameters, _FusedOptimizer, _identity, _lr_for, _lr_key
 from .replicas import Replicas
+
+#: what a prepared launcher depends on in a param group, besides the lr (one C call each step)
+_SGD_SETTINGS = operator.itemgetter("weight_decay", "momentum", "dampening", "nesterov", "maximize", "l1")
+_ADAMW_SETTINGS = operator.itemgetter("betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "l1")
 
 
 class SGD(_FusedOptimizer):
@@ -113,8 +119,7 @@ class SGD(_FusedOptimizer):
     def _settings(self, group, unit, gate):
         if gate is not None:
             raise ValueError("SGD has no device gate (a skipped SGD step is the caller's decision)")
-        keys = ("weight_decay", "momentum", "dampening", "nesterov", "maximize", "l1")
-        return (_lr_key(group, unit), unit.history, *(group.get(k) for k in keys))
+        return (_lr_key(group, unit), unit.history, *_SGD_SETTINGS(group))
 
     def _launcher(self, group, fg, bufs, param, grad, where, unit, gate):
         momentum = group["momentum"]
@@ -287,8 +292,7 @@ class AdamW(_FusedOptimizer):
         return unit.step_mask
 
     def _settings(self, group, unit, gate):
-        keys = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "l1")
-        return (_lr_key(group, unit), _identity(gate), *(group.get(k) for k in keys))
+        return (_lr_key(group, unit), _identity(gate), *_ADAMW_SETTINGS(group))
 
     def _call_args(self, unit):
         return (unit.history + 1,)  # this step's count, on the host (a capturable kernel reads its own)
