@@ -41,3 +41,11 @@ def test_host_cost_json_has_every_step_sync_free_and_replayable(tmp_path):
         assert KEYS <= set(row), row
         assert row["syncs_per_step"] == 0 and row["replayable"] is True, row
         assert row["launches_per_step"] >= 1 and row["host_us_per_step"] > 0, row
+    for row in (r for r in steps if not r["optimizer"].startswith("train:")):
+        # torch.optim measured beside every optimizer step, in the same run (timings: printed, not asserted)
+        assert row["torch_fused_us_per_step"] > 0 and row["torch_foreach_us_per_step"] > 0, row
+        if row["optimizer"] in ("sgd", "adamw"):  # one launch on one flat buffer, nothing else on the device
+            assert (row["triton_launches_per_step"], row["aten_launches_per_step"]) == (1, 0), row
+            assert row["host_us_per_step_realloc"] > 0 and row["cpu_us_per_step"] > 0, row
+        else:
+            assert row["optimizer_host_us_per_step"] > 0, row  # its host time with the forward passes out
