@@ -626,3 +626,24 @@ def test_differentiable_step_lets_autograd_through_like_torch(ours, theirs, kw):
     assert torch.equal(ours_w, torch_w), (ours_w - torch_w).abs().max()
     assert torch.equal(ours_h, torch_h), (ours_h - torch_h).abs().max()
     assert ours_h.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls, kw", [(SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)), (AdamW, dict(lr=1e-2))])
+def test_gradients_moving_between_parameters_kernel_equals_twin(cls, kw):
+    """The kernel reads each gradient through its address: gradients that trade places between steps
+    (one tensor is a parameter's gradient at one step and another's at the next), and one that goes
+    missing, give the twin's numbers bit for bit (the address table is uploaded again when it moved)."""
+    grads = [torch.randn(6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    results = []
+    for backend in ("triton", "torch"):  # Triton through the interpreter (conftest sets TRITON_INTERPRET=1)
+        params = [torch.nn.Parameter(torch.full((6,), float(i))) for i in range(3)]
+        opt = cls(params, backend=backend, **kw)
+        for step in range(5):
+            for i, p in enumerate(params):
+                p.grad = grads[(step + i) % 3]
+            if step == 3:
+                params[1].grad = None
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        assert_bitwise_equal(a.detach(), b.detach(), "kernel through the address table vs twin")
