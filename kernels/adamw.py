@@ -53,7 +53,7 @@ from ._common import (
     workspace,
 )
 from .adamw_scalars import DEVICE_SCALARS_TILE, check_adamw_args, device_scalars, power, split_f64
-from .grad_table import GradTable, table_tile, twin_views
+from .grad_table import GradTable, tile_positions, twin_views
 
 
 @triton.jit(do_not_specialize=["step"])
@@ -98,12 +98,7 @@ def adamw_kernel(
     HAS_INCREMENTS: tl.constexpr,  # advance only where increments_ptr is 1 (else every count)
     TILE_SIZE: tl.constexpr,  # elements per program
 ):
-    if GRAD_TABLE:
-        pos, mask, grad_at = table_tile(tiles_ptr, grad_ptr, param_ptr, TILE_SIZE)
-    else:
-        pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
-        mask = pos < n
-        grad_at = grad_ptr + pos
+    pos, mask, grad_at = tile_positions(tiles_ptr, grad_ptr, param_ptr, n, GRAD_TABLE, TILE_SIZE)
     if HAS_GATE:
         mask = mask & (tl.load(gate_ptr) != 0)  # a closed gate: no element is stored
     if DEVICE_SCALARS:

@@ -46,6 +46,19 @@ def table_tile(tiles_ptr, addresses_ptr, param_ptr, TILE_SIZE: tl.constexpr):
     return pos, mask, grad_base + (pos - first)
 
 
+@triton.jit
+def tile_positions(tiles_ptr, grad_ptr, param_ptr, n, GRAD_TABLE: tl.constexpr, TILE_SIZE: tl.constexpr):
+    """This program's flat positions, their mask and its gradient pointers: through the tables when
+    ``GRAD_TABLE`` (:func:`table_tile`), else the ``TILE_SIZE`` slice of a flat ``grad_ptr`` of ``n``."""
+    if GRAD_TABLE:
+        pos, mask, grad_at = table_tile(tiles_ptr, grad_ptr, param_ptr, TILE_SIZE)
+    else:
+        pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
+        mask = pos < n
+        grad_at = grad_ptr + pos
+    return pos, mask, grad_at
+
+
 class GradTable:
     """The gradients of some parameters of one flat buffer, for one fused update launch.
 

@@ -43,7 +43,7 @@ from ._common import (
     stale_copy,
     workspace,
 )
-from .grad_table import GradTable, table_tile, twin_views
+from .grad_table import GradTable, tile_positions, twin_views
 
 
 @triton.jit
@@ -71,12 +71,7 @@ def sgd_kernel(
 ):
     if LR_IN_MEMORY:
         lr = tl.load(lr_ptr)
-    if GRAD_TABLE:
-        pos, mask, grad_at = table_tile(tiles_ptr, grad_ptr, param_ptr, TILE_SIZE)
-    else:
-        pos = tl.program_id(0).to(tl.int64) * TILE_SIZE + tl.arange(0, TILE_SIZE)
-        mask = pos < n
-        grad_at = grad_ptr + pos
+    pos, mask, grad_at = tile_positions(tiles_ptr, grad_ptr, param_ptr, n, GRAD_TABLE, TILE_SIZE)
     w = tl.load(param_ptr + pos, mask=mask).to(tl.float32)
     g = tl.load(grad_at, mask=mask).to(tl.float32)
     if MAXIMIZE:
