@@ -23,6 +23,7 @@ adamw_step_, _launcher kernels/adamw.py       tests/test_sgd_adamw.py
 from ._common import BACKENDS, resolve_backend
 from .activity import activity_gradient, perturb_activity, site_signs, takes_twin
 from .adamw import adamw_launcher, adamw_step_
+from .grad_table import GradTable
 from .perturb import perturb_
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
 from .seeds import next_step_seed_, step_seed
@@ -50,4 +51,5 @@ __all__ = [
     "sgd_launcher",
     "adamw_step_",
     "adamw_launcher",
+    "GradTable",
 ]
