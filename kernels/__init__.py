@@ -9,7 +9,7 @@ Kernel and twin give bit-identical results; see ``_common.py`` for how.
 op                     file                   test
 =====================  =====================  ==========================
 philox_normal/_rad.    kernels/philox.py      tests/test_philox.py
-perturb_               kernels/perturb.py     tests/test_perturb.py
+perturb_, _launcher    kernels/perturb.py     tests/test_perturb.py
 zo_update_             kernels/zo_update.py   tests/test_zo_update.py
 zo_estimate_           kernels/zo_update.py   tests/test_zo_update.py
 perturb_activity       kernels/activity.py    tests/test_activity_kernels.py
@@ -24,7 +24,7 @@ from ._common import BACKENDS, resolve_backend
 from .activity import activity_gradient, perturb_activity, site_signs, takes_twin
 from .adamw import adamw_launcher, adamw_step_
 from .grad_table import GradTable
-from .perturb import perturb_
+from .perturb import perturb_, perturb_launcher
 from .philox import philox_bits, philox_normal, philox_rademacher, prepare_cpu_twin
 from .seeds import next_step_seed_, step_seed
 from .sgd import sgd_launcher, sgd_step_
@@ -38,6 +38,7 @@ __all__ = [
     "philox_bits",
     "prepare_cpu_twin",
     "perturb_",
+    "perturb_launcher",
     "next_step_seed_",
     "step_seed",
     "zo_update_",

@@ -8,6 +8,8 @@ curvature estimate, as kept by HiZOO) the direction is preconditioned: ``z_i / s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ from ._common import (
     require,
     resolve_backend,
     round_to,
+    split_seed,
 )
 from .philox import (
     direction_tile,
@@ -171,3 +174,55 @@ def perturb_(
     else:
         perturb_torch(x, seed_value(seed, seed_index), scale, offset, rademacher, source, precond)
     return x
+
+
+def perturb_launcher(
+    x: torch.Tensor,
+    seed: int | torch.Tensor,
+    backend: str | None = None,
+    *,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    source: torch.Tensor | None = None,
+    precond: torch.Tensor | None = None,
+) -> Callable[[float, int], None]:
+    """:func:`perturb_` (arguments unchecked) prepared once for one buffer: backend, launch shape, tensors
+    and constexprs are settled here, and each call ``launch(scale, seed_index)`` is one
+    ``perturb_(x, seed, scale, ..., seed_index=seed_index)``.  The zeroth-order optimizers keep one per
+    piece of each block, so a step's many perturbations cost a kernel launch each and nothing more.
+    A tensor ``seed`` is read by the kernel at each launch; an int seed is split at each call."""
+    rademacher = is_rademacher(distribution)
+    n = x.numel()
+    if resolve_backend(backend, *(t for t in (x, source, precond) if t is not None)) != "triton":
+
+        def twin(scale: float, seed_index: int) -> None:
+            perturb_torch(x, seed_value(seed, seed_index), f32(scale), offset, rademacher, source, precond)
+
+        return twin
+    t = tile_launch(offset, n, rademacher)
+    seed_tensor = seed if isinstance(seed, torch.Tensor) else None
+    tensors = (x, source if source is not None else x, precond if precond is not None else x)
+    constexprs = dict(
+        HAS_SOURCE=source is not None,
+        HAS_PRECOND=precond is not None,
+        SEED_IN_MEMORY=seed_tensor is not None,
+        RADEMACHER=rademacher,
+        GROUP=t.group,
+        WIDE=t.wide,
+        TILE_SIZE=t.tile_size,
+        num_warps=t.num_warps,
+        enable_fp_fusion=False,
+    )
+
+    def launch(scale: float, seed_index: int) -> None:
+        if not n:
+            return
+        if seed_tensor is not None:  # the module's kernel looked up at each call: subgrad.capture sees it
+            perturb_kernel[t.grid](
+                *tensors, seed_tensor, n, 0, 0, seed_index, t.first_group, t.lead, f32(scale), **constexprs
+            )
+        else:
+            lo, hi = split_seed(seed + seed_index)
+            perturb_kernel[t.grid](*tensors, x, n, lo, hi, 0, t.first_group, t.lead, f32(scale), **constexprs)
+
+    return launch

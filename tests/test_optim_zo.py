@@ -338,6 +338,25 @@ def test_deepcopy_and_state_dict_roundtrip():
     assert sd["subgrad"]["step"] == 1 and len(sd["state"]) == 4
 
 
+@pytest.mark.parametrize("make", [ZOSGD, ZOAdam, HiZOO], ids=lambda c: c.__name__)
+def test_pickled_copy_steps_like_the_original(make):
+    """A pickled optimizer (its prepared launches are not pickled: the copy prepares its own, bound to its
+    own tensors) takes the same next steps as the original, and moves only its own parameters."""
+    import pickle
+
+    net = _tiny_net()
+    opt = make(net.parameters(), lr=0.05)
+    own = [p for g in opt.param_groups for p in g["params"]]
+    opt.step(lambda: sum((p * p).sum() for p in own))
+    clone = pickle.loads(pickle.dumps(opt))
+    theirs = [p for g in clone.param_groups for p in g["params"]]
+    for _ in range(2):
+        opt.step(lambda: sum((p * p).sum() for p in own))
+        clone.step(lambda: sum((p * p).sum() for p in theirs))
+    for a, b in zip(own, theirs):
+        assert torch.equal(a, b), f"copy differs from the original by {(a - b).abs().max().item()}"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

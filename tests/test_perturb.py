@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, SIZES, assert_bitwise_equal
-from subgrad.kernels import perturb_, philox_normal, philox_rademacher
+from subgrad.kernels import perturb_, perturb_launcher, philox_normal, philox_rademacher
 
 #: |result - exact| allowed against the float64 definition: one rounding to the stored dtype
 #: (half an ulp, relative 2**-p) plus float32 arithmetic error, relative to max(|x|, |scale z|).
@@ -93,3 +93,23 @@ def test_wide_indices_give_the_same_bits(distribution, offset, device, monkeypat
         for b in ("triton", "torch")
     }
     assert_bitwise_equal(out["triton"], out["torch"], f"WIDE perturb_ {distribution} offset={offset}")
+
+
+@pytest.mark.parametrize("n", [1, 1025, 5000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tensor_seed", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_launcher_equals_perturb(n, dtype, tensor_seed, backend, device):
+    """perturb_launcher(...)(scale, seed_index) is perturb_(..., scale, seed_index=...) bit for bit, for each
+    option it binds (a master source, a curvature preconditioner), at several calls in a row."""
+    g = torch.Generator().manual_seed(n)
+    master = torch.randn(n, generator=g).to(device)
+    precond = (torch.rand(n, generator=g) + 0.5).to(device)
+    seed = torch.tensor([1234], device=device) if tensor_seed else 1234
+    for options in ({}, {"source": master}, {"precond": precond}):
+        x_launch, x_call = master.to(dtype), master.to(dtype)
+        launch = perturb_launcher(x_launch, seed, backend, offset=33, distribution="gaussian", **options)
+        for scale, index in ((1e-2, 0), (-2e-2, 0), (5e-3, 2)):
+            launch(scale, index)
+            perturb_(x_call, seed, scale, backend, offset=33, seed_index=index, **options)
+            assert_bitwise_equal(x_launch, x_call, f"{backend} {dtype} n={n} {sorted(options)} index={index}")

@@ -28,6 +28,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Which parameters of each group are trainable now; a change since packing means repack."""
         return tuple(tuple(id(p) for p in group["params"] if p.requires_grad) for group in self.param_groups)
 
+    def _packing_key(self) -> tuple:
+        """What a packing depends on, cheap to take at every step: the groups, and each parameter's storage
+        address and ``requires_grad``.  While it is unchanged the packing holds without per-parameter
+        checks (a parameter moved by ``module.to()`` or relinked by ``deepcopy`` has a new address)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        groups = tuple((id(group["params"]), len(group["params"])) for group in self.param_groups)
+        return groups, [p.data_ptr() for p in params], [p.requires_grad for p in params]
+
     def _buffer_dtype(self, fg: FlatGroup) -> torch.dtype:
         """dtype of the flat state buffers: the parameters' (torch.optim), float32 for zeroth-order state."""
         return fg.data.dtype

@@ -88,6 +88,7 @@ class ZOOptimizer(FlatOptimizer):
         self._passes_counted = (0, 0)  # (forward passes, steps) up to the last repack or load
         self.layout: ZOLayout | None = None
         self._packed_for: tuple = ()  # the trainable parameters of each group when packed
+        self._packed_key: tuple = ()  # _packing_key() when last packed or checked
         self._flats = []
         self.last_estimate: torch.Tensor | None = None
 
@@ -102,6 +103,9 @@ class ZOOptimizer(FlatOptimizer):
     def _pack(self) -> ZOLayout:
         """The layout; rebuilt when the trainable parameters changed (``add_param_group``,
         ``requires_grad`` toggled between steps), every parameter's state carried over."""
+        key = self._packing_key()
+        if self.layout is not None and key == self._packed_key:
+            return self.layout
         if self.layout is None or self._packed_for != self._trainable():
             names = self._param_names()
             if self.settings.blocks == "module" and any(n is None for n in names.values()):
@@ -116,7 +120,7 @@ class ZOOptimizer(FlatOptimizer):
                 self._passes_counted = (self.forward_passes, self.counters.steps_taken())
             self._flats, segments = build_segments(self.param_groups, self.settings.master_weights)
             ranges, num_blocks = block_ranges(segments, self.settings.blocks, names)
-            assign_blocks(segments, ranges)
+            assign_blocks(segments, ranges, num_blocks)
             sizes = torch.zeros(num_blocks, dtype=torch.float64)
             for a, b, bid in ranges:
                 sizes[bid] += b - a
@@ -132,6 +136,7 @@ class ZOOptimizer(FlatOptimizer):
                 self._bind_state(seg)
         for flat in self._flats:
             flat.check()
+        self._packed_key = self._packing_key()
         return self.layout
 
     @property
@@ -198,7 +203,9 @@ class ZOOptimizer(FlatOptimizer):
             c = c.clamp(-settings.clip, settings.clip)
         if settings.scale_by_block_size:
             c = c * layout.block_scale
-        self._update((c / settings.q).to(torch.float32), seed, found, finite.reshape(1))
+        if settings.q != 1:  # dividing by 1 is exact: skipped
+            c = c / settings.q
+        self._update(c.to(torch.float32), seed, found, finite.reshape(1))
         return found.loss
 
     @property
@@ -234,6 +241,8 @@ class ZOOptimizer(FlatOptimizer):
     @staticmethod
     def _segment_c(seg: Segment, c: torch.Tensor) -> torch.Tensor:
         """This segment's [q, pieces] scalars, flattened direction-major, on its device."""
+        if seg.every_block:  # its pieces are blocks 0, 1, ... in order: c as it is
+            return c.reshape(-1)
         return c.to(seg.data.device)[:, seg.block_ids].reshape(-1)
 
     # -- state -------------------------------------------------------------------------------------

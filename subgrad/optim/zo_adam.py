@@ -58,18 +58,25 @@ class ZOAdam(ZOOptimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 self._flat_buffer(seg.flat, seg.buffers, key)
 
+    def _scratch(self, seg) -> torch.Tensor:
+        """The float32 buffer a segment's estimate is materialised into: kept with the layout (one per
+        device, as large as the largest segment), so a step allocates nothing."""
+        key = ("estimate", seg.data.device)
+        scratch = self.layout.prepared.get(key)
+        if scratch is None:
+            size = max(s.numel for s in self._segments if s.data.device == seg.data.device)
+            scratch = self.layout.prepared[key] = torch.empty(size, dtype=torch.float32, device=seg.data.device)
+        return scratch[: seg.numel]
+
     def _update(self, c: torch.Tensor, seed: torch.Tensor, estimate: Estimate, finite: torch.Tensor) -> None:
         if estimate.pending is not None:
             zo_estimate.move_block(
                 self.layout, self.settings, None, seed, estimate.pending.index, estimate.pending.level, 0.0
             )
-        scratch = None
         for seg in self._segments:
             group = self.param_groups[seg.group_index]
-            if scratch is None or scratch.numel() < seg.numel:
-                scratch = torch.empty(seg.numel, dtype=torch.float32, device=seg.data.device)
             g = K.zo_estimate_(
-                scratch[: seg.numel],
+                self._scratch(seg),
                 seed,
                 self._segment_c(seg, c),
                 num_directions=self.settings.q,

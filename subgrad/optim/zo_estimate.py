@@ -60,57 +60,84 @@ def passes_per_step(layout: ZOLayout, settings: ZOSettings, base_loss: bool = Fa
     return int(not central or base_loss) + directions * (2 if central else 1)
 
 
+class BlockMoves:
+    """Every piece's perturbation launch, prepared once (:func:`subgrad.kernels.perturb_launcher`) and kept on
+    the layout while the seed tensor, the settings, the master copies and the curvature buffers they bind
+    stay the same; a step then moves each block with one launch per piece and no other host work."""
+
+    def __init__(self, layout: ZOLayout, settings: ZOSettings, seed: torch.Tensor):
+        self.bound = BlockMoves.binding(layout, settings, seed)
+        self.pieces: dict[int | None, list] = {None: []}  # block id (None: every block) -> its pieces
+        for seg in layout.segments:
+            h = seg.buffers.get("hessian")
+            for a, b, bid in seg.pieces:
+                x, master, precond = seg.data[a:b], seg.master, (h[a:b] if h is not None else None)
+                common = dict(offset=seg.dir_offset + a, distribution=settings.distribution, precond=precond)
+                if master is not None:  # rewritten from the exact fp32 copy: (copy target, copy source, launcher)
+                    launch = K.perturb_launcher(x, seed, settings.backend, source=master[a:b], **common)
+                    piece = (x, master[a:b], launch)
+                else:
+                    piece = (None, None, K.perturb_launcher(x, seed, settings.backend, **common))
+                self.pieces.setdefault(bid, []).append(piece)
+                self.pieces[None].append(piece)
+
+    @staticmethod
+    def binding(layout: ZOLayout, settings: ZOSettings, seed: torch.Tensor) -> tuple:
+        """What the prepared launches hold or depend on, compared by identity."""
+        buffers = tuple(seg.buffers.get(key) for seg in layout.segments for key in ("master", "hessian"))
+        return (_launch_epoch(), settings.backend, settings.distribution, seed, *buffers)
+
+    @staticmethod
+    def of(layout: ZOLayout, settings: ZOSettings, seed: torch.Tensor) -> BlockMoves:
+        """The layout's prepared moves, rebuilt when anything they bind changed."""
+        moves = layout.prepared.get("moves")
+        if moves is None or not _same(moves.bound, BlockMoves.binding(layout, settings, seed)):
+            moves = layout.prepared["moves"] = BlockMoves(layout, settings, seed)
+        return moves
+
+    def move(self, block: int | None, index: int, level: float, to: float) -> None:
+        """Move ``block`` (None: everything) from ``w0 + level z`` to ``w0 + to z`` along direction ``index``:
+        pieces with an fp32 master are rewritten from it (``to == 0``: an exact copy), the others shifted in
+        place by ``(to - level) z``."""
+        for x, master, launch in self.pieces.get(block, ()):
+            if master is None:
+                launch(to - level, index)
+            elif to == 0.0:
+                x.copy_(master)
+            else:
+                launch(to, index)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(u is v or (not isinstance(u, torch.Tensor) and u == v) for u, v in zip(a, b))
+
+
+def _launch_epoch() -> int:
+    return K._common.launch_epoch  # bumped when subgrad.capture's recorder swaps the kernels
+
+
 def move_block(
     layout: ZOLayout, settings: ZOSettings, block: int | None, seed: torch.Tensor, index: int, level: float, to: float
 ) -> None:
     """Move one block (None: everything) from ``w0 + level z`` to ``w0 + to z``, ``z`` the direction of
-    seed ``seed + index`` (``seed`` on the device, read by the kernel).
-
-    Segments with an fp32 master are rewritten from it (``to == 0`` is an exact copy); the others are
-    shifted in place by ``(to - level) z``.
-    """
-    for seg in layout.segments:
-        for a, b, bid in seg.pieces:
-            if block is not None and bid != block:
-                continue
-            x = seg.data[a:b]
-            h = seg.buffers.get("hessian")
-            h = h[a:b] if h is not None else None
-            if seg.master is not None and to == 0.0:
-                x.copy_(seg.master[a:b])
-            elif seg.master is not None:
-                K.perturb_(
-                    x,
-                    seed,
-                    to,
-                    settings.backend,
-                    offset=seg.dir_offset + a,
-                    distribution=settings.distribution,
-                    source=seg.master[a:b],
-                    precond=h,
-                    seed_index=index,
-                    validate_args=False,
-                )
-            else:
-                K.perturb_(
-                    x,
-                    seed,
-                    to - level,
-                    settings.backend,
-                    offset=seg.dir_offset + a,
-                    distribution=settings.distribution,
-                    precond=h,
-                    seed_index=index,
-                    validate_args=False,
-                )
+    seed ``seed + index`` (``seed`` on the device, read by the kernel); see :meth:`BlockMoves.move`."""
+    BlockMoves.of(layout, settings, seed).move(block, index, level, to)
 
 
 def _loss_of(closure) -> torch.Tensor:
-    with torch.no_grad():
-        loss = closure()
+    """The closure's loss as a float64 copy (a closure may return one buffer it overwrites, as a replayed
+    graph's output is); a Python number becomes a float64 tensor.  Called under no_grad."""
+    loss = closure()
     if not isinstance(loss, torch.Tensor):
-        loss = torch.tensor(float(loss), dtype=torch.float64)
-    return loss.detach().reshape(()).to(torch.float64)
+        return torch.tensor(float(loss), dtype=torch.float64)
+    return loss.to(torch.float64, copy=True)
+
+
+def _loss_vector(losses: list[torch.Tensor]) -> torch.Tensor:
+    """One step's 1-element float64 losses as one vector."""
+    if all(loss.dim() == 0 for loss in losses):
+        return torch.stack(losses)
+    return torch.cat([loss.reshape(1) for loss in losses])
 
 
 def estimate_sequential(
@@ -131,21 +158,23 @@ def estimate_sequential(
     blocks = [None] if layout.num_blocks == 1 else list(range(layout.num_blocks))
     central = settings.estimator == "central"
     with_base = not central or base_loss
-    losses, pending = [_loss_of(closure)] if with_base else [], None
-    for k in range(q):
-        for b in blocks:
-            move_block(layout, settings, b, seed, k, 0.0, eps)
-            losses.append(_loss_of(closure))
-            level = eps
-            if central:
-                move_block(layout, settings, b, seed, k, eps, -eps)
-                level = -eps
+    moves, pending = BlockMoves.of(layout, settings, seed), None
+    with torch.no_grad():
+        losses = [_loss_of(closure)] if with_base else []
+        for k in range(q):
+            for b in blocks:
+                moves.move(b, k, 0.0, eps)
                 losses.append(_loss_of(closure))
-            if k == q - 1 and b is None:
-                pending = PendingRestore(k, level)  # the update kernel restores it (skipped step or not)
-            else:
-                move_block(layout, settings, b, seed, k, level, 0.0)
-    estimate = scalars(torch.stack(losses), layout, settings, with_base=with_base, reduce=reduce)
+                level = eps
+                if central:
+                    moves.move(b, k, eps, -eps)
+                    level = -eps
+                    losses.append(_loss_of(closure))
+                if k == q - 1 and b is None:
+                    pending = PendingRestore(k, level)  # the update kernel restores it (skipped step or not)
+                else:
+                    moves.move(b, k, level, 0.0)
+    estimate = scalars(_loss_vector(losses), layout, settings, with_base=with_base, reduce=reduce)
     return dataclasses.replace(estimate, pending=pending)
 
 
@@ -160,8 +189,10 @@ def scalars(
     curvature = None
     if settings.estimator == "central":
         pairs = losses[int(with_base) :].reshape(-1, 2)
-        c, loss = (pairs[:, 0] - pairs[:, 1]) / (2 * eps), pairs.mean()
-        if with_base:
+        c = (pairs[:, 0] - pairs[:, 1]) / (2 * eps)
+        if not with_base:
+            loss = pairs.mean()
+        else:
             loss = losses[0]
             curvature = ((pairs[:, 0] + pairs[:, 1] - 2 * losses[0]).abs() / (2 * eps * eps)).reshape(q, nb)
     else:

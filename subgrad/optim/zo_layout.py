@@ -28,6 +28,7 @@ class Segment:
     block_starts: torch.Tensor | None = None  # int64 [pieces] on the device, None for a single piece
     block_ids: torch.Tensor | None = None  # int64 [pieces] global block id of each piece
     buffers: dict[str, torch.Tensor | None] = field(default_factory=dict)  # optimizer state, flat fp32
+    every_block: bool = False  # its pieces are blocks 0, 1, ..., num_blocks - 1 in order (one segment)
 
     @property
     def master(self) -> torch.Tensor | None:
@@ -105,11 +106,12 @@ def block_ranges(segments: list[Segment], blocks, names: dict[int, str]) -> tupl
     return ranges, len(ids)
 
 
-def assign_blocks(segments: list[Segment], ranges: list[tuple[int, int, int]]) -> None:
+def assign_blocks(segments: list[Segment], ranges: list[tuple[int, int, int]], num_blocks: int) -> None:
     """Give each segment its local pieces and the kernel's block tables."""
     for seg in segments:
         lo, hi = seg.dir_offset, seg.dir_offset + seg.numel
         seg.pieces = [(max(a, lo) - lo, min(b, hi) - lo, bid) for a, b, bid in ranges if a < hi and b > lo]
+        seg.every_block = [bid for _, _, bid in seg.pieces] == list(range(num_blocks))
         device = seg.data.device
         seg.block_ids = torch.tensor([bid for _, _, bid in seg.pieces], dtype=torch.int64, device=device)
         seg.block_starts = make_block_starts([b - a for a, b, _ in seg.pieces], device) if len(seg.pieces) > 1 else None
@@ -125,6 +127,11 @@ class ZOLayout:
     num_blocks: int
     names: dict[int, str | None]  # id(parameter) -> name
     block_scale: torch.Tensor  # float64 [num_blocks] on the parameters' device
+    prepared: dict = field(default_factory=dict)  # launches prepared for this layout (zo_estimate.BlockMoves)
+
+    def __getstate__(self) -> dict:
+        # prepared launches bind this object's tensors (and cannot be pickled): a copy prepares its own
+        return {**self.__dict__, "prepared": {}}
 
     @property
     def total(self) -> int:
