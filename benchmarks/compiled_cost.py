@@ -60,7 +60,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from subgrad.capture import triton_launches
+from subgrad.testing import triton_launches
 
 # --------------------------------------------------------------------------------------------------
 # Model constants.  Sources: NVIDIA A100 / H100 / H200 datasheets (SM counts, boost clocks, peak HBM

@@ -46,8 +46,8 @@ class _RankZeroOf:
 
 def worker(model_name: str, optimizer: str, steps: int, batch: int, device: str) -> dict:
     from subgrad import optim
-    from subgrad.distributed import from_environment, shutdown, weights_hash
     from subgrad.models import build_model
+    from subgrad.training.distributed import from_environment, shutdown, weights_hash
 
     comm = from_environment(device)
     dev = torch.device(device, comm.local_rank) if device == "cuda" else torch.device("cpu")
@@ -194,7 +194,7 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from subgrad.distributed import exit_worker
+            from subgrad.training.distributed import exit_worker
 
             exit_worker(0)
         return

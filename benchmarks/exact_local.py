@@ -21,11 +21,11 @@ import time
 import torch
 from zo_quality import machine_name
 
-from subgrad.local import untrained_parameters
+from subgrad.data import DeviceLoader, load_cifar10
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
-from subgrad.training.data import DeviceLoader, load_cifar10
-from subgrad.training.session import versions
+from subgrad.optim.activity_blocks import untrained_parameters
+from subgrad.runs import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -9,10 +9,10 @@ host work shows here before a GPU sees it.  Per (model, step), each optimizer at
 defaults (``make_optimizer``, tensor learning rates as the trainer sets them), forward passes at batch 2:
 
 * ``launches_per_step``: device launches: Triton kernels plus the ATen ops that compute (views and
-  allocations excluded), from :func:`subgrad.capture.record_step`;
-* ``syncs_per_step``: host synchronisations (:class:`subgrad.capture.SyncCounter`);
+  allocations excluded), from :func:`subgrad.testing.record_step`;
+* ``syncs_per_step``: host synchronisations (:class:`subgrad.testing.SyncCounter`);
 * ``replayable``: two consecutive steps record the same launches on the same buffers
-  (:meth:`subgrad.capture.StepRecord.signature`), so a CUDA graph of one replays the next;
+  (:meth:`subgrad.testing.StepRecord.signature`), so a CUDA graph of one replays the next;
 * ``host_us_per_step``: median wall time of one step here with the Triton launches stubbed: Python,
   dispatch and launch preparation, plus the CPU compute of the ATen ops at batch 2 (so an upper bound).
 
@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from subgrad import __version__
-from subgrad.capture import SyncCounter, record_step, tensors_in, triton_launches
-from subgrad.config import OPTIMIZERS, TrainConfig
 from subgrad.data import Dataset
-from subgrad.distributed import from_environment
+from subgrad.testing import SyncCounter, record_step, tensors_in, triton_launches
+from subgrad.training.config import OPTIMIZERS, TrainConfig
+from subgrad.training.distributed import from_environment
 from subgrad.training.session import setup
 from subgrad.training.step import TrainStep
 

@@ -28,10 +28,10 @@ import tempfile
 
 import torch
 
-from subgrad.config import MODEL_NAMES, ZO_OPTIMIZERS, TrainConfig
 from subgrad.data import load_cifar10
+from subgrad.runs import versions
+from subgrad.training.config import MODEL_NAMES, ZO_OPTIMIZERS, TrainConfig
 from subgrad.training.loop import train
-from subgrad.training.session import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 #: the forward-only issue's bars for `zo` at its defaults on a 2-core CPU VM: (test accuracy, training seconds)

@@ -6,8 +6,9 @@
 
 For each method (an ActivityZO setting, METHODS: ``q1`` is one direction per example and layer with one
 local loss per block; ``q4`` averages four; ``p4g4`` cuts each block's local loss into 4 x 4 patches and 4
-channel groups, subgrad.local.LocalHead) the optimizer steps ``--steps`` times at lr 0 on one fixed batch
-of real training images (the weights never move, the directions change every step).  Per layer it reports:
+channel groups, subgrad.optim.activity_blocks.LocalHead) the optimizer steps ``--steps`` times at lr 0 on
+one fixed batch of real training images (the weights never move, the directions change every step).  Per
+layer it reports:
 
 * ``cosine_1``: the mean cosine of one step's estimate with the exact gradient of the same local loss
   (autograd through the layer's block and head, the block's input held fixed): what a single step gets;
@@ -29,10 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from subgrad.data import DeviceLoader, load_cifar10
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
-from subgrad.training.data import DeviceLoader, load_cifar10
-from subgrad.training.session import versions
+from subgrad.runs import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 #: method name -> ActivityZO keyword arguments (the others at ActivityZO's defaults; LeNet's patch is 7 x 7)

@@ -144,7 +144,7 @@ def bench(
     import onnxruntime as ort
 
     from subgrad import __version__
-    from subgrad.training.session import versions
+    from subgrad.runs import versions
 
     if runs < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("--runs must be >= 1, --warmup >= 0 and batch sizes positive")

@@ -21,7 +21,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from subgrad.training.runs import atomic_write
+from subgrad.runs import atomic_write
 
 from .runtime import METADATA_FORMAT
 
@@ -37,7 +37,7 @@ class ExportError(ValueError):
 class WithPreprocessing(nn.Module):
     """Raw uint8 NHWC pixels in, logits out: training's normalisation as the first graph ops.
 
-    The float32 ops are those of :class:`subgrad.training.data.DeviceLoader` and of
+    The float32 ops are those of :class:`subgrad.data.DeviceLoader` and of
     :func:`subgrad.export.runtime.normalize` (cast, subtract 255 mean, divide by 255 std), so the graph
     gives the Python preprocessing's numbers.
     """
@@ -57,7 +57,7 @@ class WithPreprocessing(nn.Module):
 def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode on CPU, config.json record, summary.json or {}) of a finished training run."""
     from subgrad.models import MODELS, build_model
-    from subgrad.training.runs import checkpoints, load_checkpoint
+    from subgrad.runs import checkpoints, load_checkpoint
 
     run = pathlib.Path(run_dir)
     if not (run / "config.json").is_file():

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 import onnx
 
-from subgrad.training.runs import atomic_write_text
+from subgrad.runs import atomic_write_text
 
 from .bench import time_runs
 from .runtime import ModelInfo, Predictor
@@ -75,7 +75,7 @@ def quantize(
     seed: int = 0,
 ) -> dict:
     """Quantize ``model_path``; returns the report, ``written`` says whether ``out`` was written."""
-    from subgrad.training.data import load_cifar10
+    from subgrad.data import load_cifar10
 
     if mode not in ("int8", "fp16"):
         raise ValueError(f"--mode must be int8 or fp16, got {mode!r}")

@@ -7,10 +7,9 @@
 Which server (:func:`find_server`): a ``tritonserver`` on PATH (NVIDIA's Triton containers), which
 serves the ``onnxruntime`` repository variant; otherwise the server bundled in the ``nvidia-pytriton``
 wheel of the ``serve`` extra (Triton 2.51 with the python backend only), which serves the ``python``
-variant.  For the bundled server this module does what its wheel leaves to the caller: the bundled
-libraries on ``LD_LIBRARY_PATH``, a backend folder holding the python-backend stub built for the running
-Python, and ``SUBGRAD_SITE_PACKAGES`` naming this environment's site-packages for the stub
-(triton_python_model.py reads it).
+variant.  For the bundled server this module does what its wheel leaves to the caller: the libraries on
+``LD_LIBRARY_PATH``, a backend folder with the python-backend stub built for the running Python, and
+``SUBGRAD_SITE_PACKAGES`` naming this environment's site-packages (triton_python_model.py reads it).
 
 What clients reach (docs/deploy.md, "Security"): ``host`` (default 127.0.0.1) for the public HTTP port,
 gRPC and metrics.  Triton's own HTTP port is bound to 127.0.0.1 on a free port, behind an

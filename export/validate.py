@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 import torch
 
-from subgrad.training.runs import atomic_write_text
+from subgrad.runs import atomic_write_text
 
 from .runtime import Predictor
 
@@ -26,7 +26,7 @@ BATCH_SIZES = (1, 2, 7, 64, 256)
 
 def torch_logits(model, pixels: np.ndarray, mean, std, batch_size: int) -> np.ndarray:
     """Logits of ``model`` for uint8 NHWC pixels, normalised by training's own loader."""
-    from subgrad.training.data import DeviceLoader
+    from subgrad.data import DeviceLoader
 
     loader = DeviceLoader(pixels, np.zeros(len(pixels), np.int64), mean, std, batch_size, "cpu")
     with torch.inference_mode():
@@ -59,7 +59,7 @@ def validate(
     write: bool = True,
 ) -> dict:
     """Compare PyTorch and onnxruntime on the test set; returns the report (``passed``, ``failures``, ...)."""
-    from subgrad.training.data import load_cifar10
+    from subgrad.data import load_cifar10
 
     from .exporter import load_run
 

@@ -3,7 +3,9 @@
 Every public function takes ``backend="triton" | "torch" | None``; ``None`` picks Triton for CUDA
 tensors and the twin otherwise, and the environment variable ``SUBGRAD_BACKEND`` overrides that
 choice (tests set it to ``triton`` with ``TRITON_INTERPRET=1`` to run the kernels on the CPU).
-Kernel and twin give bit-identical results; see ``_common.py`` for how.
+Kernel and twin give bit-identical results; see ``_common.py`` for how.  A launched ``@triton.jit``
+kernel is named ``*_kernel`` (the other jit functions are device helpers): ``subgrad.testing`` finds and
+records every launch by that name.
 
 =====================  =====================  ==========================
 op                     file                   test

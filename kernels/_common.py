@@ -52,7 +52,7 @@ MAX_DIRECTION_ELEMENTS = 2**32
 MAX_SEED = 2**62
 
 
-#: Bumped whenever the way kernels launch changes (subgrad.capture's recorder patches the kernels and
+#: Bumped whenever the way kernels launch changes (subgrad.testing's recorder patches the kernels and
 #: ``resolve_backend``): a launcher prepared before (``sgd_launcher``, ``adamw_launcher``) is stale then.
 launch_epoch = 0
 

@@ -130,7 +130,7 @@ def takes_twin(backend: str | None, like: torch.Tensor) -> bool:
     """Whether the activity ops run their torch twins for ``backend`` on tensors like ``like``: the twins
     read a site's directions drawn once (:func:`site_signs`), the kernels regenerate them.  The same
     backend choice as the ops' own, so a caller that draws the signs agrees with them (also when
-    :func:`subgrad.capture.triton_launches` forces the Triton path)."""
+    :func:`subgrad.testing.triton_launches` forces the Triton path)."""
     return resolve_backend(backend, like) == "torch"
 
 

@@ -217,7 +217,7 @@ def perturb_launcher(
     def launch(scale: float, seed_index: int) -> None:
         if not n:
             return
-        if seed_tensor is not None:  # the module's kernel looked up at each call: subgrad.capture sees it
+        if seed_tensor is not None:  # the module's kernel looked up at each call: subgrad.testing sees it
             perturb_kernel[t.grid](
                 *tensors, seed_tensor, n, 0, 0, seed_index, t.first_group, t.lead, f32(scale), **constexprs
             )

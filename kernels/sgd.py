@@ -326,7 +326,7 @@ def sgd_launcher(
         return kernel_step
 
     def kernel_step():
-        if n:  # the module's kernel looked up at each call, so subgrad.capture's recorder sees it
+        if n:  # the module's kernel looked up at each call, so subgrad.testing's recorder sees it
             sgd_kernel[programs](param, table.addresses() if table else grad, *args, **constexprs)
 
     return kernel_step

@@ -72,7 +72,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
 
     from .training.config import config_from_args
-    from .training.loop import resume_config, train
+    from .training.loop import train
+    from .training.session import resume_config
 
     if args.resume:
         config = resume_config(args.resume, steps=args.steps, epochs=args.epochs, quiet=args.quiet)
@@ -96,8 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from subgrad.pipeline import run_pipeline
     from subgrad.training.config import config_from_args
-    from subgrad.training.pipeline import run_pipeline
 
     try:
         result = run_pipeline(config_from_args(args), bench_runs=args.bench_runs)

@@ -8,7 +8,12 @@
   blocks of conv 3x3 (padding 1), ReLU, 2x2 max-pool (32/64/128 channels: 16x16, 8x8, 4x4 maps), flatten,
   fc 2048->10 (113,738 parameters).  Every block is one layer whose output reaches the next block through
   per-unit operations only, so each of its units moves one patch-and-channel-group local loss
-  (:mod:`subgrad.local`), and channel counts divide into groups of 2 to 32.
+  (:mod:`subgrad.optim.activity_blocks`), and channel counts divide into groups of 2 to 32.
+
+Each model's ``local_blocks()`` is its cut for ``ActivityZO`` (``subgrad.optim.activity_blocks.BlockCut``):
+LeNet five blocks, one site each (conv1 -> ReLU -> pool, conv2 -> ReLU -> pool -> flatten, fc1 -> ReLU,
+fc2 -> ReLU, fc3); LocalNet one block per conv (conv -> ReLU -> pool; the last one flattens) and the fc;
+ResNet-20 the stem (conv, BN, ReLU), each basic block (sites conv1 and conv2) and the pooled fc.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ class LeNet(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+    def local_blocks(self):
+        from .optim.activity_blocks import PlainBlock
+
+        kinds = [(self.conv1, "conv"), (self.conv2, "conv-flatten"), (self.fc1, "relu"), (self.fc2, "relu")]
+        return [PlainBlock(layer, kind) for layer, kind in kinds] + [PlainBlock(self.fc3, "logits")]
 
 
 class BasicBlock(nn.Module):
@@ -81,6 +92,11 @@ class ResNet20(nn.Module):
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
 
+    def local_blocks(self):
+        from .optim.activity_blocks import ClassifierBlock, ResidualBlock, StemBlock
+
+        return [StemBlock(self.conv, self.bn)] + [ResidualBlock(b) for b in self.layers] + [ClassifierBlock(self.fc)]
+
 
 class LocalNet(nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)):
@@ -94,6 +110,12 @@ class LocalNet(nn.Module):
         for conv in self.convs:
             x = F.max_pool2d(F.relu(conv(x)), 2)
         return self.fc(torch.flatten(x, 1))
+
+    def local_blocks(self):
+        from .optim.activity_blocks import PlainBlock
+
+        kinds = ["conv"] * (len(self.convs) - 1) + ["conv-flatten"]
+        return [PlainBlock(c, k) for c, k in zip(self.convs, kinds)] + [PlainBlock(self.fc, "logits")]
 
 
 MODELS = {"lenet": LeNet, "resnet20": ResNet20, "localnet": LocalNet}

@@ -1,5 +1,5 @@
 """A few hundred real CIFAR-10 images from ../shared/data for optimizer tests (skipped when absent), loaded
-through ``subgrad.training.data`` (its class order and normalisation, nothing repeated here)."""
+through ``subgrad.data`` (its class order and normalisation, nothing repeated here)."""
 
 from __future__ import annotations
 
@@ -36,5 +36,5 @@ def _load(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cifar_subset(split: str = "train", per_class: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised images [N, 3, 32, 32], labels [N]) with the first ``per_class`` images of each class,
-    classes and normalisation as ``subgrad.training.data`` gives them."""
+    classes and normalisation as ``subgrad.data`` gives them."""
     return _load(split, per_class)

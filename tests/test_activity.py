@@ -16,9 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
-from subgrad.local import ALL, local_blocks, make_heads, through_batch_stats, untrained_parameters
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
+from subgrad.optim.activity_blocks import (
+    ALL,
+    BlockCut,
+    PlainBlock,
+    local_blocks,
+    make_heads,
+    through_batch_stats,
+    untrained_parameters,
+)
 
 
 def _batch(n: int, seed: int = 0):
@@ -364,11 +372,41 @@ def test_data_parallel_exchanges_per_example_scalars_only(name, parts):
     assert gather.sent == [2 * per_step] * 2, (gather.sent, per_step)
 
 
+class UserCNN(torch.nn.Module):
+    """A model from outside subgrad that brings its own block cut (the BlockCut protocol)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1))
+
+    def local_blocks(self):
+        return [PlainBlock(self.conv, "conv-flatten"), PlainBlock(self.fc, "logits")]
+
+
+def test_a_user_model_brings_its_own_cut():
+    """ActivityZO reads the cut through the protocol only: a user's model that implements it trains (its
+    loss on a fixed batch falls), and one whose cut is malformed is refused with the reason."""
+    torch.manual_seed(0)
+    model = UserCNN()
+    assert isinstance(model, BlockCut)
+    opt = ActivityZO(model, lr=2e-3)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    losses = [float(opt.step(x, y)) for _ in range(30)]
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+
+    model.local_blocks = lambda: []
+    with pytest.raises(ValueError, match="non-empty list of subgrad.optim.activity_blocks.LocalBlock"):
+        ActivityZO(model)
+
+
 def test_bad_settings_are_refused():
     model = build_model("lenet")
     with pytest.raises(ValueError, match="eps"):
         ActivityZO(model, eps=0.0)
-    with pytest.raises(ValueError, match="LeNet, LocalNet and ResNet20"):
+    with pytest.raises(ValueError, match=r"Sequential has none; give it a local_blocks\(\) method"):
         ActivityZO(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
     with pytest.raises(ValueError, match="q must be"):
         ActivityZO(model, q=0)

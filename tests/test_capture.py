@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_bitwise_equal
-from subgrad.capture import SyncCounter, record_step, tensors_in
 from subgrad.models import build_model
 from subgrad.optim import SGD, ZOSGD, ActivityZO, AdamW, HiZOO, ZOAdam
+from subgrad.testing import SyncCounter, record_step, tensors_in
 
 BATCH = 4
 
@@ -157,9 +157,9 @@ def test_a_host_read_is_counted():
 # -- the trainer's step -------------------------------------------------------------------------------
 def _session(optimizer, kind=DEVICE.type):
     """A subgrad train session on 64 synthetic images (batch 4), single process, on device ``kind``."""
-    from subgrad.config import TrainConfig
     from subgrad.data import Dataset
-    from subgrad.distributed import from_environment
+    from subgrad.training.config import TrainConfig
+    from subgrad.training.distributed import from_environment
     from subgrad.training.session import setup
 
     rng = np.random.default_rng(0)
@@ -246,7 +246,7 @@ def test_gathered_batches_are_the_indexed_ones():
 
 
 def test_cuda_graph_on_without_cuda_is_refused_before_any_work(tmp_path):
-    from subgrad.config import TrainConfig
+    from subgrad.training.config import TrainConfig
     from subgrad.training.loop import train
 
     cfg = TrainConfig(

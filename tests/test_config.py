@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from subgrad import cli
-from subgrad.config import (
+from subgrad.models import MODELS
+from subgrad.training.config import (
     COMMON_DEFAULTS,
     DEFAULTS,
     MODEL_NAMES,
@@ -18,7 +19,6 @@ from subgrad.config import (
     config_from_args,
     defaults_for,
 )
-from subgrad.models import MODELS
 
 LAUNCHER_FLAGS = {"resume", "nproc", "max_restarts"}  # train flags that are not training settings
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -51,7 +51,7 @@ def test_one_default_per_setting_for_every_pair():
         assert set(row) <= FIELDS, f"{pair}: not settings: {set(row) - FIELDS}"
         resolved = TrainConfig(model=pair[0], optimizer=pair[1]).resolved()
         unused = set(UNUSED_SETTINGS.get(pair[1], ()))
-        # distribution and q_linear: None is the optimizers' own rule (subgrad.optim.zo.default_distribution:
+        # distribution and q_linear: None is the optimizers' own rule (subgrad.optim.zo_settings.default_distribution:
         # rademacher when q > 1; ActivitySettings: q_linear as many as q), so the rule has one home
         missing = [
             f
@@ -195,22 +195,6 @@ def test_zo_defaults_and_validation_split():
     assert len(validation_split(images, labels, 0)[2]) == 0
     with pytest.raises(ValueError, match="leaves no training images"):
         validation_split(images, labels, 100)
-
-
-def test_flat_module_names_are_the_training_modules():
-    """subgrad.train, .config, .data, .distributed, .runs and .pipeline stay importable as the very modules
-    of subgrad.training (so a monkeypatch through either name reaches the same code)."""
-    import importlib
-
-    for old, new in [
-        ("train", "loop"),
-        ("config", "config"),
-        ("data", "data"),
-        ("distributed", "distributed"),
-        ("runs", "runs"),
-        ("pipeline", "pipeline"),
-    ]:
-        assert importlib.import_module(f"subgrad.{old}") is importlib.import_module(f"subgrad.training.{new}")
 
 
 def test_block_modes_are_the_optimizers():

@@ -1,4 +1,4 @@
-"""subgrad.training.data: every accepted layout on small fixtures, the real archive, errors, the device loader."""
+"""subgrad.data: every accepted layout on small fixtures, the real archive, errors, the device loader."""
 
 import io
 import pickle

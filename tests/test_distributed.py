@@ -27,10 +27,10 @@ import pytest
 import torch
 
 from conftest import real_archive
-from subgrad.distributed import weights_hash
 from subgrad.models import build_model
+from subgrad.runs import load_checkpoint
 from subgrad.training.config import DEFAULTS
-from subgrad.training.runs import load_checkpoint
+from subgrad.training.distributed import weights_hash
 
 pytestmark = pytest.mark.slow  # every test here runs torchrun with several processes
 

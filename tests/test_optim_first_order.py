@@ -180,7 +180,7 @@ def test_l1_extension_shrinks_weights():
 def test_one_launch_per_step_on_the_gradients_where_they_are(cls, missing):
     """The GPU code path (launches recorded, not run): one kernel launch per step and nothing else on the
     device, with gradients fresh from backward each step (or one parameter without a gradient)."""
-    from subgrad.capture import record_step
+    from subgrad.testing import record_step
 
     model = _net()
     opt = cls(model.parameters(), lr=0.1)

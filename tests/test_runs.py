@@ -1,4 +1,4 @@
-"""subgrad.training.runs: the one atomic-write helper every writer uses, and checkpoint discovery."""
+"""subgrad.runs: the one atomic-write helper every writer uses, and checkpoint discovery."""
 
 import numpy as np
 import pytest

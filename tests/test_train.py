@@ -13,10 +13,10 @@ import torch
 
 from conftest import real_archive
 from subgrad.models import build_model
+from subgrad.runs import latest_checkpoint, load_checkpoint
 from subgrad.training import step as training_step
 from subgrad.training.config import DEFAULTS, TrainConfig
 from subgrad.training.loop import train
-from subgrad.training.runs import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here trains on the real archive and runs `subgrad train` in subprocesses
 

@@ -3,7 +3,7 @@
 =============  ==========================================  =========================
 class          what                                        file
 =============  ==========================================  =========================
-ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo.py
+ZOSGD          finite-difference SGD (central/forward/jvp)  subgrad/optim/zo_sgd.py
 ZOAdam         Adam moments on the ZO estimate              subgrad/optim/zo_adam.py
 HiZOO          ZO-SGD preconditioned by diagonal curvature  subgrad/optim/hizoo.py
 ActivityZO     per-example activity perturbation, local     subgrad/optim/activity.py
@@ -18,10 +18,12 @@ parameters and their estimation blocks (``zo_layout.py``); the estimators as fun
 (``zo_estimate.py``); data-parallel ranks passed at construction (``replicas.py``).
 """
 
+from ..kernels import step_seed
 from .activity import ActivityZO
 from .first_order import SGD, AdamW
 from .hizoo import HiZOO
-from .zo import ZOSGD, ZOOptimizer, ZOSettings, step_seed
 from .zo_adam import ZOAdam
+from .zo_settings import ZOSettings
+from .zo_sgd import ZOSGD, ZOOptimizer
 
 __all__ = ["ActivityZO", "ZOSGD", "ZOAdam", "HiZOO", "ZOOptimizer", "ZOSettings", "SGD", "AdamW", "step_seed"]

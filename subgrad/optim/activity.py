@@ -1,11 +1,10 @@
 """ActivityZO: forward-only training by per-example activity perturbation with local losses.
 
 ``subgrad train --optimizer zo``.  After Ren, Kornblith, Liao and Hinton (2022), "Scaling forward
-gradient with local losses".  The model is cut into blocks (:mod:`subgrad.local`), each trained on its
-own loss: the mean over its *parts* of the cross-entropy of a training-only linear head per part
-(:class:`subgrad.local.LocalHead`: the block output cut into patches x channel groups; one part by
-default), the last block on the model's own output.  At step ``t``, with autograd off, for each block in
-order (its input is the previous block's output, so no signal crosses blocks)::
+gradient with local losses".  The model is cut into blocks (:mod:`.activity_blocks`), each trained on its
+own loss: the mean over its *parts* of the cross-entropy of a training-only linear head per part (``LocalHead``:
+the block output cut into patches x channel groups; one part by default), the last on the model's output.
+At step ``t``, autograd off, for each block in order (its input is the previous block's output)::
 
     clean pass     x_j, z_j = input and activity of site j (a conv/linear layer's output, or its pooled
                    output), L_pi = local loss of part p of example i
@@ -18,7 +17,7 @@ order (its input is the previous block's output, so no signal crosses blocks)::
                                                     with the loss of the part it moves only (the other parts'
                                                     units add no noise to it); a site BatchNorm normalises:
                                                     carried through the batch statistics the tails hold
-                                                    fixed (subgrad.local.through_batch_stats)
+                                                    fixed (activity_blocks.through_batch_stats)
                    grad W_j = g_j^T x_j (linear; for a conv its weight-gradient product), grad b_j = sum g_j
     for the head:  the same with a perturbation of its logits
     then one fused AdamW step (subgrad.optim.AdamW, capturable: a Triton kernel, one launch per flat
@@ -35,8 +34,8 @@ activities rather than weights divides it further by the layer's fan-in; the loc
 estimate to one block, and parts to the units of one part.  A step is one clean forward pass and
 max(q, q_linear) perturbed passes (counted as 1 + max(q, q_linear) forward passes: perturbed pass k reruns
 the tails of the sites with more than k directions; a ResNet-20 basic block's tails rerun 1.5 blocks).
-A linear layer's activity has few units (LeNet's fc1: 120 per example, against conv1's 1,176) and a tail
-that costs little, so more directions there buy a better estimate cheaply (``q_linear``).
+A linear layer's activity has few units (LeNet's fc1: 120 per example, conv1: 1,176) and a cheap tail, so
+more directions there buy a better estimate cheaply (``q_linear``).
 
 Memory beyond inference: a block's activations for one batch (its sites' inputs and activities; one
 perturbed tail at a time), the heads (LeNet: 5,600 parameters at one part per block), a gradient buffer and
@@ -62,8 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels as K
-from ..local import local_blocks, make_heads, trained_parameters
 from ._counters import StepCounters
+from .activity_blocks import local_blocks, make_heads, trained_parameters
 from .first_order import AdamW
 from .replicas import Replicas
 from .zo_settings import require
@@ -143,11 +142,11 @@ class ActivityZO:
         q_linear: directions per step on each linear layer's activity (None: q).
         head_pool: a head reads each patch of a convolutional block's output average-pooled to
             head_pool x head_pool (at most the patch's size).
-        patches, groups, norm: the local losses' parts (:class:`subgrad.local.LocalHead`): each block's output
-            cut into patches x patches patches (convolutional blocks) and ``groups`` channel groups, each part
+        patches, groups, norm: the local losses' parts (:class:`.activity_blocks.LocalHead`): each block's
+            output cut into patches x patches patches (convolutional blocks) and ``groups`` channel groups, each part
             with its own head and loss; ``norm`` standardises each part's features before its head.
         through_batch_stats: estimate the gradient of a BatchNorm'd site through the batch statistics, as
-            backprop in training mode has it (:func:`subgrad.local.through_batch_stats`); False: with them
+            backprop in training mode has it (:func:`.activity_blocks.through_batch_stats`); False: with them
             held fixed, as the tails measure it (a different gradient; no effect on a model without
             BatchNorm).
         seed: names the run's sequence of directions.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .replicas import Replicas
-from .zo import ZOSGD, ZOOptimizer
 from .zo_estimate import Estimate
 from .zo_layout import Segment
 from .zo_settings import ZOSettings, refuse_other_settings, require
+from .zo_sgd import ZOSGD, ZOOptimizer
 
 
 class HiZOO(ZOSGD):

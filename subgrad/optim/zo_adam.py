@@ -7,9 +7,9 @@ import torch
 from .. import kernels as K
 from . import zo_estimate
 from .replicas import Replicas
-from .zo import ZOOptimizer
 from .zo_estimate import Estimate
 from .zo_settings import ZOSettings, require
+from .zo_sgd import ZOOptimizer
 
 
 class ZOAdam(ZOOptimizer):

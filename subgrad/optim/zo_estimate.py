@@ -113,7 +113,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _launch_epoch() -> int:
-    return K._common.launch_epoch  # bumped when subgrad.capture's recorder swaps the kernels
+    return K._common.launch_epoch  # bumped when subgrad.testing's recorder swaps the kernels
 
 
 def move_block(

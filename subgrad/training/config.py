@@ -17,7 +17,7 @@ ESTIMATOR_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")  # shared-direction estima
 ZO_OPTIMIZERS = ("zo",) + ESTIMATOR_OPTIMIZERS  # forward-only; "zo" is the recommended method (ActivityZO)
 FO_OPTIMIZERS = ("sgd", "adamw")
 OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
-#: ActivityZO's own: its directions on linear layers and its local losses (subgrad.local.LocalHead)
+#: ActivityZO's own: its directions on linear layers and its local losses (subgrad.optim.activity_blocks.LocalHead)
 ZO_ONLY_SETTINGS = ("q_linear", "patches", "groups", "norm")
 #: Settings an optimizer has no use for: giving one is an error, not silently ignored.
 UNUSED_SETTINGS = {

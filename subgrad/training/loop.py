@@ -31,58 +31,18 @@ import torch
 
 from ..capture import CudaGraphStep
 from ..kernels import prepare_cpu_twin
-from ..models import build_model
-from .config import DEFAULTS, ESTIMATOR_OPTIMIZERS, FO_OPTIMIZERS, OPTIMIZERS, SCHEDULES, ZO_OPTIMIZERS, TrainConfig
+from ..runs import atomic_save, atomic_write, atomic_write_text, versions
+from .config import TrainConfig
 from .distributed import from_environment, restarted_after_failure, shutdown, weights_hash, with_failure_drill
-from .runs import atomic_save, atomic_write, atomic_write_text, checkpoints, latest_checkpoint, load_checkpoint
 from .session import (
-    VALIDATION_SEED,
     Session,
     checkpoint,
     evaluate,
     load_last_checkpoint,
-    make_optimizer,
-    resume_config,
     save_checkpoint,
     setup,
-    validation_split,
-    versions,
 )
-from .step import TrainStep, graph_refusal, lr_factor
-
-#: What ``subgrad.train`` (this module's other name) has always offered besides train(): re-exported.
-__all__ = [
-    "train",
-    "run_loop",
-    "finish",
-    "evaluate_and_log",
-    "plot_curves",
-    "TrainConfig",
-    "DEFAULTS",
-    "OPTIMIZERS",
-    "FO_OPTIMIZERS",
-    "ZO_OPTIMIZERS",
-    "ESTIMATOR_OPTIMIZERS",
-    "SCHEDULES",
-    "Session",
-    "setup",
-    "make_optimizer",
-    "evaluate",
-    "checkpoint",
-    "save_checkpoint",
-    "load_last_checkpoint",
-    "load_checkpoint",
-    "resume_config",
-    "validation_split",
-    "VALIDATION_SEED",
-    "versions",
-    "TrainStep",
-    "graph_refusal",
-    "lr_factor",
-    "build_model",
-    "checkpoints",
-    "latest_checkpoint",
-]
+from .step import TrainStep, graph_refusal
 
 
 def plot_curves(metrics: list[dict], path: pathlib.Path, title: str) -> None:

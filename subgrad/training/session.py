@@ -6,19 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import platform
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from ..data import Dataset, DeviceLoader, load_cifar10
 from ..models import build_model
+from ..runs import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
 from .config import ZO_OPTIMIZERS, TrainConfig
-from .data import Dataset, DeviceLoader, load_cifar10
 from .distributed import Communicator
-from .runs import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communicator | None = None):
@@ -72,17 +70,6 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communica
 
 
 # -- run folder -------------------------------------------------------------------------------------
-def versions() -> dict:
-    out = {"subgrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out
-
-
 # -- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, loader: DeviceLoader, amp: bool, comm: Communicator | None = None) -> tuple[float, float]:
@@ -276,7 +263,7 @@ def load_last_checkpoint(s: Session) -> tuple[int, float, list[dict]]:
 
 
 def checkpoint(s: Session, step: int, train_seconds: float) -> dict:
-    """The checkpoint format (``subgrad.training.runs.CHECKPOINT_FORMAT``): periodic checkpoints and model.pt alike."""
+    """The checkpoint format (``subgrad.runs.CHECKPOINT_FORMAT``): periodic checkpoints and model.pt alike."""
     return dict(
         format=CHECKPOINT_FORMAT,
         model=s.model.state_dict(),

@@ -1,5 +1,5 @@
-"""Models cut into locally trained blocks, for forward-only training by activity perturbation
-(:class:`subgrad.optim.ActivityZO`, ``subgrad train --optimizer zo``).
+"""The block cut that :class:`subgrad.optim.ActivityZO` (``subgrad train --optimizer zo``) trains: the
+protocol a model implements (:class:`BlockCut`) and the blocks it is made of.
 
 A *block* maps its input ``h`` to its output ``a``; the next block starts from ``a``, so no training
 signal crosses blocks.  Each block owns one or more *sites*: the activity ``z`` of a convolution or
@@ -12,18 +12,15 @@ statistics), so data-parallel ranks can each run their share of the rows.  A blo
 average-pooled output, by default), or the model's own output for the last block.  Heads live in the
 optimizer, never in the model, so a trained model exports exactly as it would from backprop.
 
-Cuts (the models of :mod:`subgrad.models`, unchanged):
-
-* ``lenet``: five blocks, one site each: conv1 -> ReLU -> pool, conv2 -> ReLU -> pool -> flatten,
-  fc1 -> ReLU, fc2 -> ReLU, fc3 (the classifier).
-* ``localnet``: one block per conv (conv -> ReLU -> pool; the last one flattens) and the classifier fc.
-* ``resnet20``: the stem (conv, BN, ReLU), each of the 9 basic blocks (sites conv1 and conv2; the tail of
-  conv1 runs through conv2), and the pooled classifier fc.  BatchNorm scale and shift are not trained by
-  this method (they stay at 1 and 0; see :func:`untrained_parameters`); the tails normalise with the clean
-  pass's batch statistics, held fixed (so each example's tail is its own), and never touch the running
-  statistics, which the clean pass updates once per step.  A site's estimate is then carried through its
-  own BatchNorm's statistics in closed form (:func:`through_batch_stats`); conv1's path through bn2's
-  statistics stays held fixed.
+A model provides its cut by implementing :class:`BlockCut`: a method ``local_blocks()`` returning its
+blocks in forward order, built from the classes here (:class:`PlainBlock`, :class:`StemBlock`,
+:class:`ResidualBlock`, :class:`ClassifierBlock`) or the user's own :class:`LocalBlock` subclasses.  The
+built-in models' cuts live beside them in :mod:`subgrad.models`.  BatchNorm in a residual block: its scale
+and shift are not trained by this method (they stay at 1 and 0; see :func:`untrained_parameters`); the
+tails normalise with the clean pass's batch statistics, held fixed (so each example's tail is its own), and
+never touch the running statistics, which the clean pass updates once per step.  A site's estimate is then
+carried through its own BatchNorm's statistics in closed form (:func:`through_batch_stats`); conv1's path
+through bn2's statistics stays held fixed.
 
 Everything here is forward computation; nothing needs autograd.
 """
@@ -31,13 +28,11 @@ Everything here is forward computation; nothing needs autograd.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .models import BasicBlock, LeNet, LocalNet, ResNet20
 
 
 @dataclass
@@ -277,11 +272,12 @@ class StemBlock(LocalBlock):
 
 
 class ResidualBlock(LocalBlock):
-    """One basic block of ResNet-20: sites conv1 and conv2."""
+    """One basic residual block, ``relu(bn2(conv2(relu(bn1(conv1(h))))) + block.shortcut(h))`` (ResNet-20's
+    ``BasicBlock``, or any module with those five attributes): sites conv1 and conv2."""
 
     num_sites = 2
 
-    def __init__(self, block: BasicBlock):
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
@@ -325,27 +321,30 @@ class ClassifierBlock(LocalBlock):
         return None
 
 
+@runtime_checkable
+class BlockCut(Protocol):
+    """What a model provides to be trained by activity perturbation: its forward pass as blocks."""
+
+    def local_blocks(self) -> list[LocalBlock]:
+        """The blocks in forward order; they share the model's layers (nothing is copied), every block's
+        output is the next block's input, and the last block's output is the model's logits."""
+        ...
+
+
 def local_blocks(model: nn.Module) -> list[LocalBlock]:
-    """The model cut into blocks (they share the model's layers; nothing is copied)."""
-    if isinstance(model, LeNet):
-        return [
-            PlainBlock(model.conv1, "conv"),
-            PlainBlock(model.conv2, "conv-flatten"),
-            PlainBlock(model.fc1, "relu"),
-            PlainBlock(model.fc2, "relu"),
-            PlainBlock(model.fc3, "logits"),
-        ]
-    if isinstance(model, LocalNet):
-        kinds = ["conv"] * (len(model.convs) - 1) + ["conv-flatten"]
-        return [PlainBlock(conv, kind) for conv, kind in zip(model.convs, kinds)] + [PlainBlock(model.fc, "logits")]
-    if isinstance(model, ResNet20):
-        return (
-            [StemBlock(model.conv, model.bn)] + [ResidualBlock(b) for b in model.layers] + [ClassifierBlock(model.fc)]
+    """The model's block cut (:class:`BlockCut`), checked."""
+    if not isinstance(model, BlockCut):
+        raise ValueError(
+            f"activity perturbation needs the model's block cut and {type(model).__name__} has none; give it a "
+            "local_blocks() method (subgrad.optim.activity_blocks.BlockCut) or use zo-adam"
         )
-    raise ValueError(
-        f"activity perturbation needs a block cut of the model, and there is one for LeNet, LocalNet and "
-        f"ResNet20 only (got {type(model).__name__}); add one in subgrad/local.py or use zo-adam"
-    )
+    blocks = list(model.local_blocks())
+    if not blocks or not all(isinstance(b, LocalBlock) for b in blocks):
+        raise ValueError(
+            f"{type(model).__name__}.local_blocks() must return a non-empty list of "
+            "subgrad.optim.activity_blocks.LocalBlock"
+        )
+    return blocks
 
 
 def make_heads(

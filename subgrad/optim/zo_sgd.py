@@ -36,19 +36,15 @@ from collections.abc import Callable
 import torch
 
 from .. import kernels as K
-from ..kernels import step_seed  # noqa: F401 (subgrad.optim.step_seed)
 from . import zo_estimate
 from ._counters import StepCounters
 from ._flat_optimizer import FlatOptimizer
 from .replicas import Replicas
 from .zo_estimate import Estimate
 from .zo_layout import Segment, ZOLayout, assign_blocks, block_ranges, build_segments
-from .zo_settings import (  # noqa: F401 (subgrad.optim.zo names)
-    BLOCK_MODES,
-    ESTIMATORS,
+from .zo_settings import (
     SAVED_SETTINGS,
     ZOSettings,
-    default_distribution,
     refuse_other_settings,
     require,
 )
@@ -386,12 +382,3 @@ class ZOSGD(ZOOptimizer):
     def _hessian_args(self, seg: Segment, estimate: Estimate) -> dict:
         """Extra zo_update_ arguments of a curvature-aware subclass (HiZOO)."""
         return {}
-
-
-def __getattr__(name: str):
-    """``subgrad.optim.zo.ZOAdam`` and ``.HiZOO`` still import: each lives in its own module now."""
-    if name in ("ZOAdam", "HiZOO"):
-        import importlib
-
-        return getattr(importlib.import_module(f".{'zo_adam' if name == 'ZOAdam' else 'hizoo'}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
