@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from subgrad import __version__
 from subgrad.data import Dataset
 from subgrad.testing import SyncCounter, record_step, tensors_in, triton_launches
-from subgrad.training.config import OPTIMIZERS, TrainConfig
+from subgrad.training.config import TrainConfig
 from subgrad.training.distributed import from_environment
+from subgrad.training.optimizers import OPTIMIZERS
 from subgrad.training.session import setup
 from subgrad.training.step import TrainStep
 

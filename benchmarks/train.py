@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from subgrad.data import load_cifar10
 from subgrad.models import build_model
 from subgrad.runs import versions
-from subgrad.training.config import OPTIMIZERS, TrainConfig
+from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
+from subgrad.training.optimizers import OPTIMIZERS
 
 
 def torchvision_loop(data_path, epochs, batch, device):

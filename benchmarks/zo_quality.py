@@ -29,9 +29,11 @@ import tempfile
 import torch
 
 from subgrad.data import load_cifar10
+from subgrad.model_names import MODEL_NAMES
 from subgrad.runs import versions
-from subgrad.training.config import MODEL_NAMES, ZO_OPTIMIZERS, TrainConfig
+from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
+from subgrad.training.optimizers import ZO_OPTIMIZERS
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 #: the forward-only issue's bars for `zo` at its defaults on a 2-core CPU VM: (test accuracy, training seconds)

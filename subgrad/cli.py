@@ -134,8 +134,8 @@ def build_parser(model: str = "lenet", optimizer: str = "sgd") -> argparse.Argum
         "train",
         help="train a CIFAR-10 model into a run folder",
         description="Train lenet, resnet20 or localnet on CIFAR-10 with any subgrad optimizer. Flags left "
-        "out take the defaults for the model/optimizer pair (subgrad/training/config.py "
-        "DEFAULTS); --help after --model/--optimizer shows that pair's values.",
+        "out take the defaults for the model/optimizer pair (the registry in "
+        "subgrad/training/optimizers.py); --help after --model/--optimizer shows that pair's values.",
     )
     add_config_arguments(tr, model, optimizer)
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")

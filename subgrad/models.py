@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_names import MODEL_CLASSES
+
 
 class LeNet(nn.Module):
     def __init__(self, num_classes: int = 10):
@@ -118,7 +120,7 @@ class LocalNet(nn.Module):
         return [PlainBlock(c, k) for c, k in zip(self.convs, kinds)] + [PlainBlock(self.fc, "logits")]
 
 
-MODELS = {"lenet": LeNet, "resnet20": ResNet20, "localnet": LocalNet}
+MODELS = {name: globals()[cls] for name, cls in MODEL_CLASSES.items()}
 
 
 def build_model(name: str, **config) -> nn.Module:

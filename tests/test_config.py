@@ -1,4 +1,5 @@
-"""subgrad/config.py: one TrainConfig, its defaults table, and the flags generated from it."""
+"""subgrad/training/config.py and optimizers.py: one TrainConfig, the registry of optimizers with their
+defaults, and the flags generated from them."""
 
 import argparse
 import dataclasses
@@ -8,17 +9,10 @@ import numpy as np
 import pytest
 
 from subgrad import cli
+from subgrad.model_names import MODEL_NAMES
 from subgrad.models import MODELS
-from subgrad.training.config import (
-    COMMON_DEFAULTS,
-    DEFAULTS,
-    MODEL_NAMES,
-    OPTIMIZERS,
-    UNUSED_SETTINGS,
-    TrainConfig,
-    config_from_args,
-    defaults_for,
-)
+from subgrad.training.config import COMMON_DEFAULTS, TrainConfig, config_from_args, defaults_for
+from subgrad.training.optimizers import OPTIMIZER_SETTINGS, OPTIMIZERS, REGISTRY, STEP_KINDS
 
 LAUNCHER_FLAGS = {"resume", "nproc", "max_restarts"}  # train flags that are not training settings
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -45,12 +39,15 @@ def test_run_takes_every_training_setting_too():
 
 
 def test_one_default_per_setting_for_every_pair():
-    assert set(MODEL_NAMES) == set(MODELS), "config.MODEL_NAMES must name subgrad.models.MODELS"
-    assert set(DEFAULTS) == {(m, o) for m in MODEL_NAMES for o in OPTIMIZERS}
-    for pair, row in DEFAULTS.items():
+    assert tuple(MODELS) == MODEL_NAMES
+    assert set(OPTIMIZER_SETTINGS) <= FIELDS
+    for name, entry in REGISTRY.items():
+        assert set(entry.defaults) == set(MODEL_NAMES), f"{name}: a defaults row for every model"
+        assert entry.step_kind in STEP_KINDS and set(entry.settings) <= set(OPTIMIZER_SETTINGS), name
+    for pair, row in ((p, REGISTRY[p[1]].defaults[p[0]]) for p in ((m, o) for m in MODEL_NAMES for o in OPTIMIZERS)):
         assert set(row) <= FIELDS, f"{pair}: not settings: {set(row) - FIELDS}"
         resolved = TrainConfig(model=pair[0], optimizer=pair[1]).resolved()
-        unused = set(UNUSED_SETTINGS.get(pair[1], ()))
+        unused = set(REGISTRY[pair[1]].unused())
         # distribution and q_linear: None is the optimizers' own rule (subgrad.optim.zo_settings.default_distribution:
         # rademacher when q > 1; ActivitySettings: q_linear as many as q), so the rule has one home
         missing = [
@@ -113,7 +110,7 @@ def test_resolved_refuses_bad_settings(settings, message):
         TrainConfig(optimizer="zo-sgd", **settings).resolved()
 
 
-@pytest.mark.parametrize("optimizer, name", [(o, n) for o, names in UNUSED_SETTINGS.items() for n in names], ids=str)
+@pytest.mark.parametrize("optimizer, name", [(o, n) for o, e in REGISTRY.items() for n in e.unused()], ids=str)
 def test_a_setting_the_optimizer_has_no_use_for_is_refused(optimizer, name):
     value = {"clip": 0.5, "blocks": "module", "estimator": "forward", "distribution": "gaussian", "norm": True}
     with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} does not apply to --optimizer {optimizer}"):
@@ -123,7 +120,7 @@ def test_a_setting_the_optimizer_has_no_use_for_is_refused(optimizer, name):
 def test_zo_only_settings_are_refused_by_every_other_optimizer():
     for optimizer in OPTIMIZERS:
         if optimizer != "zo":
-            assert {"q_linear", "patches", "groups", "norm"} <= set(UNUSED_SETTINGS[optimizer]), optimizer
+            assert {"q_linear", "patches", "groups", "norm"} <= set(REGISTRY[optimizer].unused()), optimizer
 
 
 def test_run_folder_written_before_config_py_still_loads(tmp_path):
@@ -144,6 +141,10 @@ def test_run_folder_written_before_config_py_still_loads(tmp_path):
     assert (cfg.clip, cfg.blocks) == ("off", "module")
     # null was how a pair without a clip default stored "off" (zo-adam); None now means that pair's default
     assert TrainConfig.from_record(dict(old, optimizer="zo-adam", clip=None)).resolved().clip == "off"
+    # settings an optimizer never read, recorded by runs before the registry, are dropped on load
+    sgd = dict(model="lenet", optimizer="sgd", eps=1e-3, q=1, estimator="central", blocks="none", clip="off")
+    cfg = TrainConfig.from_record(sgd).resolved()
+    assert (cfg.eps, cfg.q, cfg.clip, cfg.lr) == (None, None, None, REGISTRY["sgd"].defaults["lenet"]["lr"])
 
 
 def test_make_optimizer_maps_off_and_none():
@@ -158,8 +159,9 @@ def test_make_optimizer_maps_off_and_none():
 
 
 def test_defaults_for_is_the_table():
-    assert defaults_for("lenet", "zo-sgd")["clip"] == DEFAULTS[("lenet", "zo-sgd")]["clip"]
-    assert defaults_for("lenet", "sgd")["clip"] == COMMON_DEFAULTS["clip"] == "off"
+    assert defaults_for("lenet", "zo-sgd")["clip"] == REGISTRY["zo-sgd"].defaults["lenet"]["clip"]
+    assert defaults_for("lenet", "zo-adam")["clip"] == COMMON_DEFAULTS["clip"] == "off"
+    assert "clip" not in defaults_for("lenet", "sgd")  # sgd reads no clip: it stays None and giving one is refused
 
 
 @pytest.mark.parametrize(
@@ -185,7 +187,7 @@ def test_zo_defaults_and_validation_split():
 
     cfg = TrainConfig(model="lenet", optimizer="zo").resolved()
     assert (cfg.estimator, cfg.clip, cfg.momentum, cfg.distribution) == (None, None, None, None)
-    assert cfg.eps == DEFAULTS[("lenet", "zo")]["eps"] and cfg.validation == 0
+    assert cfg.eps == REGISTRY["zo"].defaults["lenet"]["eps"] and cfg.validation == 0
     images, labels = np.arange(100 * 2).reshape(100, 2), np.arange(100)
     train_x, train_y, val_x, val_y = validation_split(images, labels, 30)
     assert len(val_y) == 30 and len(train_y) == 70 and not set(val_y) & set(train_y)

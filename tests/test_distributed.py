@@ -29,8 +29,8 @@ import torch
 from conftest import real_archive
 from subgrad.models import build_model
 from subgrad.runs import load_checkpoint
-from subgrad.training.config import DEFAULTS
 from subgrad.training.distributed import weights_hash
+from subgrad.training.optimizers import REGISTRY
 
 pytestmark = pytest.mark.slow  # every test here runs torchrun with several processes
 
@@ -82,7 +82,7 @@ def test_two_ranks_equal_one_rank(tmp_path, optimizer, atol):
         assert summary["bytes_communicated_per_step"] == 5 * 2 * 8
     elif optimizer == "zo":  # per example of this rank's 32: a float32 loss difference per site and
         # direction (lenet's defaults: q on conv1 and conv2, q_linear on fc1-fc3), and per head (4)
-        row = DEFAULTS["lenet", "zo"]
+        row = REGISTRY["zo"].defaults["lenet"]
         assert summary["bytes_communicated_per_step"] == 4 * 32 * (2 * row["q"] + 3 * row["q_linear"] + 4)
     else:  # the flat float32 gradient
         assert summary["bytes_communicated_per_step"] == 4 * sum(v.numel() for v in b.values())

@@ -15,8 +15,9 @@ from conftest import real_archive
 from subgrad.models import build_model
 from subgrad.runs import latest_checkpoint, load_checkpoint
 from subgrad.training import step as training_step
-from subgrad.training.config import DEFAULTS, TrainConfig
+from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
+from subgrad.training.optimizers import REGISTRY
 
 pytestmark = pytest.mark.slow  # every test here trains on the real archive and runs `subgrad train` in subprocesses
 
@@ -53,7 +54,7 @@ def test_first_order_run_beats_chance_and_writes_the_run_folder(tmp_path):
         assert key in summary, key
     assert 0 <= summary["train_accuracy"] <= 1 and summary["versions"]["torch"] == torch.__version__
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "lenet" and config["lr"] == DEFAULTS[("lenet", "sgd")]["lr"] and config["mean"]
+    assert config["model"] == "lenet" and config["lr"] == REGISTRY["sgd"].defaults["lenet"]["lr"] and config["mean"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["step"] == summary["steps"]
     assert {"step", "test_accuracy", "train_loss", "test_loss", "images_per_second"} <= set(metrics[-1])
@@ -118,7 +119,7 @@ def test_activity_perturbation_run_beats_chance(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     # chance is 0.10; the bar leaves room for the machine and seed
     assert summary["test_accuracy"] >= 0.19 and summary["val_accuracy"] >= 0.19, summary
-    row = DEFAULTS["lenet", "zo"]  # a step: one clean pass and max(q, q_linear) perturbed ones
+    row = REGISTRY["zo"].defaults["lenet"]  # a step: one clean pass and max(q, q_linear) perturbed ones
     assert summary["forward_passes"] == 200 * (1 + max(row["q"], row["q_linear"]))
     assert summary["validation_images"] == 5000
     config = json.loads((run / "config.json").read_text())

@@ -2,7 +2,8 @@
 that ``subgrad train`` and ``subgrad run`` generate from it.
 
 Each setting is one :class:`TrainConfig` field, documented once (its ``help``).  ``None`` always means
-"the default for this model/optimizer pair": :data:`DEFAULTS` for the pair, else :data:`COMMON_DEFAULTS`.
+"the default for this model/optimizer pair": :mod:`.optimizers`' row for the pair
+(the registry of optimizers), else :data:`COMMON_DEFAULTS`.
 A setting that can be off says so with a value (``clip="off"``, ``blocks="none"``) or is a boolean flag.
 """
 
@@ -12,123 +13,16 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-MODEL_NAMES = ("lenet", "resnet20", "localnet")  # subgrad.models.MODELS, named here so the CLI needs no torch import
-ESTIMATOR_OPTIMIZERS = ("zo-sgd", "zo-adam", "hizoo")  # shared-direction estimates from a loss closure
-ZO_OPTIMIZERS = ("zo",) + ESTIMATOR_OPTIMIZERS  # forward-only; "zo" is the recommended method (ActivityZO)
-FO_OPTIMIZERS = ("sgd", "adamw")
-OPTIMIZERS = FO_OPTIMIZERS + ZO_OPTIMIZERS
-#: ActivityZO's own: its directions on linear layers and its local losses (subgrad.optim.activity_blocks.LocalHead)
-ZO_ONLY_SETTINGS = ("q_linear", "patches", "groups", "norm")
-#: Settings an optimizer has no use for: giving one is an error, not silently ignored.
-UNUSED_SETTINGS = {
-    "zo": ("momentum", "estimator", "distribution", "blocks", "clip", "scale_by_block_size"),
-    **{name: ZO_ONLY_SETTINGS for name in FO_OPTIMIZERS + ESTIMATOR_OPTIMIZERS},
-}
+from ..model_names import MODEL_NAMES
+from .optimizers import OPTIMIZERS, REGISTRY
+
 SCHEDULES = ("cosine", "onecycle", "constant")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 #: --blocks values, or a block size in elements: the optimizers' modes (subgrad.optim.zo_settings.BLOCK_MODES)
-#: with "none" for their None (one block, the whole model); make_optimizer translates, tests check the match
+#: with "none" for their None (one block, the whole model); the registry's builders translate, tests check it
 BLOCK_MODES = ("none", "tensor", "module")
 
-#: Defaults per (model, optimizer).  Each row is what `subgrad train --model M --optimizer O` uses
-#: when a flag is not given; README.md states the accuracy each reaches and how long it took.
-DEFAULTS = {
-    # activity perturbation with local losses (subgrad.optim.ActivityZO); settings chosen on a 5,000-image
-    # validation split of the training set (--validation 5000; benchmarks/README.md "Choosing zo's settings"):
-    # lenet q 8 on the convs, q_linear 16 on the fc layers, 9,000 steps (validation, mean of seeds 0-2: 58.6%,
-    # ahead on every seed of q 8 x 7,500 steps, 57.6%, and of q 8 x 9,000 or 10,000, 57.8% / 57.5%; q_linear
-    # 32 x 9,000: 58.4% at 1.2x the time; patch and group losses lower lenet's accuracy); resnet20: 4 x 4
-    # patches x 4 groups (300-step validation runs: 18.6% vs 12.7% with one loss per block), 6,000 steps so
-    # that the 1.3x costlier step stays inside the hour; its estimates carried through BatchNorm's batch
-    # statistics (ActivityZO's through_batch_stats; 1,000-step validation runs: 27.5% vs 25.6% held fixed)
-    ("lenet", "zo"): dict(
-        batch_size=128,
-        lr=2e-3,
-        eps=1e-2,
-        q=8,
-        q_linear=16,
-        patches=1,
-        groups=1,
-        norm=False,
-        steps=9000,
-        schedule="cosine",
-        augment=False,
-    ),
-    ("resnet20", "zo"): dict(
-        batch_size=128,
-        lr=2e-3,
-        eps=1e-2,
-        q=1,
-        patches=4,
-        groups=4,
-        norm=False,
-        steps=6000,
-        schedule="cosine",
-        augment=False,
-    ),
-    ("lenet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    ("lenet", "adamw"): dict(batch_size=128, lr=3e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    # 1,200 steps x 5 module blocks x 2 = 12,000 forward passes of batch 512 (see README for the figure)
-    ("lenet", "zo-sgd"): dict(
-        batch_size=512,
-        lr=1e-3,
-        eps=1e-3,
-        q=1,
-        blocks="module",
-        scale_by_block_size=True,
-        clip=0.2,
-        steps=1200,
-        schedule="cosine",
-        augment=False,
-    ),
-    # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes;
-    # Rademacher directions: 34.3% vs 33.9% gaussian (new direction map), and 5x cheaper to generate on CPU
-    ("lenet", "zo-adam"): dict(
-        batch_size=512,
-        lr=2e-3,
-        eps=1e-3,
-        q=4,
-        estimator="forward",
-        steps=2400,
-        schedule="cosine",
-        augment=False,
-        distribution="rademacher",
-    ),
-    ("lenet", "hizoo"): dict(batch_size=512, lr=2e-2, eps=1e-2, q=1, steps=4000, schedule="cosine", augment=False),
-    ("resnet20", "sgd"): dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=30, schedule="onecycle"),
-    ("resnet20", "adamw"): dict(batch_size=128, lr=2e-3, weight_decay=5e-4, epochs=30, schedule="onecycle"),
-    ("resnet20", "zo-sgd"): dict(
-        batch_size=256, lr=5e-3, eps=1e-3, q=1, momentum=0.9, steps=6000, schedule="cosine", augment=False
-    ),
-    ("resnet20", "zo-adam"): dict(batch_size=256, lr=5e-4, eps=1e-3, q=1, steps=6000, schedule="cosine", augment=False),
-    ("resnet20", "hizoo"): dict(batch_size=256, lr=5e-3, eps=1e-2, q=1, steps=4000, schedule="cosine", augment=False),
-    # localnet is built for --optimizer zo; its first-order rows are the backprop comparison on the same model,
-    # its shared-direction rows are resnet20's (not tuned for it)
-    # localnet: q 2, 4 x 4 patches, 4 groups (1,500-step validation runs, benchmarks/README.md); lr 1e-3, not
-    # those runs' 2e-3: Adam's steps on noisy estimates random-walk the weights by ~ lr sqrt(steps), and at
-    # 2e-3 a 25,000-step run's test loss rose past chance (3.5) by step 4,000; 22,000 steps: 43 min on the
-    # 2-core Intel Xeon VM, 29 min on the AMD EPYC one (benchmarks/README.md)
-    ("localnet", "zo"): dict(
-        batch_size=128,
-        lr=1e-3,
-        eps=1e-2,
-        q=2,
-        patches=4,
-        groups=4,
-        norm=False,
-        steps=22000,
-        schedule="cosine",
-        augment=False,
-    ),
-    ("localnet", "sgd"): dict(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    ("localnet", "adamw"): dict(batch_size=128, lr=2e-3, weight_decay=5e-4, epochs=15, schedule="onecycle"),
-    ("localnet", "zo-sgd"): dict(
-        batch_size=256, lr=5e-3, eps=1e-3, q=1, momentum=0.9, steps=6000, schedule="cosine", augment=False
-    ),
-    ("localnet", "zo-adam"): dict(batch_size=256, lr=5e-4, eps=1e-3, q=1, steps=6000, schedule="cosine", augment=False),
-    ("localnet", "hizoo"): dict(batch_size=256, lr=5e-3, eps=1e-2, q=1, steps=4000, schedule="cosine", augment=False),
-}
-#: Settings a row of DEFAULTS leaves out take these (the same for every pair).
+#: Settings a registry row (optimizers.py) leaves out take these (the same for every pair).
 COMMON_DEFAULTS = dict(
     momentum=0.0,
     weight_decay=0.0,
@@ -308,13 +202,16 @@ class TrainConfig:
             raise ValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in UNUSED_SETTINGS.get(self.optimizer, ()):
+        entry = REGISTRY[self.optimizer]
+        for name in entry.unused():
             if getattr(self, name) is not None:
                 raise ValueError(
                     f"--{name.replace('_', '-')} does not apply to --optimizer {self.optimizer}; leave it out"
                 )
-        if self.optimizer == "zo" and self.amp:
-            raise ValueError("--amp is not supported with --optimizer zo (its step runs in float32); leave it out")
+        if self.amp and not entry.amp:
+            raise ValueError(
+                f"--amp is not supported with --optimizer {self.optimizer} (its step runs in float32); leave it out"
+            )
         cfg = dataclasses.replace(self)
         for key, value in defaults_for(self.model, self.optimizer).items():
             if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
@@ -342,16 +239,20 @@ class TrainConfig:
 
     @classmethod
     def from_record(cls, record: dict) -> "TrainConfig":
-        """The config of a run folder's config.json / a checkpoint (other keys there are ignored)."""
+        """The config of a run folder's config.json / a checkpoint (other keys there are ignored, and so are
+        settings its optimizer does not read: runs written before the registry recorded them, unused)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in names})
+        entry = REGISTRY.get(record.get("optimizer"))
+        unused = set(entry.unused()) if entry else set()
+        return cls(**{k: v for k, v in record.items() if k in names and k not in unused})
 
 
 def defaults_for(model: str, optimizer: str) -> dict:
-    """Every default setting of the pair: its DEFAULTS row over COMMON_DEFAULTS (less the settings the
+    """Every default setting of the pair: its registry row over COMMON_DEFAULTS (less the settings the
     optimizer has no use for, which stay None)."""
-    unused = UNUSED_SETTINGS.get(optimizer, ())
-    return {k: v for k, v in {**COMMON_DEFAULTS, **DEFAULTS[(model, optimizer)]}.items() if k not in unused}
+    entry = REGISTRY[optimizer]
+    unused = entry.unused()
+    return {k: v for k, v in {**COMMON_DEFAULTS, **entry.defaults[model]}.items() if k not in unused}
 
 
 def add_config_arguments(
@@ -365,7 +266,7 @@ def add_config_arguments(
     the default resolved for ``model``/``optimizer`` (the pair given on the command line, so ``subgrad
     train --model resnet20 --optimizer zo-sgd --help`` shows that pair's values).  ``only`` restricts the
     fields (``subgrad run``); ``defaults`` overrides field defaults (``subgrad run --out runs/main``)."""
-    pair = defaults_for(model, optimizer) if (model, optimizer) in DEFAULTS else {}
+    pair = defaults_for(model, optimizer) if model in MODEL_NAMES and optimizer in OPTIMIZERS else {}
     groups, exclusive = {}, {}
     for f in dataclasses.fields(TrainConfig):
         if only is not None and f.name not in only:

@@ -15,58 +15,15 @@ import torch.nn.functional as F
 from ..data import Dataset, DeviceLoader, load_cifar10
 from ..models import build_model
 from ..runs import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
-from .config import ZO_OPTIMIZERS, TrainConfig
+from .config import TrainConfig
 from .distributed import Communicator
+from .optimizers import REGISTRY
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, replicas: Communicator | None = None):
-    """The optimizer ``cfg`` names, for ``model``; with ``replicas`` it exchanges with the other ranks what its
-    family needs (gradients, a step's losses, or per-example loss differences: subgrad.optim.replicas)."""
-    from .. import optim
-
-    named = list(model.named_parameters())
-    if cfg.optimizer == "zo":
-        return optim.ActivityZO(
-            model,
-            lr=cfg.lr,
-            eps=cfg.eps,
-            q=cfg.q,
-            q_linear=cfg.q_linear,
-            patches=cfg.patches,
-            groups=cfg.groups,
-            norm=cfg.norm,
-            weight_decay=cfg.weight_decay,
-            seed=cfg.seed,
-            replicas=replicas,
-        )
-    if cfg.optimizer == "sgd":
-        return optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, replicas=replicas
-        )
-    if cfg.optimizer == "adamw":
-        # capturable: the step count lives on the device, so the trainer's step can be a CUDA graph
-        return optim.AdamW(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True, replicas=replicas
-        )
-    blocks = None if cfg.blocks == "none" else cfg.blocks  # the optimizers' None: one block, the whole model
-    clip = None if cfg.clip == "off" else cfg.clip
-    common = dict(
-        lr=cfg.lr,
-        eps=cfg.eps,
-        q=cfg.q,
-        distribution=cfg.distribution,
-        blocks=blocks,
-        clip=clip,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        scale_by_block_size=cfg.scale_by_block_size,
-        replicas=replicas,
-    )
-    if cfg.optimizer == "zo-sgd":
-        return optim.ZOSGD(named, estimator=cfg.estimator, momentum=cfg.momentum, **common)
-    if cfg.optimizer == "zo-adam":
-        return optim.ZOAdam(named, estimator=cfg.estimator, **common)
-    return optim.HiZOO(named, momentum=cfg.momentum, **common)
+    """The optimizer ``cfg`` names (:mod:`.optimizers`), for ``model``; with ``replicas`` it exchanges with
+    the other ranks what its family needs (gradients, a step's losses, or per-example loss differences)."""
+    return REGISTRY[cfg.optimizer].build(cfg, model, replicas)
 
 
 # -- run folder -------------------------------------------------------------------------------------
@@ -101,7 +58,7 @@ class Session:
     comm: Communicator
     device: torch.device
     amp: bool  # bfloat16 autocast (CUDA only)
-    step_kind: str  # "backprop"; "closure" (zo-sgd, zo-adam, hizoo: the step runs a loss closure); "blocks"
+    step_kind: str  # optimizers.STEP_KINDS: "backprop", "closure" (the step runs a loss closure) or "blocks"
     # (zo: the optimizer runs the model block by block on the batch).  The last two are forward-only.
     writes: bool  # this rank writes the run folder (rank 0)
     quiet: bool
@@ -141,7 +98,7 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, da
     )
     steps_per_epoch = len(train_labels) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
-    step_kind = "blocks" if cfg.optimizer == "zo" else "closure" if cfg.optimizer in ZO_OPTIMIZERS else "backprop"
+    step_kind = REGISTRY[cfg.optimizer].step_kind
     eval_every = cfg.eval_every or (max(1, total // 10) if step_kind != "backprop" else steps_per_epoch)
     train_loader = DeviceLoader(
         train_images,
