@@ -25,7 +25,7 @@ from subgrad.data import DeviceLoader, load_cifar10
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
 from subgrad.optim.activity_blocks import untrained_parameters
-from subgrad.runs import versions
+from subgrad.run_folder import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -57,7 +57,7 @@ from subgrad.testing import SyncCounter, record_step, tensors_in, triton_launche
 from subgrad.training.config import TrainConfig
 from subgrad.training.distributed import from_environment
 from subgrad.training.optimizers import OPTIMIZERS
-from subgrad.training.session import setup
+from subgrad.training.run_setup import setup
 from subgrad.training.step import TrainStep
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

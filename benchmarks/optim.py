@@ -254,7 +254,7 @@ def graphed_rows(name, base, x, y, device, repeats):
 def zo_default_shares(device, repeats, batch=512):
     """Optimizer's own share of a LeNet step at the zo-sgd and zo-adam training defaults."""
     from subgrad.training.config import TrainConfig
-    from subgrad.training.session import make_optimizer
+    from subgrad.training.run_setup import make_optimizer
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from subgrad.data import load_cifar10
 from subgrad.models import build_model
-from subgrad.runs import versions
+from subgrad.run_folder import versions
 from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
 from subgrad.training.optimizers import OPTIMIZERS
@@ -82,7 +82,7 @@ def device_loop(data_path, model_name: str, device, compiled: bool) -> dict:
     model runs under torch.compile(mode="reduce-overhead") (forward and backward as CUDA graphs; the
     optimizer step stays eager, as torch's tutorials pair them)."""
     from subgrad.data import DeviceLoader
-    from subgrad.training.session import evaluate
+    from subgrad.training.run_setup import evaluate
     from subgrad.training.step import lr_factor
 
     cfg = TrainConfig(model=model_name, optimizer="sgd", data=data_path).resolved()

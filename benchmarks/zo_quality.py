@@ -30,7 +30,7 @@ import torch
 
 from subgrad.data import load_cifar10
 from subgrad.model_names import MODEL_NAMES
-from subgrad.runs import versions
+from subgrad.run_folder import versions
 from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
 from subgrad.training.optimizers import ZO_OPTIMIZERS

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from subgrad.data import DeviceLoader, load_cifar10
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
-from subgrad.runs import versions
+from subgrad.run_folder import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 #: method name -> ActivityZO keyword arguments (the others at ActivityZO's defaults; LeNet's patch is 7 x 7)

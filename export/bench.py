@@ -21,7 +21,7 @@ from .runtime import ModelInfo, Predictor, open_session
 
 BATCH_SIZES = (1, 32, 256)
 #: Timed runs per batch size and side (``subgrad bench --runs``, ``subgrad run --bench-runs``).
-RUNS = 200
+TIMED_RUNS = 200
 
 
 def torch_model(model_path, info: ModelInfo, run_dir=None) -> tuple[torch.nn.Module, str]:
@@ -134,7 +134,7 @@ def _bench_provider(model_path, info, model, provider: str, device: str, batch_s
 def bench(
     model_path,
     batch_sizes=BATCH_SIZES,
-    runs: int = RUNS,
+    runs: int = TIMED_RUNS,
     warmup: int = 20,
     threads: int | None = None,
     providers: list[str] | None = None,
@@ -144,7 +144,7 @@ def bench(
     import onnxruntime as ort
 
     from subgrad import __version__
-    from subgrad.runs import versions
+    from subgrad.run_folder import versions
 
     if runs < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("--runs must be >= 1, --warmup >= 0 and batch sizes positive")

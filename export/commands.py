@@ -46,7 +46,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from subgrad.export.bench import bench, render_table
-    from subgrad.runs import atomic_write_text
+    from subgrad.run_folder import atomic_write_text
 
     report = bench(
         args.model,

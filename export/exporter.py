@@ -21,7 +21,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from subgrad.runs import atomic_write
+from subgrad.run_folder import atomic_write
 
 from .runtime import METADATA_FORMAT
 
@@ -57,7 +57,7 @@ class WithPreprocessing(nn.Module):
 def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode on CPU, config.json record, summary.json or {}) of a finished training run."""
     from subgrad.models import MODELS, build_model
-    from subgrad.runs import checkpoints, load_checkpoint
+    from subgrad.run_folder import checkpoints, load_checkpoint
 
     run = pathlib.Path(run_dir)
     if not (run / "config.json").is_file():

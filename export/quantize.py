@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 import onnx
 
-from subgrad.runs import atomic_write_text
+from subgrad.run_folder import atomic_write_text
 
 from .bench import time_runs
 from .runtime import ModelInfo, Predictor

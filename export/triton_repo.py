@@ -25,7 +25,7 @@ import shutil
 
 import onnx
 
-from subgrad.runs import atomic_write, atomic_write_text
+from subgrad.run_folder import atomic_write, atomic_write_text
 
 from . import runtime, triton_python_model
 from .runtime import ModelFileError, ModelInfo

@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 import torch
 
-from subgrad.runs import atomic_write_text
+from subgrad.run_folder import atomic_write_text
 
 from .runtime import Predictor
 

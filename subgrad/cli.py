@@ -73,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .training.config import config_from_args
     from .training.loop import train
-    from .training.session import resume_config
+    from .training.run_setup import resume_config
 
     if args.resume:
         config = resume_config(args.resume, steps=args.steps, epochs=args.epochs, quiet=args.quiet)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import next_step_seed_, philox_bits, step_seed
-from .runs import atomic_write
+from .run_folder import atomic_write
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")

@@ -24,12 +24,12 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
     """
     import dataclasses
 
-    from subgrad.export.bench import RUNS, bench, render_table
+    from subgrad.export.bench import TIMED_RUNS, bench, render_table
     from subgrad.export.exporter import export_run
     from subgrad.export.validate import BATCH_SIZES, validate
 
     from .data import DataError, load_cifar10
-    from .runs import atomic_write_text
+    from .run_folder import atomic_write_text
     from .training.config import TrainConfig
     from .training.loop import train
 
@@ -52,7 +52,7 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
         f"top-1 agreement {validation['agreement']:.5f}, max |logit diff| {validation['max_abs_diff']:.3g} "
         f"over {validation['images']} images",
     )
-    bench_runs = RUNS if bench_runs is None else bench_runs
+    bench_runs = TIMED_RUNS if bench_runs is None else bench_runs
     _log(quiet, f"[4/4] benchmarking ({bench_runs} timed runs per batch size)")
     timing = bench(onnx_path, runs=bench_runs, run_dir=run)
     atomic_write_text(run / "bench.json", json.dumps(timing, indent=1))

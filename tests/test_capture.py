@@ -160,7 +160,7 @@ def _session(optimizer, kind=DEVICE.type):
     from subgrad.data import Dataset
     from subgrad.training.config import TrainConfig
     from subgrad.training.distributed import from_environment
-    from subgrad.training.session import setup
+    from subgrad.training.run_setup import setup
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)

@@ -149,7 +149,7 @@ def test_run_folder_written_before_config_py_still_loads(tmp_path):
 
 def test_make_optimizer_maps_off_and_none():
     from subgrad.models import build_model
-    from subgrad.training.session import make_optimizer
+    from subgrad.training.run_setup import make_optimizer
 
     model = build_model("lenet")
     opt = make_optimizer(TrainConfig(model="lenet", optimizer="zo-adam").resolved(), model)
@@ -183,7 +183,7 @@ def test_zo_refuses_settings_it_has_no_use_for(settings, flag):
 
 
 def test_zo_defaults_and_validation_split():
-    from subgrad.training.session import VALIDATION_SEED, validation_split
+    from subgrad.training.run_setup import VALIDATION_SEED, validation_split
 
     cfg = TrainConfig(model="lenet", optimizer="zo").resolved()
     assert (cfg.estimator, cfg.clip, cfg.momentum, cfg.distribution) == (None, None, None, None)

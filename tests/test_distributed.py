@@ -28,7 +28,7 @@ import torch
 
 from conftest import real_archive
 from subgrad.models import build_model
-from subgrad.runs import load_checkpoint
+from subgrad.run_folder import load_checkpoint
 from subgrad.training.distributed import weights_hash
 from subgrad.training.optimizers import REGISTRY
 

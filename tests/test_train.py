@@ -13,7 +13,7 @@ import torch
 
 from conftest import real_archive
 from subgrad.models import build_model
-from subgrad.runs import latest_checkpoint, load_checkpoint
+from subgrad.run_folder import latest_checkpoint, load_checkpoint
 from subgrad.training import step as training_step
 from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
@@ -253,7 +253,7 @@ def test_per_pair_defaults_and_explicit_flags():
     differences); an explicit value always wins; other pairs fall back to central differences, and to the
     optimizers' own distribution rule (gaussian for q = 1, rademacher for q > 1)."""
     from subgrad.training.config import TrainConfig
-    from subgrad.training.session import make_optimizer
+    from subgrad.training.run_setup import make_optimizer
 
     cfg = TrainConfig(model="lenet", optimizer="zo-adam").resolved()
     assert (cfg.distribution, cfg.estimator, cfg.q) == ("rademacher", "forward", 4)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..runs import checkpoints
+from ..run_folder import checkpoints
 
 
 @dataclass

@@ -31,11 +31,11 @@ import torch
 
 from ..capture import CudaGraphStep
 from ..kernels import prepare_cpu_twin
-from ..runs import atomic_save, atomic_write, atomic_write_text, versions
+from ..run_folder import atomic_save, atomic_write, atomic_write_text, versions
 from .config import TrainConfig
 from .distributed import from_environment, restarted_after_failure, shutdown, weights_hash, with_failure_drill
-from .session import (
-    Session,
+from .run_setup import (
+    TrainingRun,
     checkpoint,
     evaluate,
     load_last_checkpoint,
@@ -65,7 +65,7 @@ def plot_curves(metrics: list[dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def evaluate_and_log(s: Session, step: int, train_seconds: float, loss_sum: torch.Tensor, loss_count: int) -> dict:
+def evaluate_and_log(s: TrainingRun, step: int, train_seconds: float, loss_sum: torch.Tensor, loss_count: int) -> dict:
     """Test and train accuracy now; one metrics row, appended to metrics.jsonl and printed."""
     s.comm.sync_buffers_(s.model)  # BatchNorm statistics: one average per evaluation
     test_loss, test_acc = evaluate(s.model, s.test_loader, s.amp, s.comm)
@@ -147,7 +147,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         shutdown(comm)
 
 
-def step_runner(s: Session, start: int, refusal: str | None) -> tuple[TrainStep, object]:
+def step_runner(s: TrainingRun, start: int, refusal: str | None) -> tuple[TrainStep, object]:
     """The trainer's step from ``start`` and what runs it: a CUDA graph of it where it can be captured
     (``--cuda-graph``), else the step itself, behind the failure drill when one is set."""
     from ..optim import ZOOptimizer
@@ -175,7 +175,7 @@ def step_runner(s: Session, start: int, refusal: str | None) -> tuple[TrainStep,
     return train_step, with_failure_drill(run, s.comm)
 
 
-def progress_bar(s: Session, start: int):
+def progress_bar(s: TrainingRun, start: int):
     """A live bar only on a terminal: redirected to a file, its redraws would be almost all of the log, so
     there the per-evaluation lines are the progress report."""
     from tqdm import tqdm
@@ -202,7 +202,7 @@ class _StopAtBoundary(Exception):
     pass
 
 
-def run_loop(s: Session, start: int, train_seconds: float, metrics: list[dict], refusal: str | None) -> dict:
+def run_loop(s: TrainingRun, start: int, train_seconds: float, metrics: list[dict], refusal: str | None) -> dict:
     """Steps from ``start`` to ``s.total``, evaluating (and checkpointing) on schedule; then :func:`finish`.
     A first SIGINT/SIGTERM checkpoints at the next step boundary and raises KeyboardInterrupt; a second
     stops at once, without a checkpoint (the last complete one stays intact)."""
@@ -271,7 +271,7 @@ def seconds_since(tick: float, device: torch.device) -> float:
 
 
 def finish(
-    s: Session, step: int, start: int, train_seconds: float, metrics: list[dict], last_eval: dict, step_bytes: int
+    s: TrainingRun, step: int, start: int, train_seconds: float, metrics: list[dict], last_eval: dict, step_bytes: int
 ) -> dict:
     """Check the replicas agree, write model.pt, summary.json and curves.png; return the summary."""
     s.comm.sync_buffers_(s.model)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import Communicator
-from .session import Session
+from .run_setup import TrainingRun
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -32,7 +32,7 @@ class TrainStep:
     ``loss_sum``; it reads nothing back, so eager and graphed steps are the same launches.
     """
 
-    def __init__(self, s: Session, start: int):
+    def __init__(self, s: TrainingRun, start: int):
         self.s = s
         device = s.device
         self.counter = torch.tensor([start], dtype=torch.int64, device=device)  # global step, advanced by gather

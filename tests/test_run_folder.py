@@ -1,10 +1,17 @@
-"""subgrad.runs: the one atomic-write helper every writer uses, and checkpoint discovery."""
+"""subgrad.run_folder: the one atomic-write helper every writer uses, and checkpoint discovery."""
 
 import numpy as np
 import pytest
 import torch
 
-from subgrad.runs import atomic_save, atomic_write, atomic_write_text, checkpoints, latest_checkpoint, load_checkpoint
+from subgrad.run_folder import (
+    atomic_save,
+    atomic_write,
+    atomic_write_text,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+)
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):

@@ -1,4 +1,4 @@
-"""A training run's setup: device, data, model and optimizer (:func:`setup` -> :class:`Session`), evaluation,
+"""A training run's setup: device, data, model and optimizer (:func:`setup` -> :class:`TrainingRun`), evaluation,
 the validation split, and checkpoints (what they hold, writing them, resuming from the last one)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data import Dataset, DeviceLoader, load_cifar10
 from ..models import build_model
-from ..runs import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
+from ..run_folder import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .distributed import Communicator
 from .optimizers import REGISTRY
@@ -50,7 +50,7 @@ def evaluate(model, loader: DeviceLoader, amp: bool, comm: Communicator | None =
 
 # -- setup ------------------------------------------------------------------------------------------
 @dataclass
-class Session:
+class TrainingRun:
     """What one training process holds once set up (:func:`setup`); the loop reads it top to bottom."""
 
     cfg: TrainConfig
@@ -77,7 +77,9 @@ class Session:
     data_source: str  # where the images came from (summary.json)
 
 
-def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, data: Dataset | None = None) -> Session:
+def setup(
+    cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, data: Dataset | None = None
+) -> TrainingRun:
     """Device, data (``cfg.data``, unless a loaded ``data`` is given), model and optimizer of a run, seeded
     from ``cfg.seed``."""
     device = torch.device(kind, comm.local_rank) if kind == "cuda" and comm.active else torch.device(kind)
@@ -134,7 +136,7 @@ def setup(cfg: TrainConfig, out: pathlib.Path, comm: Communicator, kind: str, da
         device_resolved=str(device),
         world_size=w,
     )
-    return Session(
+    return TrainingRun(
         cfg=cfg,
         out=out,
         comm=comm,
@@ -192,7 +194,7 @@ def resume_config(
     return config
 
 
-def load_last_checkpoint(s: Session) -> tuple[int, float, list[dict]]:
+def load_last_checkpoint(s: TrainingRun) -> tuple[int, float, list[dict]]:
     """Restore model and optimizer from the run's last checkpoint: (step, train_seconds, metrics so far)."""
     ckpt_path = latest_checkpoint(s.out)
     ckpt = load_checkpoint(ckpt_path)
@@ -219,8 +221,8 @@ def load_last_checkpoint(s: Session) -> tuple[int, float, list[dict]]:
     return ckpt["step"], ckpt["train_seconds"], metrics
 
 
-def checkpoint(s: Session, step: int, train_seconds: float) -> dict:
-    """The checkpoint format (``subgrad.runs.CHECKPOINT_FORMAT``): periodic checkpoints and model.pt alike."""
+def checkpoint(s: TrainingRun, step: int, train_seconds: float) -> dict:
+    """The checkpoint format (``subgrad.run_folder.CHECKPOINT_FORMAT``): periodic checkpoints and model.pt alike."""
     return dict(
         format=CHECKPOINT_FORMAT,
         model=s.model.state_dict(),
@@ -232,7 +234,7 @@ def checkpoint(s: Session, step: int, train_seconds: float) -> dict:
     )
 
 
-def save_checkpoint(s: Session, step: int, train_seconds: float) -> pathlib.Path:
+def save_checkpoint(s: TrainingRun, step: int, train_seconds: float) -> pathlib.Path:
     """checkpoints/step-NNNNNNN.pt (rank 0 only: replicas are identical); keeps the last three."""
     path = s.out / "checkpoints" / f"step-{step:07d}.pt"
     if s.writes:
