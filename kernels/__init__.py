@@ -16,7 +16,7 @@ zo_update_             kernels/zo_update.py   tests/test_zo_update.py
 zo_estimate_           kernels/zo_update.py   tests/test_zo_update.py
 perturb_activity       kernels/activity.py    tests/test_activity_kernels.py
 activity_gradient      kernels/activity.py    tests/test_activity_kernels.py
-next_step_seed_        kernels/seeds.py       tests/test_device_scalars.py
+next_step_seed_        kernels/seeds.py       tests/test_seeds.py
 sgd_step_, _launcher   kernels/sgd.py         tests/test_sgd_adamw.py
 adamw_step_, _launcher kernels/adamw.py       tests/test_sgd_adamw.py
 =====================  =====================  ==========================

@@ -1,8 +1,8 @@
 """Kernels that read their per-step values from device memory: seeds, learning rates, Adam's step and a
-skip gate.  Each is checked Triton against twin (bit for bit), against the same launch with host numbers
-(bit for bit where the arithmetic is the same; a stated bound for Adam's float64 scalars), and for what
-a closed gate leaves behind.  The 70001-element cases are in the slow tier (the interpreter takes seconds
-per launch there); 1 and 1023 run in the edit loop."""
+skip gate (the seed kernel itself: test_seeds.py).  Each is checked Triton against twin (bit for bit),
+against the same launch with host numbers (bit for bit where the arithmetic is the same; a stated bound
+for Adam's float64 scalars), and for what a closed gate leaves behind.  The 70001-element cases are in the
+slow tier (the interpreter takes seconds per launch there); 1 and 1023 run in the edit loop."""
 
 import math
 
@@ -13,7 +13,6 @@ from conftest import DTYPES, SIZES, assert_bitwise_equal
 from subgrad.kernels import (
     adamw_step_,
     make_block_starts,
-    next_step_seed_,
     perturb_,
     philox_normal,
     philox_rademacher,
@@ -34,18 +33,6 @@ def _seed(device):
 
 def _randn(n, device, dtype=torch.float32, seed=0):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed + n)).to(device=device, dtype=dtype)
-
-
-@pytest.mark.parametrize("steps", [0, 1, 2**40])
-@pytest.mark.parametrize("base", [0, 12345, 2**62 - 1])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_next_step_seed_is_step_seed_and_advances(base, steps, backend, device):
-    counter = torch.tensor([steps], dtype=torch.int64, device=device)
-    out = torch.zeros(1, dtype=torch.int64, device=device)
-    for t in range(steps, steps + 3):
-        next_step_seed_(counter, out, base, backend=backend)
-        assert int(out) == step_seed(base, t), f"step {t}: {int(out)} vs {step_seed(base, t)}"
-        assert int(counter) == t + 1
 
 
 @pytest.mark.parametrize("n", TIERED_SIZES)

@@ -70,7 +70,8 @@ class TrainConfig:
 
     model: str = field(default="lenet", metadata=_setting("network to train", choices=MODEL_NAMES))
     optimizer: str = field(
-        default="sgd", metadata=_setting("optimizer (first-order or zeroth-order)", choices=OPTIMIZERS)
+        default="sgd",
+        metadata=_setting("; ".join(f"{n}: {e.summary}" for n, e in REGISTRY.items()), choices=OPTIMIZERS),
     )
     data: str = field(
         default="./data",
