@@ -33,6 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_common import add_device_argument, pick_device
+
 
 class _RankZeroOf:
     """Rank 0 of ``world_size`` ranks whose others sent the same differences: the gather without a network."""
@@ -185,10 +187,11 @@ def main() -> None:
     parser.add_argument("--optimizer", default="zo-sgd", help="(--worker only) sgd, zo-sgd or zo")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    args.device = pick_device(args.device).type  # the workers get the resolved device
     if args.worker:
         result = worker(args.model, args.optimizer, args.steps, args.batch, args.device)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -19,8 +19,8 @@ import pathlib
 import time
 
 import torch
-from zo_quality import machine_name
 
+from bench_common import add_device_argument, machine_name, pick_device
 from subgrad.data import DeviceLoader, load_cifar10
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", type=int, default=4, help="as zo's --groups")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--json", type=pathlib.Path, help="default: results/exact-local-<model>-<device>.json")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     torch.manual_seed(0)
     ds = load_cifar10(args.data)
     mean, std = ds.channel_stats()

@@ -30,8 +30,10 @@ import time
 
 import torch
 
+from bench_common import add_device_argument, pick_device
 from subgrad import __version__
 from subgrad import kernels as K
+from subgrad.run_folder import versions
 
 # Bytes each op must move per fp32 element (reads + writes of the tensors it touches).
 BYTES_PER_ELEMENT = {"copy": 8, "perturb": 8, "perturb_rademacher": 8, "zo_update": 8, "sgd": 20, "adamw": 28}
@@ -181,16 +183,12 @@ def bench_size(n: int, device: torch.device, measure, measure_pair) -> list[dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--sizes", nargs="+", type=float, help="element counts (default: 1e4..1e8 CUDA, 1e4..1e6 CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement on CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = pick_device(args.device)
     sizes = [int(s) for s in (args.sizes or ([1e4, 1e5, 1e6, 1e7, 1e8] if device.type == "cuda" else [1e4, 1e5, 1e6]))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     backend = "triton" if device.type == "cuda" else "torch twin"
@@ -228,20 +226,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     path = os.path.join(args.out, f"kernels-{device.type}-{slug}.json")
-    versions = {"subgrad": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        pass
     with open(path, "w") as f:
         json.dump(
             dict(
                 device=name,
                 device_type=device.type,
                 backend=backend,
-                versions=versions,
+                versions=versions(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
                 rows=rows,

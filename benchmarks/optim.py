@@ -37,9 +37,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_common import add_device_argument, pick_device
 from subgrad import __version__
 from subgrad.models import build_model
 from subgrad.optim import SGD, ZOSGD, AdamW
+from subgrad.run_folder import versions
 
 
 def measure(fn, device, repeats):
@@ -320,17 +322,13 @@ def zo_default_shares(device, repeats, batch=512):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     rows = [r for m in args.models for r in bench_model(m, device, args.batch, args.repeats)]
     rows += zo_default_shares(device, args.repeats)
@@ -361,7 +359,7 @@ def main(argv=None) -> int:
                 device=name,
                 device_type=device.type,
                 batch=args.batch,
-                versions={"subgrad": __version__, "torch": torch.__version__},
+                versions=versions(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join(["optim.py"] + (argv or sys.argv[1:])),
                 rows=rows,

@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_common import add_device_argument, pick_device
 from subgrad.data import load_cifar10
 from subgrad.models import build_model
 from subgrad.run_folder import versions
@@ -154,7 +155,7 @@ def loops(data_path, device, models) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the throughput comparison")
     parser.add_argument("--skip-defaults", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -168,11 +169,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     result = dict(
         device=name,

@@ -23,11 +23,9 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform
 import tempfile
 
-import torch
-
+from bench_common import add_device_argument, machine_name, pick_device
 from subgrad.data import load_cifar10
 from subgrad.model_names import MODEL_NAMES
 from subgrad.run_folder import versions
@@ -38,17 +36,6 @@ from subgrad.training.optimizers import ZO_OPTIMIZERS
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 #: the forward-only issue's bars for `zo` at its defaults on a 2-core CPU VM: (test accuracy, training seconds)
 ZO_TARGETS = {"lenet": (0.55, 200), "localnet": (0.60, 3600), "resnet20": (0.40, 3600)}
-
-
-def machine_name(device: str) -> str:
-    """The GPU's name, or the CPU's model and thread count: these VMs differ by 2x from one day to the next."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def run_curve(model: str, optimizer: str, data: str, device: str, points: int, train_images: int) -> dict:
@@ -127,10 +114,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="lenet", choices=MODEL_NAMES)
     parser.add_argument("--optimizers", nargs="+", default=[*ZO_OPTIMIZERS, "sgd"])
     parser.add_argument("--points", type=int, default=12, help="evaluations per run")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device).type
     train_images = len(load_cifar10(args.data).train_labels)
     stem = args.out / ("zo-quality-" + ("" if args.model == "lenet" else f"{args.model}-") + device)
     runs = json.loads(stem.with_suffix(".json").read_text())["runs"] if stem.with_suffix(".json").exists() else {}

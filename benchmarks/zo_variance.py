@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_common import add_device_argument, pick_device
 from subgrad.data import DeviceLoader, load_cifar10
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
@@ -131,14 +132,10 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=100, help="steps per method (lr 0, new directions each)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--json", type=pathlib.Path, help="default: results/zo-variance-<model>-<device>.json")
     args = parser.parse_args(argv)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = pick_device(args.device)
     ds = load_cifar10(args.data)
     mean, std = ds.channel_stats()
     loader = DeviceLoader(ds.train_images, ds.train_labels, mean, std, args.batch, device, shuffle=True, order_seed=0)

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from .devices import pick_device
+
 
 def _cases(device: torch.device, n: int):
     """(name, run(backend) -> tensors to compare) for every kernel."""
@@ -67,9 +69,7 @@ def _cases(device: torch.device, n: int):
 
 def run_selfcheck(device: str = "auto", n: int = 70001) -> bool:
     """Print one line per kernel (bit-identical or not, time per backend); return True if all match."""
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = pick_device(device)
     print(
         f"subgrad self-check on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
         f"{n} elements; Triton {'compiled' if dev.type == 'cuda' else 'interpreted'}"

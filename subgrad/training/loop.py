@@ -30,6 +30,7 @@ import time
 import torch
 
 from ..capture import CudaGraphStep
+from ..devices import pick_device
 from ..kernels import prepare_cpu_twin
 from ..run_folder import atomic_save, atomic_write, atomic_write_text, versions
 from .config import TrainConfig
@@ -131,7 +132,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     cfg = config.resolved()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    kind = pick_device(cfg.device).type
     comm = from_environment(kind)
     try:
         refusal = graph_refusal(kind, comm)
