@@ -95,7 +95,7 @@ def test_wide_indices_give_the_same_bits(distribution, offset, device, monkeypat
     assert_bitwise_equal(out["triton"], out["torch"], f"WIDE perturb_ {distribution} offset={offset}")
 
 
-@pytest.mark.parametrize("n", [1, 1025, 5000])
+@pytest.mark.parametrize("n", [1, 1025, pytest.param(5000, marks=pytest.mark.slow)])  # 5000: several tiles
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tensor_seed", [False, True])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
