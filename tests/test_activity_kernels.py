@@ -5,7 +5,7 @@ the gradient's sum over directions is compared with the same order of float32 ad
 import pytest
 import torch
 
-from conftest import SIZES, assert_bitwise_equal
+from conftest import SIZE_VALUES, assert_bitwise_equal
 from subgrad.kernels import philox_rademacher
 from subgrad.kernels.activity import activity_gradient, direction_stride, perturb_activity
 
@@ -22,10 +22,12 @@ def _direction(seed: int, index: int, k: int, total: int, device) -> torch.Tenso
     return philox_rademacher(seed, total, k * direction_stride(total), device, backend="torch", seed_index=index)
 
 
-@pytest.mark.parametrize("total, n", [(1, 1), (1023, 3), (1025, 5), (70001, 1)], ids=str)  # SIZES as [n, m]
+@pytest.mark.parametrize(
+    "total, n", [(1, 1), (1023, 3), (1025, 5), pytest.param(70001, 1, marks=pytest.mark.slow)], ids=str
+)  # SIZES as [n, m]
 @pytest.mark.parametrize("masked", [False, True])
 def test_perturb_activity_matches_twin_and_definition(total, n, masked, device):
-    assert total in SIZES
+    assert total in SIZE_VALUES
     z, active = _site(total, n, device, masked)
     rows = slice(n // 2, n)  # a rank's share: an offset into the direction
     m = total // n

@@ -44,7 +44,10 @@ def _estimate(distribution, blocks, q=1000, estimator="central", eps=1e-3):
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("blocks", [None, "tensor", 2, 4])
+# small blocks mean many per-block scalars to check (5-11 s each in the interpreter): slow tier
+@pytest.mark.parametrize(
+    "blocks", [None, "tensor", pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)]
+)
 def test_central_estimate_is_unbiased_within_its_variance(distribution, blocks):
     """mean of q estimates = grad within 5 standard errors, with the per-coordinate variance of
     (z_B . g_B) z_i: |g_B|^2 + g_i^2 (gaussian) or |g_B|^2 - g_i^2 (rademacher), B the block of i."""
@@ -59,6 +62,7 @@ def test_central_estimate_is_unbiased_within_its_variance(distribution, blocks):
     )
 
 
+@pytest.mark.slow  # 3 x 1000 directions (about 15 s)
 def test_forward_difference_scalar_has_order_eps_bias():
     """(f(x + eps z) - f(x)) / eps = z.g + eps/2 z'Az + 0: its mean over z exceeds z.g by eps/2 tr(A);
     central differences have no such term."""
@@ -79,7 +83,7 @@ def test_forward_difference_scalar_has_order_eps_bias():
         dict(),
         dict(estimator="forward"),
         dict(distribution="rademacher", momentum=0.5),
-        dict(blocks=2, q=2),
+        pytest.param(dict(blocks=2, q=2), marks=pytest.mark.slow),  # about 9 s
         dict(clip=5.0, weight_decay=1e-3),
     ],
     ids=["central", "forward", "rademacher-momentum", "blocks-q2", "clip-wd"],

@@ -66,7 +66,7 @@ def test_source_must_be_fp32(device):
         perturb_(torch.zeros(4, device=device), 1, 1e-3, source=torch.zeros(4, device=device, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("n", [1, 1025, 70001])
+@pytest.mark.parametrize("n", [1, 1025, pytest.param(70001, marks=pytest.mark.slow)])
 def test_preconditioned_direction(n, device):
     x0 = torch.randn(n, device=device)
     h = torch.rand(n, generator=torch.Generator().manual_seed(3)).to(device) + 0.25

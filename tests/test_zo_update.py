@@ -69,7 +69,7 @@ def test_triton_matches_twin(case, n, dtype, device):
             assert_bitwise_equal(kwt[key], kwr[key], f"{key}, case {case}")
 
 
-@pytest.mark.parametrize("n", [1, 1025, 70001])
+@pytest.mark.parametrize("n", [1, 1025, pytest.param(70001, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", [c for c in CASES if c != "hessian"])
 def test_matches_float64_reference(case, n, device):
     dtype = torch.float32
@@ -136,7 +136,7 @@ def test_bad_arguments(kwargs, message):
         zo_update_(torch.zeros(16), 1, **kwargs)
 
 
-@pytest.mark.parametrize("n", [1, 1025, 70001])
+@pytest.mark.parametrize("n", [1, 1025, pytest.param(70001, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("blocked", [False, True])
 def test_several_directions_in_one_pass(n, blocked, device):
     """q directions (seeds s, s+1, ...) in one launch equal the sum of their contributions."""
