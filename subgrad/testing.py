@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -178,10 +179,12 @@ class _TritonRecorder:
         return launch
 
 
-def _kernel_modules() -> list[tuple[object, str]]:
+@functools.cache
+def _kernel_modules() -> tuple[tuple[object, str], ...]:
     """Every launched ``@triton.jit`` kernel of :mod:`subgrad.kernels` (by the package's rule, named
     ``*_kernel``; the other jit functions are device helpers the kernels call), as (module, attribute
-    name), found by walking the package: a new kernel is recorded without editing a list."""
+    name), found by walking the package: a new kernel is recorded without editing a list.  Walked once per
+    process (the kernels are fixed once imported), not at every recorded step."""
     import importlib
     import pkgutil
 
@@ -196,7 +199,7 @@ def _kernel_modules() -> list[tuple[object, str]]:
             kernel = isinstance(value, KernelInterface) and name.endswith("_kernel")
             if kernel and value.fn.__module__ == module.__name__:
                 found.append((module, name))
-    return found
+    return tuple(found)
 
 
 @contextlib.contextmanager
