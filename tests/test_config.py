@@ -11,7 +11,7 @@ import pytest
 from subgrad import cli
 from subgrad.model_names import MODEL_NAMES
 from subgrad.models import MODELS
-from subgrad.training.config import COMMON_DEFAULTS, TrainConfig, config_from_args, defaults_for
+from subgrad.training.config import COMMON_DEFAULTS, UNSET, TrainConfig, config_from_args, defaults_for
 from subgrad.training.optimizers import OPTIMIZER_SETTINGS, OPTIMIZERS, REGISTRY, STEP_KINDS
 
 LAUNCHER_FLAGS = {"resume", "nproc", "max_restarts"}  # train flags that are not training settings
@@ -53,9 +53,10 @@ def test_one_default_per_setting_for_every_pair():
         missing = [
             f
             for f in FIELDS - {"epochs", "steps", "eval_every", "checkpoint_every", "distribution", "q_linear"} - unused
-            if getattr(resolved, f) is None
+            if f not in {**COMMON_DEFAULTS, **row} and getattr(resolved, f) is None
         ]
         assert not missing, f"{pair}: no default for {missing}"
+        assert UNSET not in dataclasses.asdict(resolved).values(), f"{pair}: a setting left unresolved"
         assert all(getattr(resolved, f) is None for f in unused), f"{pair}: an unused setting got a value"
         assert (resolved.epochs is None) != (resolved.steps is None), f"{pair}: one training length"
         for key, value in {**COMMON_DEFAULTS, **row}.items():
@@ -80,10 +81,33 @@ def test_help_shows_the_default_of_the_chosen_pair():
     assert "(default: 0.2 for lenet/zo-sgd)" in help_of("lenet", "zo-sgd", "--clip")
 
 
-@pytest.mark.parametrize("value, expected", [("off", "off"), ("0", "off"), ("0.2", 0.2)])
-def test_clip_flag_says_off(value, expected):
-    args = cli.build_parser().parse_args(["train", "--clip", value])
-    assert config_from_args(args).clip == expected
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--clip", "off", None), ("--clip", "0", None), ("--clip", "0.2", 0.2), ("--blocks", "none", None)]
+    + [("--blocks", "module", "module"), ("--blocks", "64", 64)],
+)
+def test_off_flags_parse_to_none(flag, value, expected):
+    args = cli.build_parser().parse_args(["train", "--optimizer", "zo-sgd", flag, value])
+    config = config_from_args(args)
+    assert getattr(config, flag[2:]) == expected and getattr(config.resolved(), flag[2:]) == expected
+
+
+def test_none_is_off_and_unset_is_the_pairs_default():
+    """lenet/zo-sgd clips at 0.2 by default: None turns that off, and a record of None stays off on resume."""
+    assert TrainConfig(model="lenet", optimizer="zo-sgd").clip is UNSET
+    assert TrainConfig(model="lenet", optimizer="zo-sgd").resolved().clip == 0.2
+    off = TrainConfig(model="lenet", optimizer="zo-sgd", clip=None, blocks=None).resolved()
+    assert (off.clip, off.blocks) == (None, None)
+    record = json.loads(json.dumps(dataclasses.asdict(off)))
+    assert (TrainConfig.from_record(record).resolved().clip, record["clip"]) == (None, None)
+    args = cli.build_parser().parse_args(["train", "--optimizer", "zo-sgd"])
+    assert config_from_args(args).clip is UNSET and config_from_args(args).resolved().clip == 0.2
+
+
+@pytest.mark.parametrize("settings", [dict(clip="off"), dict(blocks="none"), dict(clip="0.2")])
+def test_the_command_lines_spellings_are_refused_in_python(settings):
+    with pytest.raises(ValueError, match="None"):
+        TrainConfig(optimizer="zo-sgd", **settings).resolved()
 
 
 @pytest.mark.parametrize(
@@ -124,7 +148,7 @@ def test_zo_only_settings_are_refused_by_every_other_optimizer():
 
 
 def test_run_folder_written_before_config_py_still_loads(tmp_path):
-    """config.json of older runs: an "extra" field, clip 0 or null for off, extra keys of the record."""
+    """config.json of older runs: an "extra" field, clip 0 / "off" and blocks "none" for None, extra keys."""
     old = dict(
         model="lenet",
         optimizer="zo-sgd",
@@ -138,9 +162,10 @@ def test_run_folder_written_before_config_py_still_loads(tmp_path):
     )
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = TrainConfig.from_record(json.loads((tmp_path / "config.json").read_text())).resolved()
-    assert (cfg.clip, cfg.blocks) == ("off", "module")
-    # null was how a pair without a clip default stored "off" (zo-adam); None now means that pair's default
-    assert TrainConfig.from_record(dict(old, optimizer="zo-adam", clip=None)).resolved().clip == "off"
+    assert (cfg.clip, cfg.blocks) == (None, "module")
+    cfg = TrainConfig.from_record(dict(old, clip="off", blocks="none")).resolved()
+    assert (cfg.clip, cfg.blocks) == (None, None)
+    assert TrainConfig.from_record(dict(old, optimizer="zo-adam", clip=None)).resolved().clip is None
     # settings an optimizer never read, recorded by runs before the registry, are dropped on load
     sgd = dict(model="lenet", optimizer="sgd", eps=1e-3, q=1, estimator="central", blocks="none", clip="off")
     cfg = TrainConfig.from_record(sgd).resolved()
@@ -160,7 +185,7 @@ def test_make_optimizer_maps_off_and_none():
 
 def test_defaults_for_is_the_table():
     assert defaults_for("lenet", "zo-sgd")["clip"] == REGISTRY["zo-sgd"].defaults["lenet"]["clip"]
-    assert defaults_for("lenet", "zo-adam")["clip"] == COMMON_DEFAULTS["clip"] == "off"
+    assert "clip" in defaults_for("lenet", "zo-adam") and COMMON_DEFAULTS["clip"] is None  # off
     assert "clip" not in defaults_for("lenet", "sgd")  # sgd reads no clip: it stays None and giving one is refused
 
 
@@ -204,4 +229,4 @@ def test_block_modes_are_the_optimizers():
     from subgrad.optim import zo_settings
     from subgrad.training import config
 
-    assert tuple("none" if m is None else m for m in zo_settings.BLOCK_MODES) == config.BLOCK_MODES
+    assert tuple("none" if m is None else m for m in zo_settings.BLOCK_MODES) == config.BLOCK_CHOICES

@@ -1,16 +1,18 @@
 """Training settings in one place: the defaults table, :class:`TrainConfig`, and the command-line flags
 that ``subgrad train`` and ``subgrad run`` generate from it.
 
-Each setting is one :class:`TrainConfig` field, documented once (its ``help``).  ``None`` always means
-"the default for this model/optimizer pair": :mod:`.optimizers`' row for the pair
-(the registry of optimizers), else :data:`COMMON_DEFAULTS`.
-A setting that can be off says so with a value (``clip="off"``, ``blocks="none"``) or is a boolean flag.
+Each setting is one :class:`TrainConfig` field, documented once (its ``help``).  A setting left
+:data:`UNSET` takes the default of the model/optimizer pair: :mod:`.optimizers`' row for the pair (the
+registry of optimizers), else :data:`COMMON_DEFAULTS`.  ``None`` is what it is to the optimizers: off
+(``clip``), one block (``blocks``), their own rule (``distribution``, ``q_linear``), or not this one
+(``epochs`` vs ``steps``).  The command line's ``--clip off`` and ``--blocks none`` parse to ``None``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 
 from ..model_names import MODEL_NAMES
@@ -18,9 +20,20 @@ from .optimizers import OPTIMIZERS, REGISTRY
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
-#: --blocks values, or a block size in elements: the optimizers' modes (subgrad.optim.zo_settings.BLOCK_MODES)
-#: with "none" for their None (one block, the whole model); the registry's builders translate, tests check it
-BLOCK_MODES = ("none", "tensor", "module")
+#: --blocks values, or a block size in elements: "none" (parsed to None: one block, the whole model) and the
+#: optimizers' modes (subgrad.optim.zo_settings.BLOCK_MODES; a test checks they agree)
+BLOCK_CHOICES = ("none", "tensor", "module")
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: A TrainConfig setting not given: resolved() takes the pair's default.  (None is a value: see above.)
+UNSET = _Unset.UNSET
 
 #: Settings a registry row (optimizers.py) leaves out take these (the same for every pair).
 COMMON_DEFAULTS = dict(
@@ -29,36 +42,49 @@ COMMON_DEFAULTS = dict(
     eps=1e-3,
     q=1,
     estimator="central",
-    blocks="none",
-    clip="off",
+    blocks=None,
+    clip=None,
     scale_by_block_size=False,
     augment=True,
 )
 
 
 def _clip(value: str):
-    """``--clip``: a positive bound, or ``off`` (``0`` is read as ``off``, its spelling before ``off``)."""
+    """``--clip``: a positive bound, or ``off`` (None; ``0`` is read as ``off``, its spelling before ``off``)."""
     if value == "off":
-        return "off"
+        return None
     try:
         bound = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {value!r}") from None
-    return "off" if bound == 0 else bound
+    return None if bound == 0 else bound
 
 
 def _blocks(value: str):
-    """``--blocks``: none (one block: the whole model), tensor, module, or a block size in elements."""
+    """``--blocks``: none (None: one block, the whole model), tensor, module, or a block size in elements."""
     if value.isdigit():
         return int(value)
-    if value not in BLOCK_MODES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BLOCK_MODES)} or a block size, got {value!r}")
-    return value
+    if value not in BLOCK_CHOICES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BLOCK_CHOICES)} or a block size, got {value!r}")
+    return None if value == "none" else value
 
 
-def _setting(help: str, *, group: str | None = None, exclusive: str | None = None, **argparse_kwargs):
-    """Metadata of one TrainConfig field: its help (written once) and how its flag parses."""
-    return dict(help=help, group=group, exclusive=exclusive, argparse=argparse_kwargs)
+def _setting(
+    help: str,
+    *,
+    group: str | None = None,
+    exclusive: str | None = None,
+    none_shown: str | None = None,
+    **argparse_kwargs,
+):
+    """Metadata of one TrainConfig field: its help (written once), how its flag parses, and how --help
+    spells a None default (``none_shown``: "off" for --clip)."""
+    return dict(help=help, group=group, exclusive=exclusive, none_shown=none_shown, argparse=argparse_kwargs)
+
+
+def _per_pair(help: str, **kwargs):
+    """A TrainConfig field whose default comes from the model/optimizer pair: UNSET until resolved()."""
+    return field(default=UNSET, metadata=_setting(help, **kwargs))
 
 
 ZO_GROUP = "zeroth-order (eps, q: every forward-only optimizer; the others: zo-sgd, zo-adam, hizoo)"
@@ -66,7 +92,8 @@ ZO_GROUP = "zeroth-order (eps, q: every forward-only optimizer; the others: zo-s
 
 @dataclass
 class TrainConfig:
-    """All settings of a run.  ``None`` means "the default for this model/optimizer" (:func:`defaults_for`)."""
+    """All settings of a run.  :data:`UNSET` means "the default for this model/optimizer" (:func:`defaults_for`);
+    ``None`` means off / not this one, as to the optimizers (module docstring)."""
 
     model: str = field(default="lenet", metadata=_setting("network to train", choices=MODEL_NAMES))
     optimizer: str = field(
@@ -84,89 +111,56 @@ class TrainConfig:
     seed: int = field(
         default=0, metadata=_setting("seeds the init, batch order, augmentation and directions", type=int)
     )
-    epochs: float | None = field(
-        default=None, metadata=_setting("training length in epochs", exclusive="length", type=float)
+    epochs: float | None = _per_pair("training length in epochs", exclusive="length", type=float)
+    steps: int | None = _per_pair("training length in optimizer steps", exclusive="length", type=int)
+    batch_size: int | None = _per_pair("images per step (global, over all processes)", type=int)
+    lr: float | None = _per_pair("base learning rate", type=float)
+    schedule: str | None = _per_pair("learning-rate schedule", choices=SCHEDULES)
+    momentum: float | None = _per_pair("momentum (sgd, zo-sgd, hizoo)", type=float)
+    weight_decay: float | None = _per_pair("L2 / decoupled weight decay", type=float)
+    eps: float | None = _per_pair("perturbation size", group=ZO_GROUP, type=float)
+    q: int | None = _per_pair(
+        "directions per step (zo: per perturbed layer; with --q-linear, per conv layer)", group=ZO_GROUP, type=int
     )
-    steps: int | None = field(
-        default=None, metadata=_setting("training length in optimizer steps", exclusive="length", type=int)
+    q_linear: int | None = _per_pair(
+        "zo: directions per step on each fully connected layer (default: q)", group=ZO_GROUP, type=int
     )
-    batch_size: int | None = field(
-        default=None, metadata=_setting("images per step (global, over all processes)", type=int)
+    estimator: str | None = _per_pair(
+        "finite differences: central (2 forwards per direction) or forward (1, plus a shared base loss)",
+        group=ZO_GROUP,
+        choices=("central", "forward"),
     )
-    lr: float | None = field(default=None, metadata=_setting("base learning rate", type=float))
-    schedule: str | None = field(default=None, metadata=_setting("learning-rate schedule", choices=SCHEDULES))
-    momentum: float | None = field(default=None, metadata=_setting("momentum (sgd, zo-sgd, hizoo)", type=float))
-    weight_decay: float | None = field(default=None, metadata=_setting("L2 / decoupled weight decay", type=float))
-    eps: float | None = field(default=None, metadata=_setting("perturbation size", group=ZO_GROUP, type=float))
-    q: int | None = field(
-        default=None,
-        metadata=_setting(
-            "directions per step (zo: per perturbed layer; with --q-linear, per conv layer)", group=ZO_GROUP, type=int
-        ),
+    distribution: str | None = _per_pair(
+        "direction distribution (default: rademacher when q > 1, else gaussian)",
+        group=ZO_GROUP,
+        choices=("gaussian", "rademacher"),
     )
-    q_linear: int | None = field(
-        default=None,
-        metadata=_setting(
-            "zo: directions per step on each fully connected layer (default: q)", group=ZO_GROUP, type=int
-        ),
+    blocks: str | int | None = _per_pair(
+        "blockwise estimation: none (the whole model), tensor, module, or a block size in elements",
+        group=ZO_GROUP,
+        none_shown="none",
+        type=_blocks,
     )
-    estimator: str | None = field(
-        default=None,
-        metadata=_setting(
-            "finite differences: central (2 forwards per direction) or forward (1, plus a shared base loss)",
-            group=ZO_GROUP,
-            choices=("central", "forward"),
-        ),
+    clip: float | str | None = _per_pair(
+        "clamp finite-difference scalars to [-clip, clip], or off", group=ZO_GROUP, none_shown="off", type=_clip
     )
-    distribution: str | None = field(
-        default=None,
-        metadata=_setting(
-            "direction distribution (default: rademacher when q > 1, else gaussian)",
-            group=ZO_GROUP,
-            choices=("gaussian", "rademacher"),
-        ),
+    scale_by_block_size: bool | None = _per_pair(
+        "scale each block's step by (d + 2) / (d_block + 2)", group=ZO_GROUP, action=argparse.BooleanOptionalAction
     )
-    blocks: str | int | None = field(
-        default=None,
-        metadata=_setting(
-            "blockwise estimation: none (the whole model), tensor, module, or a block size in elements",
-            group=ZO_GROUP,
-            type=_blocks,
-        ),
+    patches: int | None = _per_pair(
+        "zo: cut each convolutional block's output into patches x patches patches, each with its own local loss",
+        group=ZO_GROUP,
+        type=int,
     )
-    clip: float | str | None = field(
-        default=None,
-        metadata=_setting("clamp finite-difference scalars to [-clip, clip], or off", group=ZO_GROUP, type=_clip),
+    groups: int | None = _per_pair(
+        "zo: channel groups per block, each with its own local loss", group=ZO_GROUP, type=int
     )
-    scale_by_block_size: bool | None = field(
-        default=None,
-        metadata=_setting(
-            "scale each block's step by (d + 2) / (d_block + 2)", group=ZO_GROUP, action=argparse.BooleanOptionalAction
-        ),
+    norm: bool | None = _per_pair(
+        "zo: standardise each local loss's features before its head",
+        group=ZO_GROUP,
+        action=argparse.BooleanOptionalAction,
     )
-    patches: int | None = field(
-        default=None,
-        metadata=_setting(
-            "zo: cut each convolutional block's output into patches x patches patches, each with its own local loss",
-            group=ZO_GROUP,
-            type=int,
-        ),
-    )
-    groups: int | None = field(
-        default=None,
-        metadata=_setting("zo: channel groups per block, each with its own local loss", group=ZO_GROUP, type=int),
-    )
-    norm: bool | None = field(
-        default=None,
-        metadata=_setting(
-            "zo: standardise each local loss's features before its head",
-            group=ZO_GROUP,
-            action=argparse.BooleanOptionalAction,
-        ),
-    )
-    augment: bool | None = field(
-        default=None, metadata=_setting("random crop + flip", action=argparse.BooleanOptionalAction)
-    )
+    augment: bool | None = _per_pair("random crop + flip", action=argparse.BooleanOptionalAction)
     validation: int = field(
         default=0,
         metadata=_setting(
@@ -205,7 +199,7 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         entry = REGISTRY[self.optimizer]
         for name in entry.unused():
-            if getattr(self, name) is not None:
+            if getattr(self, name) not in (UNSET, None):
                 raise ValueError(
                     f"--{name.replace('_', '-')} does not apply to --optimizer {self.optimizer}; leave it out"
                 )
@@ -214,11 +208,12 @@ class TrainConfig:
                 f"--amp is not supported with --optimizer {self.optimizer} (its step runs in float32); leave it out"
             )
         cfg = dataclasses.replace(self)
-        for key, value in defaults_for(self.model, self.optimizer).items():
-            if getattr(cfg, key) is None and not (key in ("epochs", "steps") and (cfg.epochs or cfg.steps)):
-                setattr(cfg, key, value)
-        if cfg.clip == 0:  # how run folders written before "off" spelled it
-            cfg.clip = "off"
+        pair = defaults_for(self.model, self.optimizer)
+        length_given = any(getattr(cfg, k) not in (UNSET, None) for k in ("epochs", "steps"))
+        for f in dataclasses.fields(cfg):
+            if getattr(cfg, f.name) is UNSET:
+                given_instead = f.name in ("epochs", "steps") and length_given
+                setattr(cfg, f.name, None if given_instead else pair.get(f.name))
         if cfg.cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"--cuda-graph must be one of {CUDA_GRAPH_MODES}, got {cfg.cuda_graph!r}")
         if cfg.schedule not in SCHEDULES:
@@ -230,27 +225,37 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {cfg.lr}")
         if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
             raise ValueError("--steps must be >= 1 and --epochs > 0")
-        if cfg.clip not in ("off", None) and not (isinstance(cfg.clip, (int, float)) and cfg.clip > 0):
-            raise ValueError(f"--clip must be a positive number or 'off', got {cfg.clip!r}")
+        if cfg.clip is not None and not (isinstance(cfg.clip, (int, float)) and cfg.clip > 0):
+            raise ValueError(f"--clip must be a positive number or None (off), got {cfg.clip!r}")
         if not (isinstance(cfg.validation, int) and 0 <= cfg.validation < 50000):
             raise ValueError(f"--validation must be a number of training images in [0, 50000), got {cfg.validation!r}")
-        if not (cfg.blocks is None or cfg.blocks in BLOCK_MODES or isinstance(cfg.blocks, int) and cfg.blocks >= 1):
-            raise ValueError(f"--blocks must be one of {BLOCK_MODES} or a block size >= 1, got {cfg.blocks!r}")
+        if not (cfg.blocks in (None, *BLOCK_CHOICES[1:]) or isinstance(cfg.blocks, int) and cfg.blocks >= 1):
+            raise ValueError(
+                f"--blocks must be None (one block), one of {BLOCK_CHOICES[1:]} or a block size >= 1, "
+                f"got {cfg.blocks!r}"
+            )
         return cfg
 
     @classmethod
     def from_record(cls, record: dict) -> "TrainConfig":
-        """The config of a run folder's config.json / a checkpoint (other keys there are ignored, and so are
-        settings its optimizer does not read: runs written before the registry recorded them, unused)."""
+        """The config of a run folder's config.json / a checkpoint: every recorded setting as given (null is
+        None), the rest UNSET.  Other keys there are ignored, and so are settings its optimizer does not read
+        (runs written before the registry recorded them, unused).  Earlier spellings of off are read as None:
+        ``clip`` "off" or 0, ``blocks`` "none"."""
         names = {f.name for f in dataclasses.fields(cls)}
         entry = REGISTRY.get(record.get("optimizer"))
         unused = set(entry.unused()) if entry else set()
-        return cls(**{k: v for k, v in record.items() if k in names and k not in unused})
+        settings = {k: v for k, v in record.items() if k in names and k not in unused}
+        if settings.get("clip") in ("off", 0):
+            settings["clip"] = None
+        if settings.get("blocks") == "none":
+            settings["blocks"] = None
+        return cls(**settings)
 
 
 def defaults_for(model: str, optimizer: str) -> dict:
     """Every default setting of the pair: its registry row over COMMON_DEFAULTS (less the settings the
-    optimizer has no use for, which stay None)."""
+    optimizer has no use for, which resolve to None)."""
     entry = REGISTRY[optimizer]
     unused = entry.unused()
     return {k: v for k, v in {**COMMON_DEFAULTS, **entry.defaults[model]}.items() if k not in unused}
@@ -275,7 +280,9 @@ def add_config_arguments(
         meta = f.metadata
         default = (defaults or {}).get(f.name, f.default)
         shown = pair.get(f.name, default)
-        if shown is None or meta["argparse"].get("action") == "store_true":
+        if shown is None and meta["none_shown"]:
+            shown = meta["none_shown"]
+        if shown in (None, UNSET) or meta["argparse"].get("action") == "store_true":
             help_text = meta["help"]
         else:
             shown = {True: "on", False: "off"}.get(shown, shown) if isinstance(shown, bool) else shown

@@ -49,11 +49,6 @@ class TrainerOptimizer:
         return tuple(s for s in OPTIMIZER_SETTINGS if s not in self.settings)
 
 
-def _off(value, off: str):
-    """The optimizers' None for the trainer's spelled-out "off" (``blocks="none"``, ``clip="off"``)."""
-    return None if value == off else value
-
-
 def _build_sgd(cfg, model, replicas):
     from ..optim import SGD
 
@@ -73,8 +68,8 @@ def _estimate_settings(cfg, replicas) -> dict:
         eps=cfg.eps,
         q=cfg.q,
         distribution=cfg.distribution,
-        blocks=_off(cfg.blocks, "none"),
-        clip=_off(cfg.clip, "off"),
+        blocks=cfg.blocks,
+        clip=cfg.clip,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
         scale_by_block_size=cfg.scale_by_block_size,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data import Dataset, DeviceLoader, load_cifar10
 from ..models import build_model
 from ..run_folder import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
-from .config import TrainConfig
+from .config import UNSET, TrainConfig
 from .distributed import Communicator
 from .optimizers import REGISTRY
 
@@ -188,6 +188,7 @@ def resume_config(
         raise ValueError(f"--resume {run}: no config.json there; is it a run folder?")
     config = TrainConfig.from_record(json.loads(saved.read_text()))
     config.out = str(run)
+    steps, epochs = (None if v is UNSET else v for v in (steps, epochs))  # UNSET: the flag was not given
     if steps is not None or epochs is not None:
         config.steps, config.epochs = steps, epochs
     config.quiet = quiet or config.quiet
