@@ -5,7 +5,7 @@ from __future__ import annotations
 from .replicas import Replicas
 from .zo_estimate import Estimate
 from .zo_layout import Segment
-from .zo_settings import ZOSettings, refuse_other_settings, require
+from .zo_settings import DEFAULT_LR, ZOSettings, refuse_other_settings, require
 from .zo_sgd import ZOSGD, ZOOptimizer
 
 
@@ -32,7 +32,7 @@ class HiZOO(ZOSGD):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = DEFAULT_LR,
         eps: float = ZOSettings.eps,
         q: int = ZOSettings.q,
         distribution: str | None = ZOSettings.distribution,

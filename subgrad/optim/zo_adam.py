@@ -8,7 +8,7 @@ from .. import kernels as K
 from . import zo_estimate
 from .replicas import Replicas
 from .zo_estimate import Estimate
-from .zo_settings import ZOSettings, require
+from .zo_settings import DEFAULT_LR, ZOSettings, require
 from .zo_sgd import ZOOptimizer
 
 
@@ -26,7 +26,7 @@ class ZOAdam(ZOOptimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float = DEFAULT_LR,
         eps: float = ZOSettings.eps,
         q: int = ZOSettings.q,
         estimator: str = ZOSettings.estimator,

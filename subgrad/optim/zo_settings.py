@@ -14,6 +14,10 @@ from .. import kernels as K
 from ..kernels._common import f32, require  # noqa: F401 (require: the optimizers' check style)
 
 ESTIMATORS = ("central", "forward", "jvp")
+#: ZOSGD's, ZOAdam's and HiZOO's learning rate when none is given (torch.optim.SGD's too): with their other
+#: defaults it lowers the loss of a small user CNN, LeNet and ResNet-20 over 200 steps without a blow-up,
+#: where 1e-2 sends ZOSGD on ResNet-20 and ZOAdam on LeNet up (benchmarks/zo_defaults.py, benchmarks/README.md)
+DEFAULT_LR = 1e-3
 BLOCK_MODES = (None, "tensor", "module")
 
 

@@ -43,6 +43,7 @@ from .replicas import Replicas
 from .zo_estimate import Estimate
 from .zo_layout import Segment, ZOLayout, assign_blocks, block_ranges, build_segments
 from .zo_settings import (
+    DEFAULT_LR,
     SAVED_SETTINGS,
     ZOSettings,
     refuse_other_settings,
@@ -297,7 +298,7 @@ class ZOSGD(ZOOptimizer):
         params: parameters, ``model.named_parameters()`` (needed for ``blocks="module"`` and
             ``functional_closure``), or param groups (``lr``, ``weight_decay``, ``l1``, ``momentum`` may
             differ per group; the direction always spans all groups).
-        lr: learning rate (>= 0).
+        lr: learning rate (>= 0; default ``zo_settings.DEFAULT_LR``, 1e-3, which ZOAdam and HiZOO share).
         eps: perturbation size (> 0).
         q: directions per step; the estimate averages them.
         estimator: "central" (2q forwards), "forward" (q+1 forwards) or "jvp" (exact directional
@@ -323,7 +324,7 @@ class ZOSGD(ZOOptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = DEFAULT_LR,
         eps: float = ZOSettings.eps,
         q: int = ZOSettings.q,
         estimator: str = ZOSettings.estimator,
