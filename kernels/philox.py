@@ -561,7 +561,7 @@ RADEMACHER_DIRECTION_CHUNK = 1 << 18
 #: Chunk of a normal direction in every twin (perturb_, zo_update_, philox_normal).  A chunk of TWIN_CHUNK
 #: elements holds only 8K Philox calls, so torch's per-op overhead is most of the twin's time; at 256K
 #: elements (32K calls, ~1 MB int64 temporaries) ``perturb_`` takes about 2/3 of the time at 1e5-1e7
-#: elements (2-core VM, /tmp-free measurement in benchmarks/README.md).
+#: elements (2-core VM, 2026-11-29: benchmarks/LOG.md).
 NORMAL_DIRECTION_CHUNK = 1 << 18
 
 

@@ -48,7 +48,7 @@ contiguous share of the examples only.  Per block, one all-gather of the per-exa
 per weight) gives every rank all of them; each rank then forms the same weight gradients ``g^T x`` from its
 own clean activations and applies the same update, so replicas stay bit-identical without a weight or a
 gradient on the wire.  The price: the clean pass and the products are not divided among ranks, only the
-tails are (measured in benchmarks/README.md).
+tails are (measured in benchmarks/README.md, "Data parallel").
 """
 
 from __future__ import annotations

@@ -120,17 +120,18 @@ def _build_activity_zo(cfg, model, replicas):
 # leaves out take config.COMMON_DEFAULTS.  benchmarks/README.md states the accuracy each reaches.
 
 # activity perturbation with local losses (subgrad.optim.ActivityZO); settings chosen on a 5,000-image
-# validation split of the training set (--validation 5000; benchmarks/README.md "Choosing zo's settings"):
+# validation split of the training set (--validation 5000; benchmarks/README.md "Why zo's defaults", the
+# runs by date in benchmarks/LOG.md):
 # lenet q 8 on the convs, q_linear 16 on the fc layers, 9,000 steps (validation, mean of seeds 0-2: 58.6%,
 # ahead on every seed of q 8 x 7,500 steps, 57.6%, and of q 8 x 9,000 or 10,000, 57.8% / 57.5%; q_linear
 # 32 x 9,000: 58.4% at 1.2x the time; patch and group losses lower lenet's accuracy); resnet20: 4 x 4
 # patches x 4 groups (300-step validation runs: 18.6% vs 12.7% with one loss per block), 6,000 steps so
 # that the 1.3x costlier step stays inside the hour; its estimates carried through BatchNorm's batch
 # statistics (ActivityZO's through_batch_stats; 1,000-step validation runs: 27.5% vs 25.6% held fixed).
-# localnet: q 2, 4 x 4 patches, 4 groups (1,500-step validation runs, benchmarks/README.md); lr 1e-3, not
+# localnet: q 2, 4 x 4 patches, 4 groups (1,500-step validation runs, benchmarks/LOG.md); lr 1e-3, not
 # those runs' 2e-3: Adam's steps on noisy estimates random-walk the weights by ~ lr sqrt(steps), and at
 # 2e-3 a 25,000-step run's test loss rose past chance (3.5) by step 4,000; 22,000 steps: 43 min on the
-# 2-core Intel Xeon VM, 29 min on the AMD EPYC one (benchmarks/README.md)
+# 2-core Intel Xeon VM, 29 min on the AMD EPYC one (benchmarks/LOG.md)
 _ACTIVITY = dict(batch_size=128, lr=2e-3, eps=1e-2, norm=False, schedule="cosine", augment=False)
 ZO_DEFAULTS = {
     "lenet": dict(_ACTIVITY, q=8, q_linear=16, patches=1, groups=1, steps=9000),
