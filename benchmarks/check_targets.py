@@ -7,6 +7,7 @@ Targets (H100/H200, n >= 1e7): perturb and zo_update at >= 85% of the measured c
 Prints one line per check; exits 1 if any fails.
 """
 
+import argparse
 import json
 import sys
 
@@ -40,4 +41,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="kernels-cuda-*.json files written by benchmarks/kernels.py")
+    sys.exit(main(parser.parse_args().paths))

@@ -22,10 +22,8 @@ copy of its own values; same shapes, same work): ``zo_share`` rows, ``speedup_bo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_device_argument, pick_device
+from bench_common import add_device_argument, pick_device, write_result
 
 
 class _RankZeroOf:
@@ -226,23 +224,17 @@ def main() -> None:
             f"   speedup bound {r['speedup_bound']:.2f}x"
         )
         rows.append(r)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     report = dict(
         device=args.device,
-        device_name=name,
         cpu_count=os.cpu_count(),
         nproc=args.nproc,
         steps=args.steps,
         global_batch=args.batch,
-        date=datetime.date.today().isoformat(),
-        torch=torch.__version__,
-        command=" ".join(sys.argv),
         rows=rows,
     )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"distributed-{args.device}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    write_result(path, report, args.device)
     print(f"wrote {path}")
 
 

@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from subgrad import __version__
+from bench_common import write_result
 from subgrad.data import Dataset
 from subgrad.testing import SyncCounter, record_step, tensors_in, triton_launches
 from subgrad.training.config import TrainConfig
@@ -324,16 +322,10 @@ def main(argv=None) -> int:
         repeats=args.repeats,
         threads=args.threads,
         gpu_figures=gpu_file,
-        machine=platform.processor() or platform.machine(),
-        python=sys.version.split()[0],
-        torch=torch.__version__,
-        subgrad=__version__,
-        date=datetime.date.today().isoformat(),
-        command="python benchmarks/host_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(args.json, result, "cpu", argv)
     return 0
 
 

@@ -19,21 +19,17 @@ element moved) and gives the bandwidth ceiling.  Prints a table and writes JSON 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from bench_common import add_device_argument, pick_device
+from bench_common import add_device_argument, file_label, machine_name, pick_device, write_result
 from subgrad import __version__
 from subgrad import kernels as K
-from subgrad.run_folder import versions
 
 # Bytes each op must move per fp32 element (reads + writes of the tensors it touches).
 BYTES_PER_ELEMENT = {"copy": 8, "perturb": 8, "perturb_rademacher": 8, "zo_update": 8, "sgd": 20, "adamw": 28}
@@ -190,7 +186,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     sizes = [int(s) for s in (args.sizes or ([1e4, 1e5, 1e6, 1e7, 1e8] if device.type == "cuda" else [1e4, 1e5, 1e6]))]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = machine_name(device)
     backend = "triton" if device.type == "cuda" else "torch twin"
     measure, measure_pair = timer(device, args.repeats), paired_timer(device, args.repeats)
 
@@ -224,22 +220,8 @@ def main(argv=None) -> int:
         )
 
     os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    path = os.path.join(args.out, f"kernels-{device.type}-{slug}.json")
-    with open(path, "w") as f:
-        json.dump(
-            dict(
-                device=name,
-                device_type=device.type,
-                backend=backend,
-                versions=versions(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                rows=rows,
-            ),
-            f,
-            indent=1,
-        )
+    path = os.path.join(args.out, f"kernels-{device.type}-{file_label(device)}.json")
+    write_result(path, dict(device=name, device_type=device.type, backend=backend, rows=rows), device, argv)
     print(f"wrote {path}")
     return 0
 

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,11 +34,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_device_argument, pick_device
+from bench_common import add_device_argument, file_label, machine_name, pick_device, write_result
 from subgrad import __version__
 from subgrad.models import build_model
 from subgrad.optim import SGD, ZOSGD, AdamW
-from subgrad.run_folder import versions
 
 
 def measure(fn, device, repeats):
@@ -329,7 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = machine_name(device)
     rows = [r for m in args.models for r in bench_model(m, device, args.batch, args.repeats)]
     rows += zo_default_shares(device, args.repeats)
 
@@ -351,22 +347,8 @@ def main(argv=None) -> int:
                 f"({r['forward_passes']} forwards x {r['forward_seconds'] * 1e3:.2f} ms)"
             )
     os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    path = os.path.join(args.out, f"optim-{device.type}-{slug}.json")
-    with open(path, "w") as f:
-        json.dump(
-            dict(
-                device=name,
-                device_type=device.type,
-                batch=args.batch,
-                versions=versions(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join(["optim.py"] + (argv or sys.argv[1:])),
-                rows=rows,
-            ),
-            f,
-            indent=1,
-        )
+    path = os.path.join(args.out, f"optim-{device.type}-{file_label(device)}.json")
+    write_result(path, dict(device=name, device_type=device.type, batch=args.batch, rows=rows), device, argv)
     print(f"wrote {path}")
     return 0
 

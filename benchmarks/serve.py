@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import pathlib
-import platform
 import re
 import shutil
 import signal
@@ -213,7 +210,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="turns the paths take within each row's time")
     args = parser.parse_args()
 
-    from subgrad import __version__
+    from bench_common import versions, write_result
     from subgrad.data import load_cifar10
     from subgrad.export.runtime import Predictor
     from subgrad.export.serve import free_port
@@ -295,17 +292,13 @@ def main() -> int:
 
         payload = {
             "benchmark": "serve",
-            "date": datetime.date.today().isoformat(),
-            "machine": platform.processor() or platform.machine(),
-            "python": sys.version.split()[0],
-            "versions": {"subgrad": __version__, "onnxruntime": onnxruntime.__version__, "tritonserver": version},
-            "command": "python " + " ".join(sys.argv),
+            "versions": dict(versions(), onnxruntime=onnxruntime.__version__, tritonserver=version),
             "seconds_per_row": args.seconds,
             "targets": targets,
             "rows": rows,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+        write_result(args.json, payload, "cpu")
         plot(rows, args.plot or args.json.with_suffix(".png"))
         print(f"wrote {args.json} and {args.plot or args.json.with_suffix('.png')}")
     return 0 if not any(r["errors"] for r in rows) else 1

@@ -18,10 +18,7 @@ Prints a table and writes results/train-<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,10 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_device_argument, pick_device
+from bench_common import add_device_argument, machine_name, pick_device, write_result
 from subgrad.data import load_cifar10
 from subgrad.models import build_model
-from subgrad.run_folder import versions
 from subgrad.training.config import TrainConfig
 from subgrad.training.loop import train
 from subgrad.training.optimizers import OPTIMIZERS
@@ -170,13 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    result = dict(
-        device=name,
-        versions=versions(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(["train.py"] + (argv or sys.argv[1:])),
-    )
+    name = machine_name(device)
+    result = dict(device=name)
 
     if args.loops:
         if device.type != "cuda":
@@ -243,8 +234,7 @@ def main(argv=None) -> int:
         result["defaults"] = rows
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train-{device.type}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(path, result, device, argv)
     print(f"wrote {path}")
     return 0
 

@@ -19,18 +19,16 @@ import argparse
 import copy
 import json
 import pathlib
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import add_device_argument, pick_device, write_result  # noqa: E402
-from subgrad.data import load_cifar10  # noqa: E402
-from subgrad.models import build_model  # noqa: E402
-from subgrad.optim import ZOSGD, HiZOO, ZOAdam  # noqa: E402
+from bench_common import add_device_argument, pick_device, write_result
+from subgrad.data import load_cifar10
+from subgrad.models import build_model
+from subgrad.optim import ZOSGD, HiZOO, ZOAdam
 
 STEPS = 200  # the yardstick: a new user's first look at the loss
 BATCH = 64
