@@ -406,7 +406,7 @@ def test_bad_settings_are_refused():
     model = build_model("lenet")
     with pytest.raises(ValueError, match="eps"):
         ActivityZO(model, eps=0.0)
-    with pytest.raises(ValueError, match=r"Sequential has none; give it a local_blocks\(\) method"):
+    with pytest.raises(ValueError, match=r"output must be logits \(batch, classes\)"):
         ActivityZO(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
     with pytest.raises(ValueError, match="q must be"):
         ActivityZO(model, q=0)

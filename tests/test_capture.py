@@ -12,6 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_bitwise_equal
@@ -106,6 +107,29 @@ def test_resnet20_zo_step_is_capturable():
     torch.manual_seed(0)
     model = build_model("resnet20").to(DEVICE).train()
     _check_capturable("zo resnet20", model, ActivityZO(model, lr=1e-3, backend="triton"), "blocks")
+
+
+@pytest.mark.slow
+def test_traced_cut_zo_step_is_capturable():
+    """A user's model cut by tracing (subgrad.optim.activity_graph): BatchNorm, ReLU6 in place, a max-pool's
+    argmax mask and a global average, with no host read in the step."""
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU6(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
+        .to(DEVICE)
+        .train()
+    )
+    _check_capturable("zo traced", model, ActivityZO(model, lr=1e-3, backend="triton"), "blocks")
 
 
 def _check_capturable(name, model, opt, kind):

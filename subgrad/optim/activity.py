@@ -1,9 +1,10 @@
 """ActivityZO: forward-only training by per-example activity perturbation with local losses.
 
 ``subgrad train --optimizer zo``.  After Ren, Kornblith, Liao and Hinton (2022), "Scaling forward
-gradient with local losses".  The model is cut into blocks (:mod:`.activity_blocks`), each trained on its
-own loss: the mean over its *parts* of the cross-entropy of a training-only linear head per part (``LocalHead``:
-the block output cut into patches x channel groups; one part by default), the last on the model's output.
+gradient with local losses".  The model is cut into blocks (:mod:`.activity_blocks`; a model without a cut
+of its own is traced, :mod:`.activity_graph`), each trained on its own loss: the mean over its *parts* of
+the cross-entropy of a training-only linear head per part (``LocalHead``: the block output cut into
+patches x channel groups; one part by default), the last on the model's output.
 At step ``t``, autograd off, for each block in order (its input is the previous block's output)::
 
     clean pass     x_j, z_j = input and activity of site j (a conv/linear layer's output, or its pooled
@@ -62,7 +63,8 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ._counters import StepCounters
-from .activity_blocks import local_blocks, make_heads, trained_parameters
+from .activity_blocks import make_heads, trained_parameters
+from .activity_graph import block_cut
 from .first_order import AdamW
 from .replicas import Replicas
 from .zo_settings import require
@@ -126,16 +128,17 @@ def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
 
 
 class ActivityZO:
-    """Forward-only training of a LeNet, LocalNet or ResNet-20 by per-example activity perturbation with
-    local losses (see the module docstring for the estimate).
+    """Forward-only training by per-example activity perturbation with local losses (see the module
+    docstring for the estimate).
 
     Unlike a ``torch.optim`` optimizer it runs the model itself, block by block:
     ``loss = opt.step(inputs, targets)`` returns the mean loss of the model's output on the batch.
 
     Args:
-        model: a :class:`subgrad.models.LeNet`, :class:`~subgrad.models.LocalNet` or
-            :class:`~subgrad.models.ResNet20` (in train mode when stepping; BatchNorm scale and shift are not
-            trained by this method).
+        model: any network of Conv2d and Linear layers that torch.fx traces (in train mode when stepping;
+            norms' scale and shift are not trained by this method), cut into blocks by :func:`.block_cut`.
+        cut: the blocks, when the model is not to be cut as :func:`.block_cut` would (a list of
+            :class:`.activity_blocks.LocalBlock`).
         lr, betas, weight_decay: of the AdamW update (decoupled weight decay).
         eps: activity perturbation size (finite-difference step on each unit's output).
         q: directions per step on each convolution's activity.
@@ -175,6 +178,7 @@ class ActivityZO:
         backend: str | None = None,
         example: torch.Tensor | None = None,
         replicas: Replicas | None = None,
+        cut: list | None = None,
     ):
         self.settings = settings = ActivitySettings(
             eps=eps,
@@ -188,19 +192,11 @@ class ActivityZO:
             seed=seed,
         )
         self.model = model
-        self.blocks = local_blocks(model)
+        self.blocks = block_cut(model, cut)
         device = next(model.parameters()).device
-        if example is None:
-            example = torch.zeros(1, 3, 32, 32, device=device)
-        # training only: saved with the optimizer, never exported
-        self.heads = make_heads(
-            self.blocks,
-            example,
-            patches=settings.patches,
-            groups=settings.groups,
-            pool=settings.head_pool,
-            norm=settings.norm,
-        )
+        example = torch.zeros(1, 3, 32, 32, device=device) if example is None else example
+        heads = dict(patches=settings.patches, groups=settings.groups, pool=settings.head_pool, norm=settings.norm)
+        self.heads = make_heads(self.blocks, example, **heads)  # training only: saved with the optimizer, not exported
         # per block and site: the head part each unit of one example moves, flat (None: the whole loss); per
         # head: the part of each of its logits
         self.site_parts = [

@@ -74,9 +74,14 @@ class BlockPass:
 ALL = slice(None)
 
 
-def _batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_dims(z: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions BatchNorm reduces over: the batch and the positions, (batch, channels[, positions])."""
+    return (0, *range(2, z.dim()))
+
+
+def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of a clean pass's batch: what training-mode BatchNorm uses."""
-    var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(z, dim=_channel_dims(z), unbiased=False)
     return mean, var
 
 
@@ -97,13 +102,14 @@ def through_batch_stats(
     batch's estimate (which each holds)."""
     mean, var = stats
     rstd = torch.rsqrt(var + bn.eps)
+    dims, per_channel = _channel_dims(z), (-1,) + (1,) * (z.dim() - 2)  # BatchNorm2d: (0, 2, 3), (-1, 1, 1)
 
     def correct(g: torch.Tensor) -> torch.Tensor:
         count = g.numel() // g.shape[1]
-        g_mean = g.sum((0, 2, 3)) / count
-        g_zhat = ((g * z).sum((0, 2, 3)) / count - mean * g_mean) * rstd  # mean_c(g * zhat)
+        g_mean = g.sum(dims) / count
+        g_zhat = ((g * z).sum(dims) / count - mean * g_mean) * rstd  # mean_c(g * zhat)
         k = g_zhat * rstd  # g_true = g - k z - (g_mean - k mean): zhat's two terms in one pass over z
-        return torch.addcmul(g, z, -k[:, None, None]).sub_((g_mean - k * mean)[:, None, None])
+        return torch.addcmul(g, z, -k.view(per_channel)).sub_((g_mean - k * mean).view(per_channel))
 
     return correct
 
@@ -260,7 +266,7 @@ class StemBlock(LocalBlock):
     def run(self, h):
         z = self.conv(h)
         out = F.relu(self.bn(z))  # the module: updates the running statistics, once per step
-        stats = _batch_stats(z)
+        stats = batch_stats(z)
         return BlockPass(
             out,
             [SiteRecord(self.conv, h, z, out > 0, through_stats=through_batch_stats(self.bn, z, stats))],
@@ -288,7 +294,7 @@ class ResidualBlock(LocalBlock):
         z2 = b.conv2(x2)
         short = b.shortcut(h)
         out = F.relu(b.bn2(z2) + short)
-        stats1, stats2 = _batch_stats(z1), _batch_stats(z2)
+        stats1, stats2 = batch_stats(z1), batch_stats(z2)
 
         def tail(j, zp, rows):
             if j == 0:
@@ -357,19 +363,23 @@ def make_heads(
     norm: bool = False,
 ) -> nn.ModuleList:
     """One training-only :class:`LocalHead` per block but the last, to the model's classes, sized by a clean
-    pass of ``example`` (a small batch of inputs; the model's running statistics are restored afterwards)."""
-    bns = [m for b in blocks for m in b.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
+    pass of ``example`` (a small batch of inputs) in eval mode: running statistics untouched, and a batch of
+    one is fine."""
+    modes = {m: m.training for b in blocks for m in b.modules()}
     shapes, h = [], example
-    with torch.no_grad():
-        for block in blocks:
-            h = block.run(h).out
-            head_input = block.head_input(h)
-            assert (head_input is None) == (block is blocks[-1]), "every block but the last has a head"
-            if head_input is not None:
-                shapes.append(head_input.shape[1:])
-    for m, state in zip(bns, saved):
-        m.load_state_dict(state)
+    try:
+        with torch.no_grad():
+            for block in blocks:
+                h = block.eval().run(h).out
+                head_input = block.head_input(h)
+                assert (head_input is None) == (block is blocks[-1]), "every block but the last has a head"
+                if head_input is not None:
+                    shapes.append(head_input.shape[1:])
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if h.dim() != 2:
+        raise ValueError(f"the model's output must be logits (batch, classes) for its loss; got {tuple(h.shape)}")
     return nn.ModuleList(LocalHead(s, h.shape[1], patches, groups, pool, norm).to(example.device) for s in shapes)
 
 
