@@ -24,7 +24,7 @@ BATCH_SIZES = (1, 32, 256)
 TIMED_RUNS = 200
 
 
-def torch_model(model_path, info: ModelInfo, run_dir=None) -> tuple[torch.nn.Module, str]:
+def torch_model(model_path, info: ModelInfo, run_dir=None, code: str | None = None) -> tuple[torch.nn.Module, str]:
     """The eager side: the run's model when ``run_dir`` is given, else the registered architecture with
     the ONNX initializers when every name matches (not after the exporter folds BatchNorm into convs),
     else the architecture with random weights (timing depends on the architecture, not the values)."""
@@ -36,10 +36,10 @@ def torch_model(model_path, info: ModelInfo, run_dir=None) -> tuple[torch.nn.Mod
     from .exporter import WithPreprocessing, load_run
 
     if run_dir is not None:
-        model, _, _ = load_run(run_dir)
+        model, _, _ = load_run(run_dir, code)
         weights = f"run {run_dir}"
     else:
-        model = build_model(info.model_name, **info.raw.get("model_config", {}))
+        model = build_model(info.model_name, code_named=code, **info.raw.get("model_config", {}))
         inits = {t.name: t for t in onnx.load(str(model_path)).graph.initializer}
         state = model.state_dict()
         found = {k: torch.from_numpy(numpy_helper.to_array(inits[k]).copy()) for k in state if k in inits}
@@ -139,6 +139,7 @@ def bench(
     threads: int | None = None,
     providers: list[str] | None = None,
     run_dir=None,
+    code: str | None = None,
 ) -> dict:
     """Benchmark ``model_path``; returns the report (one entry per onnxruntime provider)."""
     import onnxruntime as ort
@@ -151,7 +152,7 @@ def bench(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     info = Predictor(model_path, ["CPUExecutionProvider"]).info
-    model, weights = torch_model(model_path, info, run_dir)
+    model, weights = torch_model(model_path, info, run_dir, code)
     available = ort.get_available_providers()
     if providers is None:
         providers = ["CPUExecutionProvider"]

@@ -13,7 +13,9 @@ import sys
 def _cmd_export(args: argparse.Namespace) -> int:
     from subgrad.export.exporter import export_run
 
-    path = export_run(args.run, args.out, with_preprocessing=args.with_preprocessing, **_given(args, opset="opset"))
+    path = export_run(
+        args.run, args.out, with_preprocessing=args.with_preprocessing, **_given(args, opset="opset", code="code")
+    )
     print(
         f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); checked with onnx.checker (full) and strict shape "
         "inference"
@@ -29,7 +31,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         args.run,
         args.data,
         limit=args.limit,
-        **_given(args, batch_sizes="batch_sizes", min_agreement="min_agreement", max_abs_diff="max_abs_diff"),
+        **_given(
+            args, batch_sizes="batch_sizes", min_agreement="min_agreement", max_abs_diff="max_abs_diff", code="code"
+        ),
     )
     print(
         f"{report['images']} images  agreement {report['agreement']:.5f}  max |diff| {report['max_abs_diff']:.3g}  "
@@ -52,7 +56,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.model,
         threads=args.threads,
         run_dir=args.run,
-        **_given(args, batch_sizes="batch_sizes", runs="runs", warmup="warmup"),
+        **_given(args, batch_sizes="batch_sizes", runs="runs", warmup="warmup", code="code"),
     )
     print(render_table(report))
     if args.json:
@@ -230,6 +234,14 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _add_code_argument(parser) -> None:
+    parser.add_argument(
+        "--code",
+        metavar="package.module:callable",
+        help="the run's model, when it is your constructor: subgrad imports code only when you name it here",
+    )
+
+
 def add_commands(sub) -> None:
     """The export and deploy subcommands, on ``subgrad``'s subparsers ``sub``."""
     ex = sub.add_parser(
@@ -247,6 +259,7 @@ def add_commands(sub) -> None:
         help="take raw NHWC uint8 pixels: normalisation inside the graph",
     )
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, the lowest it supports)")
+    _add_code_argument(ex)
     ex.set_defaults(func=_cmd_export)
 
     va = sub.add_parser(
@@ -263,6 +276,7 @@ def add_commands(sub) -> None:
     va.add_argument("--min-agreement", dest="min_agreement", type=float, help="top-1 agreement needed to pass")
     va.add_argument("--max-abs-diff", dest="max_abs_diff", type=float, help="largest |logit difference| that passes")
     va.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
+    _add_code_argument(va)
     va.set_defaults(func=_cmd_validate)
 
     be = sub.add_parser(
@@ -282,6 +296,7 @@ def add_commands(sub) -> None:
         metavar="RUN_DIR",
         help="eager side from this run folder (default: rebuilt from the ONNX file's metadata and weights)",
     )
+    _add_code_argument(be)
     be.set_defaults(func=_cmd_bench)
 
     qu = sub.add_parser(

@@ -54,9 +54,12 @@ class WithPreprocessing(nn.Module):
 
 
 # -- run folders ------------------------------------------------------------------------------------
-def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
-    """(model in eval mode on CPU, config.json record, summary.json or {}) of a finished training run."""
-    from subgrad.models import MODELS, build_model
+def load_run(run_dir, code: str | None = None) -> tuple[nn.Module, dict, dict]:
+    """(model in eval mode on CPU, config.json record, summary.json or {}) of a finished training run.  A run
+    of the user's own constructor rebuilds it only when ``code`` names it (``--code``: named by the user,
+    not read from the folder)."""
+    from subgrad.model_names import model_source
+    from subgrad.models import build_model
     from subgrad.run_folder import checkpoints, load_checkpoint
 
     run = pathlib.Path(run_dir)
@@ -69,12 +72,11 @@ def load_run(run_dir) -> tuple[nn.Module, dict, dict]:
         if not found:
             raise ExportError(f"{run}: no model.pt and no checkpoints; the run has not saved weights yet")
         weights = found[-1]
-    if record.get("model") not in MODELS:
-        raise ExportError(
-            f"{run}: model {record.get('model')!r} is not in the registry {sorted(MODELS)}; "
-            "only registered models can be rebuilt for export"
-        )
-    model = build_model(record["model"], **record.get("model_config", {}))
+    try:
+        model_source(record.get("model"))
+        model = build_model(record["model"], code_named=code, **record.get("model_config", {}))
+    except ValueError as exc:
+        raise ExportError(f"{run}: {exc}") from None
     model.load_state_dict(load_checkpoint(weights)["model"])
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -238,11 +240,13 @@ def export_module(
     return atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
 
 
-def export_run(run_dir, out, with_preprocessing: bool = False, opset: int = OPSET) -> pathlib.Path:
-    """Export a run folder's final weights to ``out`` (see the module docstring)."""
+def export_run(
+    run_dir, out, with_preprocessing: bool = False, opset: int = OPSET, code: str | None = None
+) -> pathlib.Path:
+    """Export a run folder's final weights to ``out`` (see the module docstring; ``code``: :func:`load_run`)."""
     if opset < OPSET:
         raise ExportError(f"--opset must be >= {OPSET}, got {opset}")
-    model, record, summary = load_run(run_dir)
+    model, record, summary = load_run(run_dir, code)
     metadata = build_metadata(record, summary, with_preprocessing, opset)
     if with_preprocessing:
         model, example = (

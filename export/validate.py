@@ -57,6 +57,7 @@ def validate(
     limit: int | None = None,
     providers=None,
     write: bool = True,
+    code: str | None = None,
 ) -> dict:
     """Compare PyTorch and onnxruntime on the test set; returns the report (``passed``, ``failures``, ...)."""
     from subgrad.data import load_cifar10
@@ -70,7 +71,7 @@ def validate(
     model_path = pathlib.Path(model_path)
     predictor = Predictor(model_path, providers)
     info = predictor.info
-    model, record, _ = load_run(run_dir)
+    model, record, _ = load_run(run_dir, code)
     if info.model_name != record["model"] or not np.allclose(info.mean, record["mean"], rtol=0, atol=0):
         raise ValueError(f"{model_path} was not exported from {run_dir} (model or normalisation differ)")
     dataset = load_cifar10(data)

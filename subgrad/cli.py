@@ -76,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.run_setup import resume_config
 
     if args.resume:
-        config = resume_config(args.resume, steps=args.steps, epochs=args.epochs, quiet=args.quiet)
+        config = resume_config(args.resume, steps=args.steps, epochs=args.epochs, quiet=args.quiet, model=args.model)
     else:
         config = config_from_args(args)
     try:

@@ -18,11 +18,13 @@ ResNet-20 the stem (conv, BN, ReLU), each basic block (sites conv1 and conv2) an
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model_names import MODEL_CLASSES
+from .model_names import MODEL_CLASSES, TORCHVISION, model_source
 
 
 class LeNet(nn.Module):
@@ -123,8 +125,43 @@ class LocalNet(nn.Module):
 MODELS = {name: globals()[cls] for name, cls in MODEL_CLASSES.items()}
 
 
-def build_model(name: str, **config) -> nn.Module:
-    """Rebuild a registered model from its name and constructor config."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](**config)
+def build_model(name: str, *, code_named: str | None = None, **config) -> nn.Module:
+    """A model from its name (:mod:`subgrad.model_names`) and constructor config.  A user's constructor
+    (``package.module:callable``) is imported only when ``code_named`` is that same name: the user named it
+    on the command line that runs, not a file that was read."""
+    source = model_source(name)
+    if source == "builtin":
+        return MODELS[name](**config)
+    if source == "torchvision":
+        return torchvision_model(name[len(TORCHVISION) :], **config)
+    if code_named != name:
+        raise ValueError(
+            f"model {name!r} is your code, which subgrad imports only when you name it on the command line: "
+            f"add --model {name} (subgrad train --resume) or --code {name} (export, validate, bench)"
+        )
+    module, _, attr = name.partition(":")
+    model = getattr(importlib.import_module(module), attr)(**config)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {name}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def torchvision_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A torchvision classification model, untrained, for 32 x 32 images: ResNets take a 3x3 stride-1 stem
+    without max-pooling and MobileNetV2 a stride-1 first conv (the CIFAR-10 versions of both; the ImageNet
+    stems shrink 32 x 32 to 8 x 8 and 16 x 16 before the first block); other models as torchvision builds
+    them."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(
+            f"--model torchvision:{name}: not a torchvision classification model; see "
+            "torchvision.models.list_models(module=torchvision.models)"
+        )
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if isinstance(model, torchvision.models.ResNet):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif isinstance(model, torchvision.models.MobileNetV2):
+        model.features[0][0].stride = (1, 1)
+    return model

@@ -43,9 +43,10 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
     _log(quiet, f"[1/4] training {config.model} with {config.optimizer} into {run}")
     summary = train(config)
     _log(quiet, "[2/4] exporting to ONNX")
-    onnx_path = export_run(run, run / "model.onnx")
+    code = config.model  # named by the caller of this run: its code may be rebuilt for export and validation
+    onnx_path = export_run(run, run / "model.onnx", code=code)
     _log(quiet, "[3/4] validating PyTorch vs onnxruntime on the test set")
-    validation = validate(onnx_path, run, data, batch_sizes=validate_batch_sizes or BATCH_SIZES)
+    validation = validate(onnx_path, run, data, batch_sizes=validate_batch_sizes or BATCH_SIZES, code=code)
     _log(
         quiet,
         f"      {'passed' if validation['passed'] else 'FAILED: ' + '; '.join(validation['failures'])}: "
@@ -54,7 +55,7 @@ def run_pipeline(config=None, bench_runs: int | None = None, validate_batch_size
     )
     bench_runs = TIMED_RUNS if bench_runs is None else bench_runs
     _log(quiet, f"[4/4] benchmarking ({bench_runs} timed runs per batch size)")
-    timing = bench(onnx_path, runs=bench_runs, run_dir=run)
+    timing = bench(onnx_path, runs=bench_runs, run_dir=run, code=code)
     atomic_write_text(run / "bench.json", json.dumps(timing, indent=1))
     report = render_report(summary, validation, timing)
     atomic_write_text(run / "report.md", report)

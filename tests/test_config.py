@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from subgrad import cli
-from subgrad.model_names import MODEL_NAMES
+from subgrad.model_names import GENERIC_ROW, MODEL_NAMES
 from subgrad.models import MODELS
 from subgrad.training.config import COMMON_DEFAULTS, UNSET, TrainConfig, config_from_args, defaults_for
 from subgrad.training.optimizers import OPTIMIZER_SETTINGS, OPTIMIZERS, REGISTRY, STEP_KINDS
@@ -42,7 +42,7 @@ def test_one_default_per_setting_for_every_pair():
     assert tuple(MODELS) == MODEL_NAMES
     assert set(OPTIMIZER_SETTINGS) <= FIELDS
     for name, entry in REGISTRY.items():
-        assert set(entry.defaults) == set(MODEL_NAMES), f"{name}: a defaults row for every model"
+        assert set(entry.defaults) == {*MODEL_NAMES, GENERIC_ROW}, f"{name}: a defaults row for every model"
         assert entry.step_kind in STEP_KINDS and set(entry.settings) <= set(OPTIMIZER_SETTINGS), name
     for pair, row in ((p, REGISTRY[p[1]].defaults[p[0]]) for p in ((m, o) for m in MODEL_NAMES for o in OPTIMIZERS)):
         assert set(row) <= FIELDS, f"{pair}: not settings: {set(row) - FIELDS}"

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 
-from ..model_names import MODEL_NAMES
+from ..model_names import MODEL_HELP, defaults_row, model_source
 from .optimizers import OPTIMIZERS, REGISTRY
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -69,6 +69,22 @@ def _blocks(value: str):
     return None if value == "none" else value
 
 
+def _model(value: str) -> str:
+    """``--model``: a built-in name, torchvision:NAME or package.module:callable (checked, not imported)."""
+    try:
+        model_source(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--model {value!r}: ")) from None
+    return value
+
+
+def _is_model(value) -> bool:
+    try:
+        return bool(model_source(value))
+    except ValueError:
+        return False
+
+
 def _setting(
     help: str,
     *,
@@ -95,7 +111,7 @@ class TrainConfig:
     """All settings of a run.  :data:`UNSET` means "the default for this model/optimizer" (:func:`defaults_for`);
     ``None`` means off / not this one, as to the optimizers (module docstring)."""
 
-    model: str = field(default="lenet", metadata=_setting("network to train", choices=MODEL_NAMES))
+    model: str = field(default="lenet", metadata=_setting(MODEL_HELP, type=_model, metavar="MODEL", none_shown="lenet"))
     optimizer: str = field(
         default="sgd",
         metadata=_setting("; ".join(f"{n}: {e.summary}" for n, e in REGISTRY.items()), choices=OPTIMIZERS),
@@ -193,8 +209,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every default filled in for this model/optimizer pair, validated (one-line errors)."""
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}")
+        model_source(self.model)  # a one-line error for a name that is none of the three kinds
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         entry = REGISTRY[self.optimizer]
@@ -258,7 +273,7 @@ def defaults_for(model: str, optimizer: str) -> dict:
     optimizer has no use for, which resolve to None)."""
     entry = REGISTRY[optimizer]
     unused = entry.unused()
-    return {k: v for k, v in {**COMMON_DEFAULTS, **entry.defaults[model]}.items() if k not in unused}
+    return {k: v for k, v in {**COMMON_DEFAULTS, **entry.defaults[defaults_row(model)]}.items() if k not in unused}
 
 
 def add_config_arguments(
@@ -272,13 +287,13 @@ def add_config_arguments(
     the default resolved for ``model``/``optimizer`` (the pair given on the command line, so ``subgrad
     train --model resnet20 --optimizer zo-sgd --help`` shows that pair's values).  ``only`` restricts the
     fields (``subgrad run``); ``defaults`` overrides field defaults (``subgrad run --out runs/main``)."""
-    pair = defaults_for(model, optimizer) if model in MODEL_NAMES and optimizer in OPTIMIZERS else {}
+    pair = defaults_for(model, optimizer) if _is_model(model) and optimizer in OPTIMIZERS else {}
     groups, exclusive = {}, {}
     for f in dataclasses.fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
         meta = f.metadata
-        default = (defaults or {}).get(f.name, f.default)
+        default = (defaults or {}).get(f.name, None if f.name == "model" else f.default)
         shown = pair.get(f.name, default)
         if shown is None and meta["none_shown"]:
             shown = meta["none_shown"]
@@ -302,6 +317,7 @@ def add_config_arguments(
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of parsed flags (fields a command does not expose keep their defaults)."""
-    return TrainConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if values.get("model") is None:  # --model not given (None, so that --resume can tell)
+        values.pop("model", None)
+    return TrainConfig(**values)

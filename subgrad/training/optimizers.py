@@ -117,7 +117,8 @@ def _build_activity_zo(cfg, model, replicas):
 
 # -- defaults per model ------------------------------------------------------------------------------
 # Each row is what `subgrad train --model M --optimizer O` uses when a flag is not given; settings a row
-# leaves out take config.COMMON_DEFAULTS.  benchmarks/README.md states the accuracy each reaches.
+# leaves out take config.COMMON_DEFAULTS.  "generic" (model_names.GENERIC_ROW) serves every model without a
+# row of its own (torchvision's and the user's).  benchmarks/README.md states the accuracy each reaches.
 
 # activity perturbation with local losses (subgrad.optim.ActivityZO); settings chosen on a 5,000-image
 # validation split of the training set (--validation 5000; benchmarks/README.md "Why zo's defaults", the
@@ -134,6 +135,9 @@ def _build_activity_zo(cfg, model, replicas):
 # 2-core Intel Xeon VM, 29 min on the AMD EPYC one (benchmarks/LOG.md)
 _ACTIVITY = dict(batch_size=128, lr=2e-3, eps=1e-2, norm=False, schedule="cosine", augment=False)
 ZO_DEFAULTS = {
+    # every other model (torchvision's, the user's): one local loss per block (patches need maps that divide
+    # evenly), q 2; not yet chosen by a measurement on such models
+    "generic": dict(_ACTIVITY, q=2, patches=1, groups=1, steps=6000),
     "lenet": dict(_ACTIVITY, q=8, q_linear=16, patches=1, groups=1, steps=9000),
     "resnet20": dict(_ACTIVITY, q=1, patches=4, groups=4, steps=6000),
     "localnet": dict(_ACTIVITY, lr=1e-3, q=2, patches=4, groups=4, steps=22000),
@@ -142,11 +146,13 @@ ZO_DEFAULTS = {
 # its shared-direction rows are resnet20's (not tuned for it)
 _ONECYCLE = dict(batch_size=128, weight_decay=5e-4, schedule="onecycle")
 SGD_DEFAULTS = {
+    "generic": dict(_ONECYCLE, lr=0.05, momentum=0.9, epochs=15),
     "lenet": dict(_ONECYCLE, lr=0.05, momentum=0.9, epochs=15),
     "resnet20": dict(_ONECYCLE, lr=0.1, momentum=0.9, epochs=30),
     "localnet": dict(_ONECYCLE, lr=0.05, momentum=0.9, epochs=15),
 }
 ADAMW_DEFAULTS = {
+    "generic": dict(_ONECYCLE, lr=2e-3, epochs=15),
     "lenet": dict(_ONECYCLE, lr=3e-3, epochs=15),
     "resnet20": dict(_ONECYCLE, lr=2e-3, epochs=30),
     "localnet": dict(_ONECYCLE, lr=2e-3, epochs=15),
@@ -160,6 +166,7 @@ ZO_SGD_DEFAULTS = {
     "lenet": dict(_SHARED, batch_size=512, lr=1e-3, blocks="module", scale_by_block_size=True, clip=0.2, steps=1200),
     "resnet20": _RESNET_ZO_SGD,
     "localnet": _RESNET_ZO_SGD,
+    "generic": _RESNET_ZO_SGD,
 }
 ZO_ADAM_DEFAULTS = {
     # forward differences share L0 across q = 4 directions: 2,400 steps x 5 = 12,000 forward passes;
@@ -167,11 +174,13 @@ ZO_ADAM_DEFAULTS = {
     "lenet": dict(_SHARED, batch_size=512, lr=2e-3, q=4, estimator="forward", distribution="rademacher", steps=2400),
     "resnet20": _RESNET_ZO_ADAM,
     "localnet": _RESNET_ZO_ADAM,
+    "generic": _RESNET_ZO_ADAM,
 }
 HIZOO_DEFAULTS = {
     "lenet": dict(_SHARED, batch_size=512, lr=2e-2, eps=1e-2, steps=4000),
     "resnet20": _RESNET_HIZOO,
     "localnet": _RESNET_HIZOO,
+    "generic": _RESNET_HIZOO,
 }
 
 REGISTRY: dict[str, TrainerOptimizer] = {

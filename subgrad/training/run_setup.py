@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Dataset, DeviceLoader, load_cifar10
+from ..model_names import model_source
 from ..models import build_model
 from ..run_folder import CHECKPOINT_FORMAT, atomic_save, checkpoints, latest_checkpoint, load_checkpoint
 from .config import UNSET, TrainConfig
@@ -123,7 +124,7 @@ def setup(
     val_loader = DeviceLoader(val_images[r::w], val_labels[r::w], mean, std, 1000, device) if cfg.validation else None
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, code_named=cfg.model).to(device)  # resume_config checked a resumed run's
     optimizer = make_optimizer(cfg, model, comm if comm.active else None)
     record = dict(
         dataclasses.asdict(cfg),
@@ -179,14 +180,27 @@ def validation_split(images, labels, count: int):
 
 
 def resume_config(
-    run: str | pathlib.Path, steps: int | None = None, epochs: float | None = None, quiet: bool = False
+    run: str | pathlib.Path,
+    steps: int | None = None,
+    epochs: float | None = None,
+    quiet: bool = False,
+    model: str | None = None,
 ) -> TrainConfig:
     """The config to continue the run in folder ``run`` (``subgrad train --resume RUN``); a new ``steps``
-    or ``epochs`` replaces the saved training length."""
+    or ``epochs`` replaces the saved training length.  ``model``: the ``--model`` the user gave, which must
+    be the run's, and which a run of the user's own constructor needs (its code is imported only when the
+    user names it, never because the folder does)."""
     saved = pathlib.Path(run) / "config.json"
     if not saved.is_file():
         raise ValueError(f"--resume {run}: no config.json there; is it a run folder?")
     config = TrainConfig.from_record(json.loads(saved.read_text()))
+    if model is not None and model != config.model:
+        raise ValueError(f"--resume {run}: the run trains {config.model!r}, not --model {model!r}")
+    if model_source(config.model) == "code" and model != config.model:
+        raise ValueError(
+            f"--resume {run}: the run trains your code {config.model!r}, which subgrad imports only when you name "
+            f"it: add --model {config.model}"
+        )
     config.out = str(run)
     steps, epochs = (None if v is UNSET else v for v in (steps, epochs))  # UNSET: the flag was not given
     if steps is not None or epochs is not None:
