@@ -4,25 +4,21 @@
 :class:`~.activity_blocks.LocalBlock`), the model's own (:class:`~.activity_blocks.BlockCut`), or this
 module's, from the traced graph:
 
-1. **Trace** the model (``torch.fx.symbolic_trace``): one input, one output, every parameter inside a
-   module.  A forward that depends on the data is refused (the trace fails), and so is a parameter
-   activity perturbation cannot train (one outside a ``Conv2d`` / ``Linear``, other than a norm's scale and
-   shift, which stay as they are: :func:`~.activity_blocks.untrained_parameters`).
+1. **Trace** the model (``torch.fx.symbolic_trace``): one input, one output.  Refused: a forward that
+   depends on the data (the trace fails), a parameter outside a ``Conv2d`` / ``Linear`` (a norm's scale and
+   shift stay as they are: :func:`~.activity_blocks.untrained_parameters`).
 2. **Cut points**: a node whose value is the only one the rest of the graph reads (every path from the
    input to the output passes through it).  In a chain (``nn.Sequential``, or a forward written as one) every
    node is one; a residual unit (torchvision's ``BasicBlock``, ``Bottleneck``, ``InvertedResidual``, or the
    user's own module of that shape) has none inside, so it stays whole.
-3. **Blocks**: the pieces between cut points, grouped so that each block holds its convolutions and linear
-   layers (the *sites*) and everything after them up to the next piece with a site: a conv with the norm,
-   activation and pooling that follow it, as LeNet's hand-written cut has it; a residual unit with what
-   follows it.  The last block ends at the model's output (its loss is the model's own).
+3. **Blocks**: the pieces between cut points, grouped so that each holds its convolutions and linear layers
+   (the *sites*) and what follows up to the next piece with a site: a conv with its norm, activation and
+   pooling (LeNet's hand-written cut); a residual unit.  The last block ends at the model's output.
 
-A block's clean pass evaluates its nodes and keeps their values; the tail of site j reevaluates only the
-nodes that depend on it, from a perturbed activity for some rows of the batch, reading every other value
-from the clean pass (those rows of it).  BatchNorm in a tail normalises with the clean batch's statistics,
-held fixed (each example's tail is its own, as in the hand-written cuts), and dropout reuses the clean
-pass's mask.  Modules that work in place (``nn.ReLU(inplace=True)``) run out of place here, so that the
-clean values stay as they were.
+A block's clean pass keeps every node's value; site j's tail reevaluates the nodes that depend on it from a
+perturbed activity for some rows, reading the rest from the clean pass.  In a tail BatchNorm normalises with
+the clean batch's statistics, held fixed (each example's tail is its own), and dropout reuses the clean
+pass's mask.  In-place modules (``nn.ReLU(inplace=True)``) run out of place, keeping the clean values.
 """
 
 from __future__ import annotations
@@ -244,12 +240,17 @@ class GraphBlock(LocalBlock):
 
         return value
 
-    def run(self, h: torch.Tensor) -> BlockPass:
-        env, state = {self.input: h}, {}
-        value = self._value(env)
+    def forward(self, h: torch.Tensor, env: dict | None = None, state: dict | None = None) -> torch.Tensor:
+        """The block's output alone (``env``, ``state``: filled with every node's value, for :meth:`run`)."""
+        env, state = ({} if env is None else env), ({} if state is None else state)
+        env[self.input], value = h, self._value(env)
         for n in self.nodes:
             env[n] = self._eval(n, value, state, None)
-        out = env[self.nodes[-1]]
+        return env[self.nodes[-1]]
+
+    def run(self, h: torch.Tensor) -> BlockPass:
+        env, state = {}, {}
+        out = self(h, env, state)
         sites = [self._site(env, j) for j in range(self.num_sites)]
         self.site_shapes = [tuple(s.z.shape[1:]) for s in sites]
         if self.flattens:
