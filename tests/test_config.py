@@ -104,6 +104,15 @@ def test_none_is_off_and_unset_is_the_pairs_default():
     assert config_from_args(args).clip is UNSET and config_from_args(args).resolved().clip == 0.2
 
 
+def test_none_of_a_setting_that_cannot_be_off_is_the_pairs_default():
+    cfg = TrainConfig(model="lenet", optimizer="zo-sgd", lr=None, batch_size=None, clip=None).resolved()
+    row = REGISTRY["zo-sgd"].defaults["lenet"]
+    assert (cfg.lr, cfg.batch_size, cfg.clip) == (row["lr"], row["batch_size"], None)
+    cfg = TrainConfig(model="lenet", optimizer="sgd", epochs=None, steps=None).resolved()  # no length given
+    assert (cfg.epochs, cfg.steps) == (REGISTRY["sgd"].defaults["lenet"]["epochs"], None)
+    assert TrainConfig(model="lenet", optimizer="sgd", epochs=None, steps=5).resolved().epochs is None
+
+
 @pytest.mark.parametrize("settings", [dict(clip="off"), dict(blocks="none"), dict(clip="0.2")])
 def test_the_command_lines_spellings_are_refused_in_python(settings):
     with pytest.raises(ValueError, match="None"):

@@ -5,7 +5,8 @@ Each setting is one :class:`TrainConfig` field, documented once (its ``help``). 
 :data:`UNSET` takes the default of the model/optimizer pair: :mod:`.optimizers`' row for the pair (the
 registry of optimizers), else :data:`COMMON_DEFAULTS`.  ``None`` is what it is to the optimizers: off
 (``clip``), one block (``blocks``), their own rule (``distribution``, ``q_linear``), or not this one
-(``epochs`` vs ``steps``).  The command line's ``--clip off`` and ``--blocks none`` parse to ``None``.
+(``epochs`` vs ``steps``); a setting that has no such meaning reads None as UNSET (``lr=None``: the pair's
+lr).  The command line's ``--clip off`` and ``--blocks none`` parse to ``None``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ class _Unset(enum.Enum):
         return "UNSET"
 
 
-#: A TrainConfig setting not given: resolved() takes the pair's default.  (None is a value: see above.)
+#: A TrainConfig setting not given: resolved() takes the pair's default.
 UNSET = _Unset.UNSET
+#: The settings whose None is a value of its own (module docstring); for every other setting the pair's
+#: defaults cover, None is read as UNSET (``TrainConfig(lr=None)``: the pair's lr), as it has no other meaning.
+NONE_IS_A_VALUE = ("clip", "blocks", "distribution", "q_linear", "epochs", "steps")
 
 #: Settings a registry row (optimizers.py) leaves out take these (the same for every pair).
 COMMON_DEFAULTS = dict(
@@ -226,9 +230,10 @@ class TrainConfig:
         pair = defaults_for(self.model, self.optimizer)
         length_given = any(getattr(cfg, k) not in (UNSET, None) for k in ("epochs", "steps"))
         for f in dataclasses.fields(cfg):
-            if getattr(cfg, f.name) is UNSET:
-                given_instead = f.name in ("epochs", "steps") and length_given
-                setattr(cfg, f.name, None if given_instead else pair.get(f.name))
+            value = getattr(cfg, f.name)
+            length = f.name in ("epochs", "steps")  # None: "not this one", when the other is given
+            if value is UNSET or value is None and f.name in PER_PAIR and (f.name not in NONE_IS_A_VALUE or length):
+                setattr(cfg, f.name, None if length and length_given else pair.get(f.name))
         if cfg.cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"--cuda-graph must be one of {CUDA_GRAPH_MODES}, got {cfg.cuda_graph!r}")
         if cfg.schedule not in SCHEDULES:
@@ -266,6 +271,10 @@ class TrainConfig:
         if settings.get("blocks") == "none":
             settings["blocks"] = None
         return cls(**settings)
+
+
+#: the settings whose default comes from the model/optimizer pair
+PER_PAIR = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.default is UNSET)
 
 
 def defaults_for(model: str, optimizer: str) -> dict:
