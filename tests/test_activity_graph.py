@@ -308,3 +308,24 @@ def test_traced_data_parallel_sends_per_example_scalars_only(name):
     assert all(torch.equal(p, r) for p, r in zip(a.state_dict().values(), b.state_dict().values()))
     sites = sum(block.num_sites for block in opts[0].blocks)
     assert gather.sent == [2 * (8 // 2) * (sites + len(opts[0].heads)) * 4] * 2, gather.sent
+
+
+@pytest.mark.parametrize("name", ["lenet", "localnet"])
+def test_traced_conv_relu_pool_sites_are_the_hand_written_ones(name):
+    """conv -> ReLU -> 2x2 max-pool: the traced cut perturbs the pooled units, as the hand-written cut does;
+    same activity, same active units, same gradient carried back to the conv output."""
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    x, _ = _batch(4)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        h = x
+        for traced, hand in zip(traced_blocks(model), local_blocks(model)):
+            a, b = traced.run(h).sites[0], hand.run(h).sites[0]
+            assert a.layer is b.layer and torch.equal(a.z, b.z)
+            assert (a.active is None) == (b.active is None) and (a.active is None or torch.equal(a.active, b.active))
+            assert (a.unpool is None) == (b.unpool is None)
+            if a.unpool is not None:
+                grad = torch.randn(a.z.shape, generator=g)
+                assert torch.equal(a.unpool(grad), b.unpool(grad))
+            h = hand.run(h).out

@@ -23,19 +23,26 @@ pass's mask.  In-place modules (``nn.ReLU(inplace=True)``) run out of place, kee
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .activity_blocks import BlockCut, BlockPass, LocalBlock, SiteRecord, batch_stats, local_blocks, through_batch_stats
-
-SITE_LAYERS = (nn.Conv2d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-#: modules whose parameters the method leaves as they are (a norm's scale and shift)
-UNTRAINED = (*NORMS, nn.LayerNorm, nn.GroupNorm)
+from .graph_nodes import (
+    ADDS,
+    NORMS,
+    PER_UNIT_FUNCTIONS,
+    PER_UNIT_MODULES,
+    SITE_LAYERS,
+    UNTRAINED,
+    getattr_path,
+    is_flatten,
+    is_global_average,
+    is_per_unit,
+    passing_range,
+    pool_of,
+)
 
 
 def block_cut(model: nn.Module, cut: list[LocalBlock] | None = None) -> list[LocalBlock]:
@@ -48,24 +55,6 @@ def block_cut(model: nn.Module, cut: list[LocalBlock] | None = None) -> list[Loc
     if isinstance(model, BlockCut):
         return local_blocks(model)
     return traced_blocks(model)
-
-
-# -- what each kind of node is to the estimate ----------------------------------------------------------
-def _relu_like(module_or_fn) -> tuple[float, float] | None:
-    """The range (low, high) where a clipping activation passes its input (derivative 1), else None."""
-    if module_or_fn in (F.relu, torch.relu) or isinstance(module_or_fn, nn.ReLU):
-        return 0.0, float("inf")
-    if module_or_fn is F.relu6 or isinstance(module_or_fn, nn.ReLU6):
-        return 0.0, 6.0
-    if isinstance(module_or_fn, nn.Hardtanh):
-        return module_or_fn.min_val, module_or_fn.max_val
-    return None
-
-
-PER_UNIT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish)
-PER_UNIT_MODULES += (nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, *NORMS)
-PER_UNIT_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.dropout)
-ADDS = (operator.add, torch.add, operator.iadd)
 
 
 class _Graph:
@@ -132,12 +121,6 @@ class _Graph:
         return cuts
 
 
-def getattr_path(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def traced_blocks(model: nn.Module) -> list[LocalBlock]:
     """The cut of the traced graph (module docstring, steps 1-3)."""
     g = _Graph(model)
@@ -176,18 +159,33 @@ class GraphBlock(LocalBlock):
         self.layers = nn.ModuleList(g.modules[n] for n in nodes if n in g.modules)  # so .modules() finds them
         self.sites = [n for n in nodes if g.is_site(n)]
         self.num_sites = len(self.sites)
-        inside = set(nodes)
-        self.downstream = []  # per site: the nodes of the block its value reaches, in order
-        for site in self.sites:
-            reached = {site}
+        # per site: the node it perturbs (the layer's output; or, after ReLU-like activation and a max-pool of
+        # disjoint windows, the pooled output: a unit per window, perturbed without rerunning the pool, as the
+        # hand-written cuts do), and the nodes of the block that value reaches, in order
+        self.pooled = [self._pooled_site(site, set(nodes)) for site in self.sites]
+        self.perturbed = [pooled[1] if pooled else site for site, pooled in zip(self.sites, self.pooled)]
+        self.downstream = []
+        for start in self.perturbed:
+            reached = {start}
             for n in nodes:
-                if n is not site and any(a in reached for a in n.all_input_nodes):
+                if n is not start and any(a in reached for a in n.all_input_nodes):
                     reached.add(n)
-            self.downstream.append([n for n in nodes if n in reached and n is not site and n in inside])
+            self.downstream.append([n for n in nodes if n in reached and n is not start])
         # a block that ends by flattening a map: its head reads the map (as LeNet's hand-written cut does)
-        self.flattens = _is_flatten(g, nodes[-1]) and not last
+        self.flattens = is_flatten(g.modules, nodes[-1]) and not last
         self.map_shape: tuple[int, ...] | None = None
         self.site_shapes: list[tuple[int, ...]] = []
+
+    def _pooled_site(self, site: fx.Node, inside: set) -> tuple[fx.Node, fx.Node] | None:
+        """(activation, pool) when ``site`` feeds only a ReLU-like activation that feeds only a max-pool of
+        disjoint windows (a window's maximum, where the activation passes it, moves with its unit 1:1)."""
+        g = self._g
+        act = next(iter(site.users)) if len(site.users) == 1 else None
+        if act is None or act not in inside or (passing_range(g.modules.get(act, act.target)) or (None,))[0] != 0:
+            return None
+        pool = next(iter(act.users)) if len(act.users) == 1 else None
+        shape = pool_of(g.modules, pool) if pool is not None and pool in inside else None
+        return (act, pool) if shape and shape[0] == "max" and shape[1] == shape[2] and not shape[3] else None
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _eval(self, n: fx.Node, value, state: dict, rows: slice | None):
@@ -258,7 +256,7 @@ class GraphBlock(LocalBlock):
         n_batch = h.shape[0]
 
         def tail(j: int, zp: torch.Tensor, rows: slice) -> torch.Tensor:
-            local = {self.sites[j]: zp}
+            local = {self.perturbed[j]: zp}
 
             def sliced(a: fx.Node):
                 if a in local:
@@ -287,6 +285,14 @@ class GraphBlock(LocalBlock):
         if isinstance(layer, nn.Linear) and z.dim() != 2:
             raise ValueError(f"layer {site.target}: activity perturbation takes a Linear layer on (batch, features)")
         x = env.get(site.args[0]) if isinstance(site.args[0], fx.Node) else None
+        if self.pooled[j]:
+            act, pool = self.pooled[j]
+            low, high = passing_range(g.modules.get(act, act.target))
+            window, pooled, full = pool_of(g.modules, pool)[1], env[pool], env[act].shape[-2:]
+            _, where = F.max_pool2d(env[act], window, return_indices=True)
+            active = (pooled > low) & (pooled < high) if high != float("inf") else pooled > low
+            unpool = lambda grad: F.max_unpool2d(grad, where, window, output_size=full)  # noqa: E731
+            return SiteRecord(layer, x, pooled, active, unpool)
         active, n, inside = None, site, set(self.nodes)
         while len(n.users) == 1 and (user := next(iter(n.users))) in inside:
             mask = self._passes(user, env)
@@ -294,7 +300,7 @@ class GraphBlock(LocalBlock):
                 break
             if mask is not None:
                 active = mask if active is None else active & mask
-            if _pool(g, user) is not None:  # past a pool the units are other ones
+            if pool_of(g.modules, user) is not None:  # past a pool the units are other ones
                 break
             n = user
         through = None
@@ -310,7 +316,7 @@ class GraphBlock(LocalBlock):
         target = g.modules.get(user, user.target)
         if target in ADDS:
             return None  # a residual sum passes each unit of either side with derivative 1
-        pool = _pool(g, user)
+        pool = pool_of(g.modules, user)
         if pool is not None and pool[0] == "max" and x is not None:  # only a window's maximum moves its output
             _, where = F.max_pool2d(x, *pool[1:], return_indices=True)
             flat = torch.zeros(x.shape[:2] + (x.shape[2] * x.shape[3],), dtype=torch.bool, device=x.device)
@@ -319,7 +325,7 @@ class GraphBlock(LocalBlock):
             return None
         if x is None or not (isinstance(target, PER_UNIT_MODULES) or target in PER_UNIT_FUNCTIONS):
             return False
-        low, high = _relu_like(target) or ((-3.0, float("inf")) if isinstance(target, nn.Hardswish) else (None, None))
+        low, high = passing_range(target) or (None, None)
         if low is None:  # derivative nonzero (almost) everywhere; a dropped unit's perturbation is just multiplied by 0
             return None
         return (x > low) & (x < high) if high != float("inf") else x > low
@@ -331,20 +337,20 @@ class GraphBlock(LocalBlock):
         """The head part each unit of site j moves, where its path to the block output is per-unit
         operations, residual sums, non-overlapping pooling and a final flatten; None (the block's whole
         loss) where the path mixes units, such as a further convolution."""
-        n, g, pools = self.sites[j], self._g, []  # pools: a window's side, or 0 for a global average
+        n, g, pools = self.perturbed[j], self._g, []  # pools: a window's side, or 0 for a global average
         while n is not self.nodes[-1]:
             if len(n.users) != 1:
                 return None
             user = next(iter(n.users))
-            target, pool = g.modules.get(user, user.target), _pool(g, user)
+            target, pool = g.modules.get(user, user.target), pool_of(g.modules, user)
             if pool is not None:
                 kernel, stride, padding = pool[1:4]
                 if kernel != stride or padding:
                     return None
                 pools.append(kernel)
-            elif _global_average(g, user):
+            elif is_global_average(g.modules, user):
                 pools.append(0)
-            elif not (isinstance(target, PER_UNIT_MODULES) or target in PER_UNIT_FUNCTIONS or target in ADDS):
+            elif not is_per_unit(target):
                 if not (self.flattens and user is self.nodes[-1]):
                     return None
             n = user
@@ -361,40 +367,3 @@ class GraphBlock(LocalBlock):
                 parts = parts.repeat_interleave(side, -1).repeat_interleave(side, -2)  # move nothing
                 parts = F.pad(parts, (0, size[1] - parts.shape[2], 0, size[0] - parts.shape[1]), mode="replicate")
         return parts.contiguous() if tuple(parts.shape) == shape else None
-
-
-def _pool(g: _Graph, n: fx.Node):
-    """("max" | "avg", kernel, stride, padding) of a 2-D pooling node with square windows, else None."""
-    m = g.modules.get(n)
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        kind, kernel, stride, padding = (
-            "max" if isinstance(m, nn.MaxPool2d) else "avg",
-            m.kernel_size,
-            m.stride,
-            m.padding,
-        )
-    elif n.op == "call_function" and n.target in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
-        kind = "avg" if n.target is F.avg_pool2d else "max"
-        kernel = n.kwargs.get("kernel_size", n.args[1] if len(n.args) > 1 else None)
-        stride = n.kwargs.get("stride", n.args[2] if len(n.args) > 2 else None) or kernel
-        padding = n.kwargs.get("padding", n.args[3] if len(n.args) > 3 else 0)
-    else:
-        return None
-    if isinstance(m, nn.MaxPool2d) and (m.dilation not in (1, (1, 1)) or m.ceil_mode):
-        return None
-    square = [v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None) for v in (kernel, stride, padding)]
-    return None if None in square else (kind, *square)
-
-
-def _global_average(g: _Graph, n: fx.Node) -> bool:
-    """An average over all positions to one (adaptive pooling to 1 x 1)."""
-    m, size = g.modules.get(n), None
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        size = m.output_size
-    elif n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
-        size = n.kwargs.get("output_size", n.args[1] if len(n.args) > 1 else None)
-    return size in (1, (1, 1), [1, 1])
-
-
-def _is_flatten(g: _Graph, n: fx.Node) -> bool:
-    return isinstance(g.modules.get(n), nn.Flatten) or n.target in (torch.flatten, "flatten")
