@@ -520,7 +520,11 @@ def test_unsupported_models_get_a_one_line_reason(tmp_path, runs):
     (foreign / "config.json").write_text(json.dumps(dict(record, model="vgg11")))
     (foreign / "model.pt").write_bytes((runs["lenet"] / "model.pt").read_bytes())
     out = _cli("export", foreign, "--out", tmp_path / "d.onnx")
-    assert out.returncode == 2 and "not in the registry" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert out.returncode == 2 and "expected one of lenet" in out.stderr and len(out.stderr.splitlines()) == 1
+    # a run folder that names code: never imported because a file names it
+    (foreign / "config.json").write_text(json.dumps(dict(record, model="os:system")))
+    out = _cli("export", foreign, "--out", tmp_path / "d.onnx")
+    assert out.returncode == 2 and "--code os:system" in out.stderr and len(out.stderr.splitlines()) == 1
 
 
 def test_run_command_trains_exports_validates_and_reports(tmp_path):
