@@ -1,0 +1,87 @@
+"""The traced block cut (subgrad/optim/activity_graph.py) against a built-in model's hand-written one: step
+time of `zo` at its `subgrad train` defaults (interleaved, best of --repeats) and whether the two train to
+bit-identical weights.
+
+    python benchmarks/cut_cost.py --json benchmarks/results/cut-cost-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+import torch
+
+from bench_common import add_device_argument, pick_device, write_result
+from subgrad.models import build_model
+from subgrad.optim.activity_graph import traced_blocks
+from subgrad.training.config import TrainConfig
+from subgrad.training.optimizers import REGISTRY
+
+MODELS = ("lenet", "localnet", "resnet20")
+
+
+def build(model_name: str, traced: bool, device):
+    torch.manual_seed(0)
+    model = build_model(model_name).to(device).train()
+    cfg = TrainConfig(model=model_name, optimizer="zo").resolved()
+    optimizer = REGISTRY["zo"].build(cfg, model, None)
+    if traced:  # the same settings and heads' init, the traced cut
+        torch.manual_seed(0)
+        model = build_model(model_name).to(device).train()
+        kind = type(optimizer)
+        optimizer = kind(
+            model,
+            lr=cfg.lr,
+            eps=cfg.eps,
+            q=cfg.q,
+            q_linear=cfg.q_linear,
+            patches=cfg.patches,
+            groups=cfg.groups,
+            norm=cfg.norm,
+            seed=cfg.seed,
+            cut=traced_blocks(model),
+        )
+    return model, optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=pathlib.Path)
+    add_device_argument(parser)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    rows = []
+    for name in args.models:
+        runs = {kind: build(name, kind == "traced", device) for kind in ("hand-written", "traced")}
+        seconds = {kind: [] for kind in runs}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for kind, (_, optimizer) in runs.items():
+                start = time.perf_counter()
+                optimizer.step(x, y)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[kind].append(time.perf_counter() - start)
+        best = {kind: min(s[1:]) for kind, s in seconds.items()}
+        weights = [list(model.parameters()) for model, _ in runs.values()]
+        same = all(torch.equal(a, b) for a, b in zip(*weights))
+        rows.append(dict(model=name, hand_written_s=best["hand-written"], traced_s=best["traced"]))
+        rows[-1] |= dict(ratio=best["traced"] / best["hand-written"], bit_identical_weights=same)
+        print(
+            f"{name}: hand-written {best['hand-written'] * 1e3:.1f} ms, traced {best['traced'] * 1e3:.1f} ms "
+            f"({rows[-1]['ratio']:.2f}x); weights bit-identical after {args.repeats + 1} steps: {same}",
+            flush=True,
+        )
+    if args.json:
+        write_result(args.json, dict(batch=args.batch, repeats=args.repeats, rows=rows), device)
+
+
+if __name__ == "__main__":
+    main()
