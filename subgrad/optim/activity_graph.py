@@ -164,6 +164,7 @@ class GraphBlock(LocalBlock):
         # hand-written cuts do), and the nodes of the block that value reaches, in order
         self.pooled = [self._pooled_site(site, set(nodes)) for site in self.sites]
         self.perturbed = [pooled[1] if pooled else site for site, pooled in zip(self.sites, self.pooled)]
+        self._windows = {pool: pool_of(g.modules, pool)[1] for _, pool in filter(None, self.pooled)}
         self.downstream = []
         for start in self.perturbed:
             reached = {start}
@@ -193,6 +194,9 @@ class GraphBlock(LocalBlock):
         masks (filled when ``rows`` is None, the clean pass; read in the tails)."""
         args = fx.node.map_arg(n.args, value)
         kwargs = fx.node.map_arg(n.kwargs, value)
+        if n in self._windows and rows is None:  # a pooled site's pool: its indices carry estimates back
+            pooled, state[n] = F.max_pool2d(args[0], self._windows[n], return_indices=True)
+            return pooled
         if n.op == "call_module":
             m = self._g.modules[n]
             if isinstance(m, NORMS) and m.training:
@@ -249,7 +253,7 @@ class GraphBlock(LocalBlock):
     def run(self, h: torch.Tensor) -> BlockPass:
         env, state = {}, {}
         out = self(h, env, state)
-        sites = [self._site(env, j) for j in range(self.num_sites)]
+        sites = [self._site(env, state, j) for j in range(self.num_sites)]
         self.site_shapes = [tuple(s.z.shape[1:]) for s in sites]
         if self.flattens:
             self.map_shape = tuple(env[self.nodes[-1].args[0]].shape[1:])
@@ -279,7 +283,7 @@ class GraphBlock(LocalBlock):
         return BlockPass(out, sites, tail)
 
     # -- a site's record: what its units' perturbations can move -------------------------------------
-    def _site(self, env: dict, j: int) -> SiteRecord:
+    def _site(self, env: dict, state: dict, j: int) -> SiteRecord:
         site, g = self.sites[j], self._g
         layer, z = g.modules[site], env[site]
         if isinstance(layer, nn.Linear) and z.dim() != 2:
@@ -288,8 +292,7 @@ class GraphBlock(LocalBlock):
         if self.pooled[j]:
             act, pool = self.pooled[j]
             low, high = passing_range(g.modules.get(act, act.target))
-            window, pooled, full = pool_of(g.modules, pool)[1], env[pool], env[act].shape[-2:]
-            _, where = F.max_pool2d(env[act], window, return_indices=True)
+            window, pooled, full, where = self._windows[pool], env[pool], env[act].shape[-2:], state[pool]
             active = (pooled > low) & (pooled < high) if high != float("inf") else pooled > low
             unpool = lambda grad: F.max_unpool2d(grad, where, window, output_size=full)  # noqa: E731
             return SiteRecord(layer, x, pooled, active, unpool)
