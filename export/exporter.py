@@ -58,7 +58,6 @@ def load_run(run_dir, code: str | None = None) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode on CPU, config.json record, summary.json or {}) of a finished training run.  A run
     of the user's own constructor rebuilds it only when ``code`` names it (``--code``: named by the user,
     not read from the folder)."""
-    from subgrad.model_names import model_source
     from subgrad.models import build_model
     from subgrad.run_folder import checkpoints, load_checkpoint
 
@@ -72,9 +71,8 @@ def load_run(run_dir, code: str | None = None) -> tuple[nn.Module, dict, dict]:
         if not found:
             raise ExportError(f"{run}: no model.pt and no checkpoints; the run has not saved weights yet")
         weights = found[-1]
-    try:
-        model_source(record.get("model"))
-        model = build_model(record["model"], code_named=code, **record.get("model_config", {}))
+    try:  # build_model checks the name: one of the three kinds, and code only when named
+        model = build_model(record.get("model"), code_named=code, **record.get("model_config", {}))
     except ValueError as exc:
         raise ExportError(f"{run}: {exc}") from None
     model.load_state_dict(load_checkpoint(weights)["model"])

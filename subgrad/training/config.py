@@ -161,7 +161,7 @@ class TrainConfig:
         none_shown="none",
         type=_blocks,
     )
-    clip: float | str | None = _per_pair(
+    clip: float | None = _per_pair(
         "clamp finite-difference scalars to [-clip, clip], or off", group=ZO_GROUP, none_shown="off", type=_clip
     )
     scale_by_block_size: bool | None = _per_pair(
