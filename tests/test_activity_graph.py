@@ -16,18 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from test_activity import _ThreadGather, assert_cut_is_the_forward
+from user_model_fixture import small_cnn  # the README test's user model
 
 from subgrad.models import build_model
 from subgrad.optim import ActivityZO
 from subgrad.optim.activity_blocks import ALL, batch_stats, local_blocks, through_batch_stats
 from subgrad.optim.activity_graph import traced_blocks
-
-
-def small_cnn() -> nn.Module:
-    """The README test's user model."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)
-    )
 
 
 def relu6_cnn() -> nn.Module:
@@ -76,16 +71,7 @@ def test_traced_blocks_are_the_model_forward(name):
     for m in model.modules():  # the cut draws its own dropout masks (reused by the tails): compare without
         if isinstance(m, nn.Dropout):
             m.eval()
-    twin = copy.deepcopy(model)
-    x, _ = _batch(4)
-    with torch.no_grad():
-        h = x
-        for block in traced_blocks(twin):
-            h = block.run(h).out
-        expected = model(x)
-    assert torch.equal(h, expected), (h - expected).abs().max()
-    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):  # running statistics too
-        assert torch.equal(a, b), k
+    assert_cut_is_the_forward(model, traced_blocks)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -288,8 +274,6 @@ def test_traced_resume_is_bit_exact(name):
 def test_traced_data_parallel_sends_per_example_scalars_only(name):
     """Two ranks (threads) each run the tails of half the batch: replicas stay bit-identical and what
     crosses is n/2 x (sites + heads) float32 values per rank and step, never a weight."""
-    from test_activity import _ThreadGather
-
     x, y = _batch(8)
     torch.manual_seed(0)
     replicas = [MODELS[name]().train()]

@@ -12,7 +12,6 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_bitwise_equal
@@ -110,26 +109,16 @@ def test_resnet20_zo_step_is_capturable():
 
 
 @pytest.mark.slow
-def test_traced_cut_zo_step_is_capturable():
-    """A user's model cut by tracing (subgrad.optim.activity_graph): BatchNorm, ReLU6 in place, a max-pool's
-    argmax mask and a global average, with no host read in the step."""
+@pytest.mark.parametrize("name", ["relu6_cnn", "small_cnn"])
+def test_traced_cut_zo_step_is_capturable(name):
+    """A user's model cut by tracing (subgrad.optim.activity_graph), with no host read in the step: relu6_cnn
+    has BatchNorm, ReLU6 in place, a max-pool's argmax mask and a global average; small_cnn a pooled site
+    (conv -> ReLU -> max-pool, perturbed at the pooled units)."""
+    from test_activity_graph import MODELS
+
     torch.manual_seed(0)
-    model = (
-        nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU6(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(16, 10),
-        )
-        .to(DEVICE)
-        .train()
-    )
-    _check_capturable("zo traced", model, ActivityZO(model, lr=1e-3, backend="triton"), "blocks")
+    model = MODELS[name]().to(DEVICE).train()
+    _check_capturable(f"zo traced {name}", model, ActivityZO(model, lr=1e-3, backend="triton"), "blocks")
 
 
 def _check_capturable(name, model, opt, kind):

@@ -13,19 +13,13 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from user_model_fixture import small_cnn  # the README test's user model
 
 README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
 EXAMPLE = re.search(r"## Way in 1.*?```python\n(.*?)```", README, re.S).group(1)
 PREAMBLE, *LOOPS = EXAMPLE.split("\n\n")
 STEPS = 200  # a loader of 200 batches
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)
-    )
 
 
 def test_the_example_has_its_three_loops():

@@ -10,19 +10,13 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from user_model_fixture import small_cnn  # the README test's user model
 
 from subgrad.optim import ZOSGD, HiZOO, ZOAdam
 from subgrad.optim.zo_settings import DEFAULT_LR
 
 STEPS = 200
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)
-    )
 
 
 @pytest.mark.parametrize("optimizer", [ZOSGD, ZOAdam, HiZOO], ids=lambda c: c.__name__)
