@@ -8,6 +8,7 @@ bit-identical weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import time
 
@@ -23,25 +24,22 @@ MODELS = ("lenet", "localnet", "resnet20")
 
 
 def build(model_name: str, traced: bool, device):
+    """The model and its `zo` optimizer as `subgrad train` builds them; ``traced``: the same optimizer's
+    settings and heads' init on the traced cut."""
     torch.manual_seed(0)
     model = build_model(model_name).to(device).train()
-    cfg = TrainConfig(model=model_name, optimizer="zo").resolved()
-    optimizer = REGISTRY["zo"].build(cfg, model, None)
-    if traced:  # the same settings and heads' init, the traced cut
+    optimizer = REGISTRY["zo"].build(TrainConfig(model=model_name, optimizer="zo").resolved(), model, None)
+    if traced:
+        group = optimizer.param_groups[0]
         torch.manual_seed(0)
         model = build_model(model_name).to(device).train()
-        kind = type(optimizer)
-        optimizer = kind(
+        optimizer = type(optimizer)(
             model,
-            lr=cfg.lr,
-            eps=cfg.eps,
-            q=cfg.q,
-            q_linear=cfg.q_linear,
-            patches=cfg.patches,
-            groups=cfg.groups,
-            norm=cfg.norm,
-            seed=cfg.seed,
+            lr=group["lr"],
+            betas=group["betas"],
+            weight_decay=group["weight_decay"],
             cut=traced_blocks(model),
+            **dataclasses.asdict(optimizer.settings),
         )
     return model, optimizer
 
