@@ -6,7 +6,7 @@
 
 For each method (an ActivityZO setting, METHODS: ``q1`` is one direction per example and layer with one
 local loss per block; ``q4`` averages four; ``p4g4`` cuts each block's local loss into 4 x 4 patches and 4
-channel groups, subgrad.optim.activity_blocks.LocalHead) the optimizer steps ``--steps`` times at lr 0 on
+channel groups, subgrad.optim.activity_heads.LocalHead) the optimizer steps ``--steps`` times at lr 0 on
 one fixed batch of real training images (the weights never move, the directions change every step).  Per
 layer it reports:
 

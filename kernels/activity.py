@@ -30,13 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_contiguous, check_direction_range, f32, require, resolve_backend
+from ._common import INPLACE_CHUNK, check_contiguous, check_direction_range, chunks, f32, require, resolve_backend
 from .philox import (
+    RADEMACHER_DIRECTION_CHUNK,
     direction_tile,
     group_size,
+    iter_direction_chunks,
     kernel_seed,
-    philox_rademacher,
     seed_args,
+    seed_value,
     tile_launch,
     tile_positions,
 )
@@ -135,11 +137,18 @@ def takes_twin(backend: str | None, like: torch.Tensor) -> bool:
 
 
 def site_signs(seed: int | torch.Tensor, q: int, total: int, device, seed_index: int = 0) -> torch.Tensor:
-    """The first q directions of a site of ``total`` units (all examples), ``[q, stride]`` float32 signs
+    """The first q directions of a site of ``total`` units (all examples), ``[q, stride]`` int8 signs
     (direction k is row k; elements past ``total`` are the padding to a group boundary), drawn in one
-    call: what the twins read, so a CPU step draws each direction once."""
+    call: what the twins read, so a CPU step draws each direction once.  int8 (±1 exactly), filled a chunk
+    at a time: a quarter of float32's memory, which a CPU step holds for every site of a block."""
     stride = direction_stride(total)
-    return philox_rademacher(seed, q * stride, device=device, backend="torch", seed_index=seed_index).view(q, stride)
+    signs = torch.empty(q * stride, dtype=torch.int8, device=device)
+    chunks_of = iter_direction_chunks(
+        seed_value(seed, seed_index), 0, q * stride, device, True, RADEMACHER_DIRECTION_CHUNK
+    )
+    for start, stop, chunk in chunks_of:
+        signs[start:stop] = chunk
+    return signs.view(q, stride)
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int, like: torch.Tensor) -> None:
@@ -223,10 +232,11 @@ def perturb_activity(
     else:
         if signs is None:
             signs = site_signs(seed, k + 1, total, z.device, seed_index)
-        u = signs[k, start * m : stop * m]
+        # z + eps * (s * active), built in one buffer: the same float32 operations (a sum commutes exactly)
+        u = signs[k, start * m : stop * m].to(torch.float32)
         if active is not None:
-            u = u * active.view(-1)[start * m : stop * m]
-        out = (z.view(-1)[start * m : stop * m] + f32(eps) * u).view_as(z[start:stop])
+            u.mul_(active.view(-1)[start * m : stop * m])
+        out = u.mul_(f32(eps)).add_(z.view(-1)[start * m : stop * m]).view_as(z[start:stop])
     return out
 
 
@@ -309,13 +319,21 @@ def activity_gradient(
     if signs is None:
         signs = site_signs(seed, q, total, d.device, seed_index)
     signs = signs[:q, :total].view(q, n, m)
-    # d[k, part[j], i] as [n, m]: one part per unit, or the only part
-    per_unit = [(d[k].T[:, parts] if parts is not None else d[k, 0][:, None]) for k in range(q)]
-    acc = per_unit[0] * signs[0]
-    for k in range(1, q):
-        acc = acc + per_unit[k] * signs[k]
-    acc = acc * scale
-    if active is not None:
-        acc = acc * active.view(n, m)
-    g.view(n, m).copy_(acc)
+    # the same float32 operations in the same order as the kernel (a product with a sign is exact, so it may
+    # be formed in either order), accumulated in g a few rows at a time: temporaries (a part's difference per
+    # unit, a converted mask) stay small beside the batch-sized g
+    step = max(1, INPLACE_CHUNK // max(m, 1))
+    for start, stop in chunks(n, step):
+        acc = g.view(n, m)[start:stop]
+        for k in range(q):
+            # d[k, part[j], i] as [rows, m]: one part per unit, or the only part
+            per_unit = d[k, :, start:stop].T[:, parts] if parts is not None else d[k, 0, start:stop][:, None]
+            direction = signs[k].view(n, m)[start:stop]
+            if k == 0:
+                acc.copy_(direction).mul_(per_unit)
+            else:
+                acc.add_(direction.to(torch.float32).mul_(per_unit))
+        acc.mul_(scale)
+        if active is not None:
+            acc.mul_(active.view(n, m)[start:stop])
     return g

@@ -23,10 +23,10 @@ from subgrad.optim.activity_blocks import (
     BlockCut,
     PlainBlock,
     local_blocks,
-    make_heads,
     through_batch_stats,
     untrained_parameters,
 )
+from subgrad.optim.activity_heads import make_heads
 
 
 def _batch(n: int, seed: int = 0):
@@ -498,3 +498,32 @@ def test_batchnorm_sites_carry_their_estimate_through_the_statistics(name):
             current.load_state_dict(older)
     else:
         current.load_state_dict(older)
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20", "localnet"])
+def test_working_in_chunks_changes_memory_not_the_step(monkeypatch, name):
+    """A chunk of one example (perturbed passes, head features, weight-gradient products, the twin's
+    gradient) gives the step of the whole batch at once.  The twin's chunks are exact.  A convolution of one
+    example may round differently from the batch's, and a loss difference divides that rounding by eps
+    (1e-2): d moves by ~1e-5 of the loss, so the bound is 1e-3 of each gradient's largest entry."""
+    import subgrad.kernels.activity as kernel_activity
+    from subgrad.optim import activity_chunks
+
+    def grads(chunk_bytes, inplace_chunk):
+        monkeypatch.setattr(activity_chunks, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(kernel_activity, "INPLACE_CHUNK", inplace_chunk)
+        torch.manual_seed(0)
+        model = build_model(name).train()
+        opt = ActivityZO(model, lr=0.0, seed=3)
+        x, y = _batch(6)
+        loss = opt.step(x, y)
+        return loss, [p.grad.clone() for p in opt.adamw.param_groups[0]["params"]]
+
+    whole_loss, whole = grads(2**40, 2**40)
+    chunked_loss, chunked = grads(1, 1)
+    assert torch.equal(whole_loss, chunked_loss)
+    for i, (a, b) in enumerate(zip(whole, chunked)):
+        diff, scale = float((a - b).abs().max()), float(a.abs().max())
+        assert diff <= 1e-3 * scale, f"param {i}: max diff {diff:.3g}, largest entry {scale:.3g}"
+    _, twin_chunked = grads(2**40, 1)  # the twin alone: bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(whole, twin_chunked))

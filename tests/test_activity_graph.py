@@ -205,6 +205,23 @@ class TwoInputs(nn.Module):
         return self.fc(x.flatten(1)) * scale
 
 
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(torch.relu(self.conv(x)))).flatten(1))
+
+
+def _tied():
+    first, second = nn.Linear(3 * 32 * 32, 3 * 32 * 32), nn.Linear(3 * 32 * 32, 10)
+    model = nn.Sequential(nn.Flatten(), first, nn.ReLU(), nn.Linear(3 * 32 * 32, 3 * 32 * 32), nn.ReLU(), second)
+    model[3].weight = first.weight  # tied weights
+    return model
+
+
 @pytest.mark.parametrize(
     "model, message",
     [
@@ -217,8 +234,19 @@ class TwoInputs(nn.Module):
             "reflect",
         ),
         (nn.Sequential(nn.Conv2d(3, 4, 3)), r"output must be logits \(batch, classes\)"),
+        (CalledTwice(), "module conv is called twice"),
+        (_tied(), "module 3 shares a parameter with 1"),
     ],
-    ids=["data-dependent", "functional-weight", "two-inputs", "conv1d", "reflect-padding", "no-logits"],
+    ids=[
+        "data-dependent",
+        "functional-weight",
+        "two-inputs",
+        "conv1d",
+        "reflect-padding",
+        "no-logits",
+        "called-twice",
+        "tied",
+    ],
 )
 def test_what_cannot_be_cut_is_refused_with_the_reason(model, message):
     with pytest.raises(ValueError, match=message):

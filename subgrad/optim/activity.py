@@ -38,9 +38,11 @@ the tails of the sites with more than k directions; a ResNet-20 basic block's ta
 A linear layer's activity has few units (LeNet's fc1: 120 per example, conv1: 1,176) and a cheap tail, so
 more directions there buy a better estimate cheaply (``q_linear``).
 
-Memory beyond inference: a block's activations for one batch (its sites' inputs and activities; one
-perturbed tail at a time), the heads (LeNet: 5,600 parameters at one part per block), a gradient buffer and
-Adam's two moments (3 x 4 bytes per trained parameter, model and heads).
+Memory beyond inference: one block's activations at a time (its sites' activities and what its tails
+read; one perturbed tail at a time, on CPU for 16 MiB of examples at a time: :mod:`.activity_chunks`), the
+heads (LeNet: 5,600 parameters at one part per block), a gradient buffer and Adam's two moments (3 x 4
+bytes per trained parameter, model and heads).  ResNet-20 at batch 1024: 1.35x inference's peak
+(benchmarks/README.md, "Memory of a training step").
 
 Data parallel, scalars only: every rank runs the clean pass of every block on the whole global batch
 (so BatchNorm sees the global batch, as one process would), and runs the perturbed tails for its own
@@ -63,8 +65,10 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ._counters import StepCounters
-from .activity_blocks import make_heads, trained_parameters
+from .activity_blocks import trained_parameters
+from .activity_chunks import row_chunks, set_weight_grad
 from .activity_graph import block_cut
+from .activity_heads import make_heads
 from .first_order import AdamW
 from .replicas import Replicas
 from .zo_settings import require
@@ -112,21 +116,6 @@ def _flat(parts: torch.Tensor | None) -> torch.Tensor | None:
     return None if parts is None or int(parts.max()) == 0 else parts.reshape(-1).contiguous()
 
 
-def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    """Set ``layer``'s gradients from the estimated gradient ``g`` of its output and its input ``x``:
-    the layer's own weight-gradient product (a forward-type product, no autograd graph)."""
-    if isinstance(layer, nn.Conv2d):
-        layer.weight.grad = torch.nn.grad.conv2d_weight(
-            x, layer.weight.shape, g, layer.stride, layer.padding, layer.dilation, layer.groups
-        )
-        if layer.bias is not None:
-            layer.bias.grad = g.sum((0, 2, 3))
-    else:
-        layer.weight.grad = g.T @ x
-        if layer.bias is not None:
-            layer.bias.grad = g.sum(0)
-
-
 class ActivityZO:
     """Forward-only training by per-example activity perturbation with local losses (see the module
     docstring for the estimate).
@@ -145,7 +134,7 @@ class ActivityZO:
         q_linear: directions per step on each linear layer's activity (None: q).
         head_pool: a head reads each patch of a convolutional block's output average-pooled to
             head_pool x head_pool (at most the patch's size).
-        patches, groups, norm: the local losses' parts (:class:`.activity_blocks.LocalHead`): each block's
+        patches, groups, norm: the local losses' parts (:class:`.activity_heads.LocalHead`): each block's
             output cut into patches x patches patches (convolutional blocks) and ``groups`` channel groups, each part
             with its own head and loss; ``norm`` standardises each part's features before its head.
         through_batch_stats: estimate the gradient of a BatchNorm'd site through the batch statistics, as
@@ -281,79 +270,95 @@ class ActivityZO:
         """One step on the (global) batch ``(inputs, targets)``; returns the mean loss of the model's output."""
         if not self.model.training:  # BatchNorm: the clean pass would use running statistics, the tails batch ones
             raise ValueError("ActivityZO.step needs the model in training mode; call model.train() first")
-        eps, n = self.settings.eps, inputs.shape[0]
-        backend, trusted = self.adamw.backend, dict(validate_args=False)  # the constructor checked the settings
-        rows = self._rows(n)
-        seed, site = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend), 0
-        h, last = inputs, len(self.blocks) - 1
+        self.adamw.zero_grad(set_to_none=True)  # the step sets every gradient: the last step's are not held
+        seed = self.counters.on(inputs.device).advance(self.settings.seed, self.adamw.backend)
         finite = torch.ones((), dtype=torch.bool, device=inputs.device)
-        for b, (block, site_parts) in enumerate(zip(self.blocks, self.site_parts)):
-            clean = block.run(h)
-            head = self.heads[b] if b < last else None
-            loss, features, logits = self.local_losses(b, clean.out, targets)  # (parts, n)
-            # the kernels walk activities in their logical order: an input in another memory format (an NHWC
-            # batch) gives conv outputs that are not contiguous
-            sites = [
-                dataclasses.replace(rec, z=rec.z.contiguous(), active=_contiguous(rec.active)) for rec in clean.sites
-            ]
-            # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
-            qs = [self.settings.site_q(rec.layer) for rec in sites]
-            first = [sum(qs[:j]) for j in range(len(sites))]  # site j's rows of d: first[j] + k
-            diffs, signs = [], [self._signs(seed, qs[j], rec.z, site + j) for j, rec in enumerate(sites)]
-            for j, rec in enumerate(sites):
-                for k in range(qs[j]):  # a unit that cannot move the loss (not active) gets no noise
-                    zp = K.perturb_activity(
-                        rec.z, rec.active, seed, k, rows, eps, backend, seed_index=site + j, signs=signs[j], **trusted
-                    )
-                    diffs.append(
-                        (self.local_losses(b, clean.tail(j, zp, rows), targets[rows])[0] - loss[:, rows]) / eps
-                    )
-            head_site = site + len(sites)
-            if head is not None:  # the head, from a perturbation of its logits ([n, parts, classes] per example)
-                per_example = logits.transpose(0, 1).contiguous()
-                head_signs = self._signs(seed, 1, per_example, head_site)
-                vp = K.perturb_activity(
-                    per_example, None, seed, 0, rows, eps, backend, seed_index=head_site, signs=head_signs, **trusted
-                )
-                diffs.append((self._losses(vp.transpose(0, 1), targets[rows]) - loss[:, rows]) / eps)
-            # 2. every rank's d: the only data-parallel traffic (per example, part and site, never per weight)
-            d = torch.stack(diffs)
-            if self.replicas is not None:
-                d = self.replicas.all_gather_examples(d)
-            finite &= torch.isfinite(d).all()
-            # 3. the same gradients on every rank, from the clean activations of the whole batch, the
-            # directions regenerated from their seed
-            for j, rec in enumerate(sites):
-                parts = site_parts[j]
-                dj = d[first[j] : first[j] + qs[j]]
-                if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
-                    dj = dj.sum(1, keepdim=True)
-                g = K.activity_gradient(
-                    dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, signs=signs[j], **trusted
-                )
-                if rec.through_stats is not None and self.settings.through_batch_stats:
-                    g = rec.through_stats(g)
-                _weight_grad(rec.layer, rec.x, g if rec.unpool is None else rec.unpool(g))
-            if head is not None:
-                g = K.activity_gradient(
-                    d[-1:],
-                    None,
-                    self.head_parts[b],
-                    seed,
-                    per_example.shape,
-                    backend,
-                    seed_index=head_site,
-                    signs=head_signs,
-                    **trusted,
-                )
-                head.set_grad(features, g.transpose(0, 1))
-            site += len(sites) + (head is not None)
-            h = clean.out
+        h, site, rows = inputs, 0, self._rows(inputs.shape[0])
+        for b in range(len(self.blocks)):
+            # one block at a time: what a block's step leaves is its output (the next block's input), the
+            # gradients it set and its loss; its activations die with the call
+            h, loss, site = self._block_step(b, h, targets, seed, site, rows, finite)
         self.counters.count_skip(finite)
         # one fused kernel per flat buffer (model layers and heads); a NaN/inf estimate closes its gate on
         # the device, so it never reaches Adam's moments
         self.adamw._step(gate=finite.reshape(1))
         return loss.sum(0).mean()
+
+    def _block_step(self, b, h, targets, seed, site, rows, finite):
+        """Block ``b``'s estimate from its input ``h``: sets its layers' and head's gradients, clears
+        ``finite`` where a loss difference is not; returns (its output, its losses, the next site's index)."""
+        eps, backend, trusted = self.settings.eps, self.adamw.backend, dict(validate_args=False)
+        block, site_parts = self.blocks[b], self.site_parts[b]
+        head = self.heads[b] if b < len(self.blocks) - 1 else None
+        clean = block.run(h)
+        del h  # the caller's reference is the one that lives on (a site's input holds it where needed)
+        loss, features, logits = self.local_losses(b, clean.out, targets)  # (parts, n)
+        # the kernels walk activities in their logical order: an input in another memory format (an NHWC
+        # batch) gives conv outputs that are not contiguous
+        sites = [dataclasses.replace(rec, z=rec.z.contiguous(), active=_contiguous(rec.active)) for rec in clean.sites]
+        clean.sites.clear()  # held once, in ``sites``, so each site's tensors go with its gradient
+        # 1. this rank's rows of every perturbed pass: d (per part and example) for each site and direction
+        qs = [self.settings.site_q(rec.layer) for rec in sites]
+        first = [sum(qs[:j]) for j in range(len(sites))]  # site j's rows of d: first[j] + k
+        diffs, signs = [], [self._signs(seed, qs[j], rec.z, site + j) for j, rec in enumerate(sites)]
+        for j, rec in enumerate(sites):
+            for k in range(qs[j]):  # a unit that cannot move the loss (not active) gets no noise
+                per_chunk = []
+                for chunk in row_chunks(rows, rec.z):
+                    zp = K.perturb_activity(
+                        rec.z, rec.active, seed, k, chunk, eps, backend, seed_index=site + j, signs=signs[j], **trusted
+                    )
+                    zp = [zp]  # handed to the tail, which owns it (BlockPass) and may free it before it returns
+                    out = clean.tail(j, zp.pop(), chunk)
+                    per_chunk.append((self.local_losses(b, out, targets[chunk])[0] - loss[:, chunk]) / eps)
+                    del out
+                diffs.append(per_chunk[0] if len(per_chunk) == 1 else torch.cat(per_chunk, dim=1))
+        head_site = site + len(sites)
+        if head is not None:  # the head, from a perturbation of its logits ([n, parts, classes] per example)
+            per_example = logits.transpose(0, 1).contiguous()
+            head_signs = self._signs(seed, 1, per_example, head_site)
+            vp = K.perturb_activity(
+                per_example, None, seed, 0, rows, eps, backend, seed_index=head_site, signs=head_signs, **trusted
+            )
+            diffs.append((self._losses(vp.transpose(0, 1), targets[rows]) - loss[:, rows]) / eps)
+        # 2. every rank's d: the only data-parallel traffic (per example, part and site, never per weight)
+        d = torch.stack(diffs)
+        if self.replicas is not None:
+            d = self.replicas.all_gather_examples(d)
+        finite &= torch.isfinite(d).all()
+        # 3. the same gradients on every rank, from the clean activations of the whole batch, the
+        # directions regenerated from their seed; each site's activity is dropped once its gradient is set
+        for j in range(len(sites)):
+            rec, sites[j] = sites[j], None
+            parts = site_parts[j]
+            dj = d[first[j] : first[j] + qs[j]]
+            if parts is None and dj.shape[1] > 1:  # the site moves every part: the block's whole loss
+                dj = dj.sum(1, keepdim=True)
+            g = K.activity_gradient(
+                dj, rec.active, parts, seed, rec.z.shape, backend, seed_index=site + j, signs=signs[j], **trusted
+            )
+            signs[j] = None
+            if rec.through_stats is not None and self.settings.through_batch_stats:
+                g = rec.through_stats(g)
+            layer, x = rec.layer, rec.x() if callable(rec.x) else rec.x
+            g = g if rec.unpool is None else rec.unpool(g)
+            del rec  # its activity and mask: not needed for the product
+            set_weight_grad(layer, x, g)
+            del x, g
+        if head is not None:
+            g = K.activity_gradient(
+                d[-1:],
+                None,
+                self.head_parts[b],
+                seed,
+                per_example.shape,
+                backend,
+                seed_index=head_site,
+                signs=head_signs,
+                **trusted,
+            )
+            head.set_grad(features, g.transpose(0, 1))
+        return clean.out, loss, site + len(sites) + (head is not None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none)

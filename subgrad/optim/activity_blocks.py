@@ -8,7 +8,7 @@ linear layer (its output ``layer(x)``, or that output after ReLU and 2x2 max-poo
 of the block from a changed ``z`` (``x`` and everything before stay as they were), for any contiguous rows
 of the batch: a tail treats every example on its own (BatchNorm in a tail uses the clean pass's batch
 statistics), so data-parallel ranks can each run their share of the rows.  A block's loss comes from its
-*head* (:class:`LocalHead`): training-only linear classifiers on parts of its output (one part, the
+*head* (:class:`.activity_heads.LocalHead`): training-only linear classifiers on parts of its output (one part, the
 average-pooled output, by default), or the model's own output for the last block.  Heads live in the
 optimizer, never in the model, so a trained model exports exactly as it would from backprop.
 
@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activity_chunks import example_chunk
+
 
 @dataclass
 class SiteRecord:
@@ -47,12 +49,15 @@ class SiteRecord:
     ``unpool`` then carries an estimated gradient of ``z`` back to the layer's output (to its windows'
     maxima; 0 elsewhere).
 
+    ``x`` may be a function that recomputes the input when the optimizer needs it (after the perturbed
+    passes), so a block need not hold it through them.
+
     ``through_stats`` (a site that training-mode BatchNorm normalises) turns an estimated gradient of ``z``
     with the batch statistics held fixed, which is what the tails measure, into the gradient through them,
     which is what the model's loss has (:func:`through_batch_stats`)."""
 
     layer: nn.Conv2d | nn.Linear
-    x: torch.Tensor
+    x: torch.Tensor | Callable[[], torch.Tensor]  # or a function recomputing it bit for bit: not held
     z: torch.Tensor
     active: torch.Tensor | None  # bool like z, or None: every unit counts
     unpool: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -62,8 +67,9 @@ class SiteRecord:
 @dataclass
 class BlockPass:
     """A block's clean pass: its output, its sites, and ``tail(j, z, rows)``: rows ``rows`` (a slice of the
-    batch) of the output with site j's activity replaced by ``z`` (which holds those rows only).  A tail is
-    per example: ``tail(j, z[rows], rows) == tail(j, z, ALL)[rows]``."""
+    batch) of the output with site j's activity replaced by ``z`` (which holds those rows only; the tail owns
+    it, and may overwrite or drop it).  A tail is per example: ``tail(j, z[rows], rows) == tail(j, z,
+    ALL)[rows]``."""
 
     out: torch.Tensor
     sites: list[SiteRecord]
@@ -107,9 +113,11 @@ def through_batch_stats(
     def correct(g: torch.Tensor) -> torch.Tensor:
         count = g.numel() // g.shape[1]
         g_mean = g.sum(dims) / count
-        g_zhat = ((g * z).sum(dims) / count - mean * g_mean) * rstd  # mean_c(g * zhat)
+        step = example_chunk(g)  # sum_c(g * z) a few examples at a time: no batch-sized product
+        g_z = sum((g[i : i + step] * z[i : i + step]).sum(dims) for i in range(0, g.shape[0], step))
+        g_zhat = (g_z / count - mean * g_mean) * rstd  # mean_c(g * zhat)
         k = g_zhat * rstd  # g_true = g - k z - (g_mean - k mean): zhat's two terms in one pass over z
-        return torch.addcmul(g, z, -k.view(per_channel)).sub_((g_mean - k * mean).view(per_channel))
+        return g.addcmul_(z, -k.view(per_channel)).sub_((g_mean - k * mean).view(per_channel))  # g is ours
 
     return correct
 
@@ -118,87 +126,6 @@ def _bn(bn: nn.BatchNorm2d, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Te
     """BatchNorm of a perturbed tail with the clean batch's statistics ``stats``, held fixed: each example's
     tail depends on that example alone (so ranks can split the rows), and running statistics are untouched."""
     return F.batch_norm(z, stats[0], stats[1], bn.weight, bn.bias, False, 0.0, bn.eps)
-
-
-class LocalHead(nn.Module):
-    """A block's training-only local losses: its output cut into *parts*, each classified on its own.
-
-    A convolutional output ``(C, H, W)`` is cut into ``tiles x tiles`` patches (``tiles = min(patches, H, W)``,
-    which must divide H and W) and its channels into ``groups`` groups; a vector output ``(C,)`` into channel
-    groups only.  A part's features are its channels averaged over its patch to ``pool x pool`` bins (at most
-    the patch's size), standardised over the part's features when ``norm`` (mean 0, variance 1: a LayerNorm
-    without scale), and its logits come from its own linear map.  The block's loss is the mean over parts of
-    their cross-entropies, so a unit of the output moves one part's loss only (:meth:`part_map`): a
-    perturbation of it is measured on that part's loss alone, without the noise of the other parts' units.
-    """
-
-    def __init__(self, shape: tuple[int, ...], classes: int, patches: int, groups: int, pool: int, norm: bool):
-        super().__init__()
-        channels = shape[0]
-        if channels % groups:
-            raise ValueError(f"groups={groups} must divide the {channels} channels of a block output {tuple(shape)}")
-        if len(shape) == 3:
-            height, width = shape[1:]
-            tiles = min(patches, height, width)
-            if height % tiles or width % tiles:
-                divisors = [k for k in range(1, min(height, width) + 1) if height % k == 0 and width % k == 0]
-                raise ValueError(
-                    f"patches={patches} does not cut a {height}x{width} block output evenly; use {divisors}"
-                )
-            self.bins = (min(pool, height // tiles), min(pool, width // tiles))
-            # a patch's average pooling to its bins as one matrix (pixels x bins): a small matmul is several
-            # times faster on CPU than adaptive pooling with overlapping windows
-            th, tw = height // tiles, width // tiles
-            basis = torch.eye(th * tw).view(th * tw, 1, th, tw)
-            pool_matrix = F.adaptive_avg_pool2d(basis, self.bins).view(th * tw, -1)
-            self.register_buffer("pool_matrix", pool_matrix, persistent=False)
-        else:
-            tiles, self.bins = 1, (1, 1)
-        self.shape, self.tiles, self.groups, self.norm = tuple(shape), tiles, groups, norm
-        parts, features = groups * tiles * tiles, channels // groups * self.bins[0] * self.bins[1]
-        bound = features**-0.5  # nn.Linear's initialisation, per part
-        self.weight = nn.Parameter(torch.empty(parts, features, classes).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(parts, 1, classes).uniform_(-bound, bound))
-
-    @property
-    def parts(self) -> int:
-        return self.weight.shape[0]
-
-    def features(self, out: torch.Tensor) -> torch.Tensor:
-        """``(parts, n, features)``: each part's features for each example of the block output ``out``."""
-        n, g, t = out.shape[0], self.groups, self.tiles
-        if out.dim() == 2:
-            f = out.view(n, g, -1).transpose(0, 1)
-        else:
-            c, h, w = self.shape
-            tiled = out.view(n, g, c // g, t, h // t, t, w // t).permute(1, 3, 5, 0, 2, 4, 6)
-            pixels = tiled.reshape(self.parts, n, c // g, (h // t) * (w // t))
-            f = (pixels @ self.pool_matrix).reshape(self.parts, n, -1)
-        if self.norm and f.shape[-1] > 1:
-            var, mean = torch.var_mean(f, dim=-1, unbiased=False, keepdim=True)
-            f = (f - mean) * torch.rsqrt(var + 1e-5)
-        return f
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``(parts, n, classes)`` logits from :meth:`features`."""
-        return torch.baddbmm(self.bias, features, self.weight)
-
-    def set_grad(self, features: torch.Tensor, g: torch.Tensor) -> None:
-        """Gradients of the weights from an estimate ``g`` (like the logits) of the loss's gradient w.r.t. them."""
-        self.weight.grad = torch.bmm(features.transpose(1, 2), g)
-        self.bias.grad = g.sum(1, keepdim=True)
-
-    def part_map(self) -> torch.Tensor:
-        """The part each unit of one example's output belongs to (int64, shaped like the output)."""
-        c = self.shape[0]
-        group = torch.arange(c).div(c // self.groups, rounding_mode="floor") * self.tiles**2
-        if len(self.shape) == 1:
-            return group
-        h, w = self.shape[1:]
-        t = self.tiles
-        rows = torch.arange(h).div(h // t, rounding_mode="floor")
-        cols = torch.arange(w).div(w // t, rounding_mode="floor")
-        return group[:, None, None] + (rows[:, None] * t + cols[None, :])[None]
 
 
 class LocalBlock(nn.Module):
@@ -217,8 +144,8 @@ class LocalBlock(nn.Module):
 
     def site_parts(self, j: int, parts: torch.Tensor) -> torch.Tensor | None:
         """The head part each unit of site j's output moves (shaped like one example's ``z``), given the part
-        of each unit of the head input (:meth:`LocalHead.part_map`); None when the site's tail mixes units of
-        several parts, so its perturbations are measured on the block's whole loss."""
+        of each unit of the head input (:meth:`.activity_heads.LocalHead.part_map`); None when the site's tail
+        mixes units of several parts, so its perturbations are measured on the block's whole loss."""
         return None
 
 
@@ -265,12 +192,12 @@ class StemBlock(LocalBlock):
 
     def run(self, h):
         z = self.conv(h)
-        out = F.relu(self.bn(z))  # the module: updates the running statistics, once per step
+        out = F.relu_(self.bn(z))  # the module: updates the running statistics, once per step
         stats = batch_stats(z)
         return BlockPass(
             out,
             [SiteRecord(self.conv, h, z, out > 0, through_stats=through_batch_stats(self.bn, z, stats))],
-            lambda j, zp, rows: F.relu(_bn(self.bn, zp, stats)),
+            lambda j, zp, rows: F.relu_(_bn(self.bn, zp, stats)),
         )
 
     def site_parts(self, j, parts):
@@ -290,20 +217,26 @@ class ResidualBlock(LocalBlock):
     def run(self, h):
         b = self.block
         z1 = b.conv1(h)
-        x2 = F.relu(b.bn1(z1))
+        x2 = F.relu_(b.bn1(z1))  # in place on fresh outputs (no autograd here): fewer live activations
         z2 = b.conv2(x2)
         short = b.shortcut(h)
-        out = F.relu(b.bn2(z2) + short)
+        out = F.relu_(b.bn2(z2).add_(short))
         stats1, stats2 = batch_stats(z1), batch_stats(z2)
 
         def tail(j, zp, rows):
             if j == 0:
-                zp = b.conv2(F.relu(_bn(b.bn1, zp, stats1)))
-            return F.relu(_bn(b.bn2, zp, stats2) + short[rows])
+                x2p = F.relu_(_bn(b.bn1, zp, stats1))
+                del zp  # the tail owns its input: each activation is freed once read
+                zp = b.conv2(x2p)
+                del x2p
+            return F.relu_(_bn(b.bn2, zp, stats2).add_(short[rows]))
+
+        def conv2_input():  # the clean x2 again (training-mode BatchNorm of z1 computes the same statistics)
+            return F.relu_(F.batch_norm(z1, None, None, b.bn1.weight, b.bn1.bias, True, 0.0, b.bn1.eps))
 
         sites = [
             SiteRecord(b.conv1, h, z1, x2 > 0, through_stats=through_batch_stats(b.bn1, z1, stats1)),
-            SiteRecord(b.conv2, x2, z2, out > 0, through_stats=through_batch_stats(b.bn2, z2, stats2)),
+            SiteRecord(b.conv2, conv2_input, z2, out > 0, through_stats=through_batch_stats(b.bn2, z2, stats2)),
         ]
         return BlockPass(out, sites, tail)
 
@@ -351,36 +284,6 @@ def local_blocks(model: nn.Module) -> list[LocalBlock]:
             "subgrad.optim.activity_blocks.LocalBlock"
         )
     return blocks
-
-
-def make_heads(
-    blocks: list[LocalBlock],
-    example: torch.Tensor,
-    *,
-    patches: int = 1,
-    groups: int = 1,
-    pool: int = 4,
-    norm: bool = False,
-) -> nn.ModuleList:
-    """One training-only :class:`LocalHead` per block but the last, to the model's classes, sized by a clean
-    pass of ``example`` (a small batch of inputs) in eval mode: running statistics untouched, and a batch of
-    one is fine."""
-    modes = {m: m.training for b in blocks for m in b.modules()}
-    shapes, h = [], example
-    try:
-        with torch.no_grad():
-            for block in blocks:
-                h = block.eval().run(h).out
-                head_input = block.head_input(h)
-                assert (head_input is None) == (block is blocks[-1]), "every block but the last has a head"
-                if head_input is not None:
-                    shapes.append(head_input.shape[1:])
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    if h.dim() != 2:
-        raise ValueError(f"the model's output must be logits (batch, classes) for its loss; got {tuple(h.shape)}")
-    return nn.ModuleList(LocalHead(s, h.shape[1], patches, groups, pool, norm).to(example.device) for s in shapes)
 
 
 def trained_parameters(blocks: list[LocalBlock]) -> list[nn.Parameter]:

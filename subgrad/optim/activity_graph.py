@@ -35,7 +35,7 @@ from .graph_nodes import (
     PER_UNIT_FUNCTIONS,
     PER_UNIT_MODULES,
     SITE_LAYERS,
-    UNTRAINED,
+    check_trainable,
     getattr_path,
     is_flatten,
     is_global_average,
@@ -87,23 +87,7 @@ class _Graph:
             if any(a in batch for a in n.all_input_nodes):
                 batch.add(n)
         self.batch = batch
-        self._check_parameters()
-
-    def _check_parameters(self) -> None:
-        for n in self.graph.nodes:
-            if n.op == "get_attr" and isinstance(getattr_path(self.model, n.target), nn.Parameter):
-                raise ValueError(
-                    f"parameter {n.target} is used outside a module; activity perturbation trains Conv2d and "
-                    "Linear layers only: wrap it in one, give a cut, or use zo-adam"
-                )
-        for n, m in self.modules.items():
-            if not isinstance(m, SITE_LAYERS + UNTRAINED) and any(True for _ in m.parameters(recurse=False)):
-                raise ValueError(
-                    f"module {n.target} ({type(m).__name__}) holds parameters activity perturbation cannot train "
-                    "(it trains Conv2d and Linear layers); give a cut or use zo-adam"
-                )
-            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":  # the weight product assumes zero padding
-                raise ValueError(f"module {n.target}: padding_mode={m.padding_mode!r} is not supported; use 'zeros'")
+        check_trainable(self.graph, model, self.modules)
 
     def is_site(self, n: fx.Node) -> bool:
         return isinstance(self.modules.get(n), SITE_LAYERS)
@@ -172,6 +156,14 @@ class GraphBlock(LocalBlock):
                 if n is not start and any(a in reached for a in n.all_input_nodes):
                     reached.add(n)
             self.downstream.append([n for n in nodes if n in reached and n is not start])
+        # what outlives the clean pass: the output, each site's activity and input, and what each tail reads
+        # from the clean pass; and per tail, the step after which each value it makes is read no more
+        self._reads = {nodes[-1], *self.perturbed, *(s.args[0] for s in self.sites if isinstance(s.args[0], fx.Node))}
+        self._last_read = []
+        for start, down in zip(self.perturbed, self.downstream):
+            made = {start, *down}
+            self._reads.update(a for n in down for a in n.all_input_nodes if a not in made)
+            self._last_read.append({a: i for i, n in enumerate(down) for a in n.all_input_nodes if a in made})
         # a block that ends by flattening a map: its head reads the map (as LeNet's hand-written cut does)
         self.flattens = is_flatten(g.modules, nodes[-1]) and not last
         self.map_shape: tuple[int, ...] | None = None
@@ -258,9 +250,12 @@ class GraphBlock(LocalBlock):
         if self.flattens:
             self.map_shape = tuple(env[self.nodes[-1].args[0]].shape[1:])
         n_batch = h.shape[0]
+        del h
+        self._forget(env)
 
         def tail(j: int, zp: torch.Tensor, rows: slice) -> torch.Tensor:
-            local = {self.perturbed[j]: zp}
+            local, last_read, end = {self.perturbed[j]: zp}, self._last_read[j], self.nodes[-1]
+            del zp  # the tail owns it: freed after its last read
 
             def sliced(a: fx.Node):
                 if a in local:
@@ -276,11 +271,27 @@ class GraphBlock(LocalBlock):
                     local[a] = clean
                 return local[a]
 
-            for n in self.downstream[j]:
+            for i, n in enumerate(self.downstream[j]):
                 local[n] = self._eval(n, sliced, state, rows)
-            return local[self.nodes[-1]] if self.nodes[-1] in local else sliced(self.nodes[-1])
+                for a in n.all_input_nodes:
+                    if last_read.get(a) == i and a is not end:
+                        local.pop(a, None)
+            return local[end] if end in local else sliced(end)
 
         return BlockPass(out, sites, tail)
+
+    def _forget(self, env: dict) -> None:
+        """Drop the clean pass's values that neither a tail nor a site reads (a value that is not a tensor, a
+        shape read off the batch, is evaluated again in a tail: what it reads is kept)."""
+        keep, todo = set(self._reads), [a for a in self._reads if not isinstance(env.get(a), torch.Tensor)]
+        while todo:
+            for a in todo.pop().all_input_nodes:
+                if a not in keep:
+                    keep.add(a)
+                    if not isinstance(env.get(a), torch.Tensor):
+                        todo.append(a)
+        for n in [n for n in env if n not in keep]:
+            del env[n]
 
     # -- a site's record: what its units' perturbations can move -------------------------------------
     def _site(self, env: dict, state: dict, j: int) -> SiteRecord:

@@ -82,3 +82,34 @@ def is_global_average(modules: dict, n: fx.Node) -> bool:
 
 def is_flatten(modules: dict, n: fx.Node) -> bool:
     return isinstance(modules.get(n), nn.Flatten) or n.target in (torch.flatten, "flatten")
+
+
+def check_trainable(graph: fx.Graph, model: nn.Module, modules: dict) -> None:
+    """Refuse what a traced model holds that activity perturbation cannot train, with the module's name: a
+    parameter outside a module, parameters of a module that is not a Conv2d or Linear layer (norms aside),
+    a padding mode other than zeros, and one parameter at two sites."""
+    for n in graph.nodes:
+        if n.op == "get_attr" and isinstance(getattr_path(model, n.target), nn.Parameter):
+            raise ValueError(
+                f"parameter {n.target} is used outside a module; activity perturbation trains Conv2d and "
+                "Linear layers only: wrap it in one, give a cut, or use zo-adam"
+            )
+    for n, m in modules.items():
+        if not isinstance(m, SITE_LAYERS + UNTRAINED) and any(True for _ in m.parameters(recurse=False)):
+            raise ValueError(
+                f"module {n.target} ({type(m).__name__}) holds parameters activity perturbation cannot train "
+                "(it trains Conv2d and Linear layers); give a cut or use zo-adam"
+            )
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":  # the weight product assumes zero padding
+            raise ValueError(f"module {n.target}: padding_mode={m.padding_mode!r} is not supported; use 'zeros'")
+    # a site sets its layer's gradient: a layer (or a parameter) used at two sites would keep the last only
+    owner: dict[int, str] = {}
+    for n in (n for n in graph.nodes if isinstance(modules.get(n), SITE_LAYERS)):
+        for p in modules[n].parameters(recurse=False):
+            if id(p) in owner:
+                what = "is called twice" if owner[id(p)] == n.target else f"shares a parameter with {owner[id(p)]}"
+                raise ValueError(
+                    f"module {n.target} {what}; activity perturbation sets a layer's gradient from one site, so "
+                    "each Conv2d or Linear layer must be used once: give a cut or use zo-adam"
+                )
+            owner[id(p)] = n.target
