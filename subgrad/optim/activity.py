@@ -41,8 +41,7 @@ more directions there buy a better estimate cheaply (``q_linear``).
 Memory beyond inference: one block's activations at a time (its sites' activities and what its tails
 read; one perturbed tail at a time, on CPU for 16 MiB of examples at a time: :mod:`.activity_chunks`), the
 heads (LeNet: 5,600 parameters at one part per block), a gradient buffer and Adam's two moments (3 x 4
-bytes per trained parameter, model and heads).  ResNet-20 at batch 1024: 1.35x inference's peak
-(benchmarks/README.md, "Memory of a training step").
+bytes per trained parameter, model and heads).  Measured: benchmarks/README.md, "Memory of a training step".
 
 Data parallel, scalars only: every rank runs the clean pass of every block on the whole global batch
 (so BatchNorm sees the global batch, as one process would), and runs the perturbed tails for its own
