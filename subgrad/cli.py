@@ -133,8 +133,8 @@ def build_parser(model: str = "lenet", optimizer: str = "sgd") -> argparse.Argum
     tr = sub.add_parser(
         "train",
         help="train a CIFAR-10 model into a run folder",
-        description="Train lenet, resnet20 or localnet on CIFAR-10 with any subgrad optimizer. Flags left "
-        "out take the defaults for the model/optimizer pair (the registry in "
+        description="Train a model (built-in, torchvision:NAME or your package.module:callable) on CIFAR-10 "
+        "with any subgrad optimizer. Flags left out take the defaults for the model/optimizer pair (the registry in "
         "subgrad/training/optimizers.py); --help after --model/--optimizer shows that pair's values.",
     )
     add_config_arguments(tr, model, optimizer)
