@@ -8,8 +8,8 @@ linear layer (its output ``layer(x)``, or that output after ReLU and 2x2 max-poo
 of the block from a changed ``z`` (``x`` and everything before stay as they were), for any contiguous rows
 of the batch: a tail treats every example on its own (BatchNorm in a tail uses the clean pass's batch
 statistics), so data-parallel ranks can each run their share of the rows.  A block's loss comes from its
-*head* (:class:`.activity_heads.LocalHead`): training-only linear classifiers on parts of its output (one part, the
-average-pooled output, by default), or the model's own output for the last block.  Heads live in the
+*head* (:class:`.activity_heads.LocalHead`): training-only linear classifiers on parts of its output (one
+part, the average-pooled output, by default), or the model's own output for the last block.  Heads live in the
 optimizer, never in the model, so a trained model exports exactly as it would from backprop.
 
 A model provides its cut by implementing :class:`BlockCut`: a method ``local_blocks()`` returning its
@@ -95,7 +95,8 @@ def through_batch_stats(
     bn: nn.BatchNorm2d, z: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """For a site ``z`` that ``bn`` normalises with the clean batch's statistics ``stats``: the map from a
-    gradient ``g`` of the loss w.r.t. ``z`` with the statistics held fixed to the gradient through them.
+    gradient ``g`` of the loss w.r.t. ``z`` with the statistics held fixed to the gradient through them
+    (written over ``g``: the estimate is the caller's to give up).
 
     Training-mode BatchNorm's mean and variance are functions of the whole batch, so the loss's gradient is
     (BatchNorm's backward, per channel c, means over examples and positions, zhat = (z - mean) / std)::
