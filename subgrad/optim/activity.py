@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from .. import kernels as K
 from ._counters import StepCounters
 from .activity_blocks import trained_parameters
-from .activity_chunks import row_chunks, set_weight_grad
+from .activity_chunks import example_slices, set_weight_grad
 from .activity_graph import block_cut
 from .activity_heads import make_heads
 from .first_order import AdamW
@@ -303,7 +303,7 @@ class ActivityZO:
         for j, rec in enumerate(sites):
             for k in range(qs[j]):  # a unit that cannot move the loss (not active) gets no noise
                 per_chunk = []
-                for chunk in row_chunks(rows, rec.z):
+                for chunk in example_slices(rec.z, rows):
                     zp = K.perturb_activity(
                         rec.z, rec.active, seed, k, chunk, eps, backend, seed_index=site + j, signs=signs[j], **trusted
                     )

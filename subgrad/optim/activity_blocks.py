@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activity_chunks import example_chunk
+from .activity_chunks import example_slices
 
 
 @dataclass
@@ -114,8 +114,7 @@ def through_batch_stats(
     def correct(g: torch.Tensor) -> torch.Tensor:
         count = g.numel() // g.shape[1]
         g_mean = g.sum(dims) / count
-        step = example_chunk(g)  # sum_c(g * z) a few examples at a time: no batch-sized product
-        g_z = sum((g[i : i + step] * z[i : i + step]).sum(dims) for i in range(0, g.shape[0], step))
+        g_z = sum((g[rows] * z[rows]).sum(dims) for rows in example_slices(g))  # on CPU: no batch-sized product
         g_zhat = (g_z / count - mean * g_mean) * rstd  # mean_c(g * zhat)
         k = g_zhat * rstd  # g_true = g - k z - (g_mean - k mean): zhat's two terms in one pass over z
         return g.addcmul_(z, -k.view(per_channel)).sub_((g_mean - k * mean).view(per_channel))  # g is ours

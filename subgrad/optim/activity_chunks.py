@@ -11,17 +11,15 @@ import torch.nn as nn
 CHUNK_BYTES = 16 * 2**20
 
 
-def example_chunk(t: torch.Tensor) -> int:
-    """Examples of ``t`` (batch first) per chunk of :data:`CHUNK_BYTES`."""
-    return max(1, CHUNK_BYTES // max(1, t[0].numel() * t.element_size())) if t.shape[0] else 1
-
-
-def row_chunks(rows: slice, z: torch.Tensor) -> list[slice]:
-    """``rows`` of ``z``'s batch in the chunks a perturbed pass takes at a time: on CPU a few MiB of ``z``
-    each, so a tail's activations stay small beside the clean pass's; a GPU takes them at once."""
-    start, stop, _ = rows.indices(z.shape[0])
-    step = example_chunk(z) if z.device.type == "cpu" else max(1, stop - start)
-    return [slice(i, min(i + step, stop)) for i in range(start, stop, step)] or [rows]
+def example_slices(t: torch.Tensor, rows: slice = slice(None)) -> list[slice]:
+    """``rows`` of ``t``'s batch (its first dimension) in the chunks a CPU works at a time, :data:`CHUNK_BYTES`
+    of ``t`` each, so copies and temporaries stay small beside the batch; a GPU takes them at once (one
+    launch each, the batch's parallelism)."""
+    start, stop, _ = rows.indices(t.shape[0])
+    if t.device.type != "cpu" or stop <= start:
+        return [slice(start, stop)]
+    step = max(1, CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
+    return [slice(i, min(i + step, stop)) for i in range(start, stop, step)]
 
 
 def set_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -29,14 +27,12 @@ def set_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     the layer's own weight-gradient product (a forward-type product, no autograd graph)."""
     if isinstance(layer, nn.Conv2d):
         # on CPU the product copies both operands (oneDNN's layouts): summed over chunks of examples, the
-        # copies stay small; a GPU takes the batch at once
-        step = example_chunk(x) if x.device.type == "cpu" else max(1, x.shape[0])
+        # copies stay small
         weight = None
-        for i in range(0, x.shape[0], step):
+        for rows in example_slices(x):
             part = torch.nn.grad.conv2d_weight(
-                x[i : i + step], layer.weight.shape, g[i : i + step], layer.stride, layer.padding, layer.dilation,
-                layer.groups,
-            )  # fmt: skip
+                x[rows], layer.weight.shape, g[rows], layer.stride, layer.padding, layer.dilation, layer.groups
+            )
             weight = part if weight is None else weight.add_(part)
         layer.weight.grad = weight
         if layer.bias is not None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .activity_blocks import LocalBlock
-from .activity_chunks import example_chunk
+from .activity_chunks import example_slices
 
 
 class LocalHead(nn.Module):
@@ -64,18 +64,10 @@ class LocalHead(nn.Module):
         else:
             c, h, w = self.shape
             tiled = out.view(n, g, c // g, t, h // t, t, w // t).permute(1, 3, 5, 0, 2, 4, 6)
-            # a part's pixels are not contiguous, so reading them copies: a few examples at a time, not the batch
-            step = example_chunk(out)
-            f = torch.cat(
-                [
-                    (
-                        tiled[:, :, :, i : i + step].reshape(self.parts, -1, c // g, (h // t) * (w // t))
-                        @ self.pool_matrix
-                    )
-                    for i in range(0, n, step)
-                ],
-                dim=1,
-            ).reshape(self.parts, n, -1)
+            # a part's pixels are not contiguous, so reading them copies: on CPU a few examples at a time
+            part_pixels = (self.parts, -1, c // g, (h // t) * (w // t))  # each copy freed once pooled
+            pooled = [tiled[:, :, :, rows].reshape(part_pixels) @ self.pool_matrix for rows in example_slices(out)]
+            f = torch.cat(pooled, dim=1).reshape(self.parts, n, -1)
         if self.norm and f.shape[-1] > 1:
             var, mean = torch.var_mean(f, dim=-1, unbiased=False, keepdim=True)
             f = (f - mean) * torch.rsqrt(var + 1e-5)
