@@ -1,7 +1,6 @@
-"""The export and deploy commands of the ``subgrad`` command line: export, validate, bench, quantize, predict,
-package, serve.  Each is a thin wrapper over a library function of :mod:`subgrad.export`; flags a user left
-out are not passed, so the library's signatures hold every default.  :func:`add_commands` adds them to
-``subgrad``'s parser (:mod:`subgrad.cli`)."""
+"""The export and deploy commands of ``subgrad``: export, validate, bench, quantize, predict, package, serve
+(adapt and corrupt: adapt_commands).  Each wraps a library function of :mod:`subgrad.export`; flags a user
+left out are not passed, so the library's signatures hold every default (:func:`add_commands`)."""
 
 from __future__ import annotations
 
@@ -9,12 +8,17 @@ import argparse
 import os
 import sys
 
+from .adapt_commands import add_adapt_commands
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from subgrad.export.exporter import export_run
 
     path = export_run(
-        args.run, args.out, with_preprocessing=args.with_preprocessing, **_given(args, opset="opset", code="code")
+        args.run,
+        args.out,
+        with_preprocessing=args.with_preprocessing,
+        **_given(args, opset="opset", code="code", data="data"),
     )
     print(
         f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); checked with onnx.checker (full) and strict shape "
@@ -259,6 +263,9 @@ def add_commands(sub) -> None:
         help="take raw NHWC uint8 pixels: normalisation inside the graph",
     )
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, the lowest it supports)")
+    ex.add_argument(
+        "--data", help="training data for the layer statistics that subgrad adapt aligns to (default: the run's)"
+    )
     _add_code_argument(ex)
     ex.set_defaults(func=_cmd_export)
 
@@ -390,3 +397,4 @@ def add_commands(sub) -> None:
         help=f"times a server that dies is started again within 10 minutes before serve exits 1 (default {RESTARTS})",
     )
     se.set_defaults(func=_cmd_serve)
+    add_adapt_commands(sub)  # adapt, corrupt

@@ -202,11 +202,12 @@ def export_module(
     example=None,
     opset: int = OPSET,
     name: str | None = None,
+    more_metadata=None,
 ) -> pathlib.Path:
     """Export ``model`` (eval mode) with a dynamic batch dimension, check it, write ``out`` atomically.
 
     ``example`` is one input batch; its batch size must be >= 2 so the exporter cannot specialise on it
-    (default: float32 [2, 3, 32, 32]).
+    (default: float32 [2, 3, 32, 32]).  ``more_metadata(proto)`` may add keys computed from the graph.
     """
     name = name or type(model).__name__
     example = torch.zeros(2, 3, 32, 32) if example is None else example
@@ -234,14 +235,51 @@ def export_module(
         raise ExportError(f"{name}: the exported batch dimension is fixed; the model must not depend on batch size")
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=key, value=value)
+    for key, value in (more_metadata(proto) if more_metadata else {}).items():
+        proto.metadata_props.add(key=key, value=value)
     check_onnx(proto, f"the export of {name}")
     return atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
 
 
+def _source_statistics(data, metadata: dict[str, str]):
+    """``more_metadata`` for :func:`export_module`: the layers' channel statistics on the training images
+    of ``data`` (:mod:`subgrad.export.source_stats`), or none, with a warning, when the data is unreadable."""
+    import warnings
+
+    from subgrad.data import DataError, load_cifar10
+
+    from . import source_stats
+    from .runtime import ModelInfo
+
+    def compute(proto) -> dict[str, str]:
+        try:
+            images = load_cifar10(data, download=False).train_images
+        except (DataError, OSError) as exc:
+            warnings.warn(
+                f"no {source_stats.KEY} recorded ({exc}); `subgrad adapt --objective foa` needs them: export "
+                "again with --data pointing at the training data",
+                stacklevel=3,
+            )
+            return {}
+        info = ModelInfo.from_props(metadata, "the export")
+        stats = source_stats.compute(proto, info, source_stats.subset(images))
+        return {source_stats.KEY: json.dumps(stats)}
+
+    return compute
+
+
 def export_run(
-    run_dir, out, with_preprocessing: bool = False, opset: int = OPSET, code: str | None = None
+    run_dir,
+    out,
+    with_preprocessing: bool = False,
+    opset: int = OPSET,
+    code: str | None = None,
+    data=None,
 ) -> pathlib.Path:
-    """Export a run folder's final weights to ``out`` (see the module docstring; ``code``: :func:`load_run`)."""
+    """Export a run folder's final weights to ``out`` (see the module docstring; ``code``: :func:`load_run`).
+
+    ``data`` (default: the run's own ``--data``) gives the training images whose layer statistics are
+    recorded as ``source_statistics``; an unreadable data path skips them with a warning."""
     if opset < OPSET:
         raise ExportError(f"--opset must be >= {OPSET}, got {opset}")
     model, record, summary = load_run(run_dir, code)
@@ -253,4 +291,5 @@ def export_run(
         )
     else:
         example = torch.zeros(2, 3, 32, 32)
-    return export_module(model, out, metadata, example=example, opset=opset, name=record["model"])
+    stats = _source_statistics(data or record.get("data"), metadata) if (data or record.get("data")) else None
+    return export_module(model, out, metadata, example=example, opset=opset, name=record["model"], more_metadata=stats)
