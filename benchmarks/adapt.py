@@ -331,7 +331,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--torch-lr", type=float, default=1e-3, help="Adam's lr for the backprop baselines (TENT's)")
-    parser.add_argument("--unlabelled-objective", default="entropy")
+    parser.add_argument("--unlabelled-objective", default="foa")
     parser.add_argument("--work", default="/tmp/subgrad-adapt-bench", help="runs, exports and the scenario")
     parser.add_argument("--json")
     parser.add_argument("--plot")

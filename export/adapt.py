@@ -37,6 +37,9 @@ from . import adapt_graph
 from .runtime import ModelFileError, ModelInfo, open_session
 
 OBJECTIVES = ("cross_entropy", "entropy", "foa")
+#: The objective of unlabelled data when none is named: entropy alone collapses the predictions onto a few
+#: classes (docs/adapt.md, benchmarks/README.md "Adapting an export").
+UNLABELLED_OBJECTIVE = "foa"
 #: Metadata key of the per-layer channel statistics on the training data (written by ``subgrad export``).
 SOURCE_STATISTICS = "source_statistics"
 _DIRECTIONS = 1  # Philox key stream for the directions (batches use another, in adapt_data)

@@ -17,11 +17,11 @@ def _providers(value: str) -> list[str]:
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from subgrad.export.adapt import AdaptSettings
+    from subgrad.export.adapt import UNLABELLED_OBJECTIVE, AdaptSettings
     from subgrad.export.adapt_run import adapt_file, state_folder
 
     given = {f.name: getattr(args, f.name) for f in fields(AdaptSettings) if getattr(args, f.name, None) is not None}
-    given.setdefault("objective", "entropy" if args.unlabelled else "cross_entropy")
+    given.setdefault("objective", UNLABELLED_OBJECTIVE if args.unlabelled else "cross_entropy")
     run = {
         k: getattr(args, k) for k in ("steps", "batch_size", "threads", "eval_fraction") if getattr(args, k) is not None
     }
@@ -45,7 +45,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     if "accuracy" in before:
         held = f"held-out accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}"
     else:
-        held = f"held-out prediction entropy {before['entropy']:.4f} -> {after['entropy']:.4f}"
+        held = f"held-out {report['settings']['objective']} {before['objective']:.4f} -> {after['objective']:.4f}"
     print(
         f"{held}, predictions kept {report['agreement']:.3f}; {report['steps']} steps ({report['skipped']} skipped), "
         f"{report['seconds']:.1f} s; wrote {args.out}"
@@ -91,12 +91,12 @@ def add_adapt_commands(sub) -> None:
         "--data", required=True, metavar="DIR|ARCHIVE", help="<class>/ image folders (or adapt/ and eval/ above them)"
     )
     ad.add_argument("--out", required=True, metavar="ADAPTED.onnx")
-    ad.add_argument("--unlabelled", action="store_true", help="ignore labels: a test-time objective (default entropy)")
+    ad.add_argument("--unlabelled", action="store_true", help="ignore labels: a test-time objective (default foa)")
     ad.add_argument("--params", help=f"head, affine, last:K, all or a glob over weight names (default {d.params})")
     ad.add_argument(
         "--objective",
         choices=["cross_entropy", "entropy", "foa"],
-        help="default: cross_entropy, or entropy with --unlabelled",
+        help="default: cross_entropy, or foa with --unlabelled",
     )
     ad.add_argument("--steps", type=int, help=f"default {DEFAULT_STEPS}")
     ad.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {DEFAULT_BATCH_SIZE}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from subgrad.run_folder import atomic_write, atomic_write_text
 
-from .adapt import Adapter, AdaptSettings, entropy
+from .adapt import UNLABELLED_OBJECTIVE, Adapter, AdaptSettings, entropy
 from .adapt_data import Images, batch_indices, load_adapt_data
 
 #: Steps and batch of an adaptation when not given (benchmarks/README.md "Adapting an export").
@@ -56,9 +56,19 @@ def load_state(folder: pathlib.Path, adapter: Adapter, data_fingerprint: str, ex
 
 
 def evaluate(adapter: Adapter, images: Images, batch_size: int = 256) -> dict:
-    """Accuracy (when labelled), prediction entropy and predicted classes on ``images``."""
+    """Accuracy (when labelled), the objective (mean over batches of ``batch_size``), prediction entropy and
+    predicted classes on ``images``."""
     logits = adapter.logits(images.pixels, batch_size)
-    out = dict(entropy=entropy(logits) if len(logits) else float("nan"), predictions=logits.argmax(1))
+    labelled = adapter.settings.objective == "cross_entropy"
+    objective = [
+        adapter.objective(images.pixels[i : i + batch_size], images.labels[i : i + batch_size] if labelled else None)
+        for i in range(0, len(images), batch_size)
+    ]
+    out = dict(
+        objective=float(np.mean(objective)),
+        entropy=entropy(logits) if len(logits) else float("nan"),
+        predictions=logits.argmax(1),
+    )
     if images.labels is not None:
         out["accuracy"] = float((out["predictions"] == images.labels).mean())
     return out
@@ -86,7 +96,7 @@ def adapt_file(
         raise ValueError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     if pathlib.Path(out).resolve() == pathlib.Path(model_path).resolve():
         raise ValueError("--out is the input model; write the adapted model to another file")
-    settings = settings or AdaptSettings(objective="entropy" if unlabelled else "cross_entropy")
+    settings = settings or AdaptSettings(objective=UNLABELLED_OBJECTIVE if unlabelled else "cross_entropy")
     if unlabelled == (settings.objective == "cross_entropy"):
         raise ValueError(
             f"objective {settings.objective} does not match {'--unlabelled' if unlabelled else 'labelled'} data"

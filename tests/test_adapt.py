@@ -288,6 +288,7 @@ def test_cli_adapts_and_every_deploy_command_takes_the_result(exports, folder, t
         ("resume-nothing", "no saved state"),
         ("bad-params", "selects no float parameter"),
         ("no-data", "no such folder or archive"),
+        ("no-statistics", "no training-data statistics"),
     ],
 )
 def test_cli_bad_input_gets_one_line(exports, folder, tmp_path, case, message):
@@ -316,6 +317,13 @@ def test_cli_bad_input_gets_one_line(exports, folder, tmp_path, case, message):
         extra = ["--params", "nothing.*"]
     elif case == "no-data":
         data = tmp_path / "missing"
+    elif case == "no-statistics":  # --unlabelled aligns to the training statistics by default
+        proto = onnx.load(str(model))
+        kept = [p for p in proto.metadata_props if p.key != "source_statistics"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        onnx.save(proto, tmp_path / "bare.onnx")
+        model, extra = tmp_path / "bare.onnx", ["--unlabelled"]
     out = extra[1] if extra[:1] == ["--out"] else tmp_path / "o.onnx"
     args = [
         "adapt",
