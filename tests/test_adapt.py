@@ -271,6 +271,8 @@ def test_cli_adapts_and_every_deploy_command_takes_the_result(exports, folder, t
     assert _cli("predict", out, image).returncode == 0
     repo = tmp_path / "repo"
     assert _cli("package", out, "--triton-repo", repo).returncode == 0, "package refused the adapted file"
+    bench = _cli("bench", out, "--batch-sizes", "2", "--runs", "2", "--warmup", "0", "--threads", "1")
+    assert bench.returncode == 0 and "onnx" in bench.stdout, bench.stderr
     again = _cli(
         "adapt", out, "--data", folder, "--out", tmp_path / "twice.onnx", "--steps", "2", "--batch-size", "8", "--quiet"
     )

@@ -117,3 +117,37 @@ def test_labelled_adaptation_lowers_the_loss_on_shifted_images(served_lenet_onnx
         adapter.step(data.adapt.pixels[index], data.adapt.labels[index])
     after = adapter.objective(data.adapt.pixels, data.adapt.labels)
     assert after < before - 0.02, f"{params}: cross-entropy on the adaptation images {before:.4f} -> {after:.4f}"
+
+
+def test_triton_serves_the_adapted_model(served_lenet_onnx, scenario, tmp_path):
+    """The adapted file through a real Triton Inference Server (python backend) and tritonclient: the
+    served logits equal Predictor's on the adapted file, bit for bit (same onnxruntime, same options)."""
+    import tritonclient.http as httpclient
+    from PIL import Image
+
+    from subgrad.export.adapt_run import adapt_file
+    from subgrad.export.runtime import Predictor
+    from subgrad.export.serve import TritonServer, free_port
+    from subgrad.export.triton_repo import package_triton
+
+    out = tmp_path / "adapted.onnx"
+    adapt_file(served_lenet_onnx, scenario / "gaussian_noise", out, steps=10, batch_size=32, threads=1, progress=False)
+    expected_model = Predictor(out)
+    pixels = np.stack(
+        [
+            np.asarray(Image.open(p).convert("RGB"))
+            for p in sorted((scenario / "gaussian_noise" / "eval").rglob("*.png"))[:8]
+        ]
+    )
+    x = expected_model.preprocess(pixels)
+    repo = tmp_path / "repo"
+    package_triton(out, repo, backend="python", max_batch_size=8)
+    with TritonServer(repo, free_port(), free_port(), free_port(), log_path=tmp_path / "server.log") as server:
+        client = httpclient.InferenceServerClient(f"localhost:{server.http_port}")
+        meta = client.get_model_metadata("adapted")
+        item = httpclient.InferInput(meta["inputs"][0]["name"], list(x.shape), "FP32")
+        item.set_data_from_numpy(x)
+        served = client.infer("adapted", [item]).as_numpy(meta["outputs"][0]["name"])
+    expected = expected_model.logits_from_pixels(pixels)
+    assert np.array_equal(served, expected), f"served logits differ by {np.abs(served - expected).max()}"
+    assert not np.array_equal(expected, Predictor(served_lenet_onnx).logits_from_pixels(pixels)), "nothing was adapted"
