@@ -173,6 +173,12 @@ def peak_memory(path, mode: str, batch: int) -> dict:
     return json.loads(out.stdout)
 
 
+def _clear_state(out: pathlib.Path) -> None:
+    import shutil
+
+    shutil.rmtree(out.with_name(out.name + ".adapt-state"), ignore_errors=True)
+
+
 # -- one model ----------------------------------------------------------------------------------------
 def run_model(name, run, files, scenario, args) -> dict:
     from subgrad.export.adapt import AdaptSettings
@@ -204,11 +210,7 @@ def run_model(name, run, files, scenario, args) -> dict:
             for unlabelled in (False, True):
                 label = f"zo_{'unlabelled' if unlabelled else 'labelled'}_{kind}"
                 out = args.work / f"{name}-{corruption}-{label}.onnx"
-                state = out.with_name(out.name + ".adapt-state")
-                if state.exists():
-                    import shutil
-
-                    shutil.rmtree(state)
+                _clear_state(out)
                 settings = AdaptSettings(objective=args.unlabelled_objective if unlabelled else "cross_entropy")
                 report = adapt_file(
                     files[kind],
@@ -271,6 +273,21 @@ def run_model(name, run, files, scenario, args) -> dict:
             ),
             flush=True,
         )
+    # adapting where nothing shifted must not cost accuracy: unlabelled adaptation on clean images
+    out = args.work / f"{name}-clean-unlabelled.onnx"
+    _clear_state(out)
+    report = adapt_file(
+        files["fp32"],
+        scenario / "clean",
+        out,
+        unlabelled=True,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        settings=AdaptSettings(objective=args.unlabelled_objective),
+        threads=THREADS,
+        progress=False,
+    )
+    result["clean_unlabelled"] = dict(before=report["before"]["accuracy"], after=report["after"]["accuracy"])
     result["memory"] = dict(
         batch=args.batch_size,
         inference=peak_memory(files["fp32"], "inference", args.batch_size),
