@@ -23,6 +23,7 @@ the training data's (``source_statistics`` in the export's metadata), as FOA (Ni
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -37,6 +38,10 @@ from . import adapt_graph
 from .runtime import ModelFileError, ModelInfo
 
 OBJECTIVES = ("cross_entropy", "entropy", "foa")
+#: Adam's lr per objective on ``affine`` (ResNet-20, 200 steps at batch 64, q 4; benchmarks/LOG.md 2026-12-07):
+#: cross-entropy 1e-2 (noise 54 -> 68%, contrast 22 -> 59%; 3e-3: 68% / 52%; 3e-2 diverges), foa 3e-3
+#: (noise 54 -> 69%, contrast 22 -> 51%), entropy as foa.
+DEFAULT_LR = {"cross_entropy": 1e-2, "foa": 3e-3, "entropy": 3e-3}
 #: The objective of unlabelled data when none is named: entropy alone collapses the predictions onto a few
 #: classes (docs/adapt.md, benchmarks/README.md "Adapting an export").
 UNLABELLED_OBJECTIVE = "foa"
@@ -53,7 +58,7 @@ class AdaptSettings:
     objective: str = "cross_entropy"
     q: int = 4
     eps: float = 1e-2
-    lr: float = 1e-2
+    lr: float | None = None  # None: DEFAULT_LR of the objective
     optimizer: str = "adam"  # or "sgd" (momentum)
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
@@ -66,6 +71,9 @@ class AdaptSettings:
     seed: int = 0
 
     def check(self) -> "AdaptSettings":
+        """These settings with the objective's lr filled in, or a ValueError naming every bad field."""
+        if self.lr is None and self.objective in DEFAULT_LR:
+            return dataclasses.replace(self, lr=DEFAULT_LR[self.objective]).check()
         problems = []
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")

@@ -74,7 +74,7 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
 
 
 def add_adapt_commands(sub) -> None:
-    from subgrad.export.adapt import AdaptSettings
+    from subgrad.export.adapt import DEFAULT_LR, AdaptSettings
     from subgrad.export.adapt_run import DEFAULT_BATCH_SIZE, DEFAULT_STEPS
     from subgrad.export.corrupt import CORRUPTIONS, DEFAULT_SEVERITY
 
@@ -102,7 +102,11 @@ def add_adapt_commands(sub) -> None:
     ad.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {DEFAULT_BATCH_SIZE}")
     ad.add_argument("--q", type=int, help=f"directions per step (default {d.q})")
     ad.add_argument("--eps", type=float, help=f"perturbation size (default {d.eps})")
-    ad.add_argument("--lr", type=float, help=f"default {d.lr}")
+    ad.add_argument(
+        "--lr",
+        type=float,
+        help="Adam's lr (default by objective: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")",
+    )
     ad.add_argument("--optimizer", choices=["adam", "sgd"], help=f"default {d.optimizer}")
     ad.add_argument("--distribution", choices=["rademacher", "gaussian"], help=f"default {d.distribution}")
     ad.add_argument("--clip", type=float, help="clamp each finite-difference scalar to [-clip, clip]")
