@@ -22,51 +22,25 @@ from conftest import real_archive
 pytestmark = pytest.mark.slow
 
 
+def _corrupt(out, *extra) -> None:
+    """``subgrad corrupt`` on 400 real test images, as a user runs it."""
+    command = ["corrupt", "--data", real_archive(), "--out", out, "--limit", "400", *extra]
+    result = subprocess.run(
+        [sys.executable, "-m", "subgrad", *map(str, command)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
     out = tmp_path_factory.mktemp("scenario")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "subgrad",
-            "corrupt",
-            "--data",
-            str(real_archive()),
-            "--out",
-            str(out),
-            "--limit",
-            "400",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    _corrupt(out)
     return out
 
 
 def test_the_scenario_is_deterministic_and_split_in_halves(scenario, tmp_path):
     again = tmp_path / "again"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "subgrad",
-            "corrupt",
-            "--data",
-            str(real_archive()),
-            "--out",
-            str(again),
-            "--limit",
-            "400",
-            "--corruptions",
-            "gaussian_noise",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    _corrupt(again, "--corruptions", "gaussian_noise")
     first = sorted(p.relative_to(scenario) for p in (scenario / "gaussian_noise").rglob("*.png"))
     second = sorted(p.relative_to(again) for p in (again / "gaussian_noise").rglob("*.png"))
     assert first == second and len(first) == 400
