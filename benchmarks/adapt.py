@@ -10,7 +10,10 @@ without them a run is trained here with the recipe in RECIPES), per CIFAR-10-C c
 * ``subgrad adapt`` labelled (cross-entropy) and unlabelled (``--unlabelled``'s default objective), the
   fp32 export and the INT8 one (``subgrad quantize``; affine only: its weights are int8);
 * backprop in torch on the same parameters (a per-channel affine after each layer, as the export's
-  ``affine``), the same examples and steps: Adam on cross-entropy, and on prediction entropy (TENT);
+  ``affine``), the same examples and steps: Adam on cross-entropy, and on prediction entropy (``tent``:
+  TENT's objective on the export's parameters); for ResNet-20 also TENT as published
+  (``tent_batch_statistics``: BatchNorm on batch statistics, its affine adapted, batch-statistics
+  predictions);
 * ResNet-20: BatchNorm statistics re-estimated on the adaptation half (Schneider et al., 2020), which the
   folded export cannot do;
 * seconds per step and in all (final evaluation excluded), and the peak resident memory of a process
@@ -124,6 +127,50 @@ def torch_accuracy(model, pixels, labels, info) -> float:
     with torch.no_grad():
         logits = torch.cat(
             [model(torch.from_numpy(info.prepare(pixels[i : i + 500]))) for i in range(0, len(pixels), 500)]
+        )
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def tent_published(run: pathlib.Path, pixels, index_of_step, steps, lr, info, batch_size) -> tuple[float, object]:
+    """TENT as published (Wang et al., ICLR 2021): BatchNorm on the batch's statistics, its affine adapted
+    by Adam on the prediction entropy; predictions with batch statistics too (batches of ``batch_size``)."""
+    import torch
+
+    from subgrad.export.exporter import load_run
+
+    model, _, _ = load_run(run)
+    model.requires_grad_(False)
+    params = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+            m.weight.requires_grad_(True), m.bias.requires_grad_(True)
+            params += [m.weight, m.bias]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    start = time.perf_counter()
+    for step in range(steps):
+        logp = model(torch.from_numpy(info.prepare(pixels[index_of_step(step)]))).log_softmax(1)
+        loss = -(logp.exp() * logp).sum(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start, model
+
+
+def batch_stats_accuracy(model, pixels, labels, info, batch_size) -> float:
+    """Accuracy with predictions made in shuffled batches (the folders are sorted by class, and a batch of
+    one class has that class's statistics)."""
+    import torch
+
+    order = np.random.default_rng(0).permutation(len(pixels))
+    pixels, labels = pixels[order], labels[order]
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                model(torch.from_numpy(info.prepare(pixels[i : i + batch_size])))
+                for i in range(0, len(pixels), batch_size)
+            ]
         )
     return float((logits.argmax(1).numpy() == labels).mean())
 
@@ -258,6 +305,22 @@ def run_model(name, run, files, scenario, args) -> dict:
             )
             row[label]["clean_accuracy"] = torch_accuracy(model, clean.held_out.pixels, clean.held_out.labels, info)
         if name == "resnet20":
+            seconds, model = tent_published(
+                run,
+                data.adapt.pixels,
+                lambda step: batch_indices(len(data.adapt), args.batch_size, 0, step),
+                args.steps,
+                args.torch_lr,
+                info,
+                args.batch_size,
+            )
+            row["tent_batch_statistics"] = dict(
+                accuracy=batch_stats_accuracy(model, data.held_out.pixels, data.held_out.labels, info, args.batch_size),
+                clean_accuracy=batch_stats_accuracy(
+                    model, clean.held_out.pixels, clean.held_out.labels, info, args.batch_size
+                ),
+                seconds=round(seconds, 3),
+            )
             model = bn_reestimated(run, data.adapt.pixels, info)
             row["bn_reestimated"] = dict(
                 accuracy=torch_accuracy(model, data.held_out.pixels, data.held_out.labels, info)
