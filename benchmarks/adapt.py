@@ -198,17 +198,19 @@ def bn_reestimated(run: pathlib.Path, pixels, info):
 MEMORY_SCRIPT = """
 import json, resource, sys
 import numpy as np
-from subgrad.export.adapt import Adapter
-from subgrad.export.runtime import Predictor
 path, mode, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-if mode == "inference":
+if mode == "inference":  # the deploy runtime alone: no onnx import
+    from subgrad.export.runtime import Predictor
     p = Predictor(path, ["CPUExecutionProvider"], batch_size=batch, threads=2)
     for _ in range(10): p.logits_from_pixels(pixels)
 else:
+    from subgrad.export.adapt import Adapter
     a = Adapter(path, params=mode, threads=2)
     for _ in range(10): a.step(pixels, np.arange(batch) % 10)
-print(json.dumps(dict(peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child reports its parent's peak
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps(dict(peak_rss_mib=hwm / 1024,
                       torch_imported=any(m == "torch" or m.startswith("torch.") for m in sys.modules))))
 """
 
@@ -425,6 +427,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-int8-unlabelled", dest="int8_unlabelled", action="store_false", help="INT8: labelled adaptation only"
     )
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows (exports must exist)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
@@ -453,6 +456,16 @@ def main(argv=None) -> None:
         if args.json:
             write_result(args.json, payload, "cpu")
 
+    if args.memory_only:
+        memory = {
+            name: {
+                mode: peak_memory(args.work / f"{name}.onnx", mode, args.batch_size) for mode in ("inference", "affine")
+            }
+            for name in args.models.split(",")
+        }
+        write_result(args.json, dict(batch_size=args.batch_size, threads=THREADS, memory=memory), "cpu")
+        print(json.dumps(memory))
+        return
     for name in args.models.split(","):
         run = trained_run(name, getattr(args, name), args.data, args.work)
         result = run_model(name, run, exports(name, run, args.work, args.data), scenario, args, progress)
