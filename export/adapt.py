@@ -35,7 +35,7 @@ import onnx
 from subgrad.run_folder import atomic_write
 
 from . import adapt_graph
-from .runtime import ModelFileError, ModelInfo
+from .runtime import ModelFileError, ModelInfo, require_onnxruntime, session_options
 
 OBJECTIVES = ("cross_entropy", "entropy", "foa")
 #: Adam's lr per objective on ``affine`` (ResNet-20, 200 steps at batch 64, q 4; benchmarks/LOG.md 2026-12-07):
@@ -175,15 +175,12 @@ class Adapter:
 
     # -- set-up ------------------------------------------------------------------------------------
     def _open(self, private: onnx.ModelProto, providers, threads):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        ort = require_onnxruntime()
         try:
             return ort.InferenceSession(
-                private.SerializeToString(), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+                private.SerializeToString(),
+                sess_options=session_options(threads),
+                providers=providers or ["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime's own error types
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

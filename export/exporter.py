@@ -291,5 +291,6 @@ def export_run(
         )
     else:
         example = torch.zeros(2, 3, 32, 32)
-    stats = _source_statistics(data or record.get("data"), metadata) if (data or record.get("data")) else None
+    source = data or record.get("data")
+    stats = _source_statistics(source, metadata) if source else None
     return export_module(model, out, metadata, example=example, opset=opset, name=record["model"], more_metadata=stats)

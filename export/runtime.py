@@ -99,6 +99,17 @@ class ModelInfo:
         return normalize(pixels, self.mean, self.std)
 
 
+def session_options(threads: int | None = None):
+    """The onnxruntime SessionOptions every subgrad session uses: errors only in the log, and ``threads``
+    intra-op threads (one inter-op) when given."""
+    options = require_onnxruntime().SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 def open_session(model_path, providers=None, threads: int | None = None):
     """An onnxruntime InferenceSession, or a one-line ModelFileError for a missing/corrupt/non-ONNX file.
 
@@ -109,11 +120,7 @@ def open_session(model_path, providers=None, threads: int | None = None):
     path = pathlib.Path(model_path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options = session_options(threads)
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

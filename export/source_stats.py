@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from . import adapt_graph
-from .runtime import ModelInfo, require_onnxruntime
+from .runtime import ModelInfo, require_onnxruntime, session_options
 
 KEY = "source_statistics"
 #: Training images the statistics are computed on (seeded subset; enough for per-channel moments).
@@ -24,11 +24,10 @@ IMAGES = 2048
 
 def compute(model: onnx.ModelProto, info: ModelInfo, pixels: np.ndarray, batch_size: int = 256) -> list[dict]:
     """Statistics of ``model``'s layers on uint8 NHWC ``pixels`` (all of them; pick the subset first)."""
-    ort = require_onnxruntime()
     private = adapt_graph.private_graph(model, [], statistics=True)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(private.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = require_onnxruntime().InferenceSession(
+        private.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in private.graph.output if o.name.startswith(adapt_graph.STATS_PREFIX)]
     sums = [np.zeros(0)] * len(names)
     for start in range(0, len(pixels), batch_size):
